@@ -1,0 +1,108 @@
+//! The api's configuration, read once from the environment at start.
+
+use std::{net::SocketAddr, time::Duration};
+
+use entity::settings::{ConfigError, Vars};
+
+/// Everything the api needs to run. Tests build it as a value.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `development`, `production`, … (informational; shown by `/health`).
+    pub environment: String,
+    /// Title of the OpenAPI document.
+    pub project_name: String,
+    /// Full-access key: ingest and context routes.
+    pub api_secret_key: String,
+    /// Write-only keys (safe to ship in browsers): ingest routes only.
+    pub ingest_api_keys: Vec<String>,
+    pub database_url: String,
+    pub redis_url: String,
+    /// Redis Stream the events are appended to.
+    pub queue_name: String,
+    /// Dead-letter stream (reported by readiness, written by workers).
+    pub dlq_name: String,
+    /// Address the HTTP server binds.
+    pub bind: SocketAddr,
+    /// Largest accepted request body, compressed or decompressed.
+    pub max_body_bytes: usize,
+    /// Stream length past which ingest answers 503 instead of accepting more.
+    pub stream_max_backlog: u64,
+    /// Longest a Redis command may take before the request answers 503.
+    pub redis_timeout: Duration,
+    /// Apply pending database migrations at start.
+    pub migrate_on_start: bool,
+}
+
+impl Config {
+    /// Reads the configuration; a bad or missing value names its variable.
+    pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
+        let bind_raw = vars.string("API_BIND", "127.0.0.1:8000");
+        let bind = bind_raw
+            .parse()
+            .map_err(|e| ConfigError::new("API_BIND", format!("invalid address {bind_raw:?}: {e}")))?;
+        let max_body_bytes = vars.parse("MAX_BODY_BYTES", 20 * 1024 * 1024)?;
+        if max_body_bytes == 0 {
+            return Err(ConfigError::new("MAX_BODY_BYTES", "must be greater than 0"));
+        }
+        let api_secret_key = vars.required("API_SECRET_KEY")?;
+        let ingest_api_keys = vars.list("INGEST_API_KEYS");
+        if ingest_api_keys.contains(&api_secret_key) {
+            return Err(ConfigError::new(
+                "INGEST_API_KEYS",
+                "must not contain API_SECRET_KEY (ingest keys are public, the secret key is not)",
+            ));
+        }
+        Ok(Self {
+            environment: vars.string("ENVIRONMENT", "development"),
+            project_name: vars.string("PROJECT_NAME", "PostHog LLM Pipeline"),
+            api_secret_key,
+            ingest_api_keys,
+            database_url: vars.string("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"),
+            redis_url: vars.string("REDIS_URL", "redis://127.0.0.1:6379"),
+            queue_name: vars.string("QUEUE_NAME", "event_stream"),
+            dlq_name: vars.string("DLQ_NAME", "dlq_event_stream"),
+            bind,
+            max_body_bytes,
+            stream_max_backlog: vars.parse("STREAM_MAX_BACKLOG", 1_000_000)?,
+            redis_timeout: vars.millis("REDIS_TIMEOUT_MS", Duration::from_millis(2000))?,
+            migrate_on_start: vars.flag("MIGRATE_ON_START", true)?,
+        })
+    }
+
+    /// A configuration for tests and tools: local services, given keys, everything else default.
+    pub fn for_local(api_secret_key: &str) -> Self {
+        Self::from_vars(&Vars::from_map([("API_SECRET_KEY", api_secret_key)]))
+            .expect("defaults are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_secret_key_names_the_variable() {
+        let err = Config::from_vars(&Vars::from_map::<&str, &str>([])).unwrap_err();
+        assert_eq!(err.to_string(), "configuration error: API_SECRET_KEY: is required but not set");
+    }
+
+    #[test]
+    fn defaults_and_lists() {
+        let cfg = Config::from_vars(&Vars::from_map([
+            ("API_SECRET_KEY", "s"),
+            ("INGEST_API_KEYS", "phc_a, phc_b"),
+        ]))
+        .unwrap();
+        assert_eq!(cfg.queue_name, "event_stream");
+        assert_eq!(cfg.ingest_api_keys, vec!["phc_a", "phc_b"]);
+        assert_eq!(cfg.max_body_bytes, 20 * 1024 * 1024);
+        assert_eq!(cfg.bind.to_string(), "127.0.0.1:8000");
+    }
+
+    #[test]
+    fn bad_number_names_the_variable() {
+        let err = Config::from_vars(&Vars::from_map([("API_SECRET_KEY", "s"), ("MAX_BODY_BYTES", "big")]))
+            .unwrap_err();
+        assert_eq!(err.var, "MAX_BODY_BYTES");
+    }
+}

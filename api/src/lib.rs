@@ -1,0 +1,90 @@
+//! The api: PostHog-compatible ingest into a Redis Stream, webhooks, and (later) the user
+//! context read path, documented with OpenAPI at `/docs`.
+
+pub mod auth;
+pub mod config;
+pub mod decode;
+pub mod error;
+pub mod normalize;
+pub mod publisher;
+pub mod routes;
+pub mod state;
+
+use std::{sync::Arc, time::Duration};
+
+use poem::{
+    Endpoint, EndpointExt, IntoResponse, Response, Route, Server,
+    error::ResponseError,
+    listener::TcpAcceptor,
+    middleware::{Cors, NormalizePath, TrailingSlash},
+};
+use poem_openapi::OpenApiService;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::{config::Config, state::AppState};
+use crate::{
+    error::ApiError,
+    routes::{CAPTURE_PATHS, capture::CaptureApi, health::HealthApi, ingest::IngestApi},
+};
+
+/// How long in-flight requests may take to finish once shutdown begins.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The OpenAPI service: every route, documented.
+pub fn openapi(config: &Config) -> OpenApiService<(CaptureApi, IngestApi, HealthApi), ()> {
+    OpenApiService::new((CaptureApi, IngestApi, HealthApi), &config.project_name, env!("CARGO_PKG_VERSION"))
+        .description(
+            "Turns product clickstreams into context an AI assistant can use. Send events with a PostHog SDK \
+             (point its host here) or a webhook; they are queued in a Redis Stream, enriched by workers and \
+             stored; read a user's context back for your assistant's prompt.\n\n\
+             Every failure answers with one JSON shape: `{\"type\", \"code\", \"detail\", \"attr\"}`, where \
+             `attr` names the field at fault (e.g. `batch[3].distinct_id`). Trailing slashes are optional on every route.",
+        )
+}
+
+/// The whole HTTP application for `state`.
+pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
+    let api = openapi(&state.config);
+    let docs = api.swagger_ui();
+    let spec = api.spec_endpoint();
+    let routes = Arc::new(
+        Route::new().nest("/docs", docs).at("/openapi.json", spec).nest("/", api).data(state).map_to_response(),
+    );
+    // Browsers post to the capture routes from any origin; nothing else is cross-origin.
+    let with_cors = Arc::new(routes.clone().with(Cors::new().allow_credentials(false)).map_to_response());
+    poem::endpoint::make(move |req: poem::Request| {
+        let routes = routes.clone();
+        let with_cors = with_cors.clone();
+        async move {
+            if CAPTURE_PATHS.contains(&req.uri().path()) {
+                with_cors.call(req).await
+            } else {
+                routes.call(req).await
+            }
+        }
+    })
+    .with(NormalizePath::new(TrailingSlash::Trim))
+    .catch_all_error(|err| async move { ApiError::from_poem(err).as_response() })
+    .map_to_response()
+}
+
+/// Serves the api on `listener` until `shutdown` fires, then lets in-flight requests finish.
+pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let state = AppState::new(config, shutdown.clone()).await?;
+    let monitor = state.publisher.spawn_backlog_monitor(shutdown.clone());
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, stream = %state.publisher.stream(), "api listening");
+    let server = Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?).idle_timeout(Duration::from_secs(60));
+    server
+        .run_with_graceful_shutdown(app(state), shutdown.clone().cancelled_owned(), Some(SHUTDOWN_GRACE))
+        .await?;
+    shutdown.cancel();
+    let _ = monitor.await;
+    tracing::info!("api stopped");
+    Ok(())
+}
+
+/// Answers `err` as the one JSON error shape (used by the route tree's catch-all).
+pub fn error_response(err: poem::Error) -> impl IntoResponse {
+    ApiError::from_poem(err).as_response()
+}

@@ -1,0 +1,156 @@
+//! Appends accepted events to the Redis Stream, and watches its backlog.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use entity::{
+    Envelope,
+    envelope::{ENVELOPE_VERSION, FIELD_EVENT, FIELD_TRACEPARENT, FIELD_VERSION},
+};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ApiError;
+
+/// How often the backlog (stream length) is sampled for back-pressure.
+const BACKLOG_POLL: Duration = Duration::from_millis(100);
+/// `Retry-After` seconds when Redis is unreachable or slow.
+const RETRY_AFTER_UNAVAILABLE: u32 = 2;
+/// `Retry-After` seconds when the backlog is over its bound.
+const RETRY_AFTER_BACKLOG: u32 = 5;
+/// Backlog value meaning "not sampled yet".
+const UNKNOWN: u64 = u64::MAX;
+
+/// Why events could not be appended.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("stream backlog is {backlog} entries, over the bound of {max}")]
+    Backlog { backlog: u64, max: u64 },
+}
+
+impl From<PublishError> for ApiError {
+    fn from(err: PublishError) -> Self {
+        match err {
+            PublishError::Backlog { .. } => ApiError::unavailable(
+                "backlog_full",
+                format!("{err}: workers are behind, retry later (nothing of this request was queued)"),
+                RETRY_AFTER_BACKLOG,
+            ),
+            other => {
+                tracing::warn!(error = %other, "event queue unavailable");
+                ApiError::unavailable(
+                    "queue_unavailable",
+                    "event queue (Redis) is unavailable: retry later (nothing of this request was queued)",
+                    RETRY_AFTER_UNAVAILABLE,
+                )
+            }
+        }
+    }
+}
+
+/// Writes envelopes to `QUEUE_NAME`.
+#[derive(Clone)]
+pub struct Publisher {
+    conn: ConnectionManager,
+    stream: Arc<str>,
+    timeout: Duration,
+    max_backlog: u64,
+    backlog: Arc<AtomicU64>,
+}
+
+impl Publisher {
+    /// Connects lazily: the api starts (and answers 503 on ingest) while Redis is down.
+    pub fn new(redis_url: &str, stream: &str, timeout: Duration, max_backlog: u64) -> Result<Self, PublishError> {
+        let client = redis::Client::open(redis_url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(Self { conn, stream: stream.into(), timeout, max_backlog, backlog: Arc::new(AtomicU64::new(UNKNOWN)) })
+    }
+
+    /// The stream key events go to.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// Appends a request's events in one round trip (MULTI/EXEC when there are several, so a
+    /// request is queued whole or not at all). Returns the entry ids.
+    pub async fn publish(&self, events: &[Envelope], traceparent: Option<&str>) -> Result<Vec<String>, PublishError> {
+        let backlog = self.backlog.load(Ordering::Relaxed);
+        if backlog != UNKNOWN && backlog > self.max_backlog {
+            return Err(PublishError::Backlog { backlog, max: self.max_backlog });
+        }
+        let mut pipe = redis::pipe();
+        if events.len() > 1 {
+            pipe.atomic();
+        }
+        for event in events {
+            let cmd = pipe
+                .cmd("XADD")
+                .arg(&*self.stream)
+                .arg("*")
+                .arg(FIELD_VERSION)
+                .arg(ENVELOPE_VERSION)
+                .arg(FIELD_EVENT)
+                .arg(event.to_json());
+            if let Some(tp) = traceparent {
+                cmd.arg(FIELD_TRACEPARENT).arg(tp);
+            }
+        }
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = tokio::time::timeout(self.timeout, pipe.query_async(&mut conn))
+            .await
+            .map_err(|_| PublishError::Timeout(self.timeout))??;
+        Ok(ids)
+    }
+
+    /// Length of the stream, straight from Redis.
+    pub async fn stream_len(&self) -> Result<u64, PublishError> {
+        let mut conn = self.conn.clone();
+        let len: u64 = tokio::time::timeout(self.timeout, redis::cmd("XLEN").arg(&*self.stream).query_async(&mut conn))
+            .await
+            .map_err(|_| PublishError::Timeout(self.timeout))??;
+        Ok(len)
+    }
+
+    /// Whether Redis answers a PING in time.
+    pub async fn ping(&self) -> Result<(), PublishError> {
+        let mut conn = self.conn.clone();
+        let _: String = tokio::time::timeout(self.timeout, redis::cmd("PING").query_async(&mut conn))
+            .await
+            .map_err(|_| PublishError::Timeout(self.timeout))??;
+        Ok(())
+    }
+
+    /// Samples the stream length every [`BACKLOG_POLL`] until `cancel` fires. Ingest compares
+    /// the last sample with `STREAM_MAX_BACKLOG`: one read per tick instead of one per request.
+    pub fn spawn_backlog_monitor(&self, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(BACKLOG_POLL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                match this.stream_len().await {
+                    Ok(len) => this.backlog.store(len, Ordering::Relaxed),
+                    Err(e) => tracing::debug!(error = %e, "backlog sample failed"),
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,83 @@
+//! `GET /health` (the process is alive) and `GET /ready` (its dependencies answer).
+
+use poem::web::Data;
+use poem_openapi::{ApiResponse, Object, OpenApi, payload::Json};
+
+use super::ApiTags;
+use crate::state::AppState;
+
+#[derive(Object, serde::Deserialize)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
+    /// `ENVIRONMENT`.
+    pub environment: String,
+    /// Build version.
+    pub version: String,
+}
+
+/// One dependency's state.
+#[derive(Object, serde::Deserialize)]
+pub struct Check {
+    /// `redis` or `postgres`.
+    pub name: String,
+    /// Whether it answered in time.
+    pub ok: bool,
+    /// The error, when it did not.
+    pub error: Option<String>,
+}
+
+#[derive(Object, serde::Deserialize)]
+pub struct Readiness {
+    /// `ready`, `not_ready` or `shutting_down`.
+    pub status: String,
+    pub checks: Vec<Check>,
+}
+
+#[derive(ApiResponse)]
+pub enum ReadyResponse {
+    /// Every dependency answers.
+    #[oai(status = 200)]
+    Ready(Json<Readiness>),
+    /// A dependency is down, or shutdown has begun.
+    #[oai(status = 503)]
+    NotReady(Json<Readiness>),
+}
+
+pub struct HealthApi;
+
+#[OpenApi(tag = "ApiTags::Health")]
+impl HealthApi {
+    /// Liveness
+    #[oai(path = "/health", method = "get")]
+    async fn health(&self, state: Data<&AppState>) -> Json<Health> {
+        Json(Health {
+            status: "ok".into(),
+            environment: state.config.environment.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        })
+    }
+
+    /// Readiness: Redis and Postgres answer
+    #[oai(path = "/ready", method = "get")]
+    async fn ready(&self, state: Data<&AppState>) -> ReadyResponse {
+        let (redis, postgres) = tokio::join!(state.publisher.ping(), async {
+            tokio::time::timeout(std::time::Duration::from_secs(2), state.db.ping())
+                .await
+                .map_err(|_| "timed out".to_string())?
+                .map_err(|e| e.to_string())
+        });
+        let checks = vec![
+            Check { name: "redis".into(), ok: redis.is_ok(), error: redis.err().map(|e| e.to_string()) },
+            Check { name: "postgres".into(), ok: postgres.is_ok(), error: postgres.err() },
+        ];
+        let all_ok = checks.iter().all(|c| c.ok);
+        if state.shutdown.is_cancelled() {
+            ReadyResponse::NotReady(Json(Readiness { status: "shutting_down".into(), checks }))
+        } else if all_ok {
+            ReadyResponse::Ready(Json(Readiness { status: "ready".into(), checks }))
+        } else {
+            ReadyResponse::NotReady(Json(Readiness { status: "not_ready".into(), checks }))
+        }
+    }
+}

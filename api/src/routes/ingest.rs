@@ -1,0 +1,128 @@
+//! `POST /ingest`: plain JSON webhooks — the prototype's event (one or an array) and PostHog's
+//! "HTTP Webhook" destination body `{"event": {...}, "person": {...}}`.
+
+use std::collections::HashMap;
+
+use poem::web::Data;
+use poem_openapi::{ApiResponse, Object, OpenApi, Union, payload::Json};
+use serde_json::Value;
+
+use super::{
+    ApiTags,
+    body::{BodyDoc, RawBody},
+    capture::CaptureEvent,
+};
+use crate::{
+    auth::{Access, ApiKeyHeader},
+    decode::{Compression, decode_body},
+    error::{ApiError, ErrorBody, error_responses},
+    normalize::normalize,
+    state::AppState,
+};
+
+/// The event part of PostHog's HTTP Webhook destination body.
+#[derive(Object)]
+pub struct WebhookEvent {
+    pub uuid: Option<String>,
+    pub event: String,
+    pub distinct_id: String,
+    pub properties: Option<HashMap<String, Value>>,
+    /// PostHog's description of the clicked element and its ancestors (`$autocapture`).
+    pub elements_chain: Option<String>,
+    pub timestamp: Option<String>,
+    /// Link to the event in PostHog (not stored).
+    pub url: Option<String>,
+}
+
+/// The person part of PostHog's HTTP Webhook destination body.
+#[derive(Object)]
+pub struct WebhookPerson {
+    pub id: Option<String>,
+    /// Person properties (kept with the event: enrichment and context use them).
+    pub properties: Option<HashMap<String, Value>>,
+}
+
+/// PostHog "HTTP Webhook" destination body (its default template).
+#[derive(Object)]
+pub struct PostHogWebhook {
+    pub event: WebhookEvent,
+    pub person: Option<WebhookPerson>,
+}
+
+/// Any body `/ingest` takes.
+#[derive(Union)]
+#[oai(one_of)]
+pub enum IngestRequest {
+    PostHogWebhook(PostHogWebhook),
+    Event(CaptureEvent),
+    Events(Vec<CaptureEvent>),
+}
+
+pub struct IngestDoc;
+impl BodyDoc for IngestDoc {
+    type Json = IngestRequest;
+    const DESCRIPTION: &'static str = "One event, an array of events, or PostHog's HTTP Webhook destination body \
+        `{\"event\": {...}, \"person\": {...}}`. JSON (gzip accepted too); at most `MAX_BODY_BYTES`.";
+    const POSTHOG_ENCODINGS: bool = false;
+}
+
+/// What was queued.
+#[derive(Object, serde::Deserialize)]
+pub struct IngestOk {
+    /// Always `1`, as on the PostHog routes.
+    pub status: i32,
+    /// How many events were queued.
+    pub queued: u32,
+    /// The events' ids (client-sent or generated here), in request order.
+    pub uuids: Vec<String>,
+}
+
+#[derive(ApiResponse)]
+pub enum IngestResponse {
+    /// Every event is queued in Redis.
+    #[oai(status = 200)]
+    Ok(Json<IngestOk>),
+    /// Malformed JSON or an invalid event; `attr` names the field. Nothing was queued.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// No `X-API-Key` header.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
+    /// Unknown API key.
+    #[oai(status = 403)]
+    Forbidden(Json<ErrorBody>),
+    /// Body over `MAX_BODY_BYTES`.
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<ErrorBody>),
+    /// Redis unreachable or slow, or the backlog over `STREAM_MAX_BACKLOG`: retry after the given seconds.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
+    /// Unexpected server error.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+}
+error_responses!(IngestResponse { 400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 413 => PayloadTooLarge }, retry = Unavailable);
+
+pub struct IngestApi;
+
+#[OpenApi(tag = "ApiTags::Webhooks")]
+impl IngestApi {
+    /// Ingest a webhook
+    ///
+    /// For servers and integrations: the key goes in `X-API-Key` (the secret key or an ingest key).
+    #[oai(path = "/ingest", method = "post")]
+    async fn ingest(&self, state: Data<&AppState>, auth: ApiKeyHeader, body: RawBody<IngestDoc>) -> IngestResponse {
+        let result = async {
+            state.keys.authorize(Some(&auth.0.key), Access::Ingest)?;
+            let json = decode_body(&body.bytes, None, Compression::Auto, state.config.max_body_bytes)?;
+            let events = normalize(json, chrono::Utc::now())?;
+            state.publisher.publish(&events, None).await?;
+            Ok::<_, ApiError>(IngestOk {
+                status: 1,
+                queued: events.len() as u32,
+                uuids: events.iter().map(|e| e.uuid.to_string()).collect(),
+            })
+        };
+        result.await.map_or_else(IngestResponse::from, |ok| IngestResponse::Ok(Json(ok)))
+    }
+}

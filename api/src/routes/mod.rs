@@ -1,0 +1,21 @@
+//! HTTP routes, one `#[OpenApi]` impl per resource.
+
+pub mod body;
+pub mod capture;
+pub mod health;
+pub mod ingest;
+
+use poem_openapi::Tags;
+
+#[derive(Tags)]
+pub enum ApiTags {
+    /// PostHog capture protocol: point a PostHog SDK's host here.
+    Capture,
+    /// Plain JSON webhooks, including PostHog's HTTP Webhook destination.
+    Webhooks,
+    /// Liveness and readiness.
+    Health,
+}
+
+/// The paths that browsers post to directly (CORS open), trailing slash removed.
+pub const CAPTURE_PATHS: [&str; 5] = ["/capture", "/batch", "/e", "/i/v0/e", "/track"];

@@ -1,0 +1,57 @@
+//! What every request handler shares.
+
+use std::{sync::Arc, time::Duration};
+
+use sea_orm::{ConnectOptions, Database, DatabaseConnection};
+use tokio_util::sync::CancellationToken;
+
+use crate::{auth::Keys, config::Config, publisher::Publisher};
+
+/// Shared state, cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub config: Config,
+    pub keys: Keys,
+    pub publisher: Publisher,
+    /// Postgres pool, connected lazily so ingest never waits on the database.
+    pub db: DatabaseConnection,
+    /// Fired when shutdown begins: readiness answers 503 from then on.
+    pub shutdown: CancellationToken,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// Errors building the state (bad URLs).
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("REDIS_URL: {0}")]
+    Redis(#[from] crate::publisher::PublishError),
+    #[error("DATABASE_URL: {0}")]
+    Database(#[from] sea_orm::DbErr),
+}
+
+impl AppState {
+    pub async fn new(config: Config, shutdown: CancellationToken) -> Result<Self, StateError> {
+        let publisher = Publisher::new(
+            &config.redis_url,
+            &config.queue_name,
+            config.redis_timeout,
+            config.stream_max_backlog,
+        )?;
+        let mut opts = ConnectOptions::new(config.database_url.clone());
+        opts.connect_lazy(true)
+            .max_connections(16)
+            .connect_timeout(Duration::from_secs(2))
+            .acquire_timeout(Duration::from_secs(2))
+            .sqlx_logging(false);
+        let db = Database::connect(opts).await?;
+        Ok(Self(Arc::new(Inner { keys: Keys::new(&config.api_secret_key, &config.ingest_api_keys), config, publisher, db, shutdown })))
+    }
+}
