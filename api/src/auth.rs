@@ -57,16 +57,24 @@ pub struct Keys {
 
 impl Keys {
     pub fn new(secret: &str, ingest: &[String]) -> Self {
-        Self { secret: secret.as_bytes().to_vec(), ingest: ingest.iter().map(|k| k.as_bytes().to_vec()).collect() }
+        Self {
+            secret: secret.as_bytes().to_vec(),
+            ingest: ingest.iter().map(|k| k.as_bytes().to_vec()).collect(),
+        }
     }
 
     /// Checks `key` for `access`: missing → 401, unknown or not allowed here → 403.
     /// Every configured key is compared in constant time, whichever matches.
     pub fn authorize(&self, key: Option<&str>, access: Access) -> Result<Principal, ApiError> {
-        let key = key.map(str::trim).filter(|k| !k.is_empty()).ok_or_else(ApiError::unauthenticated)?;
+        let key = key
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(ApiError::unauthenticated)?;
         let key = key.as_bytes();
         let is_secret = bool::from(self.secret.as_slice().ct_eq(key));
-        let is_ingest = self.ingest.iter().fold(false, |found, k| found | bool::from(k.as_slice().ct_eq(key)));
+        let is_ingest = self.ingest.iter().fold(false, |found, k| {
+            found | bool::from(k.as_slice().ct_eq(key))
+        });
         match (is_secret, is_ingest, access) {
             (true, _, _) => Ok(Principal::Secret),
             (false, true, Access::Ingest) => Ok(Principal::Ingest),
@@ -85,11 +93,41 @@ mod tests {
     #[test]
     fn keys_and_scopes() {
         let keys = Keys::new("secret", &["phc_public".to_string()]);
-        assert_eq!(keys.authorize(Some("secret"), Access::Read).unwrap(), Principal::Secret);
-        assert_eq!(keys.authorize(Some("phc_public"), Access::Ingest).unwrap(), Principal::Ingest);
-        assert_eq!(keys.authorize(Some("phc_public"), Access::Read).unwrap_err().status.as_u16(), 403);
-        assert_eq!(keys.authorize(Some("nope"), Access::Ingest).unwrap_err().status.as_u16(), 403);
-        assert_eq!(keys.authorize(None, Access::Ingest).unwrap_err().status.as_u16(), 401);
-        assert_eq!(keys.authorize(Some("  "), Access::Ingest).unwrap_err().status.as_u16(), 401);
+        assert_eq!(
+            keys.authorize(Some("secret"), Access::Read).unwrap(),
+            Principal::Secret
+        );
+        assert_eq!(
+            keys.authorize(Some("phc_public"), Access::Ingest).unwrap(),
+            Principal::Ingest
+        );
+        assert_eq!(
+            keys.authorize(Some("phc_public"), Access::Read)
+                .unwrap_err()
+                .status
+                .as_u16(),
+            403
+        );
+        assert_eq!(
+            keys.authorize(Some("nope"), Access::Ingest)
+                .unwrap_err()
+                .status
+                .as_u16(),
+            403
+        );
+        assert_eq!(
+            keys.authorize(None, Access::Ingest)
+                .unwrap_err()
+                .status
+                .as_u16(),
+            401
+        );
+        assert_eq!(
+            keys.authorize(Some("  "), Access::Ingest)
+                .unwrap_err()
+                .status
+                .as_u16(),
+            401
+        );
     }
 }

@@ -37,9 +37,9 @@ impl Config {
     /// Reads the configuration; a bad or missing value names its variable.
     pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
         let bind_raw = vars.string("API_BIND", "127.0.0.1:8000");
-        let bind = bind_raw
-            .parse()
-            .map_err(|e| ConfigError::new("API_BIND", format!("invalid address {bind_raw:?}: {e}")))?;
+        let bind = bind_raw.parse().map_err(|e| {
+            ConfigError::new("API_BIND", format!("invalid address {bind_raw:?}: {e}"))
+        })?;
         let max_body_bytes = vars.parse("MAX_BODY_BYTES", 20 * 1024 * 1024)?;
         if max_body_bytes == 0 {
             return Err(ConfigError::new("MAX_BODY_BYTES", "must be greater than 0"));
@@ -57,7 +57,10 @@ impl Config {
             project_name: vars.string("PROJECT_NAME", "PostHog LLM Pipeline"),
             api_secret_key,
             ingest_api_keys,
-            database_url: vars.string("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres"),
+            database_url: vars.string(
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            ),
             redis_url: vars.string("REDIS_URL", "redis://127.0.0.1:6379"),
             queue_name: vars.string("QUEUE_NAME", "event_stream"),
             dlq_name: vars.string("DLQ_NAME", "dlq_event_stream"),
@@ -83,7 +86,10 @@ mod tests {
     #[test]
     fn missing_secret_key_names_the_variable() {
         let err = Config::from_vars(&Vars::from_map::<&str, &str>([])).unwrap_err();
-        assert_eq!(err.to_string(), "configuration error: API_SECRET_KEY: is required but not set");
+        assert_eq!(
+            err.to_string(),
+            "configuration error: API_SECRET_KEY: is required but not set"
+        );
     }
 
     #[test]
@@ -101,8 +107,11 @@ mod tests {
 
     #[test]
     fn bad_number_names_the_variable() {
-        let err = Config::from_vars(&Vars::from_map([("API_SECRET_KEY", "s"), ("MAX_BODY_BYTES", "big")]))
-            .unwrap_err();
+        let err = Config::from_vars(&Vars::from_map([
+            ("API_SECRET_KEY", "s"),
+            ("MAX_BODY_BYTES", "big"),
+        ]))
+        .unwrap_err();
         assert_eq!(err.var, "MAX_BODY_BYTES");
     }
 }

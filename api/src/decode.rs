@@ -48,14 +48,22 @@ pub fn decode_body(
     compression: Compression,
     limit: usize,
 ) -> Result<Value, ApiError> {
-    let is_form = content_type
-        .is_some_and(|ct| ct.trim_start().starts_with("application/x-www-form-urlencoded"))
-        || body.starts_with(b"data=");
+    let is_form = content_type.is_some_and(|ct| {
+        ct.trim_start()
+            .starts_with("application/x-www-form-urlencoded")
+    }) || body.starts_with(b"data=");
     if is_form && !looks_like_json(body) && !body.starts_with(&GZIP_MAGIC) {
         let form: Vec<(String, String)> = serde_urlencoded::from_bytes(body).map_err(|e| {
-            ApiError::invalid("invalid_form", format!("form-urlencoded body could not be read: {e}"))
+            ApiError::invalid(
+                "invalid_form",
+                format!("form-urlencoded body could not be read: {e}"),
+            )
         })?;
-        let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        let field = |name: &str| {
+            form.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
         let data = field("data").ok_or_else(|| {
             ApiError::invalid("required", "form body has no `data` field").at("data")
         })?;
@@ -69,7 +77,11 @@ pub fn decode_body(
 }
 
 /// Decodes the legacy `?data=` parameter (base64 or URL-encoded JSON).
-pub fn decode_query_data(data: &str, compression: Compression, limit: usize) -> Result<Value, ApiError> {
+pub fn decode_query_data(
+    data: &str,
+    compression: Compression,
+    limit: usize,
+) -> Result<Value, ApiError> {
     decode_data(data.as_bytes(), compression, limit).map_err(|e| match e.body.attr {
         None => e.at("data"),
         Some(_) => e,
@@ -87,7 +99,10 @@ fn decode_data(bytes: &[u8], compression: Compression, limit: usize) -> Result<V
         } else if looks_like_json(bytes) {
             return parse_json(bytes);
         } else if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(ApiError::invalid("empty_body", "request body is empty: send at least one event"));
+            return Err(ApiError::invalid(
+                "empty_body",
+                "request body is empty: send at least one event",
+            ));
         } else {
             owned = unbase64(bytes).ok_or_else(|| match compression {
                 Compression::Base64 => ApiError::invalid("invalid_base64", "body is not valid base64"),
@@ -102,11 +117,17 @@ fn decode_data(bytes: &[u8], compression: Compression, limit: usize) -> Result<V
             bytes = &owned;
         }
     }
-    Err(ApiError::invalid("invalid_payload", "body is encoded too many times over"))
+    Err(ApiError::invalid(
+        "invalid_payload",
+        "body is encoded too many times over",
+    ))
 }
 
 fn looks_like_json(bytes: &[u8]) -> bool {
-    matches!(bytes.iter().find(|b| !b.is_ascii_whitespace()), Some(b'{' | b'['))
+    matches!(
+        bytes.iter().find(|b| !b.is_ascii_whitespace()),
+        Some(b'{' | b'[')
+    )
 }
 
 fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
@@ -125,7 +146,12 @@ fn gunzip(bytes: &[u8], limit: usize) -> Result<Vec<u8>, ApiError> {
     MultiGzDecoder::new(bytes)
         .take(limit as u64 + 1)
         .read_to_end(&mut out)
-        .map_err(|e| ApiError::invalid("invalid_gzip", format!("gzip body could not be decompressed: {e}")))?;
+        .map_err(|e| {
+            ApiError::invalid(
+                "invalid_gzip",
+                format!("gzip body could not be decompressed: {e}"),
+            )
+        })?;
     if out.len() > limit {
         return Err(ApiError::too_large(limit, "decompressed body"));
     }
@@ -135,8 +161,8 @@ fn gunzip(bytes: &[u8], limit: usize) -> Result<Vec<u8>, ApiError> {
 /// Standard or URL-safe base64, padding optional, whitespace ignored; `+` that a form
 /// decoder turned into a space is restored.
 fn unbase64(bytes: &[u8]) -> Option<Vec<u8>> {
-    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
     use base64::engine::DecodePaddingMode;
+    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
     const CFG: GeneralPurposeConfig =
         GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
     const STANDARD: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, CFG);
@@ -147,7 +173,10 @@ fn unbase64(bytes: &[u8]) -> Option<Vec<u8>> {
         .filter(|b| !matches!(b, b'\n' | b'\r' | b'\t'))
         .map(|&b| if b == b' ' { b'+' } else { b })
         .collect();
-    STANDARD.decode(&cleaned).or_else(|_| URL_SAFE.decode(&cleaned)).ok()
+    STANDARD
+        .decode(&cleaned)
+        .or_else(|_| URL_SAFE.decode(&cleaned))
+        .ok()
 }
 
 #[cfg(test)]
@@ -183,13 +212,23 @@ mod tests {
             (gz, None),
             (b64.clone().into_bytes(), Some("text/plain")),
             (form.into_bytes(), Some("application/x-www-form-urlencoded")),
-            (form_gz.into_bytes(), Some("application/x-www-form-urlencoded")),
+            (
+                form_gz.into_bytes(),
+                Some("application/x-www-form-urlencoded"),
+            ),
         ];
         for (body, ct) in cases {
-            assert_eq!(decode_body(&body, ct, Compression::Auto, LIMIT).unwrap(), value, "{ct:?}");
+            assert_eq!(
+                decode_body(&body, ct, Compression::Auto, LIMIT).unwrap(),
+                value,
+                "{ct:?}"
+            );
         }
         // form decoders turn an unencoded '+' into a space
-        assert_eq!(decode_query_data(&b64.replace('+', " "), Compression::Auto, LIMIT).unwrap(), value);
+        assert_eq!(
+            decode_query_data(&b64.replace('+', " "), Compression::Auto, LIMIT).unwrap(),
+            value
+        );
     }
 
     fn urlencode(s: &str) -> String {
@@ -206,22 +245,44 @@ mod tests {
 
     #[test]
     fn malformed_inputs_name_their_problem() {
-        let code = |body: &[u8]| decode_body(body, None, Compression::Auto, LIMIT).unwrap_err().body.code;
+        let code = |body: &[u8]| {
+            decode_body(body, None, Compression::Auto, LIMIT)
+                .unwrap_err()
+                .body
+                .code
+        };
         assert_eq!(code(b"{\"event\": "), "invalid_json");
         assert_eq!(code(&[0x1f, 0x8b, 1, 2, 3]), "invalid_gzip");
         assert_eq!(code(b"not json at all!"), "invalid_json");
         assert_eq!(code(b"{\"event\": \"\xff\xfe\"}"), "invalid_json");
         assert_eq!(code(b"   "), "empty_body");
         assert_eq!(
-            decode_body(b"data=x", Some("application/x-www-form-urlencoded"), Compression::Auto, LIMIT)
-                .unwrap_err()
-                .body
-                .code,
+            decode_body(
+                b"data=x",
+                Some("application/x-www-form-urlencoded"),
+                Compression::Auto,
+                LIMIT
+            )
+            .unwrap_err()
+            .body
+            .code,
             "invalid_json"
         );
-        let err = decode_body(b"foo=1", Some("application/x-www-form-urlencoded"), Compression::Auto, LIMIT)
-            .unwrap_err();
+        let err = decode_body(
+            b"foo=1",
+            Some("application/x-www-form-urlencoded"),
+            Compression::Auto,
+            LIMIT,
+        )
+        .unwrap_err();
         assert_eq!(err.body.attr.as_deref(), Some("data"));
-        assert_eq!(Compression::parse(Some("lz64")).unwrap_err().body.attr.as_deref(), Some("compression"));
+        assert_eq!(
+            Compression::parse(Some("lz64"))
+                .unwrap_err()
+                .body
+                .attr
+                .as_deref(),
+            Some("compression")
+        );
     }
 }

@@ -44,7 +44,12 @@ impl ApiError {
     fn new(status: StatusCode, kind: &str, code: &str, detail: impl Into<String>) -> Self {
         Self {
             status,
-            body: ErrorBody { kind: kind.into(), code: code.into(), detail: detail.into(), attr: None },
+            body: ErrorBody {
+                kind: kind.into(),
+                code: code.into(),
+                detail: detail.into(),
+                attr: None,
+            },
             retry_after: None,
         }
     }
@@ -66,7 +71,12 @@ impl ApiError {
 
     /// 403: credentials given but not good for this route.
     pub fn forbidden(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "authentication_error", "permission_denied", detail)
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "authentication_error",
+            "permission_denied",
+            detail,
+        )
     }
 
     /// 404.
@@ -94,7 +104,12 @@ impl ApiError {
     /// 500: our fault; the detail is logged, not leaked.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         tracing::error!(error = %detail, "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal", "internal server error")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal",
+            "internal server error",
+        )
     }
 
     /// Names the request field at fault.
@@ -124,9 +139,12 @@ impl ApiError {
         match status {
             StatusCode::UNAUTHORIZED => Self::unauthenticated(),
             StatusCode::NOT_FOUND => Self::not_found(format!("no such route: {detail}")),
-            StatusCode::METHOD_NOT_ALLOWED => {
-                Self::new(status, "validation_error", "method_not_allowed", "method not allowed on this route")
-            }
+            StatusCode::METHOD_NOT_ALLOWED => Self::new(
+                status,
+                "validation_error",
+                "method_not_allowed",
+                "method not allowed on this route",
+            ),
             StatusCode::PAYLOAD_TOO_LARGE => {
                 Self::new(status, "validation_error", "payload_too_large", detail)
             }
@@ -184,7 +202,9 @@ mod tests {
 
     #[test]
     fn attr_paths_nest() {
-        let e = ApiError::invalid("required", "x").at("distinct_id").within("batch[3]");
+        let e = ApiError::invalid("required", "x")
+            .at("distinct_id")
+            .within("batch[3]");
         assert_eq!(e.body.attr.as_deref(), Some("batch[3].distinct_id"));
         let e = ApiError::invalid("required", "x").at("[2]").within("batch");
         assert_eq!(e.body.attr.as_deref(), Some("batch[2]"));

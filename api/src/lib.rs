@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod context;
 pub mod decode;
 pub mod error;
 pub mod normalize;
@@ -24,15 +25,20 @@ use tokio_util::sync::CancellationToken;
 pub use crate::{config::Config, state::AppState};
 use crate::{
     error::ApiError,
-    routes::{CAPTURE_PATHS, capture::CaptureApi, health::HealthApi, ingest::IngestApi},
+    routes::{
+        CAPTURE_PATHS, capture::CaptureApi, context::ContextApi, health::HealthApi,
+        ingest::IngestApi,
+    },
 };
 
 /// How long in-flight requests may take to finish once shutdown begins.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// The OpenAPI service: every route, documented.
-pub fn openapi(config: &Config) -> OpenApiService<(CaptureApi, IngestApi, HealthApi), ()> {
-    OpenApiService::new((CaptureApi, IngestApi, HealthApi), &config.project_name, env!("CARGO_PKG_VERSION"))
+pub fn openapi(
+    config: &Config,
+) -> OpenApiService<(CaptureApi, IngestApi, ContextApi, HealthApi), ()> {
+    OpenApiService::new((CaptureApi, IngestApi, ContextApi, HealthApi), &config.project_name, env!("CARGO_PKG_VERSION"))
         .description(
             "Turns product clickstreams into context an AI assistant can use. Send events with a PostHog SDK \
              (point its host here) or a webhook; they are queued in a Redis Stream, enriched by workers and \
@@ -48,10 +54,20 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
     let docs = api.swagger_ui();
     let spec = api.spec_endpoint();
     let routes = Arc::new(
-        Route::new().nest("/docs", docs).at("/openapi.json", spec).nest("/", api).data(state).map_to_response(),
+        Route::new()
+            .nest("/docs", docs)
+            .at("/openapi.json", spec)
+            .nest("/", api)
+            .data(state)
+            .map_to_response(),
     );
     // Browsers post to the capture routes from any origin; nothing else is cross-origin.
-    let with_cors = Arc::new(routes.clone().with(Cors::new().allow_credentials(false)).map_to_response());
+    let with_cors = Arc::new(
+        routes
+            .clone()
+            .with(Cors::new().allow_credentials(false))
+            .map_to_response(),
+    );
     poem::endpoint::make(move |req: poem::Request| {
         let routes = routes.clone();
         let with_cors = with_cors.clone();
@@ -69,19 +85,50 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
 }
 
 /// Serves the api on `listener` until `shutdown` fires, then lets in-flight requests finish.
-pub async fn run(config: Config, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let state = AppState::new(config, shutdown.clone()).await?;
     let monitor = state.publisher.spawn_backlog_monitor(shutdown.clone());
+    if state.config.migrate_on_start {
+        tokio::spawn(migrate_until_done(state.db.clone(), shutdown.clone()));
+    }
     let addr = listener.local_addr()?;
     tracing::info!(%addr, stream = %state.publisher.stream(), "api listening");
-    let server = Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?).idle_timeout(Duration::from_secs(60));
+    let server = Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?)
+        .idle_timeout(Duration::from_secs(60));
     server
-        .run_with_graceful_shutdown(app(state), shutdown.clone().cancelled_owned(), Some(SHUTDOWN_GRACE))
+        .run_with_graceful_shutdown(
+            app(state),
+            shutdown.clone().cancelled_owned(),
+            Some(SHUTDOWN_GRACE),
+        )
         .await?;
     shutdown.cancel();
     let _ = monitor.await;
     tracing::info!("api stopped");
     Ok(())
+}
+
+/// Applies pending migrations, retrying while Postgres is unreachable: ingest never waits on
+/// the database, so the api serves while this runs.
+async fn migrate_until_done(db: sea_orm::DatabaseConnection, shutdown: CancellationToken) {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match migration::apply(&db).await {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "database migrations not applied yet")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
 }
 
 /// Answers `err` as the one JSON error shape (used by the route tree's catch-all).

@@ -41,7 +41,11 @@ pub fn normalize(body: Value, now: DateTime<Utc>) -> Result<Vec<Envelope>, ApiEr
                 Some(v) => Some(parse_time(v).map_err(|e| e.at("sent_at"))?),
             };
             let Some(Value::Array(items)) = obj.remove("batch") else {
-                return Err(ApiError::invalid("invalid_value", "`batch` must be an array of events").at("batch"));
+                return Err(ApiError::invalid(
+                    "invalid_value",
+                    "`batch` must be an array of events",
+                )
+                .at("batch"));
             };
             normalize_items(items, sent_at, now, "batch")
         }
@@ -61,7 +65,11 @@ fn normalize_items(
 ) -> Result<Vec<Envelope>, ApiError> {
     if items.is_empty() {
         let err = ApiError::invalid("empty_batch", "the batch holds no events");
-        return Err(if prefix.is_empty() { err } else { err.at(prefix) });
+        return Err(if prefix.is_empty() {
+            err
+        } else {
+            err.at(prefix)
+        });
     }
     items
         .into_iter()
@@ -70,7 +78,9 @@ fn normalize_items(
             let at = format!("{prefix}[{i}]");
             match item {
                 Value::Object(obj) => normalize_event(obj, sent_at, now).map_err(|e| e.within(&at)),
-                _ => Err(ApiError::invalid("invalid_value", "each event must be a JSON object").at(at)),
+                _ => Err(
+                    ApiError::invalid("invalid_value", "each event must be a JSON object").at(at),
+                ),
             }
         })
         .collect()
@@ -81,7 +91,11 @@ fn event_key(event: &Value) -> Option<String> {
     let obj = event.as_object()?;
     string_field(obj, "api_key")
         .or_else(|| string_field(obj, "token"))
-        .or_else(|| obj.get("properties")?.as_object().and_then(|p| string_field(p, "token")))
+        .or_else(|| {
+            obj.get("properties")?
+                .as_object()
+                .and_then(|p| string_field(p, "token"))
+        })
 }
 
 fn string_field(obj: &Map<String, Value>, name: &str) -> Option<String> {
@@ -96,11 +110,17 @@ fn normalize_event(
 ) -> Result<Envelope, ApiError> {
     // PostHog HTTP Webhook destination: {"event": {...}, "person": {...}}
     if let Some(Value::Object(_)) = obj.get("event") {
-        let Some(Value::Object(inner)) = obj.remove("event") else { unreachable!() };
+        let Some(Value::Object(inner)) = obj.remove("event") else {
+            unreachable!()
+        };
         let person = match obj.remove("person") {
             None | Some(Value::Null) => None,
             Some(Value::Object(p)) => Some(person_from(p)),
-            Some(_) => return Err(ApiError::invalid("invalid_value", "`person` must be an object").at("person")),
+            Some(_) => {
+                return Err(
+                    ApiError::invalid("invalid_value", "`person` must be an object").at("person"),
+                );
+            }
         };
         let mut env = normalize_event(inner, batch_sent_at, now).map_err(|e| e.within("event"))?;
         env.person = person;
@@ -112,18 +132,31 @@ fn normalize_event(
         Some(Value::String(_)) => {
             return Err(ApiError::invalid("blank", "event name must not be empty").at("event"));
         }
-        None | Some(Value::Null) => return Err(ApiError::invalid("required", "event name is required").at("event")),
-        Some(_) => return Err(ApiError::invalid("invalid_value", "event name must be a string").at("event")),
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid("required", "event name is required").at("event"));
+        }
+        Some(_) => {
+            return Err(
+                ApiError::invalid("invalid_value", "event name must be a string").at("event"),
+            );
+        }
     };
     if event.contains('\0') {
-        return Err(ApiError::invalid("invalid_value", "event name must not contain NUL characters").at("event"));
+        return Err(ApiError::invalid(
+            "invalid_value",
+            "event name must not contain NUL characters",
+        )
+        .at("event"));
     }
 
     let mut properties = match obj.remove("properties") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(p)) => p,
         Some(_) => {
-            return Err(ApiError::invalid("invalid_value", "properties must be a JSON object").at("properties"));
+            return Err(
+                ApiError::invalid("invalid_value", "properties must be a JSON object")
+                    .at("properties"),
+            );
         }
     };
 
@@ -137,9 +170,12 @@ fn normalize_event(
 
     let uuid = match obj.remove("uuid") {
         None | Some(Value::Null) => Uuid::now_v7(),
-        Some(Value::String(s)) => Uuid::parse_str(s.trim())
-            .map_err(|_| ApiError::invalid("invalid_value", format!("uuid {s:?} is not a UUID")).at("uuid"))?,
-        Some(_) => return Err(ApiError::invalid("invalid_value", "uuid must be a string").at("uuid")),
+        Some(Value::String(s)) => Uuid::parse_str(s.trim()).map_err(|_| {
+            ApiError::invalid("invalid_value", format!("uuid {s:?} is not a UUID")).at("uuid")
+        })?,
+        Some(_) => {
+            return Err(ApiError::invalid("invalid_value", "uuid must be a string").at("uuid"));
+        }
     };
 
     let timestamp = optional_time(&obj, "timestamp")?;
@@ -147,7 +183,11 @@ fn normalize_event(
     let offset_ms = match obj.get("offset") {
         None | Some(Value::Null) => None,
         Some(v) => Some(v.as_i64().ok_or_else(|| {
-            ApiError::invalid("invalid_value", "offset must be a whole number of milliseconds").at("offset")
+            ApiError::invalid(
+                "invalid_value",
+                "offset must be a whole number of milliseconds",
+            )
+            .at("offset")
         })?),
     };
     let timestamp = corrected_timestamp(timestamp, sent_at, offset_ms, now);
@@ -157,7 +197,10 @@ fn normalize_event(
         .or_else(|| obj.get("$session_id"))
         .or_else(|| obj.get("session_id"))
         .and_then(scalar_string);
-    let lib = properties.get("$lib").and_then(Value::as_str).map(str::to_string);
+    let lib = properties
+        .get("$lib")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     let elements_chain = match obj.remove("elements_chain") {
         Some(Value::String(s)) if !s.is_empty() => Some(s),
         _ => None,
@@ -189,22 +232,38 @@ fn person_from(mut p: Map<String, Value>) -> Person {
 }
 
 /// `distinct_id`, `$distinct_id` or `properties.distinct_id`; numbers become strings.
-fn distinct_id(obj: &mut Map<String, Value>, properties: &Map<String, Value>) -> Result<String, ApiError> {
-    let (attr, value) = [("distinct_id", obj.get("distinct_id")), ("$distinct_id", obj.get("$distinct_id"))]
-        .into_iter()
-        .chain([("properties.distinct_id", properties.get("distinct_id"))])
-        .find_map(|(attr, v)| v.filter(|v| !v.is_null()).map(|v| (attr, v)))
-        .ok_or_else(|| ApiError::invalid("required", "distinct_id is required").at("distinct_id"))?;
+fn distinct_id(
+    obj: &mut Map<String, Value>,
+    properties: &Map<String, Value>,
+) -> Result<String, ApiError> {
+    let (attr, value) = [
+        ("distinct_id", obj.get("distinct_id")),
+        ("$distinct_id", obj.get("$distinct_id")),
+    ]
+    .into_iter()
+    .chain([("properties.distinct_id", properties.get("distinct_id"))])
+    .find_map(|(attr, v)| v.filter(|v| !v.is_null()).map(|v| (attr, v)))
+    .ok_or_else(|| ApiError::invalid("required", "distinct_id is required").at("distinct_id"))?;
     let id = match value {
         Value::String(s) => s.clone(),
         Value::Number(n) => n.to_string(),
-        _ => return Err(ApiError::invalid("invalid_value", "distinct_id must be a string or a number").at(attr)),
+        _ => {
+            return Err(ApiError::invalid(
+                "invalid_value",
+                "distinct_id must be a string or a number",
+            )
+            .at(attr));
+        }
     };
     if id.trim().is_empty() {
         return Err(ApiError::invalid("blank", "distinct_id must not be empty").at(attr));
     }
     if id.contains('\0') {
-        return Err(ApiError::invalid("invalid_value", "distinct_id must not contain NUL characters").at(attr));
+        return Err(ApiError::invalid(
+            "invalid_value",
+            "distinct_id must not contain NUL characters",
+        )
+        .at(attr));
     }
     if id.chars().count() > MAX_DISTINCT_ID_CHARS {
         return Err(ApiError::invalid(
@@ -233,7 +292,12 @@ fn optional_time(obj: &Map<String, Value>, name: &str) -> Result<Option<DateTime
 
 /// RFC 3339; a timestamp without zone is taken as UTC; a number is epoch milliseconds.
 fn parse_time(v: &Value) -> Result<DateTime<Utc>, ApiError> {
-    let bad = || ApiError::invalid("invalid_timestamp", format!("{v} is not an RFC 3339 timestamp"));
+    let bad = || {
+        ApiError::invalid(
+            "invalid_timestamp",
+            format!("{v} is not an RFC 3339 timestamp"),
+        )
+    };
     match v {
         Value::String(s) => {
             let s = s.trim();
@@ -246,7 +310,10 @@ fn parse_time(v: &Value) -> Result<DateTime<Utc>, ApiError> {
                 .map(|t| Utc.from_utc_datetime(&t))
                 .ok_or_else(bad)
         }
-        Value::Number(n) => n.as_i64().and_then(DateTime::from_timestamp_millis).ok_or_else(bad),
+        Value::Number(n) => n
+            .as_i64()
+            .and_then(DateTime::from_timestamp_millis)
+            .ok_or_else(bad),
         _ => Err(bad()),
     }
 }
@@ -275,11 +342,17 @@ mod tests {
     use super::*;
 
     fn now() -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339("2026-01-01T12:00:00Z").unwrap().with_timezone(&Utc)
+        DateTime::parse_from_rfc3339("2026-01-01T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
     }
 
     fn err_attr(body: Value) -> String {
-        normalize(body, now()).unwrap_err().body.attr.unwrap_or_default()
+        normalize(body, now())
+            .unwrap_err()
+            .body
+            .attr
+            .unwrap_or_default()
     }
 
     #[test]
@@ -312,10 +385,16 @@ mod tests {
         )
         .unwrap();
         let e = &b[0];
-        assert_eq!(e.elements_chain.as_deref(), Some("button.btn:text=\"Upgrade\""));
+        assert_eq!(
+            e.elements_chain.as_deref(),
+            Some("button.btn:text=\"Upgrade\"")
+        );
         assert_eq!(e.person.as_ref().unwrap().properties["email"], "a@b.c");
         assert_eq!(e.uuid.to_string(), "0190b5d6-1d3e-7cc4-b1b8-7ab1a2c3d4e5");
-        assert_eq!(err_attr(json!({"event": {"event": "x"}, "person": {}})), "event.distinct_id");
+        assert_eq!(
+            err_attr(json!({"event": {"event": "x"}, "person": {}})),
+            "event.distinct_id"
+        );
     }
 
     #[test]
@@ -324,15 +403,36 @@ mod tests {
             err_attr(json!({"batch": [{"event": "a", "distinct_id": "u"}, {"event": "b"}]})),
             "batch[1].distinct_id"
         );
-        assert_eq!(err_attr(json!([{"event": "a", "distinct_id": "u"}, 3])), "[1]");
+        assert_eq!(
+            err_attr(json!([{"event": "a", "distinct_id": "u"}, 3])),
+            "[1]"
+        );
         assert_eq!(err_attr(json!({"distinct_id": "u"})), "event");
         assert_eq!(err_attr(json!({"event": "", "distinct_id": "u"})), "event");
-        assert_eq!(err_attr(json!({"event": "a", "distinct_id": "x".repeat(201)})), "distinct_id");
-        assert_eq!(err_attr(json!({"event": "a", "distinct_id": "u\u{0}"})), "distinct_id");
-        assert_eq!(err_attr(json!({"event": "a", "distinct_id": {}})), "distinct_id");
-        assert_eq!(err_attr(json!({"event": "a", "distinct_id": "u", "timestamp": "yesterday"})), "timestamp");
-        assert_eq!(err_attr(json!({"event": "a", "distinct_id": "u", "uuid": "nope"})), "uuid");
-        assert_eq!(err_attr(json!({"event": "a", "distinct_id": "u", "properties": []})), "properties");
+        assert_eq!(
+            err_attr(json!({"event": "a", "distinct_id": "x".repeat(201)})),
+            "distinct_id"
+        );
+        assert_eq!(
+            err_attr(json!({"event": "a", "distinct_id": "u\u{0}"})),
+            "distinct_id"
+        );
+        assert_eq!(
+            err_attr(json!({"event": "a", "distinct_id": {}})),
+            "distinct_id"
+        );
+        assert_eq!(
+            err_attr(json!({"event": "a", "distinct_id": "u", "timestamp": "yesterday"})),
+            "timestamp"
+        );
+        assert_eq!(
+            err_attr(json!({"event": "a", "distinct_id": "u", "uuid": "nope"})),
+            "uuid"
+        );
+        assert_eq!(
+            err_attr(json!({"event": "a", "distinct_id": "u", "properties": []})),
+            "properties"
+        );
         assert_eq!(err_attr(json!({"batch": {}})), "batch");
         assert_eq!(err_attr(json!({"batch": []})), "batch");
         assert!(normalize(json!({"event": "a", "distinct_id": "x".repeat(200)}), now()).is_ok());
@@ -348,13 +448,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(b[0].timestamp, now() - Duration::seconds(10));
-        let b = normalize(json!({"event": "a", "distinct_id": "u", "offset": 1500}), now()).unwrap();
+        let b = normalize(
+            json!({"event": "a", "distinct_id": "u", "offset": 1500}),
+            now(),
+        )
+        .unwrap();
         assert_eq!(b[0].timestamp, now() - Duration::milliseconds(1500));
-        let b = normalize(json!({"event": "a", "distinct_id": "u", "timestamp": "2026-01-03T00:00:00Z"}), now())
-            .unwrap();
+        let b = normalize(
+            json!({"event": "a", "distinct_id": "u", "timestamp": "2026-01-03T00:00:00Z"}),
+            now(),
+        )
+        .unwrap();
         assert_eq!(b[0].timestamp, now());
-        let b = normalize(json!({"event": "a", "distinct_id": "u", "timestamp": "2025-12-31T00:00:00"}), now())
-            .unwrap();
+        let b = normalize(
+            json!({"event": "a", "distinct_id": "u", "timestamp": "2025-12-31T00:00:00"}),
+            now(),
+        )
+        .unwrap();
         assert_eq!(b[0].timestamp.to_rfc3339(), "2025-12-31T00:00:00+00:00");
         let b = normalize(json!({"event": "a", "distinct_id": "u"}), now()).unwrap();
         assert_eq!((b[0].timestamp, b[0].received_at), (now(), now()));

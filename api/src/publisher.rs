@@ -26,6 +26,20 @@ const RETRY_AFTER_BACKLOG: u32 = 5;
 /// Backlog value meaning "not sampled yet".
 const UNKNOWN: u64 = u64::MAX;
 
+/// Longest stream that is scanned to count one user's waiting events.
+const PENDING_SCAN_LIMIT: u64 = 2_000;
+/// The read path never waits longer than this on Redis for its freshness figures.
+const FRESHNESS_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// Events waiting in the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    /// Entries of all users.
+    pub backlog: u64,
+    /// Entries of one user; `None` when the stream is too long to scan quickly.
+    pub for_user: Option<u64>,
+}
+
 /// Why events could not be appended.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -42,7 +56,9 @@ impl From<PublishError> for ApiError {
         match err {
             PublishError::Backlog { .. } => ApiError::unavailable(
                 "backlog_full",
-                format!("{err}: workers are behind, retry later (nothing of this request was queued)"),
+                format!(
+                    "{err}: workers are behind, retry later (nothing of this request was queued)"
+                ),
                 RETRY_AFTER_BACKLOG,
             ),
             other => {
@@ -69,7 +85,12 @@ pub struct Publisher {
 
 impl Publisher {
     /// Connects lazily: the api starts (and answers 503 on ingest) while Redis is down.
-    pub fn new(redis_url: &str, stream: &str, timeout: Duration, max_backlog: u64) -> Result<Self, PublishError> {
+    pub fn new(
+        redis_url: &str,
+        stream: &str,
+        timeout: Duration,
+        max_backlog: u64,
+    ) -> Result<Self, PublishError> {
         let client = redis::Client::open(redis_url)?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(timeout))
@@ -77,7 +98,13 @@ impl Publisher {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(Self { conn, stream: stream.into(), timeout, max_backlog, backlog: Arc::new(AtomicU64::new(UNKNOWN)) })
+        Ok(Self {
+            conn,
+            stream: stream.into(),
+            timeout,
+            max_backlog,
+            backlog: Arc::new(AtomicU64::new(UNKNOWN)),
+        })
     }
 
     /// The stream key events go to.
@@ -87,10 +114,17 @@ impl Publisher {
 
     /// Appends a request's events in one round trip (MULTI/EXEC when there are several, so a
     /// request is queued whole or not at all). Returns the entry ids.
-    pub async fn publish(&self, events: &[Envelope], traceparent: Option<&str>) -> Result<Vec<String>, PublishError> {
+    pub async fn publish(
+        &self,
+        events: &[Envelope],
+        traceparent: Option<&str>,
+    ) -> Result<Vec<String>, PublishError> {
         let backlog = self.backlog.load(Ordering::Relaxed);
         if backlog != UNKNOWN && backlog > self.max_backlog {
-            return Err(PublishError::Backlog { backlog, max: self.max_backlog });
+            return Err(PublishError::Backlog {
+                backlog,
+                max: self.max_backlog,
+            });
         }
         let mut pipe = redis::pipe();
         if events.len() > 1 {
@@ -119,18 +153,72 @@ impl Publisher {
     /// Length of the stream, straight from Redis.
     pub async fn stream_len(&self) -> Result<u64, PublishError> {
         let mut conn = self.conn.clone();
-        let len: u64 = tokio::time::timeout(self.timeout, redis::cmd("XLEN").arg(&*self.stream).query_async(&mut conn))
-            .await
-            .map_err(|_| PublishError::Timeout(self.timeout))??;
+        let len: u64 = tokio::time::timeout(
+            self.timeout,
+            redis::cmd("XLEN").arg(&*self.stream).query_async(&mut conn),
+        )
+        .await
+        .map_err(|_| PublishError::Timeout(self.timeout))??;
         Ok(len)
+    }
+
+    /// How many events are still waiting in the stream, in all and for `user` (the worker deletes
+    /// entries once stored, so the stream holds only what is not stored yet).
+    pub async fn pending_for_user(&self, user: &str) -> Result<Pending, PublishError> {
+        #[derive(serde::Deserialize)]
+        struct Who<'a> {
+            #[serde(borrow)]
+            distinct_id: std::borrow::Cow<'a, str>,
+        }
+        let mut conn = self.conn.clone();
+        let work = async {
+            let backlog: u64 = redis::cmd("XLEN")
+                .arg(&*self.stream)
+                .query_async(&mut conn)
+                .await?;
+            if backlog == 0 || backlog > PENDING_SCAN_LIMIT {
+                return Ok(Pending {
+                    backlog,
+                    for_user: (backlog == 0).then_some(0),
+                });
+            }
+            let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(&*self.stream)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(PENDING_SCAN_LIMIT)
+                .query_async(&mut conn)
+                .await?;
+            let for_user = reply
+                .ids
+                .iter()
+                .filter(|entry| match entry.map.get(FIELD_EVENT) {
+                    Some(redis::Value::BulkString(json)) => {
+                        serde_json::from_slice::<Who>(json).is_ok_and(|w| w.distinct_id == user)
+                    }
+                    _ => false,
+                })
+                .count() as u64;
+            Ok::<_, redis::RedisError>(Pending {
+                backlog,
+                for_user: Some(for_user),
+            })
+        };
+        let timeout = self.timeout.min(FRESHNESS_TIMEOUT);
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| PublishError::Timeout(timeout))?
+            .map_err(Into::into)
     }
 
     /// Whether Redis answers a PING in time.
     pub async fn ping(&self) -> Result<(), PublishError> {
         let mut conn = self.conn.clone();
-        let _: String = tokio::time::timeout(self.timeout, redis::cmd("PING").query_async(&mut conn))
-            .await
-            .map_err(|_| PublishError::Timeout(self.timeout))??;
+        let _: String =
+            tokio::time::timeout(self.timeout, redis::cmd("PING").query_async(&mut conn))
+                .await
+                .map_err(|_| PublishError::Timeout(self.timeout))??;
         Ok(())
     }
 

@@ -52,6 +52,12 @@ impl AppState {
             .acquire_timeout(Duration::from_secs(2))
             .sqlx_logging(false);
         let db = Database::connect(opts).await?;
-        Ok(Self(Arc::new(Inner { keys: Keys::new(&config.api_secret_key, &config.ingest_api_keys), config, publisher, db, shutdown })))
+        Ok(Self(Arc::new(Inner {
+            keys: Keys::new(&config.api_secret_key, &config.ingest_api_keys),
+            config,
+            publisher,
+            db,
+            shutdown,
+        })))
     }
 }

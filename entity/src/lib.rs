@@ -2,6 +2,9 @@
 //! No I/O happens here.
 
 pub mod envelope;
+pub mod event;
 pub mod settings;
+pub mod user_profile;
+pub mod user_session;
 
 pub use envelope::{Envelope, EnvelopeError, Person};

@@ -15,26 +15,40 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(var: &str, message: impl Into<String>) -> Self {
-        Self { var: var.to_string(), message: message.into() }
+        Self {
+            var: var.to_string(),
+            message: message.into(),
+        }
     }
 }
 
+/// Looks a variable up by name.
+type Lookup = dyn Fn(&str) -> Option<String> + Send + Sync;
+
 /// A source of configuration variables.
 pub struct Vars {
-    lookup: Box<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    lookup: Box<Lookup>,
 }
 
 impl Vars {
     /// Reads the process environment (after `.env` was loaded by the binary).
     pub fn from_env() -> Self {
-        Self { lookup: Box::new(|name| std::env::var(name).ok()) }
+        Self {
+            lookup: Box::new(|name| std::env::var(name).ok()),
+        }
     }
 
     /// Reads from a fixed map: for tests and tools.
-    pub fn from_map<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
-        let map: HashMap<String, String> =
-            pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
-        Self { lookup: Box::new(move |name| map.get(name).cloned()) }
+    pub fn from_map<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        let map: HashMap<String, String> = pairs
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        Self {
+            lookup: Box::new(move |name| map.get(name).cloned()),
+        }
     }
 
     /// The raw value, with empty strings treated as unset.
@@ -49,7 +63,8 @@ impl Vars {
 
     /// A value that must be set.
     pub fn required(&self, name: &str) -> Result<String, ConfigError> {
-        self.get(name).ok_or_else(|| ConfigError::new(name, "is required but not set"))
+        self.get(name)
+            .ok_or_else(|| ConfigError::new(name, "is required but not set"))
     }
 
     /// A parsed value with a default.
@@ -74,7 +89,10 @@ impl Vars {
             Some(raw) => match raw.trim().to_ascii_lowercase().as_str() {
                 "1" | "true" | "yes" | "on" => Ok(true),
                 "0" | "false" | "no" | "off" => Ok(false),
-                _ => Err(ConfigError::new(name, format!("invalid value {raw:?}: expected true or false"))),
+                _ => Err(ConfigError::new(
+                    name,
+                    format!("invalid value {raw:?}: expected true or false"),
+                )),
             },
         }
     }
@@ -89,7 +107,12 @@ impl Vars {
                 .ok()
                 .filter(|s| s.is_finite() && *s >= 0.0)
                 .map(Duration::from_secs_f64)
-                .ok_or_else(|| ConfigError::new(name, format!("invalid value {raw:?}: expected seconds, e.g. 2.0"))),
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        name,
+                        format!("invalid value {raw:?}: expected seconds, e.g. 2.0"),
+                    )
+                }),
         }
     }
 
@@ -103,7 +126,11 @@ impl Vars {
     pub fn list(&self, name: &str) -> Vec<String> {
         self.get(name)
             .map(|raw| {
-                raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
             })
             .unwrap_or_default()
     }
@@ -115,13 +142,28 @@ mod tests {
 
     #[test]
     fn parses_and_names_the_variable() {
-        let vars = Vars::from_map([("BATCH_SIZE", "lots"), ("FLUSH_INTERVAL", "0.5"), ("KEYS", "a, ,b")]);
+        let vars = Vars::from_map([
+            ("BATCH_SIZE", "lots"),
+            ("FLUSH_INTERVAL", "0.5"),
+            ("KEYS", "a, ,b"),
+        ]);
         let err = vars.parse::<usize>("BATCH_SIZE", 50).unwrap_err();
         assert_eq!(err.var, "BATCH_SIZE");
-        assert!(err.to_string().starts_with("configuration error: BATCH_SIZE:"));
-        assert_eq!(vars.seconds("FLUSH_INTERVAL", Duration::ZERO).unwrap(), Duration::from_millis(500));
+        assert!(
+            err.to_string()
+                .starts_with("configuration error: BATCH_SIZE:")
+        );
+        assert_eq!(
+            vars.seconds("FLUSH_INTERVAL", Duration::ZERO).unwrap(),
+            Duration::from_millis(500)
+        );
         assert_eq!(vars.list("KEYS"), vec!["a", "b"]);
         assert_eq!(vars.parse::<usize>("MISSING", 7).unwrap(), 7);
-        assert!(vars.required("MISSING").unwrap_err().to_string().contains("MISSING"));
+        assert!(
+            vars.required("MISSING")
+                .unwrap_err()
+                .to_string()
+                .contains("MISSING")
+        );
     }
 }

@@ -30,7 +30,10 @@ pub struct RawBody<D> {
 }
 
 fn string_schema(format: &'static str) -> MetaSchemaRef {
-    MetaSchemaRef::Inline(Box::new(MetaSchema { format: Some(format), ..MetaSchema::new("string") }))
+    MetaSchemaRef::Inline(Box::new(MetaSchema {
+        format: Some(format),
+        ..MetaSchema::new("string")
+    }))
 }
 
 impl<'a, D: BodyDoc> ApiExtractor<'a> for RawBody<D> {
@@ -43,10 +46,15 @@ impl<'a, D: BodyDoc> ApiExtractor<'a> for RawBody<D> {
     }
 
     fn request_meta() -> Option<MetaRequest> {
-        let mut content =
-            vec![MetaMediaType { content_type: "application/json", schema: D::Json::schema_ref() }];
+        let mut content = vec![MetaMediaType {
+            content_type: "application/json",
+            schema: D::Json::schema_ref(),
+        }];
         if D::POSTHOG_ENCODINGS {
-            content.push(MetaMediaType { content_type: "text/plain", schema: string_schema("gzip | base64 | json") });
+            content.push(MetaMediaType {
+                content_type: "text/plain",
+                schema: string_schema("gzip | base64 | json"),
+            });
             content.push(MetaMediaType {
                 content_type: "application/x-www-form-urlencoded",
                 schema: MetaSchemaRef::Inline(Box::new(MetaSchema {
@@ -57,8 +65,15 @@ impl<'a, D: BodyDoc> ApiExtractor<'a> for RawBody<D> {
                 })),
             });
         }
-        content.push(MetaMediaType { content_type: "application/octet-stream", schema: string_schema("binary") });
-        Some(MetaRequest { description: Some(D::DESCRIPTION), content, required: true })
+        content.push(MetaMediaType {
+            content_type: "application/octet-stream",
+            schema: string_schema("binary"),
+        });
+        Some(MetaRequest {
+            description: Some(D::DESCRIPTION),
+            content,
+            required: true,
+        })
     }
 
     async fn from_request(
@@ -66,7 +81,10 @@ impl<'a, D: BodyDoc> ApiExtractor<'a> for RawBody<D> {
         body: &mut RequestBody,
         _opts: ExtractParamOptions<Self::ParamType>,
     ) -> poem::Result<Self> {
-        let limit = req.data::<AppState>().map(|s| s.config.max_body_bytes).unwrap_or(usize::MAX);
+        let limit = req
+            .data::<AppState>()
+            .map(|s| s.config.max_body_bytes)
+            .unwrap_or(usize::MAX);
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -75,10 +93,21 @@ impl<'a, D: BodyDoc> ApiExtractor<'a> for RawBody<D> {
         if declared.is_some_and(|len| len > limit) {
             return Err(ApiError::too_large(limit, "request body").into());
         }
-        let bytes = body.take()?.into_bytes_limit(limit).await.map_err(|e| match e {
-            ReadBodyError::PayloadTooLarge => ApiError::too_large(limit, "request body"),
-            other => ApiError::invalid("unreadable_body", format!("request body could not be read: {other}")),
-        })?;
-        Ok(Self { bytes, content_type: req.content_type().map(str::to_string), _doc: PhantomData })
+        let bytes = body
+            .take()?
+            .into_bytes_limit(limit)
+            .await
+            .map_err(|e| match e {
+                ReadBodyError::PayloadTooLarge => ApiError::too_large(limit, "request body"),
+                other => ApiError::invalid(
+                    "unreadable_body",
+                    format!("request body could not be read: {other}"),
+                ),
+            })?;
+        Ok(Self {
+            bytes,
+            content_type: req.content_type().map(str::to_string),
+            _doc: PhantomData,
+        })
     }
 }

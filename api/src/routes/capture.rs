@@ -7,7 +7,10 @@ use poem::web::Data;
 use poem_openapi::{ApiResponse, Object, OpenApi, Union, param::Query, payload::Json};
 use serde_json::Value;
 
-use super::{ApiTags, body::{BodyDoc, RawBody}};
+use super::{
+    ApiTags,
+    body::{BodyDoc, RawBody},
+};
 use crate::{
     auth::{Access, CaptureAuth},
     decode::{Compression, decode_body, decode_query_data},
@@ -45,7 +48,10 @@ impl poem_openapi::types::Example for CaptureEvent {
             event: "$pageview".into(),
             distinct_id: Some("user_1".into()),
             properties: Some(HashMap::from([
-                ("$current_url".into(), Value::from("https://shop.example/pricing")),
+                (
+                    "$current_url".into(),
+                    Value::from("https://shop.example/pricing"),
+                ),
                 ("$pathname".into(), Value::from("/pricing")),
                 ("$session_id".into(), Value::from("0190b5d6-session")),
             ])),
@@ -129,17 +135,36 @@ pub struct CaptureApi;
 type Body = RawBody<CaptureDoc>;
 
 impl CaptureApi {
-    async fn post(&self, state: &AppState, auth: CaptureAuth, body: Body, compression: Option<String>) -> CaptureResponse {
+    async fn post(
+        &self,
+        state: &AppState,
+        auth: CaptureAuth,
+        body: Body,
+        compression: Option<String>,
+    ) -> CaptureResponse {
         respond(accept(state, auth, || {
             let compression = Compression::parse(compression.as_deref())?;
-            decode_body(&body.bytes, body.content_type.as_deref(), compression, state.config.max_body_bytes)
+            decode_body(
+                &body.bytes,
+                body.content_type.as_deref(),
+                compression,
+                state.config.max_body_bytes,
+            )
         }))
         .await
     }
 
-    async fn get(&self, state: &AppState, auth: CaptureAuth, data: Option<String>, compression: Option<String>) -> CaptureResponse {
+    async fn get(
+        &self,
+        state: &AppState,
+        auth: CaptureAuth,
+        data: Option<String>,
+        compression: Option<String>,
+    ) -> CaptureResponse {
         respond(accept(state, auth, || {
-            let data = data.ok_or_else(|| ApiError::invalid("required", "query parameter `data` is required").at("data"))?;
+            let data = data.ok_or_else(|| {
+                ApiError::invalid("required", "query parameter `data` is required").at("data")
+            })?;
             let compression = Compression::parse(compression.as_deref())?;
             decode_query_data(&data, compression, state.config.max_body_bytes)
         }))
@@ -148,7 +173,9 @@ impl CaptureApi {
 }
 
 async fn respond(result: impl Future<Output = Result<CaptureOk, ApiError>>) -> CaptureResponse {
-    result.await.map_or_else(CaptureResponse::from, |ok| CaptureResponse::Ok(Json(ok)))
+    result
+        .await
+        .map_or_else(CaptureResponse::from, |ok| CaptureResponse::Ok(Json(ok)))
 }
 
 /// Authorises, decodes, validates and queues a capture request. A key in the header is checked
@@ -163,7 +190,9 @@ async fn accept(
     }
     let json = decode()?;
     if auth.header_key().is_none() {
-        state.keys.authorize(body_key(&json).as_deref(), Access::Ingest)?;
+        state
+            .keys
+            .authorize(body_key(&json).as_deref(), Access::Ingest)?;
     }
     let batch = normalize(json, chrono::Utc::now())?;
     state.publisher.publish(&batch, None).await?;
@@ -178,31 +207,61 @@ impl CaptureApi {
     /// The PostHog capture endpoint: point an SDK's `host`/`api_host` here. The key may come in
     /// `X-API-Key` or as `api_key`/`token` in the body (`properties.token` for posthog-js).
     #[oai(path = "/capture", method = "post")]
-    async fn capture(&self, state: Data<&AppState>, auth: CaptureAuth, body: Body, compression: Query<Option<String>>) -> CaptureResponse {
+    async fn capture(
+        &self,
+        state: Data<&AppState>,
+        auth: CaptureAuth,
+        body: Body,
+        compression: Query<Option<String>>,
+    ) -> CaptureResponse {
         self.post(&state, auth, body, compression.0).await
     }
 
     /// Capture a batch (PostHog `/batch`)
     #[oai(path = "/batch", method = "post")]
-    async fn batch(&self, state: Data<&AppState>, auth: CaptureAuth, body: Body, compression: Query<Option<String>>) -> CaptureResponse {
+    async fn batch(
+        &self,
+        state: Data<&AppState>,
+        auth: CaptureAuth,
+        body: Body,
+        compression: Query<Option<String>>,
+    ) -> CaptureResponse {
         self.post(&state, auth, body, compression.0).await
     }
 
     /// Capture events (posthog-js `/e`)
     #[oai(path = "/e", method = "post")]
-    async fn e(&self, state: Data<&AppState>, auth: CaptureAuth, body: Body, compression: Query<Option<String>>) -> CaptureResponse {
+    async fn e(
+        &self,
+        state: Data<&AppState>,
+        auth: CaptureAuth,
+        body: Body,
+        compression: Query<Option<String>>,
+    ) -> CaptureResponse {
         self.post(&state, auth, body, compression.0).await
     }
 
     /// Capture events (posthog-js `/i/v0/e`)
     #[oai(path = "/i/v0/e", method = "post")]
-    async fn i_v0_e(&self, state: Data<&AppState>, auth: CaptureAuth, body: Body, compression: Query<Option<String>>) -> CaptureResponse {
+    async fn i_v0_e(
+        &self,
+        state: Data<&AppState>,
+        auth: CaptureAuth,
+        body: Body,
+        compression: Query<Option<String>>,
+    ) -> CaptureResponse {
         self.post(&state, auth, body, compression.0).await
     }
 
     /// Capture events (legacy `/track`)
     #[oai(path = "/track", method = "post")]
-    async fn track(&self, state: Data<&AppState>, auth: CaptureAuth, body: Body, compression: Query<Option<String>>) -> CaptureResponse {
+    async fn track(
+        &self,
+        state: Data<&AppState>,
+        auth: CaptureAuth,
+        body: Body,
+        compression: Query<Option<String>>,
+    ) -> CaptureResponse {
         self.post(&state, auth, body, compression.0).await
     }
 
@@ -210,31 +269,61 @@ impl CaptureApi {
     ///
     /// `data` holds the body base64-encoded (or URL-encoded JSON).
     #[oai(path = "/capture", method = "get")]
-    async fn capture_get(&self, state: Data<&AppState>, auth: CaptureAuth, data: Query<Option<String>>, compression: Query<Option<String>>) -> CaptureResponse {
+    async fn capture_get(
+        &self,
+        state: Data<&AppState>,
+        auth: CaptureAuth,
+        data: Query<Option<String>>,
+        compression: Query<Option<String>>,
+    ) -> CaptureResponse {
         self.get(&state, auth, data.0, compression.0).await
     }
 
     /// Capture via query string (`/batch?data=`)
     #[oai(path = "/batch", method = "get")]
-    async fn batch_get(&self, state: Data<&AppState>, auth: CaptureAuth, data: Query<Option<String>>, compression: Query<Option<String>>) -> CaptureResponse {
+    async fn batch_get(
+        &self,
+        state: Data<&AppState>,
+        auth: CaptureAuth,
+        data: Query<Option<String>>,
+        compression: Query<Option<String>>,
+    ) -> CaptureResponse {
         self.get(&state, auth, data.0, compression.0).await
     }
 
     /// Capture via query string (`/e?data=`)
     #[oai(path = "/e", method = "get")]
-    async fn e_get(&self, state: Data<&AppState>, auth: CaptureAuth, data: Query<Option<String>>, compression: Query<Option<String>>) -> CaptureResponse {
+    async fn e_get(
+        &self,
+        state: Data<&AppState>,
+        auth: CaptureAuth,
+        data: Query<Option<String>>,
+        compression: Query<Option<String>>,
+    ) -> CaptureResponse {
         self.get(&state, auth, data.0, compression.0).await
     }
 
     /// Capture via query string (`/i/v0/e?data=`)
     #[oai(path = "/i/v0/e", method = "get")]
-    async fn i_v0_e_get(&self, state: Data<&AppState>, auth: CaptureAuth, data: Query<Option<String>>, compression: Query<Option<String>>) -> CaptureResponse {
+    async fn i_v0_e_get(
+        &self,
+        state: Data<&AppState>,
+        auth: CaptureAuth,
+        data: Query<Option<String>>,
+        compression: Query<Option<String>>,
+    ) -> CaptureResponse {
         self.get(&state, auth, data.0, compression.0).await
     }
 
     /// Capture via query string (`/track?data=`)
     #[oai(path = "/track", method = "get")]
-    async fn track_get(&self, state: Data<&AppState>, auth: CaptureAuth, data: Query<Option<String>>, compression: Query<Option<String>>) -> CaptureResponse {
+    async fn track_get(
+        &self,
+        state: Data<&AppState>,
+        auth: CaptureAuth,
+        data: Query<Option<String>>,
+        compression: Query<Option<String>>,
+    ) -> CaptureResponse {
         self.get(&state, auth, data.0, compression.0).await
     }
 }

@@ -68,16 +68,33 @@ impl HealthApi {
                 .map_err(|e| e.to_string())
         });
         let checks = vec![
-            Check { name: "redis".into(), ok: redis.is_ok(), error: redis.err().map(|e| e.to_string()) },
-            Check { name: "postgres".into(), ok: postgres.is_ok(), error: postgres.err() },
+            Check {
+                name: "redis".into(),
+                ok: redis.is_ok(),
+                error: redis.err().map(|e| e.to_string()),
+            },
+            Check {
+                name: "postgres".into(),
+                ok: postgres.is_ok(),
+                error: postgres.err(),
+            },
         ];
         let all_ok = checks.iter().all(|c| c.ok);
         if state.shutdown.is_cancelled() {
-            ReadyResponse::NotReady(Json(Readiness { status: "shutting_down".into(), checks }))
+            ReadyResponse::NotReady(Json(Readiness {
+                status: "shutting_down".into(),
+                checks,
+            }))
         } else if all_ok {
-            ReadyResponse::Ready(Json(Readiness { status: "ready".into(), checks }))
+            ReadyResponse::Ready(Json(Readiness {
+                status: "ready".into(),
+                checks,
+            }))
         } else {
-            ReadyResponse::NotReady(Json(Readiness { status: "not_ready".into(), checks }))
+            ReadyResponse::NotReady(Json(Readiness {
+                status: "not_ready".into(),
+                checks,
+            }))
         }
     }
 }

@@ -111,10 +111,20 @@ impl IngestApi {
     ///
     /// For servers and integrations: the key goes in `X-API-Key` (the secret key or an ingest key).
     #[oai(path = "/ingest", method = "post")]
-    async fn ingest(&self, state: Data<&AppState>, auth: ApiKeyHeader, body: RawBody<IngestDoc>) -> IngestResponse {
+    async fn ingest(
+        &self,
+        state: Data<&AppState>,
+        auth: ApiKeyHeader,
+        body: RawBody<IngestDoc>,
+    ) -> IngestResponse {
         let result = async {
             state.keys.authorize(Some(&auth.0.key), Access::Ingest)?;
-            let json = decode_body(&body.bytes, None, Compression::Auto, state.config.max_body_bytes)?;
+            let json = decode_body(
+                &body.bytes,
+                None,
+                Compression::Auto,
+                state.config.max_body_bytes,
+            )?;
             let events = normalize(json, chrono::Utc::now())?;
             state.publisher.publish(&events, None).await?;
             Ok::<_, ApiError>(IngestOk {
@@ -123,6 +133,8 @@ impl IngestApi {
                 uuids: events.iter().map(|e| e.uuid.to_string()).collect(),
             })
         };
-        result.await.map_or_else(IngestResponse::from, |ok| IngestResponse::Ok(Json(ok)))
+        result
+            .await
+            .map_or_else(IngestResponse::from, |ok| IngestResponse::Ok(Json(ok)))
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod body;
 pub mod capture;
+pub mod context;
 pub mod health;
 pub mod ingest;
 
@@ -13,6 +14,8 @@ pub enum ApiTags {
     Capture,
     /// Plain JSON webhooks, including PostHog's HTTP Webhook destination.
     Webhooks,
+    /// What an AI assistant should know about a user, and erasing it.
+    Context,
     /// Liveness and readiness.
     Health,
 }

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Ingest load benchmark (issue 2): the api under wrk versus raw redis-benchmark XADD, one run,
+# same machine, 600-byte events. Only 127.0.0.1 is touched; every phase stops by itself.
+#
+#   api/benches/ingest-load.sh            # defaults: 10 s per phase, 50 connections
+#   DURATION=20 CONNECTIONS=100 api/benches/ingest-load.sh
+#
+# Needs: wrk, redis-benchmark, a Redis at REDIS_URL (default redis://127.0.0.1:6379).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+DURATION=${DURATION:-10}
+CONNECTIONS=${CONNECTIONS:-50}
+THREADS=${THREADS:-2}
+PORT=${PORT:-18181}
+REDIS_HOST=${REDIS_HOST:-127.0.0.1}
+REDIS_PORT=${REDIS_PORT:-6379}
+RUN_ID=$$
+STREAM="bench_ingest_${RUN_ID}"
+RAW_STREAM="bench_raw_xadd_${RUN_ID}"
+WORK=$(mktemp -d)
+KEY="bench-secret-key"
+
+for tool in wrk redis-benchmark redis-cli; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install -y wrk redis-tools)"; exit 1; }
+done
+
+cargo build --release -q -p api
+API_PID=""
+cleanup() {
+  [ -n "$API_PID" ] && kill "$API_PID" 2>/dev/null || true
+  redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" DEL "$STREAM" "$RAW_STREAM" >/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# A realistic 600-byte posthog-js pageview.
+python3 - "$WORK" <<'PY'
+import json, sys, uuid
+work = sys.argv[1]
+def event(i):
+    e = {"event": "$pageview", "distinct_id": f"user_{i % 1000}",
+         "properties": {"$current_url": "https://shop.example.com/pricing?plan=pro", "$pathname": "/pricing",
+                        "$host": "shop.example.com", "$browser": "Chrome", "$os": "Mac OS X",
+                        "$session_id": "0190b5d6-1d3e-7cc4-b1b8-7ab1a2c3d4e5", "$lib": "web", "$lib_version": "1.200.0",
+                        "$screen_height": 1080, "$screen_width": 1920, "$referrer": "https://www.google.com/",
+                        "title": "Pricing - Example Shop"},
+         "timestamp": "2026-11-28T10:00:00.000Z"}
+    s = json.dumps(e)
+    pad = 600 - len(s) - len(', "pad": ""')
+    e["properties"]["pad"] = "x" * max(pad, 0)
+    return e
+single = json.dumps(event(1))
+assert len(single) == 600, len(single)
+open(f"{work}/single.json", "w").write(single)
+open(f"{work}/batch.json", "w").write(json.dumps({"api_key": "bench-secret-key", "batch": [event(i) for i in range(100)]}))
+open(f"{work}/value.txt", "w").write(single)
+PY
+
+for kind in single batch; do
+  cat > "$WORK/$kind.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-API-Key"] = "$KEY"
+local f = io.open("$WORK/$kind.json", "rb"); wrk.body = f:read("*a"); f:close()
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT rps=%.0f p50_ms=%.2f p99_ms=%.2f non2xx=%d errors=%d\n",
+    summary.requests / (summary.duration / 1e6), latency:percentile(50) / 1000, latency:percentile(99) / 1000,
+    summary.errors.status, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end
+LUA
+done
+
+API_SECRET_KEY=$KEY API_BIND=127.0.0.1:$PORT QUEUE_NAME=$STREAM STREAM_MAX_BACKLOG=100000000 \
+  MIGRATE_ON_START=false RUST_LOG=warn REDIS_URL="redis://$REDIS_HOST:$REDIS_PORT" ./target/release/api &
+API_PID=$!
+for _ in $(seq 50); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 0.1; done
+
+VALUE=$(cat "$WORK/value.txt")
+raw_xadd() { # $1 = pipeline depth
+  redis-benchmark -h "$REDIS_HOST" -p "$REDIS_PORT" -c "$CONNECTIONS" -P "$1" -n "$2" -q \
+    XADD "$RAW_STREAM" '*' event "$VALUE" | tr '\r' '\n' | grep -oE '[0-9.]+ requests per second' | tail -1 | cut -d' ' -f1
+  redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" DEL "$RAW_STREAM" >/dev/null
+}
+run_wrk() { # $1 = kind
+  wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/$1.lua" "http://127.0.0.1:$PORT/$2" | grep RESULT
+}
+field() { echo "$1" | tr ' ' '\n' | grep "^$2=" | cut -d= -f2; }
+
+echo "== raw XADD (redis-benchmark, 600-byte value, -c $CONNECTIONS)"
+XADD_P1=$(raw_xadd 1 300000); echo "XADD -P 1:   ${XADD_P1} ops/s"
+XADD_P100=$(raw_xadd 100 2000000); echo "XADD -P 100: ${XADD_P100} ops/s"
+
+echo "== api single-event POST /capture (wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s)"
+SINGLE=$(run_wrk single capture); echo "$SINGLE"
+redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" DEL "$STREAM" >/dev/null
+echo "== api batch POST /batch, 100 events per request"
+BATCH=$(run_wrk batch batch); echo "$BATCH"
+RSS_KB=$(awk '/VmHWM/ {print $2}' /proc/$API_PID/status)
+
+S_RPS=$(field "$SINGLE" rps); S_P99=$(field "$SINGLE" p99_ms); B_RPS=$(field "$BATCH" rps)
+python3 - "$XADD_P1" "$XADD_P100" "$S_RPS" "$S_P99" "$B_RPS" "$RSS_KB" <<'PY'
+import sys
+p1, p100, s_rps, s_p99, b_rps, rss_kb = map(float, sys.argv[1:])
+b_eps = b_rps * 100
+print()
+print(f"{'measure':<42}{'api':>14}{'raw redis':>14}{'ratio':>8}{'target':>9}")
+print(f"{'single-event /capture, requests/s':<42}{s_rps:>14.0f}{p1:>14.0f}{s_rps/p1:>8.2f}{'>=0.50':>9}")
+print(f"{'single-event /capture, p99 ms':<42}{s_p99:>14.2f}")
+print(f"{'/batch x100, events/s':<42}{b_eps:>14.0f}{p100:>14.0f}{b_eps/p100:>8.2f}{'>=0.70':>9}")
+print(f"{'api peak RSS, MiB':<42}{rss_kb/1024:>14.1f}{'':>14}{'':>8}{'<64':>9}")
+PY

@@ -1,0 +1,390 @@
+//! `GET /context/user/:user_id` (what an assistant should know about a user, as JSON or prompt
+//! text) and `DELETE /context/user/:user_id` (erase it).
+
+use chrono::{DateTime, Utc};
+use poem::web::Data;
+use poem_openapi::{
+    ApiResponse, Enum, Object, OpenApi, ResponseContent,
+    param::{Header, Path, Query},
+    payload::{Json, PlainText},
+};
+
+use super::ApiTags;
+use crate::{
+    auth::{Access, ApiKeyHeader},
+    context::{
+        self, HistoryItem, ScoredIntent, relative_time,
+        store::{self, HistoryFilter},
+        text::{self, TextContext},
+    },
+    error::{ApiError, ErrorBody, error_responses},
+    state::AppState,
+};
+
+/// Default and largest number of history items.
+const DEFAULT_LIMIT: u32 = 20;
+const MAX_LIMIT: u32 = 500;
+
+/// An intent with its score decayed to now.
+#[derive(Object)]
+pub struct IntentView {
+    /// Intent name, as declared in the rule files (e.g. `purchase`).
+    pub name: String,
+    /// Score decayed to the time of the request (older signals weigh less).
+    pub score: f64,
+    /// When an event last added to it.
+    pub last_seen: DateTime<Utc>,
+    /// The sentence the summary uses for it.
+    pub summary: String,
+    /// Descriptions of the most recent events supporting it, newest first.
+    pub evidence: Vec<String>,
+}
+
+/// One stored event.
+#[derive(Object)]
+pub struct HistoryView {
+    /// When it happened.
+    pub time: DateTime<Utc>,
+    /// "5 minutes ago".
+    pub relative_time: String,
+    /// What the user did, in words.
+    pub description: String,
+    /// Event name (`$pageview`, `$autocapture`, …).
+    pub event: String,
+    /// Page path (or URL) it happened on.
+    pub page: Option<String>,
+    pub session_id: Option<String>,
+}
+
+/// Totals over everything stored for the user.
+#[derive(Object)]
+pub struct Stats {
+    pub first_seen: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub event_count: i64,
+    pub session_count: i64,
+}
+
+/// How current this context is.
+#[derive(Object)]
+pub struct Freshness {
+    /// Time of the newest stored event of this user.
+    pub newest_event_at: DateTime<Utc>,
+    /// Events of this user accepted but not yet stored (still in the stream). `null` when the
+    /// stream is too long to count quickly or Redis is unavailable.
+    pub pending_events: Option<u64>,
+    /// Events of all users waiting in the stream. `null` when Redis is unavailable.
+    pub stream_backlog: Option<u64>,
+}
+
+/// A user's context.
+#[derive(Object)]
+pub struct UserContext {
+    pub user_id: String,
+    /// One or two sentences for a prompt: active intents, then recent activity.
+    pub summary: String,
+    /// Intents strongest first, scores decayed to now.
+    pub intents: Vec<IntentView>,
+    /// Stored events, newest first (filtered by `limit`, `since`, `session`).
+    pub recent_history: Vec<HistoryView>,
+    pub stats: Stats,
+    pub freshness: Freshness,
+}
+
+/// What an erasure removed.
+#[derive(Object)]
+pub struct Erasure {
+    pub user_id: String,
+    /// Stored events deleted.
+    pub events_deleted: u64,
+    /// Session rows deleted.
+    pub sessions_deleted: u64,
+    /// Whether a profile existed and was deleted.
+    pub profile_deleted: bool,
+    /// Events of this user still in the stream: workers will store them after this erasure, so
+    /// erase again once they are. `null` when they could not be counted.
+    pub pending_events: Option<u64>,
+}
+
+/// The response body: JSON, or the prompt text.
+#[derive(ResponseContent)]
+pub enum ContextBody {
+    Json(Json<UserContext>),
+    /// Prompt-ready text: summary, intents, then history as bullet lines.
+    Text(PlainText<String>),
+    #[oai(
+        content_type = "text/markdown; charset=utf-8",
+        actual_type = "PlainText<String>"
+    )]
+    Markdown(PlainText<String>),
+}
+
+#[derive(ApiResponse)]
+pub enum ContextResponse {
+    /// The user's context.
+    #[oai(status = 200)]
+    Ok(ContextBody),
+    /// A bad query parameter (`attr` names it).
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// No `X-API-Key` header.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
+    /// Unknown key, or an ingest-only key (those can never read user data).
+    #[oai(status = 403)]
+    Forbidden(Json<ErrorBody>),
+    /// Nothing is stored for this user.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// The database is unavailable: retry after the given seconds.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
+    /// Unexpected server error.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+}
+error_responses!(ContextResponse { 400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound }, retry = Unavailable);
+
+#[derive(ApiResponse)]
+pub enum EraseResponse {
+    /// Everything stored about the user was deleted.
+    #[oai(status = 200)]
+    Ok(Json<Erasure>),
+    /// No `X-API-Key` header.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
+    /// Unknown key, or an ingest-only key.
+    #[oai(status = 403)]
+    Forbidden(Json<ErrorBody>),
+    /// Nothing is stored for this user.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// The database is unavailable: retry after the given seconds.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
+    /// Unexpected server error.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+}
+error_responses!(EraseResponse { 401 => Unauthorized, 403 => Forbidden, 404 => NotFound }, retry = Unavailable);
+
+/// Output format.
+#[derive(Enum, Clone, Copy, PartialEq, Eq, Debug)]
+#[oai(rename_all = "lowercase")]
+pub enum Format {
+    /// Structured JSON (default).
+    Json,
+    /// Prompt-ready text.
+    Text,
+}
+
+fn db_error(err: sea_orm::DbErr) -> ApiError {
+    tracing::warn!(error = %err, "database unavailable for the read path");
+    ApiError::unavailable(
+        "database_unavailable",
+        "the database is unavailable: retry later",
+        2,
+    )
+}
+
+pub struct ContextApi;
+
+#[OpenApi(prefix_path = "/context/user", tag = "ApiTags::Context")]
+impl ContextApi {
+    /// A user's context
+    ///
+    /// Summary, intents (decayed to now), recent history, stats and freshness, as JSON or as a
+    /// compact block for a system prompt (`format=text`, or `Accept: text/plain` / `text/markdown`).
+    /// Secret key only: ingest keys get 403.
+    #[allow(clippy::too_many_arguments)]
+    #[oai(path = "/:user_id", method = "get")]
+    async fn get(
+        &self,
+        state: Data<&AppState>,
+        auth: ApiKeyHeader,
+        /// The user's `distinct_id`.
+        user_id: Path<String>,
+        /// How many history items, newest first (1–500).
+        #[oai(default = "default_limit")]
+        limit: Query<u32>,
+        /// Only events at or after this: an RFC 3339 time or a duration back from now (`30m`, `24h`, `7d`).
+        since: Query<Option<String>>,
+        /// Only events of this session (`$session_id`).
+        session: Query<Option<String>>,
+        /// `json` (default) or `text`. Overrides `Accept`.
+        format: Query<Option<Format>>,
+        /// Text format only: approximate length bound in tokens (about 4 characters each). The
+        /// oldest history lines are dropped first; the summary is always kept.
+        max_tokens: Query<Option<u32>>,
+        /// `text/plain` or `text/markdown` select the text format.
+        #[oai(name = "Accept")]
+        accept: Header<Option<String>>,
+    ) -> ContextResponse {
+        let result = async {
+            state.keys.authorize(Some(&auth.0.key), Access::Read)?;
+            let now = Utc::now();
+            if !(1..=MAX_LIMIT).contains(&limit.0) {
+                return Err(ApiError::invalid(
+                    "invalid_value",
+                    format!("limit must be between 1 and {MAX_LIMIT}"),
+                )
+                .at("limit"));
+            }
+            let since = since
+                .0
+                .as_deref()
+                .map(|s| context::parse_since(s, now))
+                .transpose()
+                .map_err(|e| {
+                    ApiError::invalid("invalid_value", format!("since: {e}")).at("since")
+                })?;
+            if max_tokens.0 == Some(0) {
+                return Err(
+                    ApiError::invalid("invalid_value", "max_tokens must be at least 1")
+                        .at("max_tokens"),
+                );
+            }
+            let wants_markdown = accept
+                .0
+                .as_deref()
+                .is_some_and(|a| a.contains("text/markdown"));
+            let text = match format.0 {
+                Some(f) => f == Format::Text,
+                None => accept
+                    .0
+                    .as_deref()
+                    .is_some_and(|a| a.contains("text/plain") || a.contains("text/markdown")),
+            };
+
+            let filter = HistoryFilter {
+                limit: limit.0 as u64,
+                since,
+                session: session.0.clone(),
+            };
+            let (profile, history, pending) = tokio::join!(
+                store::profile(&state.db, &user_id.0),
+                store::history(&state.db, &user_id.0, &filter),
+                state.publisher.pending_for_user(&user_id.0),
+            );
+            let profile = profile.map_err(db_error)?.ok_or_else(|| {
+                ApiError::not_found(format!("nothing is stored for user {:?}", user_id.0))
+                    .at("user_id")
+            })?;
+            let history = history.map_err(db_error)?;
+            let stored = profile.intents().map_err(ApiError::internal)?;
+            let intents = context::score_intents(&stored, now);
+
+            if text {
+                let summary = context::summarize(&intents, &history, now, &text::quote);
+                let body = text::render(
+                    &TextContext {
+                        user_id: &user_id.0,
+                        summary: &summary,
+                        intents: &intents,
+                        history: &history,
+                        event_count: profile.event_count,
+                        session_count: profile.session_count,
+                        first_seen: profile.first_seen,
+                        last_seen: profile.last_seen,
+                        now,
+                    },
+                    max_tokens.0.map(|t| t as usize),
+                );
+                return Ok(if wants_markdown && format.0.is_none() {
+                    ContextBody::Markdown(PlainText(body))
+                } else {
+                    ContextBody::Text(PlainText(body))
+                });
+            }
+            let summary = context::summarize(&intents, &history, now, &|d| d.to_string());
+            Ok(ContextBody::Json(Json(UserContext {
+                user_id: user_id.0.clone(),
+                summary,
+                intents: intents.into_iter().map(intent_view).collect(),
+                recent_history: history.into_iter().map(|h| history_view(h, now)).collect(),
+                stats: Stats {
+                    first_seen: profile.first_seen,
+                    last_seen: profile.last_seen,
+                    event_count: profile.event_count,
+                    session_count: profile.session_count,
+                },
+                freshness: Freshness {
+                    newest_event_at: profile.last_seen,
+                    pending_events: pending.as_ref().ok().and_then(|p| p.for_user),
+                    stream_backlog: pending.as_ref().ok().map(|p| p.backlog),
+                },
+            })))
+        };
+        result
+            .await
+            .map_or_else(ContextResponse::from, ContextResponse::Ok)
+    }
+
+    /// Erase a user
+    ///
+    /// Deletes every stored event, session and the profile of the user (privacy requests).
+    /// Secret key only.
+    #[oai(path = "/:user_id", method = "delete")]
+    async fn delete(
+        &self,
+        state: Data<&AppState>,
+        auth: ApiKeyHeader,
+        user_id: Path<String>,
+    ) -> EraseResponse {
+        let result = async {
+            state.keys.authorize(Some(&auth.0.key), Access::Read)?;
+            let erased = store::erase(&state.db, &user_id.0)
+                .await
+                .map_err(db_error)?;
+            if erased == store::Erased::default() {
+                return Err(ApiError::not_found(format!(
+                    "nothing is stored for user {:?}",
+                    user_id.0
+                ))
+                .at("user_id"));
+            }
+            let pending = state
+                .publisher
+                .pending_for_user(&user_id.0)
+                .await
+                .ok()
+                .and_then(|p| p.for_user);
+            tracing::info!(events = erased.events, "user erased");
+            Ok(Erasure {
+                user_id: user_id.0.clone(),
+                events_deleted: erased.events,
+                sessions_deleted: erased.sessions,
+                profile_deleted: erased.profile,
+                pending_events: pending,
+            })
+        };
+        result
+            .await
+            .map_or_else(EraseResponse::from, |ok| EraseResponse::Ok(Json(ok)))
+    }
+}
+
+fn default_limit() -> u32 {
+    DEFAULT_LIMIT
+}
+
+fn intent_view(i: ScoredIntent) -> IntentView {
+    IntentView {
+        name: i.name,
+        score: (i.score * 1000.0).round() / 1000.0,
+        last_seen: i.last_seen,
+        summary: i.summary,
+        evidence: i.evidence,
+    }
+}
+
+fn history_view(h: HistoryItem, now: DateTime<Utc>) -> HistoryView {
+    HistoryView {
+        relative_time: relative_time(h.time, now),
+        time: h.time,
+        description: h.description,
+        event: h.event,
+        page: h.page,
+        session_id: h.session_id,
+    }
+}

@@ -1,0 +1,646 @@
+//! Ingest over HTTP against the real Redis: every body shape and encoding PostHog SDKs send,
+//! every error path, and what each 200 left in the stream.
+
+mod common;
+
+use std::io::Write;
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use common::{INGEST_KEY, SECRET, TestApp, test_config};
+use flate2::{Compression, write::GzEncoder};
+use reqwest::{StatusCode, header::CONTENT_TYPE};
+use serde_json::{Value, json};
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut enc = GzEncoder::new(Vec::new(), Compression::default());
+    enc.write_all(bytes).unwrap();
+    enc.finish().unwrap()
+}
+
+fn urlencode(s: &str) -> String {
+    serde_urlencoded::to_string([("x", s)]).unwrap()[2..].to_string()
+}
+
+/// A posthog-python style batch of two events with client uuids.
+fn sample_batch() -> Value {
+    json!({
+        "api_key": INGEST_KEY,
+        "sent_at": "2026-11-28T10:00:10Z",
+        "batch": [
+            {"event": "$pageview", "distinct_id": "user_1", "uuid": "0190b5d6-0000-7000-8000-000000000001",
+             "timestamp": "2026-11-28T10:00:00Z",
+             "properties": {"$current_url": "https://shop.test/pricing", "$pathname": "/pricing", "$session_id": "s1", "$lib": "posthog-python"}},
+            {"event": "$autocapture", "distinct_id": "user_1", "uuid": "0190b5d6-0000-7000-8000-000000000002",
+             "timestamp": "2026-11-28T10:00:05Z",
+             "properties": {"$event_type": "click", "$elements_chain": "button.btn-primary:text=\"Upgrade Plan\""}}
+        ]
+    })
+}
+
+async fn assert_ok(resp: reqwest::Response) {
+    let status = resp.status();
+    let body = resp.text().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, r#"{"status":1}"#);
+}
+
+async fn error_of(resp: reqwest::Response, status: StatusCode) -> Value {
+    assert_eq!(resp.status(), status);
+    let body: Value = resp.json().await.unwrap();
+    for field in ["type", "code", "detail", "attr"] {
+        assert!(
+            body.get(field).is_some(),
+            "error body lacks {field}: {body}"
+        );
+    }
+    body
+}
+
+#[tokio::test]
+async fn every_posthog_encoding_lands_the_same_envelopes() {
+    let app = TestApp::spawn().await;
+    let raw = sample_batch().to_string();
+    let gz = gzip(raw.as_bytes());
+    let b64 = STANDARD.encode(&raw);
+    let gz_b64 = STANDARD.encode(&gz);
+
+    let requests: Vec<(&str, &str, Option<&str>, Vec<u8>)> = vec![
+        (
+            "json",
+            "/batch",
+            Some("application/json"),
+            raw.clone().into_bytes(),
+        ),
+        (
+            "gzip as text/plain (posthog-js)",
+            "/e/?compression=gzip-js&ver=1.200",
+            Some("text/plain"),
+            gz.clone(),
+        ),
+        (
+            "gzip without any content type",
+            "/i/v0/e/",
+            None,
+            gz.clone(),
+        ),
+        (
+            "base64",
+            "/capture",
+            Some("text/plain"),
+            b64.clone().into_bytes(),
+        ),
+        (
+            "form data= base64",
+            "/track/",
+            Some("application/x-www-form-urlencoded"),
+            format!("data={}", urlencode(&b64)).into_bytes(),
+        ),
+        (
+            "form data= gzip-js",
+            "/batch/",
+            Some("application/x-www-form-urlencoded"),
+            format!("data={}&compression=gzip-js", urlencode(&gz_b64)).into_bytes(),
+        ),
+    ];
+    let mut expected = 0;
+    for (name, path, ct, body) in requests {
+        let mut req = app.http.post(app.url(path)).body(body);
+        if let Some(ct) = ct {
+            req = req.header(CONTENT_TYPE, ct);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::OK,
+            "{name}: {}",
+            resp.text().await.unwrap()
+        );
+        expected += 2;
+        assert_eq!(app.stream_envelopes().await.len(), expected, "{name}");
+    }
+    // GET ?data= (legacy beacon)
+    let resp = app
+        .http
+        .get(app.url(&format!("/e/?data={}", urlencode(&b64))))
+        .send()
+        .await
+        .unwrap();
+    assert_ok(resp).await;
+    expected += 2;
+
+    let envelopes = app.stream_envelopes().await;
+    assert_eq!(envelopes.len(), expected);
+    // Every encoding produced the same two events (uuids from the client).
+    for pair in envelopes.chunks(2) {
+        assert_eq!(
+            pair[0].uuid.to_string(),
+            "0190b5d6-0000-7000-8000-000000000001"
+        );
+        assert_eq!(pair[0].event, "$pageview");
+        assert_eq!(pair[0].distinct_id, "user_1");
+        assert_eq!(pair[0].session_id.as_deref(), Some("s1"));
+        assert_eq!(pair[0].lib.as_deref(), Some("posthog-python"));
+        assert_eq!(pair[0].properties["$pathname"], "/pricing");
+        assert_eq!(
+            pair[1].uuid.to_string(),
+            "0190b5d6-0000-7000-8000-000000000002"
+        );
+        // clock skew: event 5 s after the first one, both before sent_at
+        assert_eq!((pair[1].timestamp - pair[0].timestamp).num_seconds(), 5);
+        assert!(pair[0].timestamp <= pair[0].received_at);
+        assert_eq!(
+            pair[0].sent_at.unwrap().to_rfc3339(),
+            "2026-11-28T10:00:10+00:00"
+        );
+    }
+}
+
+#[tokio::test]
+async fn single_event_and_bare_array_shapes() {
+    let app = TestApp::spawn().await;
+    // posthog-js single event with the key in properties.token
+    let single = json!({"event": "$pageview", "properties": {"distinct_id": 12345, "token": INGEST_KEY, "$pathname": "/"}});
+    assert_ok(
+        app.http
+            .post(app.url("/capture/"))
+            .json(&single)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    // bare array, key in the header
+    let array = json!([{"event": "a", "$distinct_id": "u2"}, {"event": "b", "distinct_id": "u3", "offset": 1000}]);
+    assert_ok(
+        app.http
+            .post(app.url("/batch"))
+            .header("X-API-Key", SECRET)
+            .json(&array)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+
+    let envs = app.stream_envelopes().await;
+    assert_eq!(
+        envs.iter()
+            .map(|e| e.distinct_id.as_str())
+            .collect::<Vec<_>>(),
+        ["12345", "u2", "u3"]
+    );
+    assert_eq!(
+        envs[0].uuid.get_version_num(),
+        7,
+        "generated ids are UUIDv7"
+    );
+    assert!(envs[2].received_at - envs[2].timestamp >= chrono::Duration::milliseconds(999));
+}
+
+#[tokio::test]
+async fn webhook_ingest_takes_plain_events_and_posthog_destination_bodies() {
+    let app = TestApp::spawn().await;
+    let plain = json!({"event": "signup_completed", "distinct_id": "user_9", "properties": {"plan": "pro"}});
+    let resp = app
+        .http
+        .post(app.url("/ingest"))
+        .header("X-API-Key", SECRET)
+        .json(&plain)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["queued"], 1);
+
+    let destination = json!({
+        "event": {"uuid": "0190b5d6-0000-7000-8000-0000000000aa", "event": "$autocapture", "distinct_id": "user_9",
+                  "properties": {"$pathname": "/pricing"}, "elements_chain": "button.btn-primary:text=\"Upgrade Plan\"",
+                  "timestamp": "2026-11-28T09:00:00Z", "url": "https://eu.posthog.com/project/1/events/x"},
+        "person": {"id": "p-1", "properties": {"email": "ada@example.com", "plan": "free"}, "name": "Ada"}
+    });
+    let resp = app
+        .http
+        .post(app.url("/ingest/"))
+        .header("X-API-Key", INGEST_KEY)
+        .json(&destination)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["uuids"],
+        json!(["0190b5d6-0000-7000-8000-0000000000aa"])
+    );
+
+    let envs = app.stream_envelopes().await;
+    assert_eq!(envs.len(), 2);
+    assert_eq!(envs[0].event, "signup_completed");
+    assert_eq!(
+        envs[1].elements_chain.as_deref(),
+        Some("button.btn-primary:text=\"Upgrade Plan\"")
+    );
+    let person = envs[1].person.as_ref().unwrap();
+    assert_eq!(person.id.as_deref(), Some("p-1"));
+    assert_eq!(person.properties["email"], "ada@example.com");
+    assert_eq!(envs[1].timestamp.to_rfc3339(), "2026-11-28T09:00:00+00:00");
+}
+
+#[tokio::test]
+async fn auth_errors() {
+    let app = TestApp::spawn().await;
+    let event = json!({"event": "a", "distinct_id": "u"});
+    let e = error_of(
+        app.http
+            .post(app.url("/capture"))
+            .json(&event)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    assert_eq!(e["type"], "authentication_error");
+    let e = error_of(
+        app.http
+            .post(app.url("/capture"))
+            .header("X-API-Key", "wrong")
+            .json(&event)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    assert_eq!(e["code"], "permission_denied");
+    let with_bad_body_key = json!({"event": "a", "distinct_id": "u", "api_key": "wrong"});
+    error_of(
+        app.http
+            .post(app.url("/e"))
+            .json(&with_bad_body_key)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    // /ingest wants the header
+    error_of(
+        app.http
+            .post(app.url("/ingest"))
+            .json(&event)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    error_of(
+        app.http
+            .post(app.url("/ingest"))
+            .header("X-API-Key", "wrong")
+            .json(&event)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    assert!(app.stream_envelopes().await.is_empty());
+}
+
+#[tokio::test]
+async fn validation_errors_name_the_field_and_queue_nothing() {
+    let app = TestApp::spawn().await;
+    let post = |path: &'static str, body: Vec<u8>| {
+        app.http
+            .post(app.url(path))
+            .header("X-API-Key", SECRET)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+    };
+    let cases: Vec<(&str, Vec<u8>, &str, Option<&str>)> = vec![
+        (
+            "one bad event in a batch",
+            json!({"batch": [{"event": "a", "distinct_id": "u"}, {"event": "b", "distinct_id": "u"}, {"event": "c", "distinct_id": "u"}, {"event": "d"}]})
+                .to_string()
+                .into_bytes(),
+            "required",
+            Some("batch[3].distinct_id"),
+        ),
+        ("missing event", br#"{"distinct_id": "u"}"#.to_vec(), "required", Some("event")),
+        ("empty event", br#"{"event": "", "distinct_id": "u"}"#.to_vec(), "blank", Some("event")),
+        ("distinct_id too long", json!({"event": "a", "distinct_id": "x".repeat(201)}).to_string().into_bytes(), "too_long", Some("distinct_id")),
+        ("bad timestamp", br#"{"event": "a", "distinct_id": "u", "timestamp": "last tuesday"}"#.to_vec(), "invalid_timestamp", Some("timestamp")),
+        ("bad uuid", br#"{"event": "a", "distinct_id": "u", "uuid": "123"}"#.to_vec(), "invalid_value", Some("uuid")),
+        ("properties not an object", br#"{"event": "a", "distinct_id": "u", "properties": 3}"#.to_vec(), "invalid_value", Some("properties")),
+        ("NUL in distinct_id", b"{\"event\": \"a\", \"distinct_id\": \"u\\u0000\"}".to_vec(), "invalid_value", Some("distinct_id")),
+        ("truncated JSON", br#"{"event": "a", "distinct_id": "#.to_vec(), "invalid_json", None),
+        ("invalid UTF-8", b"{\"event\": \"a\xff\xfe\", \"distinct_id\": \"u\"}".to_vec(), "invalid_json", None),
+        ("not JSON at all", b"hello there".to_vec(), "invalid_json", None),
+        ("broken gzip", vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 1, 2, 3], "invalid_gzip", None),
+        ("empty body", Vec::new(), "empty_body", None),
+        ("scalar JSON", b"[1]".to_vec(), "invalid_value", Some("[0]")),
+    ];
+    for (name, body, code, attr) in cases {
+        let e = error_of(post("/batch", body).await.unwrap(), StatusCode::BAD_REQUEST).await;
+        assert_eq!(e["code"], code, "{name}: {e}");
+        assert_eq!(e["attr"].as_str(), attr, "{name}: {e}");
+        assert_eq!(e["type"], "validation_error", "{name}");
+    }
+    // the same rules on /ingest
+    let e = error_of(
+        post(
+            "/ingest",
+            br#"[{"event": "a", "distinct_id": "u"}, {"event": 5, "distinct_id": "u"}]"#.to_vec(),
+        )
+        .await
+        .unwrap(),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    assert_eq!(e["attr"], "[1].event");
+    // unsupported compression names the parameter
+    let e = error_of(
+        app.http
+            .post(app.url("/e?compression=lz64"))
+            .header("X-API-Key", SECRET)
+            .body("abc")
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    assert_eq!(e["attr"], "compression");
+    assert!(
+        app.stream_envelopes().await.is_empty(),
+        "nothing of a rejected request is queued"
+    );
+}
+
+#[tokio::test]
+async fn nul_bytes_inside_properties_are_accepted_for_the_worker_to_clean() {
+    let app = TestApp::spawn().await;
+    let body =
+        b"{\"event\": \"a\", \"distinct_id\": \"u\", \"properties\": {\"label\": \"x\\u0000y\"}}"
+            .to_vec();
+    let resp = app
+        .http
+        .post(app.url("/capture"))
+        .header("X-API-Key", SECRET)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_ok(resp).await;
+    assert_eq!(
+        app.stream_envelopes().await[0].properties["label"],
+        "x\u{0}y"
+    );
+}
+
+#[tokio::test]
+async fn oversized_bodies_and_gzip_bombs_get_413() {
+    let mut config = test_config();
+    config.max_body_bytes = 64 * 1024;
+    let app = TestApp::spawn_with(config).await;
+    let big =
+        json!({"event": "a", "distinct_id": "u", "properties": {"blob": "x".repeat(70 * 1024)}})
+            .to_string();
+    let e = error_of(
+        app.http
+            .post(app.url("/capture"))
+            .header("X-API-Key", SECRET)
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::PAYLOAD_TOO_LARGE,
+    )
+    .await;
+    assert_eq!(e["code"], "payload_too_large");
+    // small on the wire, huge once inflated
+    let bomb = gzip(
+        format!(
+            "{{\"event\": \"a\", \"distinct_id\": \"u\", \"properties\": {{\"p\": \"{}\"}}}}",
+            " ".repeat(8 << 20)
+        )
+        .as_bytes(),
+    );
+    assert!(bomb.len() < 64 * 1024);
+    let e = error_of(
+        app.http
+            .post(app.url("/e"))
+            .header("X-API-Key", SECRET)
+            .header(CONTENT_TYPE, "text/plain")
+            .body(bomb)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::PAYLOAD_TOO_LARGE,
+    )
+    .await;
+    assert!(
+        e["detail"].as_str().unwrap().contains("decompressed"),
+        "{e}"
+    );
+    error_of(
+        app.http
+            .post(app.url("/ingest"))
+            .header("X-API-Key", SECRET)
+            .body(big)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::PAYLOAD_TOO_LARGE,
+    )
+    .await;
+    assert!(app.stream_envelopes().await.is_empty());
+}
+
+#[tokio::test]
+async fn redis_down_answers_503_with_retry_after() {
+    let mut config = test_config();
+    config.redis_url = "redis://127.0.0.1:1".into();
+    config.redis_timeout = std::time::Duration::from_millis(300);
+    let app = TestApp::spawn_with(config).await;
+    let event = json!({"event": "a", "distinct_id": "u"});
+    for path in ["/capture", "/ingest"] {
+        let resp = app
+            .http
+            .post(app.url(path))
+            .header("X-API-Key", SECRET)
+            .json(&event)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.headers().get("retry-after").is_some());
+        let e = error_of(resp, StatusCode::SERVICE_UNAVAILABLE).await;
+        assert_eq!(e["code"], "queue_unavailable");
+    }
+    let ready = app.http.get(app.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["checks"][0]["name"], "redis");
+    assert_eq!(body["checks"][0]["ok"], false);
+}
+
+#[tokio::test]
+async fn backlog_over_the_bound_answers_503_and_queues_nothing() {
+    let mut config = test_config();
+    config.stream_max_backlog = 5;
+    let app = TestApp::spawn_with(config).await;
+    app.fill_stream(6).await;
+    let event = json!({"event": "a", "distinct_id": "u"});
+    // The backlog is sampled every 100 ms: wait (bounded) for the sample to see it.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let resp = loop {
+        let resp = app
+            .http
+            .post(app.url("/capture"))
+            .header("X-API-Key", SECRET)
+            .json(&event)
+            .send()
+            .await
+            .unwrap();
+        if resp.status() != StatusCode::OK || tokio::time::Instant::now() > deadline {
+            break resp;
+        }
+    };
+    assert_eq!(resp.headers()["retry-after"], "5");
+    let e = error_of(resp, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(e["code"], "backlog_full");
+    let before = app.stream_len().await;
+    let resp = app
+        .http
+        .post(app.url("/batch"))
+        .header("X-API-Key", SECRET)
+        .json(&json!([event, event]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        app.stream_len().await,
+        before,
+        "a refused request adds nothing"
+    );
+}
+
+#[tokio::test]
+async fn cors_is_open_on_capture_routes_only() {
+    let app = TestApp::spawn().await;
+    let preflight = |path: &str| {
+        app.http
+            .request(reqwest::Method::OPTIONS, app.url(path))
+            .header("Origin", "https://shop.test")
+            .header("Access-Control-Request-Method", "POST")
+            .send()
+    };
+    let resp = preflight("/e/").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()["access-control-allow-origin"],
+        "https://shop.test"
+    );
+    let resp = preflight("/ingest").await.unwrap();
+    assert!(resp.headers().get("access-control-allow-origin").is_none());
+}
+
+#[tokio::test]
+async fn health_ready_docs_and_json_errors_for_unknown_routes() {
+    let app = TestApp::spawn().await;
+    let health: Value = app
+        .http
+        .get(app.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    let ready = app.http.get(app.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    let docs = app.http.get(app.url("/docs")).send().await.unwrap();
+    assert_eq!(docs.status(), StatusCode::OK);
+    assert!(docs.text().await.unwrap().contains("swagger"));
+    let spec: Value = app
+        .http
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for path in [
+        "/capture", "/batch", "/e", "/i/v0/e", "/track", "/ingest", "/health", "/ready",
+    ] {
+        assert!(
+            spec["paths"].get(path).is_some(),
+            "{path} missing from the spec"
+        );
+    }
+    let capture = &spec["paths"]["/capture"]["post"];
+    for status in ["200", "400", "401", "403", "413", "503"] {
+        assert!(
+            capture["responses"].get(status).is_some(),
+            "/capture lacks {status}"
+        );
+    }
+    assert!(
+        spec["components"]["securitySchemes"]
+            .get("ApiKey")
+            .is_some()
+    );
+    let e = error_of(
+        app.http
+            .get(app.url("/no/such/route"))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    assert_eq!(e["type"], "not_found");
+}
+
+#[tokio::test]
+async fn postgres_down_makes_ready_503_but_ingest_keeps_working() {
+    let mut config = test_config();
+    config.database_url = "postgres://postgres@127.0.0.1:1/nowhere".into();
+    let app = TestApp::spawn_with(config).await;
+    let ready = app.http.get(app.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["checks"][1]["name"], "postgres");
+    assert_eq!(body["checks"][1]["ok"], false);
+    let resp = app
+        .http
+        .post(app.url("/capture"))
+        .header("X-API-Key", SECRET)
+        .json(&json!({"event": "a", "distinct_id": "u"}))
+        .send()
+        .await
+        .unwrap();
+    assert_ok(resp).await;
+}
+
+#[tokio::test]
+async fn readiness_flips_when_shutdown_begins_and_run_returns() {
+    let app = TestApp::spawn().await;
+    assert_eq!(
+        app.http
+            .get(app.url("/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    app.stop().await.expect("clean shutdown");
+}

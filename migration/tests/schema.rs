@@ -1,0 +1,126 @@
+//! A fresh database gets the full schema, and replicas migrating together apply it once.
+
+use migration::{Migrator, MigratorTrait};
+use sea_orm_migration::sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
+
+const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_ADMIN_URL").unwrap_or_else(|_| ADMIN_URL.to_string())
+}
+
+/// A database created for one test and dropped at the end of it.
+struct TestDb {
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    async fn create() -> Self {
+        let name = format!("test_migration_{}", uuid::Uuid::new_v4().simple());
+        let admin = Database::connect(admin_url()).await.expect("connect admin database");
+        admin.execute_unprepared(&format!("CREATE DATABASE \"{name}\"")).await.expect("create database");
+        admin.close().await.ok();
+        let base = admin_url();
+        let url = format!("{}/{name}", &base[..base.rfind('/').expect("url has a database")]);
+        Self { name, url }
+    }
+
+    async fn drop(self) {
+        let admin = Database::connect(admin_url()).await.expect("connect admin database");
+        admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name))
+            .await
+            .expect("drop database");
+    }
+}
+
+async fn columns(db: &DatabaseConnection, table: &str) -> Vec<(String, String, bool)> {
+    db.query_all_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT column_name, data_type, is_nullable = 'YES' AS nullable FROM information_schema.columns \
+         WHERE table_schema = 'public' AND table_name = $1 ORDER BY ordinal_position",
+        [table.into()],
+    ))
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| {
+        (
+            r.try_get::<String>("", "column_name").unwrap(),
+            r.try_get::<String>("", "data_type").unwrap(),
+            r.try_get::<bool>("", "nullable").unwrap(),
+        )
+    })
+    .collect()
+}
+
+#[tokio::test]
+async fn fresh_database_gets_the_full_schema_once_under_concurrent_starts() {
+    let test_db = TestDb::create().await;
+    let db = Database::connect(&test_db.url).await.unwrap();
+
+    // Four replicas starting together: exactly one applies the migration.
+    let runs = (0..4).map(|_| {
+        let url = test_db.url.clone();
+        tokio::spawn(async move {
+            let db = Database::connect(&url).await.unwrap();
+            migration::apply(&db).await.unwrap()
+        })
+    });
+    let mut applied = Vec::new();
+    for run in runs {
+        applied.push(run.await.unwrap());
+    }
+    applied.sort();
+    assert_eq!(applied, vec![0, 0, 0, 1]);
+    assert!(Migrator::get_pending_migrations(&db).await.unwrap().is_empty());
+
+    let events = columns(&db, "events").await;
+    let names: Vec<&str> = events.iter().map(|c| c.0.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "uuid", "distinct_id", "event", "description", "rule_id", "intents", "properties", "url", "path",
+            "session_id", "elements_chain", "timestamp", "received_at", "rules_version"
+        ]
+    );
+    let ty = |cols: &[(String, String, bool)], name: &str| cols.iter().find(|c| c.0 == name).unwrap().clone();
+    assert_eq!(ty(&events, "uuid").1, "uuid");
+    assert_eq!(ty(&events, "properties").1, "jsonb");
+    assert_eq!(ty(&events, "timestamp").1, "timestamp with time zone");
+    assert!(ty(&events, "rule_id").2, "rule_id is nullable");
+
+    let profiles = columns(&db, "user_profiles").await;
+    let names: Vec<&str> = profiles.iter().map(|c| c.0.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "distinct_id", "first_seen", "last_seen", "event_count", "session_count", "intents",
+            "person_properties", "updated_at"
+        ]
+    );
+    assert_eq!(ty(&profiles, "intents").1, "jsonb");
+    assert_eq!(columns(&db, "user_sessions").await.len(), 3);
+
+    let index = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'events_distinct_id_timestamp_idx'",
+        ))
+        .await
+        .unwrap()
+        .expect("index exists")
+        .try_get::<String>("", "indexdef")
+        .unwrap();
+    assert!(index.contains("(distinct_id, \"timestamp\" DESC)"), "{index}");
+
+    // The entities describe the tables: a query through them works.
+    use sea_orm_migration::sea_orm::EntityTrait;
+    assert!(entity::event::Entity::find().all(&db).await.unwrap().is_empty());
+    assert!(entity::user_profile::Entity::find().all(&db).await.unwrap().is_empty());
+    assert!(entity::user_session::Entity::find().all(&db).await.unwrap().is_empty());
+
+    db.close().await.ok();
+    test_db.drop().await;
+}
