@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Context read path benchmark (issue 5): GET /context/user/:id (JSON) for random users under wrk,
+# side by side in the same run with pgbench running the same SQL the endpoint runs (profile by
+# id + the newest 20 events through the (distinct_id, timestamp DESC) index).
+# 1,000,000 events across 10,000 users in a fresh database, dropped at the end. Only 127.0.0.1.
+#
+#   api/benches/context-load.sh                 # 10 s per phase, 10 connections
+#   DURATION=20 CONNECTIONS=20 api/benches/context-load.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+DURATION=${DURATION:-10}
+CONNECTIONS=${CONNECTIONS:-10}
+THREADS=${THREADS:-2}
+USERS=${USERS:-10000}
+PER_USER=${PER_USER:-100}
+PORT=${PORT:-18182}
+PG=${PG:-postgres://postgres@127.0.0.1:5432}
+DB="bench_context_$$"
+KEY="bench-secret-key"
+WORK=$(mktemp -d)
+
+for tool in wrk pgbench psql; do command -v "$tool" >/dev/null || { echo "missing $tool"; exit 1; }; done
+cargo build --release -q -p api
+
+API_PID=""
+cleanup() {
+  [ -n "$API_PID" ] && kill "$API_PID" 2>/dev/null && wait "$API_PID" 2>/dev/null || true
+  psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+psql "$PG/postgres" -qc "CREATE DATABASE $DB"
+API_SECRET_KEY=$KEY API_BIND=127.0.0.1:$PORT DATABASE_URL="$PG/$DB" QUEUE_NAME="bench_ctx_stream_$$" \
+  MIGRATE_ON_START=true RUST_LOG=warn ./target/release/api &
+API_PID=$!
+for _ in $(seq 100); do
+  [ "$(psql "$PG/$DB" -tAc "SELECT to_regclass('public.user_profiles') IS NOT NULL" 2>/dev/null)" = t ] && break
+  sleep 0.2
+done
+echo "== loading $((USERS * PER_USER)) events for $USERS users"
+time psql "$PG/$DB" -q -v users="$USERS" -v per_user="$PER_USER" -f api/benches/context-data.sql
+
+cat > "$WORK/context.lua" <<LUA
+math.randomseed(os.time())
+request = function()
+  return wrk.format("GET", "/context/user/user_" .. math.random(0, $USERS - 1), {["X-API-Key"] = "$KEY"})
+end
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT rps=%.0f p50_ms=%.2f p99_ms=%.2f non2xx=%d errors=%d\n",
+    summary.requests / (summary.duration / 1e6), latency:percentile(50) / 1000, latency:percentile(99) / 1000,
+    summary.errors.status, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end
+LUA
+# The endpoint's two statements, as sea-orm sends them.
+cat > "$WORK/context.sql" <<SQL
+\set uid random(0, $USERS - 1)
+SELECT * FROM user_profiles WHERE distinct_id = 'user_' || :uid LIMIT 1;
+SELECT "timestamp", description, event, path, url, session_id FROM events WHERE distinct_id = 'user_' || :uid ORDER BY "timestamp" DESC, uuid DESC LIMIT 20;
+SQL
+
+curl -sf -H "X-API-Key: $KEY" "http://127.0.0.1:$PORT/context/user/user_1" | head -c 300; echo
+echo "== wrk GET /context/user/:id (JSON), -c $CONNECTIONS -d ${DURATION}s"
+# warm-up
+wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s "$WORK/context.lua" "http://127.0.0.1:$PORT" >/dev/null
+API=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/context.lua" "http://127.0.0.1:$PORT" | grep RESULT)
+echo "$API"
+RSS_KB=$(awk '/VmHWM/ {print $2}' /proc/$API_PID/status)
+echo "== pgbench, same statements, -c $CONNECTIONS -T $DURATION"
+(cd "$WORK" && pgbench -n -M prepared -c "$CONNECTIONS" -j "$THREADS" -T "$DURATION" -f context.sql -l --log-prefix=pg "$PG/$DB" \
+  | grep -E "^(tps|latency average)")
+PG_STATS=$(cat "$WORK"/pg.* | python3 -c "
+import sys
+lat = sorted(int(l.split()[2]) for l in sys.stdin)
+print(len(lat), lat[len(lat)//2] / 1000, lat[int(len(lat)*0.99)] / 1000)")
+
+field() { echo "$1" | tr ' ' '\n' | grep "^$2=" | cut -d= -f2; }
+python3 - "$(field "$API" rps)" "$(field "$API" p50_ms)" "$(field "$API" p99_ms)" "$(field "$API" non2xx)" $PG_STATS "$DURATION" "$RSS_KB" <<'PY'
+import sys
+rps, p50, p99, non2xx, n, pg50, pg99, dur, rss = sys.argv[1:]
+rps, p50, p99, n, pg50, pg99, dur = map(float, (rps, p50, p99, n, pg50, pg99, dur))
+pg_rps = n / dur
+print()
+print(f"{'measure':<34}{'api JSON':>12}{'raw SQL':>12}{'ratio':>8}{'target':>10}")
+print(f"{'requests/s':<34}{rps:>12.0f}{pg_rps:>12.0f}{rps/pg_rps:>8.2f}{'>=0.50':>10}")
+print(f"{'p50 latency, ms':<34}{p50:>12.2f}{pg50:>12.2f}")
+print(f"{'p99 latency, ms':<34}{p99:>12.2f}{pg99:>12.2f}{'':>8}{'<5':>10}")
+print(f"{'non-2xx answers':<34}{int(non2xx):>12}")
+print(f"{'api peak RSS, MiB':<34}{float(rss)/1024:>12.1f}")
+PY

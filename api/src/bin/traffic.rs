@@ -1,0 +1,324 @@
+//! Traffic simulator: users browsing a shop, sent as PostHog (posthog-js shaped) events through
+//! the PostHog routes.
+//!
+//! Story mode (default) prints `P` per pageview, `C` per click or form submit, then `.` when the
+//! request was accepted or `x<status>` when it was not. Load mode (`--rate`, `--concurrency`,
+//! `--duration`, `--batch`) prints a progress line each second and throughput and latency
+//! percentiles at the end. Either way it stops by itself.
+
+use std::{
+    io::Write,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+use rand::{Rng, SeedableRng, rngs::SmallRng, seq::IndexedRandom};
+use serde_json::{Value, json};
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Simulates users browsing a shop, sending PostHog events to the api")]
+struct Args {
+    /// Base URL of the api.
+    #[arg(long, env = "TRAFFIC_URL", default_value = "http://127.0.0.1:8000")]
+    url: String,
+    /// Key sent as the PostHog project key (`api_key` in the body): an ingest key or the secret key.
+    #[arg(
+        long,
+        env = "API_SECRET_KEY",
+        default_value = "local_dev_secret_key_12345"
+    )]
+    key: String,
+    /// Simulated users (`user_1` … `user_N`).
+    #[arg(long, default_value_t = 5)]
+    users: u32,
+    /// Story mode: journeys to walk per user.
+    #[arg(long, default_value_t = 3)]
+    journeys: u32,
+    /// Story mode: pause between events, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    pause_ms: u64,
+    /// Load mode: target events per second (0 = as fast as possible). Setting any load option selects load mode.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Load mode: requests in flight at once.
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Load mode: seconds to run.
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Load mode: events per request (1 posts to /e/, more to /batch/).
+    #[arg(long)]
+    batch: Option<usize>,
+}
+
+impl Args {
+    fn load_mode(&self) -> bool {
+        self.rate.is_some()
+            || self.concurrency.is_some()
+            || self.duration.is_some()
+            || self.batch.is_some()
+    }
+}
+
+/// One simulated user's browsing state.
+struct Visitor {
+    id: String,
+    session: String,
+    step: usize,
+}
+
+const JOURNEY: [&str; 6] = [
+    "/",
+    "/pricing",
+    "/pricing",
+    "click:upgrade",
+    "/checkout",
+    "submit:checkout",
+];
+
+impl Visitor {
+    fn new(n: u32) -> Self {
+        Self {
+            id: format!("user_{n}"),
+            session: uuid::Uuid::now_v7().to_string(),
+            step: 0,
+        }
+    }
+
+    /// The next event of this user's journey; `(kind, event)` with kind `P` or `C`.
+    fn next_event(&mut self, rng: &mut SmallRng) -> (char, Value) {
+        let step = JOURNEY[self.step % JOURNEY.len()];
+        self.step += 1;
+        if self.step % JOURNEY.len() == 0 {
+            self.session = uuid::Uuid::now_v7().to_string();
+        }
+        // Now and then a detour, as real people do.
+        let step = if rng.random_ratio(1, 6) {
+            *["/docs", "/blog", "click:docs"].choose(rng).unwrap()
+        } else {
+            step
+        };
+        let page = |path: &str| {
+            json!({
+                "$current_url": format!("https://shop.example.com{path}"), "$pathname": path, "$host": "shop.example.com",
+                "$session_id": self.session, "$lib": "web", "$lib_version": "1.200.0", "$browser": "Chrome",
+                "$os": "Mac OS X", "title": format!("Example Shop {path}")
+            })
+        };
+        let event = |name: &str, properties: Value| {
+            json!({"event": name, "distinct_id": self.id, "uuid": uuid::Uuid::now_v7().to_string(),
+                   "timestamp": chrono::Utc::now().to_rfc3339(), "properties": properties})
+        };
+        match step.split_once(':') {
+            None => ('P', event("$pageview", page(step))),
+            Some(("click", target)) => {
+                let (text, class, path) = match target {
+                    "upgrade" => ("Upgrade Plan", "btn btn-primary", "/pricing"),
+                    _ => ("Read the docs", "nav-link", "/"),
+                };
+                let mut props = page(path);
+                props["$event_type"] = json!("click");
+                props["$el_text"] = json!(text);
+                props["$elements_chain"] = json!(format!(
+                    "button.{}:text=\"{text}\"attr__class=\"{class}\"nth-child=\"2\"nth-of-type=\"1\";div.container:nth-child=\"1\"",
+                    class.replace(' ', ".")
+                ));
+                ('C', event("$autocapture", props))
+            }
+            Some((_, _)) => {
+                let mut props = page("/checkout");
+                props["$event_type"] = json!("submit");
+                props["$elements_chain"] = json!(
+                    "form#checkout-form:attr__id=\"checkout-form\"nth-child=\"1\";div.checkout:nth-child=\"1\""
+                );
+                ('C', event("$autocapture", props))
+            }
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(256)
+        .build()?;
+    if args.load_mode() {
+        load(args, http).await
+    } else {
+        story(args, http).await
+    }
+}
+
+async fn send(http: &reqwest::Client, args: &Args, events: Vec<Value>) -> Result<(), String> {
+    let (path, body) = if events.len() == 1 {
+        let mut e = events.into_iter().next().unwrap();
+        e["api_key"] = json!(args.key);
+        ("/e/", e)
+    } else {
+        (
+            "/batch/",
+            json!({"api_key": args.key, "sent_at": chrono::Utc::now().to_rfc3339(), "batch": events}),
+        )
+    };
+    match http
+        .post(format!("{}{path}", args.url.trim_end_matches('/')))
+        .json(&body)
+        .send()
+        .await
+    {
+        Ok(resp) if resp.status().is_success() => Ok(()),
+        Ok(resp) => Err(resp.status().as_u16().to_string()),
+        Err(e) if e.is_connect() => Err("connection refused".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Each user walks its journeys; one line of symbols per user.
+async fn story(args: Args, http: reqwest::Client) -> anyhow::Result<()> {
+    let mut rng = SmallRng::from_os_rng();
+    let (mut accepted, mut rejected) = (0u64, 0u64);
+    for n in 1..=args.users {
+        let mut visitor = Visitor::new(n);
+        print!("{:<8} ", visitor.id);
+        for _ in 0..args.journeys as usize * JOURNEY.len() {
+            let (kind, event) = visitor.next_event(&mut rng);
+            print!("{kind}");
+            match send(&http, &args, vec![event]).await {
+                Ok(()) => {
+                    accepted += 1;
+                    print!(".");
+                }
+                Err(status) => {
+                    rejected += 1;
+                    print!("x{status} ");
+                }
+            }
+            std::io::stdout().flush()?;
+            tokio::time::sleep(Duration::from_millis(args.pause_ms)).await;
+        }
+        println!();
+    }
+    println!("{accepted} accepted, {rejected} rejected");
+    if rejected > 0 {
+        eprintln!(
+            "hint: 401/403 means the key (--key / API_SECRET_KEY) does not match the api's keys"
+        );
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Counters shared by the load tasks.
+#[derive(Default)]
+struct Tally {
+    requests: AtomicU64,
+    events: AtomicU64,
+    failures: AtomicU64,
+}
+
+async fn load(args: Args, http: reqwest::Client) -> anyhow::Result<()> {
+    let concurrency = args.concurrency.unwrap_or(16).max(1);
+    let batch = args.batch.unwrap_or(1).max(1);
+    let duration = Duration::from_secs(args.duration.unwrap_or(10));
+    let rate = args.rate.unwrap_or(0);
+    let tally = Arc::new(Tally::default());
+    let start = Instant::now();
+    let deadline = start + duration;
+    // Requests per second for the whole run, split across tasks.
+    let per_task_interval = (rate > 0).then(|| {
+        let requests_per_sec = (rate as f64 / batch as f64).max(0.001);
+        Duration::from_secs_f64(concurrency as f64 / requests_per_sec)
+    });
+
+    let mut tasks = Vec::new();
+    for task in 0..concurrency {
+        let (http, args, tally) = (http.clone(), args.clone(), tally.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = SmallRng::seed_from_u64(task as u64);
+            let mut visitors: Vec<Visitor> = (0..args.users.max(1))
+                .map(|n| Visitor::new(n + 1))
+                .collect();
+            let mut latencies = Vec::new();
+            let mut next = Instant::now();
+            while Instant::now() < deadline {
+                if let Some(interval) = per_task_interval {
+                    tokio::time::sleep_until(next.into()).await;
+                    next += interval;
+                }
+                let events: Vec<Value> = (0..batch)
+                    .map(|_| {
+                        let i = rng.random_range(0..visitors.len());
+                        visitors[i].next_event(&mut rng).1
+                    })
+                    .collect();
+                let sent = Instant::now();
+                let ok = send(&http, &args, events).await.is_ok();
+                latencies.push(sent.elapsed());
+                tally.requests.fetch_add(1, Ordering::Relaxed);
+                if ok {
+                    tally.events.fetch_add(batch as u64, Ordering::Relaxed);
+                } else {
+                    tally.failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            latencies
+        }));
+    }
+
+    let progress = {
+        let tally = tally.clone();
+        tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let events = tally.events.load(Ordering::Relaxed);
+                eprint!(
+                    "\r{:>4.0}s  {:>9} events accepted  {:>7} events/s  {} failed requests   ",
+                    start.elapsed().as_secs_f64(),
+                    events,
+                    events - last,
+                    tally.failures.load(Ordering::Relaxed)
+                );
+                last = events;
+            }
+        })
+    };
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await?);
+    }
+    progress.abort();
+    eprintln!();
+    let elapsed = start.elapsed().as_secs_f64();
+    latencies.sort();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+    };
+    let ms = |d: Option<&Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    let requests = tally.requests.load(Ordering::Relaxed);
+    let events = tally.events.load(Ordering::Relaxed);
+    let failures = tally.failures.load(Ordering::Relaxed);
+    println!(
+        "{requests} requests ({failures} failed), {events} events accepted in {elapsed:.1} s: {:.0} events/s, {:.0} requests/s",
+        events as f64 / elapsed,
+        requests as f64 / elapsed
+    );
+    println!(
+        "latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
+        ms(pct(0.50)),
+        ms(pct(0.90)),
+        ms(pct(0.99)),
+        ms(latencies.last())
+    );
+    if failures > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
