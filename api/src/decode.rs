@@ -5,7 +5,7 @@
 //! magic bytes and base64 by elimination, whatever the headers claim; every size limit applies to
 //! the decompressed bytes as well.
 
-use std::io::Read;
+use std::{borrow::Cow, io::Read};
 
 use base64::Engine;
 use flate2::read::MultiGzDecoder;
@@ -48,6 +48,16 @@ pub fn decode_body(
     compression: Compression,
     limit: usize,
 ) -> Result<Value, ApiError> {
+    parse_json(&decode_body_bytes(body, content_type, compression, limit)?)
+}
+
+/// Like [`decode_body`], but stops at the JSON text (for parsers that borrow from it).
+pub fn decode_body_bytes<'a>(
+    body: &'a [u8],
+    content_type: Option<&str>,
+    compression: Compression,
+    limit: usize,
+) -> Result<Cow<'a, [u8]>, ApiError> {
     let is_form = content_type.is_some_and(|ct| {
         ct.trim_start()
             .starts_with("application/x-www-form-urlencoded")
@@ -71,50 +81,57 @@ pub fn decode_body(
             Some(c) => Compression::parse(Some(c))?,
             None => compression,
         };
-        return decode_data(data.as_bytes(), compression, limit);
+        return decode_data(data.as_bytes(), compression, limit)
+            .map(|b| Cow::Owned(b.into_owned()));
     }
     decode_data(body, compression, limit)
 }
 
-/// Decodes the legacy `?data=` parameter (base64 or URL-encoded JSON).
+/// Decodes the legacy `?data=` parameter (base64 or URL-encoded JSON) to JSON text.
 pub fn decode_query_data(
     data: &str,
     compression: Compression,
     limit: usize,
-) -> Result<Value, ApiError> {
-    decode_data(data.as_bytes(), compression, limit).map_err(|e| match e.body.attr {
-        None => e.at("data"),
-        Some(_) => e,
-    })
+) -> Result<Vec<u8>, ApiError> {
+    decode_data(data.as_bytes(), compression, limit)
+        .map(Cow::into_owned)
+        .map_err(|e| match e.body.attr {
+            None => e.at("data"),
+            Some(_) => e,
+        })
 }
 
-fn decode_data(bytes: &[u8], compression: Compression, limit: usize) -> Result<Value, ApiError> {
-    let mut owned: Vec<u8>;
-    let mut bytes = bytes;
-    // At most: base64 → gzip → JSON.
+/// Peels base64 and gzip layers until JSON text remains (at most base64 → gzip → JSON).
+fn decode_data(
+    bytes: &[u8],
+    compression: Compression,
+    limit: usize,
+) -> Result<Cow<'_, [u8]>, ApiError> {
+    let mut current: Cow<'_, [u8]> = Cow::Borrowed(bytes);
     for _ in 0..3 {
-        if bytes.starts_with(&GZIP_MAGIC) {
-            owned = gunzip(bytes, limit)?;
-            bytes = &owned;
-        } else if looks_like_json(bytes) {
-            return parse_json(bytes);
-        } else if bytes.iter().all(u8::is_ascii_whitespace) {
+        if current.starts_with(&GZIP_MAGIC) {
+            current = Cow::Owned(gunzip(&current, limit)?);
+        } else if looks_like_json(&current) {
+            return Ok(current);
+        } else if current.iter().all(u8::is_ascii_whitespace) {
             return Err(ApiError::invalid(
                 "empty_body",
                 "request body is empty: send at least one event",
             ));
         } else {
-            owned = unbase64(bytes).ok_or_else(|| match compression {
-                Compression::Base64 => ApiError::invalid("invalid_base64", "body is not valid base64"),
-                Compression::Gzip => {
-                    ApiError::invalid("invalid_gzip", "body is neither gzip nor base64-encoded gzip")
+            current = Cow::Owned(unbase64(&current).ok_or_else(|| match compression {
+                Compression::Base64 => {
+                    ApiError::invalid("invalid_base64", "body is not valid base64")
                 }
+                Compression::Gzip => ApiError::invalid(
+                    "invalid_gzip",
+                    "body is neither gzip nor base64-encoded gzip",
+                ),
                 Compression::Auto => ApiError::invalid(
                     "invalid_json",
                     "body is not JSON, gzip or base64: expected an event object, an array of events or {\"batch\": [...]}",
                 ),
-            })?;
-            bytes = &owned;
+            })?);
         }
     }
     Err(ApiError::invalid(
@@ -130,7 +147,7 @@ fn looks_like_json(bytes: &[u8]) -> bool {
     )
 }
 
-fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
+pub fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| {
         let what = if e.to_string().contains("unicode") || std::str::from_utf8(bytes).is_err() {
             "body is not valid UTF-8 JSON"
@@ -226,7 +243,10 @@ mod tests {
         }
         // form decoders turn an unencoded '+' into a space
         assert_eq!(
-            decode_query_data(&b64.replace('+', " "), Compression::Auto, LIMIT).unwrap(),
+            parse_json(
+                &decode_query_data(&b64.replace('+', " "), Compression::Auto, LIMIT).unwrap()
+            )
+            .unwrap(),
             value
         );
     }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod context;
 pub mod decode;
 pub mod error;
+pub mod fast;
 pub mod normalize;
 pub mod publisher;
 pub mod routes;

@@ -128,10 +128,7 @@ fn normalize_event(
     }
 
     let event = match obj.remove("event") {
-        Some(Value::String(s)) if !s.trim().is_empty() => s,
-        Some(Value::String(_)) => {
-            return Err(ApiError::invalid("blank", "event name must not be empty").at("event"));
-        }
+        Some(Value::String(s)) => s,
         None | Some(Value::Null) => {
             return Err(ApiError::invalid("required", "event name is required").at("event"));
         }
@@ -141,13 +138,7 @@ fn normalize_event(
             );
         }
     };
-    if event.contains('\0') {
-        return Err(ApiError::invalid(
-            "invalid_value",
-            "event name must not contain NUL characters",
-        )
-        .at("event"));
-    }
+    validate_event_name(&event)?;
 
     let mut properties = match obj.remove("properties") {
         None | Some(Value::Null) => Map::new(),
@@ -236,14 +227,26 @@ fn distinct_id(
     obj: &mut Map<String, Value>,
     properties: &Map<String, Value>,
 ) -> Result<String, ApiError> {
-    let (attr, value) = [
+    let (attr, value) = first_distinct_id([
         ("distinct_id", obj.get("distinct_id")),
         ("$distinct_id", obj.get("$distinct_id")),
-    ]
-    .into_iter()
-    .chain([("properties.distinct_id", properties.get("distinct_id"))])
-    .find_map(|(attr, v)| v.filter(|v| !v.is_null()).map(|v| (attr, v)))
-    .ok_or_else(|| ApiError::invalid("required", "distinct_id is required").at("distinct_id"))?;
+        ("properties.distinct_id", properties.get("distinct_id")),
+    ])?;
+    validate_distinct_id(attr, value)
+}
+
+/// The first non-null candidate, with the field it came from.
+pub(crate) fn first_distinct_id<'v>(
+    candidates: [(&'static str, Option<&'v Value>); 3],
+) -> Result<(&'static str, &'v Value), ApiError> {
+    candidates
+        .into_iter()
+        .find_map(|(attr, v)| v.filter(|v| !v.is_null()).map(|v| (attr, v)))
+        .ok_or_else(|| ApiError::invalid("required", "distinct_id is required").at("distinct_id"))
+}
+
+/// A string or number, not blank, no NUL, at most [`MAX_DISTINCT_ID_CHARS`] characters.
+pub(crate) fn validate_distinct_id(attr: &str, value: &Value) -> Result<String, ApiError> {
     let id = match value {
         Value::String(s) => s.clone(),
         Value::Number(n) => n.to_string(),
@@ -275,7 +278,22 @@ fn distinct_id(
     Ok(id)
 }
 
-fn scalar_string(v: &Value) -> Option<String> {
+/// An event name: not blank, no NUL.
+pub(crate) fn validate_event_name(name: &str) -> Result<(), ApiError> {
+    if name.trim().is_empty() {
+        return Err(ApiError::invalid("blank", "event name must not be empty").at("event"));
+    }
+    if name.contains('\0') {
+        return Err(ApiError::invalid(
+            "invalid_value",
+            "event name must not contain NUL characters",
+        )
+        .at("event"));
+    }
+    Ok(())
+}
+
+pub(crate) fn scalar_string(v: &Value) -> Option<String> {
     match v {
         Value::String(s) if !s.is_empty() => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
@@ -291,7 +309,7 @@ fn optional_time(obj: &Map<String, Value>, name: &str) -> Result<Option<DateTime
 }
 
 /// RFC 3339; a timestamp without zone is taken as UTC; a number is epoch milliseconds.
-fn parse_time(v: &Value) -> Result<DateTime<Utc>, ApiError> {
+pub(crate) fn parse_time(v: &Value) -> Result<DateTime<Utc>, ApiError> {
     let bad = || {
         ApiError::invalid(
             "invalid_timestamp",
@@ -320,7 +338,7 @@ fn parse_time(v: &Value) -> Result<DateTime<Utc>, ApiError> {
 
 /// PostHog's clock-skew correction: the client's clock may be wrong, but the gap between its
 /// event time and its send time is right, so stored time = now + (timestamp − sent_at).
-fn corrected_timestamp(
+pub(crate) fn corrected_timestamp(
     timestamp: Option<DateTime<Utc>>,
     sent_at: Option<DateTime<Utc>>,
     offset_ms: Option<i64>,

@@ -8,14 +8,11 @@ use std::{
     time::Duration,
 };
 
-use entity::{
-    Envelope,
-    envelope::{ENVELOPE_VERSION, FIELD_EVENT, FIELD_TRACEPARENT, FIELD_VERSION},
-};
+use entity::envelope::{ENVELOPE_VERSION, FIELD_EVENT, FIELD_TRACEPARENT, FIELD_VERSION};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::ApiError;
+use crate::{error::ApiError, fast::Queued};
 
 /// How often the backlog (stream length) is sampled for back-pressure.
 const BACKLOG_POLL: Duration = Duration::from_millis(100);
@@ -116,7 +113,7 @@ impl Publisher {
     /// request is queued whole or not at all). Returns the entry ids.
     pub async fn publish(
         &self,
-        events: &[Envelope],
+        events: &[Queued],
         traceparent: Option<&str>,
     ) -> Result<Vec<String>, PublishError> {
         let backlog = self.backlog.load(Ordering::Relaxed);
@@ -138,7 +135,7 @@ impl Publisher {
                 .arg(FIELD_VERSION)
                 .arg(ENVELOPE_VERSION)
                 .arg(FIELD_EVENT)
-                .arg(event.to_json());
+                .arg(&event.json);
             if let Some(tp) = traceparent {
                 cmd.arg(FIELD_TRACEPARENT).arg(tp);
             }

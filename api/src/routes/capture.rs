@@ -1,7 +1,7 @@
 //! PostHog capture protocol: `/capture`, `/batch`, `/e`, `/i/v0/e`, `/track` (trailing slash
 //! optional), POST with any body encoding PostHog SDKs use, or GET `?data=` (legacy beacon).
 
-use std::collections::HashMap;
+use std::{borrow::Cow, collections::HashMap};
 
 use poem::web::Data;
 use poem_openapi::{ApiResponse, Object, OpenApi, Union, param::Query, payload::Json};
@@ -13,8 +13,9 @@ use super::{
 };
 use crate::{
     auth::{Access, CaptureAuth},
-    decode::{Compression, decode_body, decode_query_data},
+    decode::{Compression, decode_body_bytes, decode_query_data, parse_json},
     error::{ApiError, ErrorBody, error_responses},
+    fast::{self, Queued},
     normalize::{body_key, normalize},
     state::AppState,
 };
@@ -142,9 +143,9 @@ impl CaptureApi {
         body: Body,
         compression: Option<String>,
     ) -> CaptureResponse {
-        respond(accept(state, auth, || {
+        respond(accept(state, auth, None, || {
             let compression = Compression::parse(compression.as_deref())?;
-            decode_body(
+            decode_body_bytes(
                 &body.bytes,
                 body.content_type.as_deref(),
                 compression,
@@ -161,14 +162,14 @@ impl CaptureApi {
         data: Option<String>,
         compression: Option<String>,
     ) -> CaptureResponse {
-        respond(accept(state, auth, || {
-            let data = data.ok_or_else(|| {
+        let decoded = || {
+            let data = data.as_deref().ok_or_else(|| {
                 ApiError::invalid("required", "query parameter `data` is required").at("data")
             })?;
             let compression = Compression::parse(compression.as_deref())?;
-            decode_query_data(&data, compression, state.config.max_body_bytes)
-        }))
-        .await
+            decode_query_data(data, compression, state.config.max_body_bytes).map(Cow::Owned)
+        };
+        respond(accept(state, auth, Some("data"), decoded)).await
     }
 }
 
@@ -179,24 +180,44 @@ async fn respond(result: impl Future<Output = Result<CaptureOk, ApiError>>) -> C
 }
 
 /// Authorises, decodes, validates and queues a capture request. A key in the header is checked
-/// before the body is looked at; otherwise the key comes from the decoded body.
-async fn accept(
+/// before the body is looked at; otherwise the key comes from the decoded body, and is checked
+/// before the events are validated. `source` names the parameter the JSON came from, if not the body.
+async fn accept<'a>(
     state: &AppState,
     auth: CaptureAuth,
-    decode: impl FnOnce() -> Result<Value, ApiError>,
+    source: Option<&str>,
+    decode: impl FnOnce() -> Result<Cow<'a, [u8]>, ApiError>,
 ) -> Result<CaptureOk, ApiError> {
-    if let Some(key) = auth.header_key() {
-        state.keys.authorize(Some(key), Access::Ingest)?;
+    let header_key = auth.header_key();
+    if header_key.is_some() {
+        state.keys.authorize(header_key, Access::Ingest)?;
     }
     let json = decode()?;
-    if auth.header_key().is_none() {
-        state
-            .keys
-            .authorize(body_key(&json).as_deref(), Access::Ingest)?;
-    }
-    let batch = normalize(json, chrono::Utc::now())?;
-    state.publisher.publish(&batch, None).await?;
-    tracing::debug!(events = batch.len(), "queued");
+    let now = chrono::Utc::now();
+    let events = match fast::normalize(&json, now) {
+        Some(batch) => {
+            if header_key.is_none() {
+                state
+                    .keys
+                    .authorize(batch.body_key.as_deref(), Access::Ingest)?;
+            }
+            batch.events
+        }
+        None => {
+            let json = parse_json(&json).map_err(|e| match source {
+                Some(attr) => e.at(attr),
+                None => e,
+            })?;
+            if header_key.is_none() {
+                state
+                    .keys
+                    .authorize(body_key(&json).as_deref(), Access::Ingest)?;
+            }
+            normalize(json, now)?.iter().map(Queued::from).collect()
+        }
+    };
+    state.publisher.publish(&events, None).await?;
+    tracing::debug!(events = events.len(), "queued");
     Ok(CaptureOk { status: 1 })
 }
 

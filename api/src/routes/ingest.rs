@@ -14,8 +14,9 @@ use super::{
 };
 use crate::{
     auth::{Access, ApiKeyHeader},
-    decode::{Compression, decode_body},
+    decode::{Compression, decode_body_bytes, parse_json},
     error::{ApiError, ErrorBody, error_responses},
+    fast::{self, Queued},
     normalize::normalize,
     state::AppState,
 };
@@ -119,13 +120,20 @@ impl IngestApi {
     ) -> IngestResponse {
         let result = async {
             state.keys.authorize(Some(&auth.0.key), Access::Ingest)?;
-            let json = decode_body(
+            let json = decode_body_bytes(
                 &body.bytes,
                 None,
                 Compression::Auto,
                 state.config.max_body_bytes,
             )?;
-            let events = normalize(json, chrono::Utc::now())?;
+            let now = chrono::Utc::now();
+            let events: Vec<Queued> = match fast::normalize(&json, now) {
+                Some(batch) => batch.events,
+                None => normalize(parse_json(&json)?, now)?
+                    .iter()
+                    .map(Queued::from)
+                    .collect(),
+            };
             state.publisher.publish(&events, None).await?;
             Ok::<_, ApiError>(IngestOk {
                 status: 1,
