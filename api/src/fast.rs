@@ -239,14 +239,15 @@ fn event(
         session_id: peek.session_id.as_ref().and_then(scalar_string),
         lib: peek.lib.as_ref().and_then(Value::as_str),
     };
+    let properties_token = match peek.token {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    };
     let key = ev
         .api_key
         .or(ev.token)
         .map(Cow::into_owned)
-        .or_else(|| match peek.token {
-            Some(Value::String(s)) => Some(s),
-            _ => None,
-        });
+        .or(properties_token);
     Some((
         Queued {
             uuid,

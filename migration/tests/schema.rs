@@ -1,7 +1,9 @@
 //! A fresh database gets the full schema, and replicas migrating together apply it once.
 
 use migration::{Migrator, MigratorTrait};
-use sea_orm_migration::sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
+use sea_orm_migration::sea_orm::{
+    ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement,
+};
 
 const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -18,18 +20,31 @@ struct TestDb {
 impl TestDb {
     async fn create() -> Self {
         let name = format!("test_migration_{}", uuid::Uuid::new_v4().simple());
-        let admin = Database::connect(admin_url()).await.expect("connect admin database");
-        admin.execute_unprepared(&format!("CREATE DATABASE \"{name}\"")).await.expect("create database");
+        let admin = Database::connect(admin_url())
+            .await
+            .expect("connect admin database");
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .expect("create database");
         admin.close().await.ok();
         let base = admin_url();
-        let url = format!("{}/{name}", &base[..base.rfind('/').expect("url has a database")]);
+        let url = format!(
+            "{}/{name}",
+            &base[..base.rfind('/').expect("url has a database")]
+        );
         Self { name, url }
     }
 
     async fn drop(self) {
-        let admin = Database::connect(admin_url()).await.expect("connect admin database");
+        let admin = Database::connect(admin_url())
+            .await
+            .expect("connect admin database");
         admin
-            .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name))
+            .execute_unprepared(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ))
             .await
             .expect("drop database");
     }
@@ -74,18 +89,37 @@ async fn fresh_database_gets_the_full_schema_once_under_concurrent_starts() {
     }
     applied.sort();
     assert_eq!(applied, vec![0, 0, 0, 1]);
-    assert!(Migrator::get_pending_migrations(&db).await.unwrap().is_empty());
+    assert!(
+        Migrator::get_pending_migrations(&db)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     let events = columns(&db, "events").await;
     let names: Vec<&str> = events.iter().map(|c| c.0.as_str()).collect();
     assert_eq!(
         names,
         [
-            "uuid", "distinct_id", "event", "description", "rule_id", "intents", "properties", "url", "path",
-            "session_id", "elements_chain", "timestamp", "received_at", "rules_version"
+            "uuid",
+            "distinct_id",
+            "event",
+            "description",
+            "rule_id",
+            "intents",
+            "properties",
+            "url",
+            "path",
+            "session_id",
+            "elements_chain",
+            "timestamp",
+            "received_at",
+            "rules_version"
         ]
     );
-    let ty = |cols: &[(String, String, bool)], name: &str| cols.iter().find(|c| c.0 == name).unwrap().clone();
+    let ty = |cols: &[(String, String, bool)], name: &str| {
+        cols.iter().find(|c| c.0 == name).unwrap().clone()
+    };
     assert_eq!(ty(&events, "uuid").1, "uuid");
     assert_eq!(ty(&events, "properties").1, "jsonb");
     assert_eq!(ty(&events, "timestamp").1, "timestamp with time zone");
@@ -96,8 +130,14 @@ async fn fresh_database_gets_the_full_schema_once_under_concurrent_starts() {
     assert_eq!(
         names,
         [
-            "distinct_id", "first_seen", "last_seen", "event_count", "session_count", "intents",
-            "person_properties", "updated_at"
+            "distinct_id",
+            "first_seen",
+            "last_seen",
+            "event_count",
+            "session_count",
+            "intents",
+            "person_properties",
+            "updated_at"
         ]
     );
     assert_eq!(ty(&profiles, "intents").1, "jsonb");
@@ -113,13 +153,34 @@ async fn fresh_database_gets_the_full_schema_once_under_concurrent_starts() {
         .expect("index exists")
         .try_get::<String>("", "indexdef")
         .unwrap();
-    assert!(index.contains("(distinct_id, \"timestamp\" DESC)"), "{index}");
+    assert!(
+        index.contains("(distinct_id, \"timestamp\" DESC)"),
+        "{index}"
+    );
 
     // The entities describe the tables: a query through them works.
     use sea_orm_migration::sea_orm::EntityTrait;
-    assert!(entity::event::Entity::find().all(&db).await.unwrap().is_empty());
-    assert!(entity::user_profile::Entity::find().all(&db).await.unwrap().is_empty());
-    assert!(entity::user_session::Entity::find().all(&db).await.unwrap().is_empty());
+    assert!(
+        entity::event::Entity::find()
+            .all(&db)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        entity::user_profile::Entity::find()
+            .all(&db)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        entity::user_session::Entity::find()
+            .all(&db)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     db.close().await.ok();
     test_db.drop().await;

@@ -93,7 +93,7 @@ impl Visitor {
     fn next_event(&mut self, rng: &mut SmallRng) -> (char, Value) {
         let step = JOURNEY[self.step % JOURNEY.len()];
         self.step += 1;
-        if self.step % JOURNEY.len() == 0 {
+        if self.step.is_multiple_of(JOURNEY.len()) {
             self.session = uuid::Uuid::now_v7().to_string();
         }
         // Now and then a detour, as real people do.

@@ -1,0 +1,590 @@
+//! Drain benchmark (run through `worker/benches/drain.sh`): prints figures, asserts nothing.
+//!
+//! 1. `COPY` baseline: the rows one worker would write, loaded with psql `\copy` into a table
+//!    identical to `events` (same columns, primary key and index).
+//! 2. One worker process (release build) draining a pre-filled stream of `EVENTS` events, then two.
+//!    Peak RSS of the worker process from `/proc/<pid>/status`.
+//! 3. Ingest → queryable latency at `RATE` events/s: each event is appended like the api does; a
+//!    poller finds it in `events` (poll period 2 ms) and records the time since it was appended.
+//!
+//! Touches only 127.0.0.1 (its own database and stream keys, removed at the end) and stops by itself.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use chrono::{TimeZone, Utc};
+use entity::{
+    Envelope,
+    envelope::{FIELD_EVENT, FIELD_VERSION},
+};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use redis::aio::ConnectionManager;
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+struct Settings {
+    events: usize,
+    rate: usize,
+    latency_secs: u64,
+    batch_sizes: Vec<usize>,
+    redis_url: String,
+    admin_url: String,
+    worker_bin: PathBuf,
+    rules_dir: PathBuf,
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn settings() -> Settings {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    Settings {
+        events: env_or("EVENTS", 200_000),
+        rate: env_or("RATE", 1_000),
+        latency_secs: env_or("LATENCY_SECS", 15),
+        batch_sizes: std::env::var("BATCH_SIZES")
+            .unwrap_or_else(|_| "50,500".into())
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect(),
+        redis_url: std::env::var("BENCH_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+        admin_url: std::env::var("BENCH_ADMIN_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
+        worker_bin: std::env::var("WORKER_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| target.join("release/worker")),
+        rules_dir: root.join("rules"),
+    }
+}
+
+/// A realistic PostHog-like event mix over 5,000 users with sessions.
+fn generate(n: usize, seed: u64) -> Vec<Envelope> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let pages = [
+        "/",
+        "/pricing",
+        "/docs",
+        "/docs/getting-started",
+        "/blog/launch",
+        "/checkout",
+        "/settings",
+        "/upgrade",
+    ];
+    let buttons = [
+        "Upgrade Plan",
+        "Start free trial",
+        "Add to cart",
+        "Save",
+        "Contact sales",
+        "Next",
+    ];
+    let customs = [
+        "signup_completed",
+        "plan_upgraded",
+        "invite_sent",
+        "report_exported",
+    ];
+    let browsers = ["Chrome", "Firefox", "Safari", "Edge"];
+    let base = Utc.with_ymd_and_hms(2026, 11, 28, 9, 0, 0).unwrap();
+    (0..n)
+        .map(|i| {
+            let user = rng.random_range(0..5_000);
+            let page = pages[rng.random_range(0..pages.len())];
+            let url = format!("https://app.example.com{page}");
+            let session = format!("0193{user:04x}-{:04x}", i / 20_000);
+            let mut props = json!({
+                "$current_url": url, "$pathname": page, "$host": "app.example.com",
+                "$browser": browsers[user % browsers.len()], "$browser_version": 120 + user % 10,
+                "$os": "Mac OS X", "$device_type": "Desktop", "$screen_height": 1080, "$screen_width": 1920,
+                "$referrer": "https://www.google.com/", "$referring_domain": "www.google.com",
+                "$lib": "web", "$lib_version": "1.200.0", "$session_id": session,
+                "$window_id": format!("w-{user}"), "$insert_id": format!("{i:x}"),
+                "utm_source": "newsletter", "utm_campaign": "black-friday",
+                "token": "phc_benchmark"
+            });
+            let (event, chain) = match rng.random_range(0..100) {
+                0..55 => ("$pageview".to_string(), None),
+                55..80 => {
+                    let text = buttons[rng.random_range(0..buttons.len())];
+                    props["$event_type"] = json!("click");
+                    props["$el_text"] = json!(text);
+                    let chain = format!(
+                        "button.btn.btn-primary:text=\"{text}\":attr__class=\"btn btn-primary\":nth-child=\"2\";div.card:nth-child=\"1\";body"
+                    );
+                    ("$autocapture".to_string(), Some(chain))
+                }
+                80..90 => ("$pageleave".to_string(), None),
+                _ => (customs[rng.random_range(0..customs.len())].to_string(), None),
+            };
+            let timestamp = base + chrono::Duration::milliseconds(i as i64 * 10);
+            Envelope {
+                uuid: Uuid::now_v7(),
+                distinct_id: format!("user_{user}"),
+                event,
+                properties: props.as_object().cloned().unwrap_or_default(),
+                timestamp,
+                received_at: timestamp + chrono::Duration::milliseconds(40),
+                sent_at: None,
+                session_id: Some(session),
+                lib: Some("web".into()),
+                elements_chain: chain,
+                person: None,
+            }
+        })
+        .collect()
+}
+
+fn csv_field(out: &mut String, value: Option<&str>) {
+    if let Some(v) = value {
+        out.push('"');
+        out.push_str(&v.replace('"', "\"\""));
+        out.push('"');
+    }
+}
+
+/// The rows the worker writes for these events (same rules), as CSV for `\copy`.
+fn copy_file(events: &[Envelope], rules: &dyn worker::enrich::Ruleset) -> String {
+    let mut out = String::with_capacity(events.len() * 1200);
+    for e in events {
+        let enrichment = rules
+            .enrich(e)
+            .unwrap_or_else(|_| worker::enrich::fallback(e));
+        let row = worker::store::StoredEvent::new(e.clone(), enrichment);
+        let properties = Value::Object(row.properties.clone()).to_string();
+        let intents = row.intents_json().to_string();
+        let (ts, rx) = (row.timestamp.to_rfc3339(), row.received_at.to_rfc3339());
+        let fields = [
+            Some(rules.version()),
+            Some(&row.uuid.to_string()[..]),
+            Some(&row.distinct_id[..]),
+            Some(&row.event[..]),
+            Some(&row.description[..]),
+            row.rule_id.as_deref(),
+            Some(&intents[..]),
+            Some(&properties[..]),
+            row.url.as_deref(),
+            row.path.as_deref(),
+            row.session_id.as_deref(),
+            row.elements_chain.as_deref(),
+            Some(&ts[..]),
+            Some(&rx[..]),
+        ];
+        for (i, f) in fields.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            csv_field(&mut out, *f);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+async fn sql(db: &DatabaseConnection, sql: &str) {
+    db.execute_unprepared(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+async fn scalar(db: &DatabaseConnection, sql: &str) -> i64 {
+    let row = db
+        .query_one_raw(Statement::from_string(DbBackend::Postgres, sql.to_string()))
+        .await
+        .unwrap()
+        .unwrap();
+    row.try_get_by_index::<i64>(0).unwrap()
+}
+
+async fn publish(redis: &mut ConnectionManager, stream: &str, events: &[Envelope]) {
+    for chunk in events.chunks(1_000) {
+        let mut pipe = redis::pipe();
+        for e in chunk {
+            pipe.cmd("XADD")
+                .arg(stream)
+                .arg("*")
+                .arg(FIELD_VERSION)
+                .arg("1")
+                .arg(FIELD_EVENT)
+                .arg(e.to_json())
+                .ignore();
+        }
+        let () = pipe.query_async(redis).await.unwrap();
+    }
+}
+
+async fn stream_done(redis: &mut ConnectionManager, stream: &str) -> bool {
+    let len: i64 = redis::cmd("XLEN")
+        .arg(stream)
+        .query_async(redis)
+        .await
+        .unwrap();
+    len == 0
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn spawn_worker(s: &Settings, db_url: &str, stream: &str, name: &str, batch_size: usize) -> Child {
+    Command::new(&s.worker_bin)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("REDIS_URL", &s.redis_url)
+        .env("DATABASE_URL", db_url)
+        .env("QUEUE_NAME", stream)
+        .env("DLQ_NAME", format!("{stream}:dlq"))
+        .env("CONSUMER_GROUP", "bench")
+        .env("WORKER_NAME", name)
+        .env("BATCH_SIZE", batch_size.to_string())
+        .env("MIGRATE_ON_START", "false")
+        .env("RULES_DIR", &s.rules_dir)
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", s.worker_bin.display()))
+}
+
+/// Sends SIGTERM and waits; returns (exit code, seconds to exit).
+async fn stop(child: &mut Child) -> (Option<i32>, f64) {
+    let pid = child.id().expect("running");
+    let started = Instant::now();
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    let code = match status {
+        Ok(Ok(status)) => status.code(),
+        _ => {
+            let _ = child.kill().await;
+            None
+        }
+    };
+    (code, started.elapsed().as_secs_f64())
+}
+
+struct Drain {
+    secs: f64,
+    peak_rss_mib: f64,
+    exits: Vec<(Option<i32>, f64)>,
+}
+
+async fn drain(
+    s: &Settings,
+    db: &DatabaseConnection,
+    db_url: &str,
+    redis: &mut ConnectionManager,
+    events: &[Envelope],
+    replicas: usize,
+    batch_size: usize,
+) -> Drain {
+    sql(db, "TRUNCATE events, user_profiles, user_sessions").await;
+    let stream = format!("bench:{}:events", Uuid::new_v4().simple());
+    let filled = Instant::now();
+    publish(redis, &stream, events).await;
+    println!(
+        "  pre-filled {} entries into {stream} in {:.1}s",
+        events.len(),
+        filled.elapsed().as_secs_f64()
+    );
+    let started = Instant::now();
+    let mut children: Vec<Child> = (0..replicas)
+        .map(|i| spawn_worker(s, db_url, &stream, &format!("bench-{i}"), batch_size))
+        .collect();
+    let pids: Vec<u32> = children.iter().filter_map(|c| c.id()).collect();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !stream_done(redis, &stream).await {
+        assert!(
+            Instant::now() < deadline,
+            "drain did not finish within 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let peak_rss_mib = pids
+        .iter()
+        .map(|p| rss_kib(*p, "VmHWM:"))
+        .max()
+        .unwrap_or(0) as f64
+        / 1024.0;
+    let mut exits = Vec::new();
+    for child in &mut children {
+        exits.push(stop(child).await);
+    }
+    let stored = scalar(db, "SELECT count(*) FROM events").await;
+    assert_eq!(stored as usize, events.len(), "every event stored once");
+    let counted = scalar(db, "SELECT sum(event_count)::bigint FROM user_profiles").await;
+    assert_eq!(counted as usize, events.len(), "every event counted once");
+    let _: () = redis::cmd("DEL")
+        .arg(&stream)
+        .arg(format!("{stream}:dlq"))
+        .query_async(redis)
+        .await
+        .unwrap();
+    Drain {
+        secs,
+        peak_rss_mib,
+        exits,
+    }
+}
+
+async fn latency(
+    s: &Settings,
+    db: &DatabaseConnection,
+    db_url: &str,
+    redis: &mut ConnectionManager,
+) -> (Vec<f64>, f64, usize) {
+    sql(db, "TRUNCATE events, user_profiles, user_sessions").await;
+    let stream = format!("bench:{}:events", Uuid::new_v4().simple());
+    let mut child = spawn_worker(s, db_url, &stream, "bench-latency", 50);
+    let pid = child.id().unwrap_or(0);
+    // Wait until the worker has joined its group.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let groups: Result<redis::Value, _> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&stream)
+            .arg("bench")
+            .query_async(redis)
+            .await;
+        if matches!(groups, Ok(redis::Value::Array(ref c)) if !c.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "worker did not join");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let total = s.rate * s.latency_secs as usize;
+    let events = generate(total, 7);
+    let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<(Uuid, Instant)>();
+    let producer = {
+        let mut redis = redis.clone();
+        let stream = stream.clone();
+        let interval = Duration::from_secs_f64(1.0 / s.rate as f64);
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            for (i, e) in events.into_iter().enumerate() {
+                tokio::time::sleep_until(start + interval * i as u32).await;
+                let json = e.to_json();
+                // Announced before appending, so the poller knows it before it can be stored.
+                sent_tx.send((e.uuid, Instant::now())).unwrap();
+                let _: String = redis::cmd("XADD")
+                    .arg(&stream)
+                    .arg("*")
+                    .arg(FIELD_VERSION)
+                    .arg("1")
+                    .arg(FIELD_EVENT)
+                    .arg(json)
+                    .query_async(&mut redis)
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+
+    // Events are appended in uuid (v7) order; concurrent writers may commit them slightly out of
+    // order, so each poll asks for rows from the oldest event not yet seen onwards: a cost
+    // proportional to what is in flight (polling for every outstanding id would load Postgres).
+    let mut sent: BTreeMap<Uuid, Instant> = BTreeMap::new();
+    let mut latencies = Vec::with_capacity(total);
+    let mut peak_rss = 0;
+    let deadline = Instant::now() + Duration::from_secs(s.latency_secs + 60);
+    while latencies.len() < total && Instant::now() < deadline {
+        while let Ok((uuid, at)) = sent_rx.try_recv() {
+            sent.insert(uuid, at);
+        }
+        if let Some((&oldest, _)) = sent.first_key_value() {
+            let rows = db
+                .query_all_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "SELECT uuid::text FROM events WHERE uuid >= $1::uuid",
+                    [oldest.to_string().into()],
+                ))
+                .await
+                .unwrap();
+            let seen = Instant::now();
+            for row in rows {
+                let id: Uuid = row.try_get_by_index::<String>(0).unwrap().parse().unwrap();
+                if let Some(at) = sent.remove(&id) {
+                    latencies.push((seen - at).as_secs_f64() * 1000.0);
+                }
+            }
+        }
+        peak_rss = peak_rss.max(rss_kib(pid, "VmRSS:"));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    producer.await.unwrap();
+    let _ = stop(&mut child).await;
+    let _: () = redis::cmd("DEL")
+        .arg(&stream)
+        .arg(format!("{stream}:dlq"))
+        .query_async(redis)
+        .await
+        .unwrap();
+    latencies.sort_by(f64::total_cmp);
+    (latencies, peak_rss as f64 / 1024.0, total)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let s = settings();
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo bench -- --list` probing
+    }
+    assert!(
+        s.worker_bin.exists(),
+        "worker binary not found at {} (build it with --release)",
+        s.worker_bin.display()
+    );
+    let admin = Database::connect(&s.admin_url)
+        .await
+        .expect("connect postgres");
+    let name = format!("bench_drain_{}", Uuid::new_v4().simple());
+    sql(&admin, &format!("CREATE DATABASE \"{name}\"")).await;
+    let db_url = format!("{}/{name}", &s.admin_url[..s.admin_url.rfind('/').unwrap()]);
+    let db = Database::connect(&db_url).await.unwrap();
+    migration::apply(&db).await.unwrap();
+    let mut redis = redis::Client::open(s.redis_url.as_str())
+        .unwrap()
+        .get_connection_manager()
+        .await
+        .unwrap();
+
+    println!(
+        "drain benchmark: {} events, worker {}",
+        s.events,
+        s.worker_bin.display()
+    );
+    let events = generate(s.events, 42);
+    let avg_json = events
+        .iter()
+        .take(1_000)
+        .map(|e| e.to_json().len())
+        .sum::<usize>()
+        / 1_000.min(events.len()).max(1);
+    println!("  average envelope {avg_json} bytes");
+
+    // 1. COPY baseline into an identical table.
+    sql(&db, "CREATE TABLE events_copy (LIKE events INCLUDING ALL)").await;
+    let csv_path = std::env::temp_dir().join(format!("{name}.csv"));
+    let rules = worker::enrich::load_once(&s.rules_dir).expect("rules load");
+    println!(
+        "  rules {} (version {})",
+        s.rules_dir.display(),
+        rules.version()
+    );
+    std::fs::write(&csv_path, copy_file(&events, rules.as_ref())).unwrap();
+    let copy = format!(
+        "\\copy events_copy (rules_version, uuid, distinct_id, event, description, rule_id, intents, properties, url, path, session_id, elements_chain, \"timestamp\", received_at) FROM '{}' WITH (FORMAT csv)",
+        csv_path.display()
+    );
+    let started = Instant::now();
+    let status = std::process::Command::new("psql")
+        .arg(&db_url)
+        .arg("-q")
+        .arg("-c")
+        .arg(&copy)
+        .status()
+        .expect("run psql");
+    let copy_secs = started.elapsed().as_secs_f64();
+    assert!(status.success(), "psql \\copy failed");
+    std::fs::remove_file(&csv_path).ok();
+    assert_eq!(
+        scalar(&db, "SELECT count(*) FROM events_copy").await as usize,
+        events.len()
+    );
+    let copy_rate = events.len() as f64 / copy_secs;
+    println!(
+        "COPY (psql \\copy, same rows, identical table): {copy_secs:.2}s = {copy_rate:.0} rows/s"
+    );
+
+    // 2. Drains.
+    let mut results = Vec::new();
+    for &batch_size in if std::env::var("LATENCY_ONLY").is_ok() {
+        &[][..]
+    } else {
+        &s.batch_sizes[..]
+    } {
+        for replicas in [1, 2] {
+            println!("drain: {replicas} worker(s), BATCH_SIZE={batch_size}");
+            let d = drain(&s, &db, &db_url, &mut redis, &events, replicas, batch_size).await;
+            let rate = events.len() as f64 / d.secs;
+            println!(
+                "  {:.2}s = {rate:.0} events/s = {:.2}x COPY; peak RSS per worker {:.1} MiB; exits {:?}",
+                d.secs,
+                rate / copy_rate,
+                d.peak_rss_mib,
+                d.exits
+            );
+            results.push((replicas, batch_size, d.secs, rate, d.peak_rss_mib));
+        }
+    }
+
+    // 3. Latency at RATE events/s with the default BATCH_SIZE and FLUSH_INTERVAL.
+    println!(
+        "latency: {} events/s for {}s, one worker, defaults",
+        s.rate, s.latency_secs
+    );
+    let (lat, rss, total) = latency(&s, &db, &db_url, &mut redis).await;
+    println!(
+        "  ingest->queryable over {} of {total} events: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms (poll period 2 ms); peak RSS {rss:.1} MiB",
+        lat.len(),
+        pct(&lat, 0.5),
+        pct(&lat, 0.9),
+        pct(&lat, 0.99),
+        lat.last().copied().unwrap_or(f64::NAN),
+    );
+
+    println!("\nsummary");
+    println!("  COPY baseline            {copy_rate:>9.0} rows/s");
+    for (replicas, batch, secs, rate, rss) in &results {
+        println!(
+            "  {replicas} worker(s) BATCH_SIZE={batch:<4} {rate:>9.0} events/s  {:.2}x COPY  {secs:.1}s  peak RSS {rss:.1} MiB",
+            rate / copy_rate
+        );
+    }
+    println!(
+        "  latency p50 {:.1} ms  p99 {:.1} ms  (target p99 < 100 ms)",
+        pct(&lat, 0.5),
+        pct(&lat, 0.99)
+    );
+
+    db.close().await.ok();
+    sql(
+        &admin,
+        &format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
+    )
+    .await;
+}

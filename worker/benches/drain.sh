@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Drain benchmark: one and two worker processes (release build) draining 200,000 pre-filled events
+# into Postgres, next to psql \copy of the same rows; worker RSS; ingest->queryable latency at
+# 1,000 events/s. Uses only 127.0.0.1 (Redis :6379, Postgres :5432 as user postgres), creates and
+# drops its own database and stream keys, and stops by itself. Prints figures.
+#
+#   worker/benches/drain.sh                 # defaults
+#   EVENTS=50000 BATCH_SIZES=50 RATE=1000 LATENCY_SECS=10 worker/benches/drain.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+cargo build --release -p worker --bin worker
+export WORKER_BIN="$CARGO_TARGET_DIR/release/worker"
+exec cargo bench -p worker --bench drain

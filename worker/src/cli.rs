@@ -1,0 +1,167 @@
+//! Command line: `worker` (or `worker run`) consumes; `worker dlq …` and `worker rules …` are the
+//! operator and rule-author tools. Output of the tools goes to stdout; logs go to stderr.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    Config, WorkerError,
+    dlq::{DeadLetters, Selection},
+    stream::{COMMAND_TIMEOUT, connection},
+};
+
+/// Consumer-group worker: enriches clickstream events and stores them in Postgres.
+#[derive(Debug, Parser)]
+#[command(name = "worker", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Consume the stream until SIGTERM/SIGINT (the default).
+    Run,
+    /// Inspect and act on the dead-letter stream (`DLQ_NAME`).
+    Dlq {
+        #[command(subcommand)]
+        action: DlqCommand,
+    },
+    /// Tools for rule authors.
+    Rules {
+        #[command(subcommand)]
+        action: RulesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters, oldest first.
+    List {
+        /// Show at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Put dead letters back on the stream they came from.
+    Replay(Select),
+    /// Delete dead letters.
+    Purge(Select),
+}
+
+/// `--id ID…` or `--all`.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct Select {
+    /// DLQ entry id (repeatable).
+    #[arg(long = "id", value_name = "ID", num_args = 1..)]
+    pub ids: Vec<String>,
+    /// Every dead letter.
+    #[arg(long)]
+    pub all: bool,
+}
+
+impl Select {
+    fn selection(&self) -> Selection {
+        if self.all {
+            Selection::All
+        } else {
+            Selection::Ids(self.ids.clone())
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Validate a rules directory (default `RULES_DIR`) and run the rules' examples.
+    Check { dir: Option<PathBuf> },
+    /// Show which rule describes an event (a JSON envelope file) and why.
+    Explain { event: PathBuf },
+}
+
+/// Runs a DLQ command, printing what it did.
+pub async fn dlq(config: &Config, action: &DlqCommand) -> Result<ExitCode, WorkerError> {
+    let client =
+        crate::stream::client(&config.redis_url).map_err(crate::stream::StreamError::from)?;
+    let conn = connection(client, COMMAND_TIMEOUT).map_err(crate::stream::StreamError::from)?;
+    let dlq = DeadLetters::new(conn, &config.dlq_name, &config.queue_name);
+    match action {
+        DlqCommand::List { limit } => {
+            let total = dlq.count().await?;
+            let letters = dlq.list(*limit).await?;
+            println!(
+                "{} of {total} dead letters in {}",
+                letters.len(),
+                config.dlq_name
+            );
+            for letter in letters {
+                let event = letter
+                    .field(entity::envelope::FIELD_EVENT)
+                    .unwrap_or_default();
+                let summary = serde_json::from_str::<serde_json::Value>(&event)
+                    .map(|v| {
+                        format!(
+                            "event={} distinct_id={} uuid={}",
+                            v["event"], v["distinct_id"], v["uuid"]
+                        )
+                    })
+                    .unwrap_or_else(|_| "event=<undecodable>".to_string());
+                println!(
+                    "{id}  from {src} entry {entry}  at {at}  deliveries {n}  consumer {consumer}\n    error: {error}\n    {summary}",
+                    id = letter.id,
+                    src = letter.field(crate::dlq::FIELD_SOURCE).unwrap_or_default(),
+                    entry = letter.field(crate::dlq::FIELD_ENTRY_ID).unwrap_or_default(),
+                    at = letter.field(crate::dlq::FIELD_AT).unwrap_or_default(),
+                    n = letter
+                        .field(crate::dlq::FIELD_DELIVERIES)
+                        .unwrap_or_default(),
+                    consumer = letter.field(crate::dlq::FIELD_CONSUMER).unwrap_or_default(),
+                    error = letter.field(crate::dlq::FIELD_ERROR).unwrap_or_default(),
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Replay(select) => {
+            let report = dlq.replay(&select.selection()).await?;
+            for (id, target, new_id) in &report.replayed {
+                println!("replayed {id} -> {target} {new_id}");
+            }
+            for id in &report.missing {
+                println!("not found: {id}");
+            }
+            println!(
+                "{} replayed, {} not found",
+                report.replayed.len(),
+                report.missing.len()
+            );
+            Ok(if report.missing.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        DlqCommand::Purge(select) => {
+            let (deleted, missing) = dlq.purge(&select.selection()).await?;
+            for id in &missing {
+                println!("not found: {id}");
+            }
+            println!("{deleted} dead letters deleted from {}", config.dlq_name);
+            Ok(if missing.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+/// Runs a rules command (the rule engine's tooling), printing its report; exits non-zero when
+/// the rules are invalid or an example fails.
+pub fn rules(config: &Config, action: &RulesCommand) -> ExitCode {
+    match action {
+        RulesCommand::Check { dir } => {
+            crate::rules::cli::check(dir.as_deref().unwrap_or(&config.rules_dir))
+        }
+        RulesCommand::Explain { event } => crate::rules::cli::explain(&config.rules_dir, event),
+    }
+}

@@ -1,0 +1,172 @@
+//! The worker's typed configuration, read once at start from environment variables.
+
+use std::{path::PathBuf, time::Duration};
+
+use entity::settings::{ConfigError, Vars};
+
+/// Everything a worker replica needs to know, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `REDIS_URL`.
+    pub redis_url: String,
+    /// `DATABASE_URL`.
+    pub database_url: String,
+    /// `DATABASE_POOL_SIZE`: Postgres connections per replica.
+    pub database_pool_size: u32,
+    /// `QUEUE_NAME`: the stream the api appends to.
+    pub queue_name: String,
+    /// `DLQ_NAME`: where poison entries go.
+    pub dlq_name: String,
+    /// `CONSUMER_GROUP`: shared by all replicas.
+    pub consumer_group: String,
+    /// `WORKER_NAME`: this replica's consumer name, unique per replica.
+    pub worker_name: String,
+    /// `BATCH_SIZE`: most entries per read and per transaction.
+    pub batch_size: usize,
+    /// `WRITE_CONCURRENCY`: batches stored at the same time (each in its own transaction).
+    pub write_concurrency: usize,
+    /// `FLUSH_INTERVAL` (seconds): longest a read waits for entries (`XREADGROUP BLOCK`).
+    pub flush_interval: Duration,
+    /// `CLAIM_INTERVAL` (seconds): how often idle entries of other consumers are claimed.
+    pub claim_interval: Duration,
+    /// `CLAIM_IDLE_MS`: an entry unacknowledged this long is taken over from its consumer.
+    pub claim_idle: Duration,
+    /// `MAX_DELIVERIES`: an entry delivered more often than this goes to the DLQ.
+    pub max_deliveries: u64,
+    /// `SHUTDOWN_TIMEOUT` (seconds): grace period to finish the batch in flight.
+    pub shutdown_timeout: Duration,
+    /// `MIGRATE_ON_START`: apply pending migrations before consuming.
+    pub migrate_on_start: bool,
+    /// `RULES_DIR`: the rule files.
+    pub rules_dir: PathBuf,
+}
+
+impl Config {
+    /// Reads and validates every variable; the error names the variable at fault.
+    pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
+        let batch_size = vars.parse::<usize>("BATCH_SIZE", 50)?;
+        if !(1..=10_000).contains(&batch_size) {
+            return Err(ConfigError::new(
+                "BATCH_SIZE",
+                "must be between 1 and 10000",
+            ));
+        }
+        let flush_interval = vars.seconds("FLUSH_INTERVAL", Duration::from_secs(2))?;
+        if flush_interval < Duration::from_millis(1) || flush_interval > Duration::from_secs(60) {
+            return Err(ConfigError::new(
+                "FLUSH_INTERVAL",
+                "must be between 0.001 and 60 seconds",
+            ));
+        }
+        let claim_interval = vars.seconds("CLAIM_INTERVAL", Duration::from_secs(5))?;
+        if claim_interval < Duration::from_millis(10) {
+            return Err(ConfigError::new(
+                "CLAIM_INTERVAL",
+                "must be at least 0.01 seconds",
+            ));
+        }
+        let claim_idle = vars.millis("CLAIM_IDLE_MS", Duration::from_secs(30))?;
+        if claim_idle < Duration::from_millis(10) {
+            return Err(ConfigError::new("CLAIM_IDLE_MS", "must be at least 10"));
+        }
+        let max_deliveries = vars.parse::<u64>("MAX_DELIVERIES", 5)?;
+        if max_deliveries == 0 {
+            return Err(ConfigError::new("MAX_DELIVERIES", "must be at least 1"));
+        }
+        let write_concurrency = vars.parse::<usize>("WRITE_CONCURRENCY", 4)?;
+        if !(1..=64).contains(&write_concurrency) {
+            return Err(ConfigError::new(
+                "WRITE_CONCURRENCY",
+                "must be between 1 and 64",
+            ));
+        }
+        let database_pool_size =
+            vars.parse::<u32>("DATABASE_POOL_SIZE", write_concurrency as u32 + 1)?;
+        if (database_pool_size as usize) < write_concurrency {
+            return Err(ConfigError::new(
+                "DATABASE_POOL_SIZE",
+                "must be at least WRITE_CONCURRENCY",
+            ));
+        }
+        let name = |var: &str, default: &str| -> Result<String, ConfigError> {
+            let value = vars.string(var, default);
+            if value.chars().any(char::is_whitespace) {
+                return Err(ConfigError::new(
+                    var,
+                    format!("invalid value {value:?}: must not contain spaces"),
+                ));
+            }
+            Ok(value)
+        };
+        Ok(Self {
+            redis_url: vars.string("REDIS_URL", "redis://127.0.0.1:6379"),
+            database_url: vars.string(
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            ),
+            database_pool_size,
+            queue_name: name("QUEUE_NAME", "event_stream")?,
+            dlq_name: name("DLQ_NAME", "dlq_event_stream")?,
+            consumer_group: name("CONSUMER_GROUP", "enrichers")?,
+            worker_name: name("WORKER_NAME", &default_worker_name())?,
+            batch_size,
+            write_concurrency,
+            flush_interval,
+            claim_interval,
+            claim_idle,
+            max_deliveries,
+            shutdown_timeout: vars.seconds("SHUTDOWN_TIMEOUT", Duration::from_secs(10))?,
+            migrate_on_start: vars.flag("MIGRATE_ON_START", true)?,
+            rules_dir: PathBuf::from(vars.string("RULES_DIR", "rules")),
+        })
+    }
+}
+
+/// `<hostname>-<pid>`: unique per replica, and stable for a process so its own pending entries
+/// are re-read when it reconnects.
+pub fn default_worker_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".to_string());
+    format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_errors_name_the_variable() {
+        let config = Config::from_vars(&Vars::from_map(Vec::<(String, String)>::new())).unwrap();
+        assert_eq!(config.queue_name, "event_stream");
+        assert_eq!(config.dlq_name, "dlq_event_stream");
+        assert_eq!(config.consumer_group, "enrichers");
+        assert_eq!(config.batch_size, 50);
+        assert_eq!(config.flush_interval, Duration::from_secs(2));
+        assert_eq!(config.claim_idle, Duration::from_secs(30));
+        assert_eq!(config.max_deliveries, 5);
+        assert!(config.migrate_on_start);
+        assert!(
+            config
+                .worker_name
+                .ends_with(&format!("-{}", std::process::id()))
+        );
+
+        for (var, value) in [
+            ("BATCH_SIZE", "0"),
+            ("FLUSH_INTERVAL", "soon"),
+            ("FLUSH_INTERVAL", "0"),
+            ("CLAIM_IDLE_MS", "-1"),
+            ("MAX_DELIVERIES", "0"),
+            ("WRITE_CONCURRENCY", "0"),
+            ("MIGRATE_ON_START", "maybe"),
+            ("WORKER_NAME", "a b"),
+        ] {
+            let err = Config::from_vars(&Vars::from_map([(var, value)])).unwrap_err();
+            assert_eq!(err.var, var, "{err}");
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! The worker: consumer-group replicas that take events off the Redis Stream, describe them with
+//! the rules, and store them in Postgres exactly once (see [`pipeline`]). Also the operator CLI
+//! (`worker dlq …`, `worker rules …`) in [`cli`].
+
+pub mod cli;
+pub mod config;
+pub mod dlq;
+pub mod enrich;
+pub mod pipeline;
+pub mod profile;
+pub mod rules;
+pub mod sanitize;
+pub mod store;
+pub mod stream;
+
+use std::sync::Arc;
+
+pub use config::Config;
+use tokio_util::sync::CancellationToken;
+
+/// Why the worker stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Config(#[from] entity::settings::ConfigError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Stream(#[from] stream::StreamError),
+    #[error("rules: {0}")]
+    Rules(#[from] enrich::EnrichError),
+    #[error("{0}")]
+    Stopped(String),
+}
+
+/// Runs one replica with the rules of `RULES_DIR` (reloaded when they change) until `shutdown`
+/// is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    let enricher = enrich::load(&config.rules_dir, &shutdown)?;
+    run_with(config, enricher, shutdown).await
+}
+
+/// Runs one replica with the given enricher until `shutdown` is cancelled.
+pub async fn run_with(
+    config: Config,
+    enricher: Arc<dyn enrich::Enricher>,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    pipeline::run(config, enricher, shutdown).await
+}

@@ -1,0 +1,49 @@
+//! `worker`: wires configuration, logging and signals to the library.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use entity::settings::Vars;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+use worker::{
+    Config,
+    cli::{Cli, Command},
+};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<ExitCode> {
+    dotenvy::dotenv().ok();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let config = Config::from_vars(&Vars::from_env())?;
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            worker::run(config, shutdown)
+                .await
+                .context("worker failed")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq { action } => Ok(worker::cli::dlq(&config, &action).await?),
+        Command::Rules { action } => Ok(worker::cli::rules(&config, &action)),
+    }
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,548 @@
+//! The consumer: reader, claimer and writer tasks of one worker replica.
+//!
+//! ```text
+//! reader  (own pending entries, then new ones) ─┐
+//!                                                ├─ bounded channel ─▶ writer: enrich → one transaction → XACK+XDEL
+//! claimer (idle entries of any consumer) ───────┘                           poison → DLQ → XACK+XDEL
+//! keep-alive: resets the idle time of entries held longer than a third of CLAIM_IDLE_MS
+//! ```
+//! The reader fetches the next batches while `WRITE_CONCURRENCY` writers store earlier ones; the
+//! channel holds as many batches as there are writers, so read-ahead is bounded. On shutdown the reader and claimer stop, the writer
+//! finishes what it holds, and anything still unacknowledged at `SHUTDOWN_TIMEOUT` stays pending
+//! for other replicas.
+
+use std::{
+    collections::HashMap,
+    panic::AssertUnwindSafe,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use entity::Envelope;
+use sea_orm::DatabaseConnection;
+use tokio::{sync::mpsc, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    WorkerError,
+    config::Config,
+    enrich::Enricher,
+    store::{self, StoreError, StoredEvent},
+    stream::{Entry, StreamError, Streams},
+};
+
+/// Longest one batch transaction may take before it counts as failed (and is retried).
+const STORE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The writer was told to give up (shutdown grace period over): its entries stay pending.
+#[derive(Debug)]
+struct Aborted;
+
+/// Capped exponential backoff.
+struct Backoff {
+    next: Duration,
+    first: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(first: Duration, max: Duration) -> Self {
+        Self {
+            next: first,
+            first,
+            max,
+        }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+
+    fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
+/// Entry ids this replica holds (read or claimed, not yet acknowledged), with since when.
+#[derive(Default)]
+struct Held(Mutex<HashMap<String, Instant>>);
+
+impl Held {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn hold(&self, entries: &[Entry]) {
+        let now = Instant::now();
+        let mut held = self.lock();
+        for e in entries {
+            held.entry(e.id.clone()).or_insert(now);
+        }
+    }
+
+    fn release(&self, ids: &[String]) {
+        let mut held = self.lock();
+        for id in ids {
+            held.remove(id);
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.lock().contains_key(id)
+    }
+
+    fn older_than(&self, age: Duration) -> Vec<String> {
+        let now = Instant::now();
+        self.lock()
+            .iter()
+            .filter(|(_, since)| now - **since >= age)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+}
+
+/// What the tasks share.
+struct Context {
+    config: Config,
+    streams: Streams,
+    db: DatabaseConnection,
+    enricher: Arc<dyn Enricher>,
+    held: Held,
+}
+
+/// Runs one replica until `shutdown`, then finishes the batch in flight within `SHUTDOWN_TIMEOUT`.
+pub async fn run(
+    config: Config,
+    enricher: Arc<dyn Enricher>,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let db = store::connect(&config).await?;
+    if config.migrate_on_start
+        && retry_until("apply database migrations", &shutdown, || {
+            migration::apply(&db)
+        })
+        .await
+        .is_none()
+    {
+        return Ok(());
+    }
+    let streams = Streams::new(&config)?;
+    if retry_until("create the consumer group", &shutdown, || {
+        streams.ensure_group()
+    })
+    .await
+    .is_none()
+    {
+        return Ok(());
+    }
+    tracing::info!(
+        stream = %config.queue_name,
+        group = %config.consumer_group,
+        consumer = %config.worker_name,
+        batch_size = config.batch_size,
+        "worker consuming"
+    );
+    let ctx = Arc::new(Context {
+        config,
+        streams,
+        db,
+        enricher,
+        held: Held::default(),
+    });
+    let (tx, rx) = mpsc::channel::<Vec<Entry>>(ctx.config.write_concurrency);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let hard_stop = CancellationToken::new();
+
+    let mut feeders = JoinSet::new();
+    feeders.spawn(read_loop(ctx.clone(), tx.clone(), shutdown.clone()));
+    feeders.spawn(claim_loop(ctx.clone(), tx, shutdown.clone()));
+    let keep_alive = tokio::spawn(keep_alive_loop(ctx.clone(), hard_stop.clone()));
+    let mut writers = JoinSet::new();
+    for _ in 0..ctx.config.write_concurrency {
+        writers.spawn(write_loop(ctx.clone(), rx.clone(), hard_stop.clone()));
+    }
+    let mut writer = tokio::spawn(async move {
+        // Ends when every writer has (the channel closed, or the grace period ran out).
+        while let Some(result) = writers.join_next().await {
+            if let Err(error) = result {
+                tracing::error!(%error, "writer task failed");
+            }
+        }
+    });
+
+    let early = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        result = &mut writer => Some(result),
+    };
+    if let Some(result) = early {
+        feeders.abort_all();
+        hard_stop.cancel();
+        return Err(WorkerError::Stopped(format!(
+            "writer ended before shutdown: {result:?}"
+        )));
+    }
+    tracing::info!(grace = ?ctx.config.shutdown_timeout, "shutting down: finishing the batch in flight");
+    let finished = tokio::time::timeout(ctx.config.shutdown_timeout, &mut writer)
+        .await
+        .is_ok();
+    if !finished {
+        tracing::warn!(
+            "shutdown grace period over: unfinished entries stay pending for other replicas"
+        );
+        hard_stop.cancel();
+        let _ = writer.await;
+    }
+    hard_stop.cancel();
+    feeders.abort_all();
+    while feeders.join_next().await.is_some() {}
+    let _ = keep_alive.await;
+    ctx.db.close_by_ref().await.ok();
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// Retries `op` with backoff until it succeeds; `None` if shutdown came first.
+async fn retry_until<T, E, F, Fut>(what: &str, shutdown: &CancellationToken, mut op: F) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        let result = tokio::select! {
+            result = tokio::time::timeout(STORE_TIMEOUT, op()) => result,
+            _ = shutdown.cancelled() => return None,
+        };
+        let error = match result {
+            Ok(Ok(value)) => return Some(value),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {STORE_TIMEOUT:?}"),
+        };
+        let delay = backoff.next_delay();
+        tracing::warn!(
+            error,
+            retry_in_ms = delay.as_millis() as u64,
+            "could not {what}; retrying"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return None,
+        }
+    }
+}
+
+/// Re-reads this consumer's own pending entries (a restart), then reads new ones.
+async fn read_loop(ctx: Arc<Context>, tx: mpsc::Sender<Vec<Entry>>, shutdown: CancellationToken) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut history = Some("0".to_string());
+    while !shutdown.is_cancelled() {
+        match ctx
+            .streams
+            .read(history.as_deref(), ctx.config.batch_size)
+            .await
+        {
+            Ok(entries) => {
+                backoff.reset();
+                if let Some(after) = history.as_mut() {
+                    match entries.last() {
+                        Some(last) => {
+                            tracing::info!(count = entries.len(), "re-reading own pending entries");
+                            after.clone_from(&last.id);
+                        }
+                        None => history = None,
+                    }
+                }
+                if entries.is_empty() {
+                    continue;
+                }
+                ctx.held.hold(&entries);
+                if tx.send(entries).await.is_err() {
+                    break;
+                }
+            }
+            Err(error) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "reading the stream failed; retrying");
+                if error.is_no_group()
+                    && let Err(error) = ctx.streams.ensure_group().await
+                {
+                    tracing::warn!(%error, "could not recreate the consumer group");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        }
+    }
+}
+
+/// Every `CLAIM_INTERVAL`: takes over entries idle longer than `CLAIM_IDLE_MS` (a crashed or stuck
+/// replica's), then removes consumers that are gone and own nothing.
+async fn claim_loop(ctx: Arc<Context>, tx: mpsc::Sender<Vec<Entry>>, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(ctx.config.claim_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let consumer_idle = ctx.config.claim_idle.max(ctx.config.flush_interval * 4);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let mut cursor = "0-0".to_string();
+        loop {
+            match ctx
+                .streams
+                .claim(ctx.config.claim_idle, &cursor, ctx.config.batch_size)
+                .await
+            {
+                Ok((entries, next)) => {
+                    let entries: Vec<Entry> = entries
+                        .into_iter()
+                        .filter(|e| !ctx.held.contains(&e.id))
+                        .collect();
+                    if !entries.is_empty() {
+                        tracing::info!(
+                            count = entries.len(),
+                            "claimed idle entries of other consumers"
+                        );
+                        ctx.held.hold(&entries);
+                        if tx.send(entries).await.is_err() {
+                            return;
+                        }
+                    }
+                    if next == "0-0" || shutdown.is_cancelled() {
+                        break;
+                    }
+                    cursor = next;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "claiming idle entries failed");
+                    break;
+                }
+            }
+        }
+        match ctx.streams.remove_idle_consumers(consumer_idle).await {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(?removed, "removed idle consumers that own nothing")
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "removing idle consumers failed"),
+        }
+    }
+}
+
+/// Keeps entries this replica holds from looking idle to the claimers of other replicas while a
+/// batch waits (e.g. for Postgres to come back), without counting a delivery.
+async fn keep_alive_loop(ctx: Arc<Context>, stop: CancellationToken) {
+    let period = ctx.config.claim_idle / 3;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stop.cancelled() => return,
+        }
+        let ids = ctx.held.older_than(period);
+        if ids.is_empty() {
+            continue;
+        }
+        match ctx.streams.keep_alive(&ids).await {
+            Ok(()) => tracing::debug!(count = ids.len(), "refreshed held entries"),
+            Err(error) => tracing::warn!(%error, "refreshing held entries failed"),
+        }
+    }
+}
+
+/// One of `WRITE_CONCURRENCY` writers: batches are stored concurrently so that one batch's commit
+/// (a WAL flush) overlaps the next one's statements. Order across batches does not matter: rows
+/// are keyed by uuid and profile merges do not depend on arrival order.
+async fn write_loop(
+    ctx: Arc<Context>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<Entry>>>>,
+    hard_stop: CancellationToken,
+) {
+    loop {
+        let batch = tokio::select! {
+            batch = async { rx.lock().await.recv().await } => batch,
+            _ = hard_stop.cancelled() => None,
+        };
+        let Some(batch) = batch else { return };
+        let ids: Vec<String> = batch.iter().map(|e| e.id.clone()).collect();
+        if process(&ctx, batch, &hard_stop).await.is_err() {
+            return;
+        }
+        ctx.held.release(&ids);
+    }
+}
+
+/// Enriches, stores and acknowledges one batch; poison entries go to the DLQ.
+async fn process(
+    ctx: &Context,
+    batch: Vec<Entry>,
+    hard_stop: &CancellationToken,
+) -> Result<(), Aborted> {
+    let ruleset = ctx.enricher.ruleset();
+    let entries = batch.len();
+    let mut ack: Vec<String> = Vec::with_capacity(entries);
+    let mut poison: Vec<(Entry, String)> = Vec::new();
+    let mut good: Vec<(Entry, StoredEvent)> = Vec::with_capacity(entries);
+    for entry in batch {
+        if entry.fields.is_empty() {
+            tracing::warn!(id = %entry.id, "pending entry no longer in the stream: acknowledging it");
+            ack.push(entry.id);
+            continue;
+        }
+        if entry.deliveries > ctx.config.max_deliveries {
+            let error = format!(
+                "delivered {} times, more than MAX_DELIVERIES={}",
+                entry.deliveries, ctx.config.max_deliveries
+            );
+            poison.push((entry, error));
+            continue;
+        }
+        let described = Envelope::from_fields(|name| entry.field(name))
+            .map_err(|e| format!("undecodable entry: {e}"))
+            .and_then(|envelope| {
+                match std::panic::catch_unwind(AssertUnwindSafe(|| ruleset.enrich(&envelope))) {
+                    Ok(Ok(enrichment)) => Ok(StoredEvent::new(envelope, enrichment)),
+                    Ok(Err(e)) => Err(format!("enrichment failed: {e}")),
+                    Err(_) => Err("enrichment panicked".to_string()),
+                }
+            });
+        match described {
+            Ok(event) => good.push((entry, event)),
+            Err(error) => poison.push((entry, error)),
+        }
+    }
+
+    let (good, events): (Vec<Entry>, Vec<StoredEvent>) = good.into_iter().unzip();
+    let (inserted, rejected) = store(ctx, &events, ruleset.version(), hard_stop).await?;
+    let mut rejected: HashMap<usize, String> = rejected.into_iter().collect();
+    for (i, entry) in good.into_iter().enumerate() {
+        match rejected.remove(&i) {
+            Some(error) => poison.push((entry, format!("rejected by Postgres: {error}"))),
+            None => ack.push(entry.id),
+        }
+    }
+
+    if !poison.is_empty() {
+        let letters: Vec<(&Entry, String)> =
+            poison.iter().map(|(e, err)| (e, err.clone())).collect();
+        redis_retrying(hard_stop, "dead-letter entries", || {
+            ctx.streams.dead_letter(&letters)
+        })
+        .await?;
+        for (entry, error) in &poison {
+            tracing::warn!(id = %entry.id, deliveries = entry.deliveries, %error, dlq = %ctx.config.dlq_name, "entry dead-lettered");
+        }
+        ack.extend(poison.into_iter().map(|(e, _)| e.id));
+    }
+    redis_retrying(hard_stop, "acknowledge entries", || ctx.streams.ack(&ack)).await?;
+    tracing::debug!(
+        entries,
+        stored = inserted,
+        duplicates = events.len() - inserted,
+        "batch done"
+    );
+    Ok(())
+}
+
+/// Stores events; on a data error, stores them one by one to find the ones Postgres rejects.
+/// Returns how many were new, and the rejected ones by index with the error.
+async fn store(
+    ctx: &Context,
+    events: &[StoredEvent],
+    rules_version: &str,
+    hard_stop: &CancellationToken,
+) -> Result<(usize, Vec<(usize, String)>), Aborted> {
+    if events.is_empty() {
+        return Ok((0, Vec::new()));
+    }
+    match write_retrying(ctx, events, rules_version, hard_stop).await? {
+        Ok(inserted) => Ok((inserted, Vec::new())),
+        Err(error) => {
+            tracing::warn!(%error, count = events.len(), "batch rejected by Postgres: storing its events one by one");
+            let mut inserted = 0;
+            let mut rejected = Vec::new();
+            for (i, event) in events.iter().enumerate() {
+                match write_retrying(ctx, std::slice::from_ref(event), rules_version, hard_stop)
+                    .await?
+                {
+                    Ok(n) => inserted += n,
+                    Err(error) => rejected.push((i, error.to_string())),
+                }
+            }
+            Ok((inserted, rejected))
+        }
+    }
+}
+
+/// Retries transient failures (Postgres down, timeouts, deadlocks) with capped exponential backoff
+/// until the batch is stored or rejected for its data. Never acknowledges anything itself.
+async fn write_retrying(
+    ctx: &Context,
+    events: &[StoredEvent],
+    rules_version: &str,
+    hard_stop: &CancellationToken,
+) -> Result<Result<usize, StoreError>, Aborted> {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    let mut failures = 0u32;
+    loop {
+        let attempt = tokio::time::timeout(
+            STORE_TIMEOUT,
+            store::write_batch(&ctx.db, events, rules_version),
+        );
+        let result = tokio::select! {
+            result = attempt => result.unwrap_or(Err(StoreError::Timeout(STORE_TIMEOUT))),
+            _ = hard_stop.cancelled() => return Err(Aborted),
+        };
+        match result {
+            Ok(inserted) => {
+                if failures > 0 {
+                    tracing::info!(failures, "database reachable again: batch stored");
+                }
+                return Ok(Ok(inserted));
+            }
+            Err(error) if error.is_data_error() => return Ok(Err(error)),
+            Err(error) => {
+                failures += 1;
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, failures, retry_in_ms = delay.as_millis() as u64, "storing batch failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = hard_stop.cancelled() => return Err(Aborted),
+                }
+            }
+        }
+    }
+}
+
+async fn redis_retrying<F, Fut>(
+    hard_stop: &CancellationToken,
+    what: &str,
+    mut op: F,
+) -> Result<(), Aborted>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), StreamError>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let error = tokio::select! {
+            result = op() => match result {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
+            },
+            _ = hard_stop.cancelled() => return Err(Aborted),
+        };
+        let delay = backoff.next_delay();
+        tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "could not {what}; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = hard_stop.cancelled() => return Err(Aborted),
+        }
+    }
+}

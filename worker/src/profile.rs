@@ -1,0 +1,260 @@
+//! Per-user aggregates: what one batch adds to a user's profile, and how it merges into the stored
+//! row. Pure functions; the store runs them inside the batch transaction.
+
+use chrono::{DateTime, Utc};
+use entity::user_profile::{IntentState, Intents, decay};
+use serde_json::{Map, Value};
+
+use crate::enrich::IntentHit;
+
+/// Evidence descriptions kept per intent.
+pub const MAX_EVIDENCE: usize = 5;
+
+/// Person properties an event sets: `person.properties` and `$set` overwrite, `$set_once` fills gaps.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PersonUpdate {
+    pub set: Map<String, Value>,
+    pub set_once: Map<String, Value>,
+}
+
+impl PersonUpdate {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.set_once.is_empty()
+    }
+}
+
+/// What newly stored events add to one user's profile.
+#[derive(Debug, Clone)]
+pub struct ProfileDelta {
+    pub distinct_id: String,
+    pub first_seen: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub events: i64,
+    /// Sessions of this user first seen in this batch.
+    pub new_sessions: i64,
+    /// Intent hits with the event's time and description, oldest first.
+    pub intents: Vec<(DateTime<Utc>, IntentHit, String)>,
+    /// Person property updates, oldest first.
+    pub person: Vec<(DateTime<Utc>, PersonUpdate)>,
+}
+
+impl ProfileDelta {
+    /// Whether it changes more than counts and times (intents or person properties).
+    pub fn has_details(&self) -> bool {
+        !self.intents.is_empty() || !self.person.is_empty()
+    }
+
+    pub fn new(distinct_id: String, at: DateTime<Utc>) -> Self {
+        Self {
+            distinct_id,
+            first_seen: at,
+            last_seen: at,
+            events: 0,
+            new_sessions: 0,
+            intents: Vec::new(),
+            person: Vec::new(),
+        }
+    }
+
+    /// Counts one stored event.
+    pub fn add_event(
+        &mut self,
+        at: DateTime<Utc>,
+        hits: &[IntentHit],
+        description: &str,
+        person: Option<PersonUpdate>,
+    ) {
+        self.first_seen = self.first_seen.min(at);
+        self.last_seen = self.last_seen.max(at);
+        self.events += 1;
+        self.intents.extend(
+            hits.iter()
+                .map(|h| (at, h.clone(), description.to_string())),
+        );
+        if let Some(update) = person.filter(|p| !p.is_empty()) {
+            self.person.push((at, update));
+        }
+    }
+}
+
+/// A user's stored profile columns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProfileRow {
+    pub first_seen: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub event_count: i64,
+    pub session_count: i64,
+    pub intents: Intents,
+    pub person_properties: Option<Map<String, Value>>,
+}
+
+impl ProfileRow {
+    /// The profile of a user seen for the first time.
+    pub fn from_delta(delta: &ProfileDelta) -> Self {
+        let mut row = Self {
+            first_seen: delta.first_seen,
+            last_seen: delta.last_seen,
+            event_count: 0,
+            session_count: 0,
+            intents: Intents::new(),
+            person_properties: None,
+        };
+        row.apply(delta);
+        row
+    }
+
+    /// Adds a batch's delta to the stored profile.
+    pub fn apply(&mut self, delta: &ProfileDelta) {
+        self.first_seen = self.first_seen.min(delta.first_seen);
+        self.last_seen = self.last_seen.max(delta.last_seen);
+        self.event_count += delta.events;
+        self.session_count += delta.new_sessions;
+        self.apply_details(delta);
+    }
+
+    /// Adds a delta's intent hits and person properties (what SQL arithmetic cannot merge).
+    pub fn apply_details(&mut self, delta: &ProfileDelta) {
+        let mut hits: Vec<_> = delta.intents.iter().collect();
+        hits.sort_by_key(|(at, _, _)| *at);
+        for (at, hit, description) in hits {
+            add_intent(&mut self.intents, *at, hit, description);
+        }
+        let mut updates: Vec<_> = delta.person.iter().collect();
+        updates.sort_by_key(|(at, _)| *at);
+        for (_, update) in updates {
+            let props = self.person_properties.get_or_insert_with(Map::new);
+            for (key, value) in &update.set_once {
+                props.entry(key.clone()).or_insert_with(|| value.clone());
+            }
+            for (key, value) in &update.set {
+                props.insert(key.clone(), value.clone());
+            }
+        }
+    }
+}
+
+/// Adds one event's weight to an intent: `score = old * 0.5^((at - last_seen) / half_life) + weight`.
+/// An event older than `last_seen` (replicas do not keep order) adds its weight decayed to
+/// `last_seen` instead, so the result does not depend on arrival order.
+pub fn add_intent(intents: &mut Intents, at: DateTime<Utc>, hit: &IntentHit, description: &str) {
+    let state = intents
+        .entry(hit.name.clone())
+        .or_insert_with(|| IntentState {
+            score: 0.0,
+            last_seen: at,
+            evidence: Vec::new(),
+            summary: hit.summary.clone(),
+            half_life_secs: hit.half_life_secs,
+            count: 0,
+        });
+    state.summary.clone_from(&hit.summary);
+    state.half_life_secs = hit.half_life_secs;
+    state.count += 1;
+    let seconds =
+        |from: DateTime<Utc>, to: DateTime<Utc>| (to - from).num_milliseconds() as f64 / 1000.0;
+    if at >= state.last_seen {
+        state.score =
+            state.score * decay(seconds(state.last_seen, at), hit.half_life_secs) + hit.weight;
+        state.last_seen = at;
+        state.evidence.retain(|e| e != description);
+        state.evidence.insert(0, description.to_string());
+        state.evidence.truncate(MAX_EVIDENCE);
+    } else {
+        state.score += hit.weight * decay(seconds(at, state.last_seen), hit.half_life_secs);
+        if state.evidence.len() < MAX_EVIDENCE && !state.evidence.iter().any(|e| e == description) {
+            state.evidence.push(description.to_string());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn hit(weight: f64) -> IntentHit {
+        IntentHit {
+            name: "purchase".into(),
+            weight,
+            summary: "User showing Purchase Intent.".into(),
+            half_life_secs: 3600.0,
+        }
+    }
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap()
+    }
+
+    #[test]
+    fn score_decays_by_half_life_and_is_order_independent() {
+        let mut in_order = Intents::new();
+        add_intent(&mut in_order, at(0), &hit(2.0), "Viewed page: /pricing");
+        add_intent(&mut in_order, at(3600), &hit(1.0), "Clicked 'Upgrade Plan'");
+        let state = &in_order["purchase"];
+        assert!(
+            (state.score - 2.0).abs() < 1e-9,
+            "2 * 0.5 + 1 = {}",
+            state.score
+        );
+        assert_eq!(state.last_seen, at(3600));
+        assert_eq!(
+            state.evidence,
+            ["Clicked 'Upgrade Plan'", "Viewed page: /pricing"]
+        );
+        assert_eq!(state.count, 2);
+
+        let mut reversed = Intents::new();
+        add_intent(&mut reversed, at(3600), &hit(1.0), "Clicked 'Upgrade Plan'");
+        add_intent(&mut reversed, at(0), &hit(2.0), "Viewed page: /pricing");
+        assert!((reversed["purchase"].score - 2.0).abs() < 1e-9);
+        assert_eq!(reversed["purchase"].last_seen, at(3600));
+        assert!((state.score_at(at(7200)) - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn evidence_is_distinct_newest_first_and_bounded() {
+        let mut intents = Intents::new();
+        for i in 0..8 {
+            add_intent(&mut intents, at(i), &hit(1.0), &format!("e{}", i % 7));
+        }
+        assert_eq!(intents["purchase"].evidence, ["e0", "e6", "e5", "e4", "e3"]);
+    }
+
+    #[test]
+    fn profile_counts_and_person_properties() {
+        let mut delta = ProfileDelta::new("u".into(), at(10));
+        let set = |k: &str, v: &str| PersonUpdate {
+            set: [(k.to_string(), Value::from(v))].into_iter().collect(),
+            set_once: Map::new(),
+        };
+        delta.add_event(at(10), &[], "a", Some(set("plan", "free")));
+        delta.add_event(at(5), &[hit(1.0)], "b", None);
+        delta.new_sessions = 1;
+        let mut row = ProfileRow::from_delta(&delta);
+        assert_eq!(
+            (
+                row.first_seen,
+                row.last_seen,
+                row.event_count,
+                row.session_count
+            ),
+            (at(5), at(10), 2, 1)
+        );
+
+        let mut later = ProfileDelta::new("u".into(), at(20));
+        later.add_event(at(20), &[], "c", Some(set("plan", "pro")));
+        later.person.push((
+            at(20),
+            PersonUpdate {
+                set: Map::new(),
+                set_once: [("plan".to_string(), Value::from("x"))]
+                    .into_iter()
+                    .collect(),
+            },
+        ));
+        row.apply(&later);
+        assert_eq!(row.event_count, 3);
+        assert_eq!(row.last_seen, at(20));
+        assert_eq!(row.person_properties.unwrap()["plan"], "pro");
+    }
+}

@@ -1,0 +1,834 @@
+//! Compiled conditions and the per-event view they test.
+
+use std::borrow::Cow;
+use std::cell::OnceCell;
+use std::fmt;
+use std::sync::Arc;
+
+use regex::{Regex, RegexBuilder};
+use serde_json::{Map, Value};
+
+use super::elements::{Element, Elements};
+use super::model::{MatcherOps, MatcherSpec, Scalar};
+
+/// Compiled size limit of one regex (bytes of program).
+pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// Longest regex source accepted.
+pub const MAX_REGEX_LEN: usize = 4096;
+
+/// A dotted property path (`$set.email`, `items.0.sku`), split once at load.
+#[derive(Debug, Clone)]
+pub struct PropPath {
+    full: Box<str>,
+    segments: Box<[Box<str>]>,
+    /// Per-event cache slot, for the paths the rule set reads most.
+    pub slot: Option<u8>,
+}
+
+/// How many property paths get a per-event cache slot.
+pub const PROP_SLOTS: usize = 8;
+
+impl PropPath {
+    pub fn new(path: &str) -> Result<PropPath, String> {
+        if path.is_empty() {
+            return Err("empty property path".into());
+        }
+        Ok(PropPath {
+            full: path.into(),
+            segments: path.split('.').map(Into::into).collect(),
+            slot: None,
+        })
+    }
+
+    /// Looks the path up; a key that literally contains dots wins over nesting.
+    pub fn full(&self) -> &str {
+        &self.full
+    }
+
+    /// Whether the path is one key (no nesting).
+    pub fn is_single(&self) -> bool {
+        self.segments.len() == 1
+    }
+
+    pub fn lookup<'a>(&self, map: &'a Map<String, Value>) -> Option<&'a Value> {
+        if let Some(v) = map.get(&*self.full) {
+            return Some(v);
+        }
+        if self.segments.len() < 2 {
+            return None;
+        }
+        let mut cur = map.get(&*self.segments[0])?;
+        for seg in &self.segments[1..] {
+            cur = match cur {
+                Value::Object(m) => m.get(&**seg)?,
+                Value::Array(a) => a.get(seg.parse::<usize>().ok()?)?,
+                _ => return None,
+            };
+        }
+        Some(cur)
+    }
+}
+
+impl fmt::Display for PropPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.full)
+    }
+}
+
+/// A field of an element.
+#[derive(Debug, Clone)]
+pub enum ElementField {
+    Tag,
+    Text,
+    Id,
+    Href,
+    Classes,
+    Attribute(Box<str>),
+}
+
+impl ElementField {
+    pub fn get<'a>(&self, el: &Element<'a>) -> Option<Cow<'a, str>> {
+        match self {
+            ElementField::Tag => el.tag(),
+            ElementField::Text => el.text(),
+            ElementField::Id => el.id(),
+            ElementField::Href => el.href(),
+            ElementField::Classes => el.classes(),
+            ElementField::Attribute(a) => el.attribute(a),
+        }
+    }
+}
+
+impl fmt::Display for ElementField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ElementField::Tag => f.write_str("tag"),
+            ElementField::Text => f.write_str("text"),
+            ElementField::Id => f.write_str("id"),
+            ElementField::Href => f.write_str("href"),
+            ElementField::Classes => f.write_str("classes"),
+            ElementField::Attribute(a) => write!(f, "attributes.{a}"),
+        }
+    }
+}
+
+/// What a condition or a template variable reads from the event.
+#[derive(Debug, Clone)]
+pub enum Subject {
+    Event,
+    DistinctId,
+    Path,
+    Url,
+    Host,
+    Property(PropPath),
+    Person(PropPath),
+    Element(ElementField),
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Subject::Event => f.write_str("event"),
+            Subject::DistinctId => f.write_str("distinct_id"),
+            Subject::Path => f.write_str("path"),
+            Subject::Url => f.write_str("url"),
+            Subject::Host => f.write_str("host"),
+            Subject::Property(p) => write!(f, "properties.{p}"),
+            Subject::Person(p) => write!(f, "person.{p}"),
+            Subject::Element(e) => write!(f, "element.{e}"),
+        }
+    }
+}
+
+/// A value read from an event.
+#[derive(Debug, Clone)]
+pub enum Val<'a> {
+    Str(Cow<'a, str>),
+    Json(&'a Value),
+}
+
+impl<'a> Val<'a> {
+    /// The value as text; `None` for null. Objects and arrays render as compact JSON.
+    pub fn text(&self) -> Option<Cow<'a, str>> {
+        match self {
+            Val::Str(s) => Some(s.clone()),
+            Val::Json(v) => json_text(v),
+        }
+    }
+
+    fn number(&self) -> Option<f64> {
+        match self {
+            Val::Str(s) => s.trim().parse().ok(),
+            Val::Json(Value::Number(n)) => n.as_f64(),
+            Val::Json(Value::String(s)) => s.trim().parse().ok(),
+            Val::Json(_) => None,
+        }
+    }
+
+    fn is_null(&self) -> bool {
+        matches!(self, Val::Json(Value::Null))
+    }
+}
+
+pub fn json_text(v: &Value) -> Option<Cow<'_, str>> {
+    match v {
+        Value::String(s) => Some(Cow::Borrowed(s)),
+        Value::Null => None,
+        Value::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
+        Value::Number(n) => Some(Cow::Owned(n.to_string())),
+        other => Some(Cow::Owned(other.to_string())),
+    }
+}
+
+/// The property keys a rule set reads most, found in one pass over an event's properties.
+#[derive(Debug, Clone, Default)]
+pub struct PropSlots {
+    keys: Vec<Box<str>>,
+    /// Bit `n` set when some key is `n` bytes long (63 = 63 or longer).
+    len_mask: u64,
+}
+
+impl PropSlots {
+    pub fn new(keys: Vec<Box<str>>) -> PropSlots {
+        let len_mask = keys.iter().fold(0, |m, k| m | 1u64 << k.len().min(63));
+        PropSlots { keys, len_mask }
+    }
+}
+
+#[cfg(test)]
+static NO_SLOTS: PropSlots = PropSlots {
+    keys: Vec::new(),
+    len_mask: 0,
+};
+
+/// Properties the engine itself reads, plus the slotted ones, collected in one pass.
+#[derive(Default)]
+struct Scan<'a> {
+    pathname: Option<&'a Value>,
+    current_url: Option<&'a Value>,
+    host: Option<&'a Value>,
+    elements_chain: Option<&'a Value>,
+    elements: Option<&'a Value>,
+    el_text: Option<&'a Value>,
+    slots: [Option<&'a Value>; PROP_SLOTS],
+}
+
+/// The per-event view conditions and templates read; derived fields are computed once, lazily.
+pub struct EventCtx<'a> {
+    pub event: &'a str,
+    pub distinct_id: &'a str,
+    pub props: &'a Map<String, Value>,
+    pub person: Option<&'a Map<String, Value>>,
+    chain: Option<&'a str>,
+    slots: &'a PropSlots,
+    scan: OnceCell<Scan<'a>>,
+    path: OnceCell<Option<&'a str>>,
+    elements: OnceCell<Elements<'a>>,
+    clicked: OnceCell<Option<Element<'a>>>,
+    text: OnceCell<Option<Cow<'a, str>>>,
+}
+
+impl<'a> EventCtx<'a> {
+    #[cfg(test)]
+    pub fn new(
+        event: &'a str,
+        distinct_id: &'a str,
+        props: &'a Map<String, Value>,
+        chain: Option<&'a str>,
+        person: Option<&'a Map<String, Value>>,
+    ) -> Self {
+        Self::with_slots(event, distinct_id, props, chain, person, &NO_SLOTS)
+    }
+
+    pub fn with_slots(
+        event: &'a str,
+        distinct_id: &'a str,
+        props: &'a Map<String, Value>,
+        chain: Option<&'a str>,
+        person: Option<&'a Map<String, Value>>,
+        slots: &'a PropSlots,
+    ) -> Self {
+        EventCtx {
+            event,
+            distinct_id,
+            props,
+            person,
+            chain,
+            slots,
+            scan: OnceCell::new(),
+            path: OnceCell::new(),
+            elements: OnceCell::new(),
+            clicked: OnceCell::new(),
+            text: OnceCell::new(),
+        }
+    }
+
+    fn scan(&self) -> &Scan<'a> {
+        self.scan.get_or_init(|| {
+            let mut s = Scan::default();
+            let slots = self.slots;
+            // Lengths of the keys below, to skip most keys with one test.
+            const WELL_KNOWN: u64 = 1 << 5 | 1 << 8 | 1 << 9 | 1 << 12 | 1 << 15;
+            for (k, v) in self.props {
+                let bit = 1u64 << k.len().min(63);
+                if WELL_KNOWN & bit != 0 && k.starts_with('$') {
+                    match k.as_str() {
+                        "$pathname" => s.pathname = Some(v),
+                        "$current_url" => s.current_url = Some(v),
+                        "$host" => s.host = Some(v),
+                        "$elements_chain" => s.elements_chain = Some(v),
+                        "$elements" => s.elements = Some(v),
+                        "$el_text" => s.el_text = Some(v),
+                        _ => {}
+                    }
+                }
+                if slots.len_mask & bit != 0
+                    && let Some(i) = slots.keys.iter().position(|key| **key == **k)
+                {
+                    s.slots[i] = Some(v);
+                }
+            }
+            s
+        })
+    }
+
+    /// The page path: `$pathname`, else the path of `$current_url`; no query, no trailing `/`.
+    pub fn path(&self) -> Option<&'a str> {
+        *self.path.get_or_init(|| {
+            let p = match self.scan().pathname {
+                Some(Value::String(p)) if !p.is_empty() => p.as_str(),
+                _ => url_path(self.url()?)?,
+            };
+            Some(normalise_path(p))
+        })
+    }
+
+    pub fn url(&self) -> Option<&'a str> {
+        self.scan().current_url.and_then(Value::as_str)
+    }
+
+    pub fn host(&self) -> Option<&'a str> {
+        if let Some(Value::String(h)) = self.scan().host {
+            return Some(h);
+        }
+        let url = self.url()?;
+        let rest = &url[url.find("://")? + 3..];
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        Some(&rest[..end])
+    }
+
+    pub fn elements(&self) -> Elements<'a> {
+        *self.elements.get_or_init(|| {
+            let scan = self.scan();
+            let chain = self
+                .chain
+                .or_else(|| scan.elements_chain.and_then(Value::as_str));
+            Elements::from_parts(chain, scan.elements, self.props)
+        })
+    }
+
+    /// The clicked element.
+    pub fn clicked(&self) -> Option<Element<'a>> {
+        *self.clicked.get_or_init(|| self.elements().first())
+    }
+
+    /// A field of the clicked element; text falls back to `$el_text`.
+    pub fn element_field(&self, f: &ElementField) -> Option<Cow<'a, str>> {
+        if let ElementField::Text = f {
+            return self
+                .text
+                .get_or_init(|| {
+                    self.clicked()
+                        .and_then(|e| e.text())
+                        .or_else(|| self.scan().el_text.and_then(json_text))
+                })
+                .clone();
+        }
+        self.clicked().and_then(|e| f.get(&e))
+    }
+
+    pub fn get(&self, s: &Subject) -> Option<Val<'a>> {
+        match s {
+            Subject::Event => Some(Val::Str(Cow::Borrowed(self.event))),
+            Subject::DistinctId => Some(Val::Str(Cow::Borrowed(self.distinct_id))),
+            Subject::Path => self.path().map(|p| Val::Str(Cow::Borrowed(p))),
+            Subject::Url => self.url().map(|p| Val::Str(Cow::Borrowed(p))),
+            Subject::Host => self.host().map(|p| Val::Str(Cow::Borrowed(p))),
+            Subject::Property(p) => match p.slot {
+                Some(i) => self.scan().slots[usize::from(i)],
+                None => p.lookup(self.props),
+            }
+            .map(Val::Json),
+            Subject::Person(p) => self.person.and_then(|m| p.lookup(m)).map(Val::Json),
+            Subject::Element(f) => self.element_field(f).map(Val::Str),
+        }
+    }
+}
+
+/// The path part of a URL (`https://x.com/a/b?q` → `/a/b`); a bare path is returned as is.
+pub fn url_path(url: &str) -> Option<&str> {
+    let rest = match url.find("://") {
+        Some(i) => {
+            let after = &url[i + 3..];
+            match after.find(['/', '?', '#']) {
+                Some(j) if after.as_bytes()[j] == b'/' => &after[j..],
+                _ => "/",
+            }
+        }
+        None if url.starts_with('/') => url,
+        None => return None,
+    };
+    Some(rest)
+}
+
+fn normalise_path(p: &str) -> &str {
+    let b = p.as_bytes();
+    let mut end = b
+        .iter()
+        .position(|&c| c == b'?' || c == b'#')
+        .unwrap_or(b.len());
+    while end > 0 && b[end - 1] == b'/' {
+        end -= 1;
+    }
+    if end == 0 { "/" } else { &p[..end] }
+}
+
+/// A literal compared with event values.
+#[derive(Debug, Clone)]
+pub struct Literal {
+    text: Box<str>,
+    number: Option<f64>,
+    boolean: Option<bool>,
+}
+
+impl Literal {
+    fn new(s: &Scalar) -> Literal {
+        match s {
+            Scalar::Str(t) => Literal {
+                text: t.as_str().into(),
+                number: None,
+                boolean: None,
+            },
+            Scalar::Num(n) => Literal {
+                text: fmt_num(*n).into(),
+                number: Some(*n),
+                boolean: None,
+            },
+            Scalar::Bool(b) => Literal {
+                text: if *b { "true" } else { "false" }.into(),
+                number: None,
+                boolean: Some(*b),
+            },
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    fn matches(&self, v: &Val<'_>) -> bool {
+        match v {
+            Val::Str(s) => **s == *self.text,
+            Val::Json(Value::String(s)) => **s == *self.text,
+            Val::Json(Value::Number(n)) => match self.number {
+                Some(x) => n.as_f64() == Some(x),
+                None => self
+                    .text
+                    .parse::<f64>()
+                    .ok()
+                    .is_some_and(|x| n.as_f64() == Some(x)),
+            },
+            Val::Json(Value::Bool(b)) => self.boolean == Some(*b) || *self.text == *bool_str(*b),
+            Val::Json(_) => false,
+        }
+    }
+}
+
+fn bool_str(b: bool) -> &'static str {
+    if b { "true" } else { "false" }
+}
+
+fn fmt_num(n: f64) -> String {
+    if n.fract() == 0.0 && n.abs() < 1e15 {
+        format!("{}", n as i64)
+    } else {
+        n.to_string()
+    }
+}
+
+/// One compiled test of a value.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Equals(Literal),
+    OneOf(Box<[Literal]>),
+    Regex(Arc<Regex>, Prefixes),
+    Exists(bool),
+    Contains(Box<str>),
+    StartsWith(Box<str>),
+    EndsWith(Box<str>),
+    Gt(f64),
+    Gte(f64),
+    Lt(f64),
+    Lte(f64),
+}
+
+/// A compiled value test: all its operators must hold.
+#[derive(Debug, Clone)]
+pub struct Matcher {
+    pub ops: Box<[Op]>,
+}
+
+/// Builds a regex under the engine's size limits.
+pub fn build_regex(src: &str) -> Result<Regex, String> {
+    if src.len() > MAX_REGEX_LEN {
+        return Err(format!("regex longer than {MAX_REGEX_LEN} characters"));
+    }
+    RegexBuilder::new(src)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(2 * REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| format!("invalid regex {src:?}: {e}"))
+}
+
+/// Literals one of which every match must start with, for a regex anchored with `^`; lets most
+/// values be rejected with a `starts_with` instead of running the regex.
+pub type Prefixes = Option<Box<[Box<[u8]>]>>;
+
+fn anchored_prefixes(src: &str) -> Prefixes {
+    use regex_syntax::hir::{Look, literal::Extractor};
+    let hir = regex_syntax::Parser::new().parse(src).ok()?;
+    if !hir.properties().look_set_prefix().contains(Look::Start) {
+        return None;
+    }
+    let mut ex = Extractor::new();
+    ex.limit_total(64);
+    let seq = ex.extract(&hir);
+    let lits = seq.literals()?;
+    if lits.is_empty() || lits.iter().any(|l| l.as_bytes().is_empty()) {
+        return None;
+    }
+    Some(lits.iter().map(|l| l.as_bytes().into()).collect())
+}
+
+impl Matcher {
+    pub fn compile(spec: &MatcherSpec) -> Result<Matcher, String> {
+        let ops = match spec {
+            MatcherSpec::Equals(s) => vec![Op::Equals(Literal::new(s))],
+            MatcherSpec::OneOf(list) => vec![Op::OneOf(list.iter().map(Literal::new).collect())],
+            MatcherSpec::Ops(o) => Self::compile_ops(o)?,
+        };
+        Ok(Matcher { ops: ops.into() })
+    }
+
+    fn compile_ops(o: &MatcherOps) -> Result<Vec<Op>, String> {
+        let mut ops = Vec::new();
+        if let Some(e) = o.exists {
+            ops.push(Op::Exists(e));
+        }
+        if let Some(s) = &o.equals {
+            ops.push(Op::Equals(Literal::new(s)));
+        }
+        if let Some(l) = &o.one_of {
+            ops.push(Op::OneOf(l.iter().map(Literal::new).collect()));
+        }
+        for (v, f) in [
+            (&o.contains, Op::Contains as fn(Box<str>) -> Op),
+            (&o.starts_with, Op::StartsWith),
+            (&o.ends_with, Op::EndsWith),
+        ] {
+            if let Some(s) = v {
+                ops.push(f(s.as_str().into()));
+            }
+        }
+        for (v, f) in [
+            (o.gt, Op::Gt as fn(f64) -> Op),
+            (o.gte, Op::Gte),
+            (o.lt, Op::Lt),
+            (o.lte, Op::Lte),
+        ] {
+            if let Some(x) = v {
+                if !x.is_finite() {
+                    return Err("numeric comparison with a non-finite number".into());
+                }
+                ops.push(f(x));
+            }
+        }
+        if let Some(r) = &o.regex {
+            ops.push(Op::Regex(Arc::new(build_regex(r)?), anchored_prefixes(r)));
+        }
+        if ops.is_empty() {
+            return Err("empty matcher: give a value or an operator".into());
+        }
+        if o.exists == Some(false) && ops.len() > 1 {
+            return Err("`exists: false` cannot be combined with other operators".into());
+        }
+        Ok(ops)
+    }
+
+    /// Tests a value (`None` = absent).
+    pub fn test(&self, v: Option<&Val<'_>>) -> bool {
+        let v = v.filter(|v| !v.is_null());
+        self.ops.iter().all(|op| op_test(op, v))
+    }
+
+    /// The regexes of this matcher that define named groups.
+    pub fn capture_regexes(&self) -> impl Iterator<Item = &Arc<Regex>> {
+        self.ops.iter().filter_map(|op| match op {
+            Op::Regex(r, _) if r.capture_names().flatten().next().is_some() => Some(r),
+            _ => None,
+        })
+    }
+
+    /// The exact names this matcher accepts, if it is only equals/one_of on strings.
+    pub fn exact_names(&self) -> Option<Vec<&str>> {
+        match &*self.ops {
+            [Op::Equals(l)] => Some(vec![l.as_str()]),
+            [Op::OneOf(ls)] => Some(ls.iter().map(Literal::as_str).collect()),
+            _ => None,
+        }
+    }
+
+    /// The literal prefixes of this matcher's values, if it is a single anchored regex that has them.
+    pub fn regex_prefixes(&self) -> Option<&[Box<[u8]>]> {
+        match &*self.ops {
+            [Op::Regex(_, Some(p))] => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The pattern, if this matcher is a single regex.
+    pub fn only_regex(&self) -> Option<&Regex> {
+        match &*self.ops {
+            [Op::Regex(r, _)] => Some(r),
+            _ => None,
+        }
+    }
+}
+
+fn op_test(op: &Op, v: Option<&Val<'_>>) -> bool {
+    if let Op::Exists(want) = op {
+        return v.is_some() == *want;
+    }
+    let Some(v) = v else { return false };
+    match op {
+        Op::Exists(_) => unreachable!("handled above"),
+        Op::Equals(l) => l.matches(v),
+        Op::OneOf(ls) => ls.iter().any(|l| l.matches(v)),
+        Op::Regex(r, prefixes) => v.text().is_some_and(|t| {
+            prefixes
+                .as_ref()
+                .is_none_or(|ps| ps.iter().any(|p| t.as_bytes().starts_with(p)))
+                && r.is_match(&t)
+        }),
+        Op::Contains(s) => v.text().is_some_and(|t| t.contains(&**s)),
+        Op::StartsWith(s) => v.text().is_some_and(|t| t.starts_with(&**s)),
+        Op::EndsWith(s) => v.text().is_some_and(|t| t.ends_with(&**s)),
+        Op::Gt(x) => v.number().is_some_and(|n| n > *x),
+        Op::Gte(x) => v.number().is_some_and(|n| n >= *x),
+        Op::Lt(x) => v.number().is_some_and(|n| n < *x),
+        Op::Lte(x) => v.number().is_some_and(|n| n <= *x),
+    }
+}
+
+impl fmt::Display for Matcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, op) in self.ops.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" and ")?;
+            }
+            match op {
+                Op::Equals(l) => write!(f, "equals {:?}", l.as_str())?,
+                Op::OneOf(ls) => {
+                    let v: Vec<&str> = ls.iter().map(Literal::as_str).collect();
+                    write!(f, "one of {v:?}")?
+                }
+                Op::Regex(r, _) => write!(f, "matches /{}/", r.as_str())?,
+                Op::Exists(true) => f.write_str("exists")?,
+                Op::Exists(false) => f.write_str("is absent")?,
+                Op::Contains(s) => write!(f, "contains {s:?}")?,
+                Op::StartsWith(s) => write!(f, "starts with {s:?}")?,
+                Op::EndsWith(s) => write!(f, "ends with {s:?}")?,
+                Op::Gt(x) => write!(f, "> {x}")?,
+                Op::Gte(x) => write!(f, ">= {x}")?,
+                Op::Lt(x) => write!(f, "< {x}")?,
+                Op::Lte(x) => write!(f, "<= {x}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A test on one element.
+#[derive(Debug, Clone)]
+pub enum ElementCondition {
+    Field(ElementField, Matcher),
+    Classes(Box<[Box<str>]>),
+}
+
+impl ElementCondition {
+    fn test(&self, el: &Element<'_>) -> bool {
+        match self {
+            ElementCondition::Field(f, m) => m.test(f.get(el).map(Val::Str).as_ref()),
+            ElementCondition::Classes(cs) => cs.iter().all(|c| el.has_class(c)),
+        }
+    }
+}
+
+/// A compiled condition of a rule.
+#[derive(Debug, Clone)]
+pub enum Condition {
+    /// A field of the event (name, path, property, clicked element field…).
+    Field(Subject, Matcher),
+    /// CSS classes the clicked element must carry.
+    Classes(Box<[Box<str>]>),
+    /// Some ancestor of the clicked element satisfies all these.
+    Inside(Box<[ElementCondition]>),
+    /// At least one of the groups holds.
+    Any(Box<[Box<[Condition]>]>),
+    /// The group does not hold.
+    Not(Box<[Condition]>),
+}
+
+impl Condition {
+    pub fn test(&self, ctx: &EventCtx<'_>) -> bool {
+        match self {
+            Condition::Field(s, m) => m.test(ctx.get(s).as_ref()),
+            Condition::Classes(cs) => ctx
+                .clicked()
+                .is_some_and(|el| cs.iter().all(|c| el.has_class(c))),
+            Condition::Inside(conds) => ctx
+                .elements()
+                .iter()
+                .skip(1)
+                .any(|el| conds.iter().all(|c| c.test(&el))),
+            Condition::Any(groups) => groups.iter().any(|g| all(g, ctx)),
+            Condition::Not(g) => !all(g, ctx),
+        }
+    }
+
+    /// Rough cost, so cheap tests run first.
+    pub fn cost(&self) -> u32 {
+        match self {
+            Condition::Field(s, m) => {
+                let base = match s {
+                    Subject::Event | Subject::DistinctId => 1,
+                    Subject::Property(_) | Subject::Person(_) | Subject::Url | Subject::Host => 2,
+                    Subject::Path => 3,
+                    Subject::Element(_) => 4,
+                };
+                let regex = m.ops.iter().any(|o| matches!(o, Op::Regex(..)));
+                base + if regex { 4 } else { 0 }
+            }
+            Condition::Classes(_) => 5,
+            Condition::Inside(_) => 12,
+            Condition::Any(g) => 6 + g.len() as u32,
+            Condition::Not(g) => 6 + g.len() as u32,
+        }
+    }
+
+    /// Explains a failed test: what was required and what the event had.
+    pub fn explain_failure(&self, ctx: &EventCtx<'_>) -> String {
+        match self {
+            Condition::Field(s, m) => {
+                let actual = ctx.get(s).and_then(|v| v.text()).map(|t| format!("{t:?}"));
+                format!(
+                    "{s} {m} — event has {}",
+                    actual.as_deref().unwrap_or("nothing")
+                )
+            }
+            Condition::Classes(cs) => format!(
+                "element has classes {:?} — event has {}",
+                cs,
+                ctx.clicked()
+                    .and_then(|e| e.classes())
+                    .map(|c| format!("{c:?}"))
+                    .unwrap_or_else(|| "no element classes".into())
+            ),
+            Condition::Inside(_) => "no ancestor element satisfies `inside`".into(),
+            Condition::Any(_) => "none of the `any` groups holds".into(),
+            Condition::Not(_) => "the `not` group holds".into(),
+        }
+    }
+}
+
+/// Visits every subject of the conditions, nested groups included.
+pub fn for_each_subject_mut(conds: &mut [Condition], f: &mut impl FnMut(&mut Subject)) {
+    for c in conds {
+        match c {
+            Condition::Field(s, _) => f(s),
+            Condition::Any(groups) => {
+                for g in groups.iter_mut() {
+                    for_each_subject_mut(g, f);
+                }
+            }
+            Condition::Not(g) => for_each_subject_mut(g, f),
+            Condition::Classes(_) | Condition::Inside(_) => {}
+        }
+    }
+}
+
+/// Whether all conditions hold.
+pub fn all(conds: &[Condition], ctx: &EventCtx<'_>) -> bool {
+    conds.iter().all(|c| c.test(ctx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn paths_are_normalised() {
+        assert_eq!(
+            url_path("https://x.com/pricing/?a=1"),
+            Some("/pricing/?a=1")
+        );
+        assert_eq!(url_path("https://x.com"), Some("/"));
+        assert_eq!(url_path("https://x.com?q"), Some("/"));
+        assert_eq!(normalise_path("/pricing/?a=1"), "/pricing");
+        assert_eq!(normalise_path("/"), "/");
+        assert_eq!(url_path("nonsense"), None);
+    }
+
+    #[test]
+    fn nested_property_paths() {
+        let m = json!({"a": {"b": [{"c": 5}]}, "x.y": 1});
+        let m = m.as_object().unwrap();
+        assert_eq!(PropPath::new("a.b.0.c").unwrap().lookup(m), Some(&json!(5)));
+        assert_eq!(PropPath::new("x.y").unwrap().lookup(m), Some(&json!(1)));
+        assert_eq!(PropPath::new("a.z").unwrap().lookup(m), None);
+    }
+
+    #[test]
+    fn anchored_regexes_get_prefixes() {
+        let p = anchored_prefixes("^/(pricing|plans)(/|$)").unwrap();
+        assert!(p.len() >= 2);
+        assert!(anchored_prefixes("/pricing").is_none());
+        assert!(anchored_prefixes("(?m)^x").is_none());
+        assert!(anchored_prefixes("^\\s*x").is_none());
+        let m = Matcher::compile(&MatcherSpec::Ops(MatcherOps {
+            regex: Some("^/(pricing|plans)(/|$)".into()),
+            ..Default::default()
+        }))
+        .unwrap();
+        for (path, want) in [
+            ("/pricing", true),
+            ("/plans/x", true),
+            ("/pricingx", false),
+            ("/docs", false),
+        ] {
+            assert_eq!(m.test(Some(&Val::Str(path.into()))), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn literal_equality_crosses_types() {
+        let n = json!(3);
+        let s = json!("3");
+        let l = Literal::new(&Scalar::Num(3.0));
+        assert!(l.matches(&Val::Json(&n)));
+        assert!(l.matches(&Val::Json(&s)));
+        let l = Literal::new(&Scalar::Str("3".into()));
+        assert!(l.matches(&Val::Json(&n)));
+    }
+}

@@ -1,0 +1,610 @@
+//! The compiled rule set and enrichment of one event.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use regex::RegexSet;
+use serde_json::{Map, Value};
+
+use super::condition::{Condition, EventCtx, PropSlots, Subject, Val, all};
+use super::model::ExampleSpec;
+use super::template::{CaptureSource, Template, push_clean};
+
+/// A borrowed view of one event, as the worker decoded it.
+#[derive(Debug, Clone, Copy)]
+pub struct EventInput<'a> {
+    pub event: &'a str,
+    pub distinct_id: &'a str,
+    pub properties: &'a Map<String, Value>,
+    /// PostHog's `elements_chain`; when `None`, `properties["$elements_chain"]` is used.
+    pub elements_chain: Option<&'a str>,
+    pub person_properties: Option<&'a Map<String, Value>>,
+}
+
+/// Weight a rule added to an intent, with what the summary needs to use it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IntentHit {
+    pub name: String,
+    pub weight: f64,
+    /// The intent's sentence, e.g. "User showing Purchase Intent."
+    pub summary: String,
+    pub half_life_secs: f64,
+}
+
+/// What the rules say about one event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Enrichment {
+    pub description: String,
+    /// The rule that produced `description`; `None` for the fallback.
+    pub rule_id: Option<String>,
+    pub intents: Vec<IntentHit>,
+    /// Whether a rule described the event (false: fallback sentence).
+    pub matched: bool,
+}
+
+/// An intent declared in the rule files.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IntentDef {
+    pub name: String,
+    pub summary: String,
+    pub half_life_secs: f64,
+    pub description: Option<String>,
+}
+
+/// A compiled rule.
+#[derive(Debug)]
+pub(crate) struct Rule {
+    pub id: String,
+    /// The author's note on the rule.
+    pub description: Option<String>,
+    pub file: Arc<str>,
+    pub line: usize,
+    pub column: usize,
+    pub priority: i32,
+    pub conditions: Box<[Condition]>,
+    /// Conditions to skip when the rule is reached through the event-name index (which already
+    /// checked the name): 1 when `conditions[0]` is that exact name test, else 0.
+    pub indexed_skip: usize,
+    pub say: Option<Template>,
+    /// (index into `RuleSet::intents`, weight)
+    pub intents: Box<[(u32, f64)]>,
+    pub captures: Box<[CaptureSource]>,
+    pub examples: Vec<ExampleSpec>,
+}
+
+impl Rule {
+    pub fn location(&self) -> String {
+        format!("{}:{}:{}", self.file, self.line, self.column)
+    }
+}
+
+/// How the compiler indexed a rule by event name.
+#[derive(Debug, Clone)]
+pub(crate) enum EventKey {
+    Exact(Vec<String>),
+    Regex(String),
+    Any,
+}
+
+/// Candidate rules for one event name, in priority order.
+#[derive(Debug, Default)]
+pub(crate) struct Candidates {
+    pub describers: CandidateList,
+    pub taggers: CandidateList,
+}
+
+/// Most dispatch maps one candidate list keeps.
+pub(crate) const MAX_DISPATCH: usize = 4;
+/// Most distinct prefix lengths one prefix dispatch looks up.
+pub(crate) const MAX_PREFIX_LENGTHS: usize = 8;
+const MAX_HEADS: usize = 2 + MAX_DISPATCH * MAX_PREFIX_LENGTHS;
+
+/// Rules in priority order, some of them filed under the value one of their conditions requires
+/// (`path: /pricing`, or the literal prefixes of `path: {regex: "^/docs/"}`), so an event only
+/// visits rules its values can satisfy.
+#[derive(Debug, Default)]
+pub(crate) struct CandidateList {
+    pub always: Box<[u32]>,
+    pub keyed: Box<[Dispatch]>,
+}
+
+/// Rules filed by the literal value (or value prefix) their condition on `subject` requires.
+#[derive(Debug)]
+pub(crate) struct Dispatch {
+    pub subject: Subject,
+    /// `None`: exact values; `Some(lengths)`: prefixes of these byte lengths.
+    pub prefix_lengths: Option<Box<[usize]>>,
+    /// For prefix dispatch when every prefix has 4+ bytes: their first 4 bytes, sorted, so most
+    /// values are turned away with one binary search.
+    pub quick: Option<Box<[u32]>>,
+    pub by_value: HashMap<Box<[u8]>, Box<[u32]>, BuildHasherDefault<FxHasher>>,
+}
+
+impl CandidateList {
+    /// Calls `f` on each candidate (and each of `extra`, sorted) in priority order, once each,
+    /// until it returns true.
+    fn for_each(&self, ctx: &EventCtx<'_>, extra: &[u32], mut f: impl FnMut(u32) -> bool) {
+        if self.keyed.is_empty() && extra.is_empty() {
+            for &i in &*self.always {
+                if f(i) {
+                    return;
+                }
+            }
+            return;
+        }
+        let mut heads: [&[u32]; MAX_HEADS] = [&[]; MAX_HEADS];
+        heads[0] = &self.always;
+        heads[1] = extra;
+        let mut n = 2;
+        for d in &*self.keyed {
+            let value: Option<&[u8]> = match ctx.get(&d.subject) {
+                Some(Val::Str(Cow::Borrowed(s))) => Some(s.as_bytes()),
+                Some(Val::Json(Value::String(s))) => Some(s.as_bytes()),
+                Some(Val::Str(Cow::Owned(s))) => {
+                    // Rare (unescaped element text): look up without keeping the borrow.
+                    push_lists(d, s.as_bytes(), &mut heads, &mut n);
+                    None
+                }
+                _ => None,
+            };
+            if let Some(v) = value {
+                push_lists(d, v, &mut heads, &mut n);
+            }
+        }
+        let heads = &mut heads[..n];
+        let mut last = u32::MAX;
+        loop {
+            let mut best: Option<usize> = None;
+            for (h, list) in heads.iter().enumerate() {
+                if let Some(&x) = list.first()
+                    && best.is_none_or(|b| x < heads[b][0])
+                {
+                    best = Some(h);
+                }
+            }
+            let Some(b) = best else { return };
+            let idx = heads[b][0];
+            heads[b] = &heads[b][1..];
+            if idx == last {
+                continue;
+            }
+            last = idx;
+            if f(idx) {
+                return;
+            }
+        }
+    }
+}
+
+/// The first 4 bytes of `v` as one number.
+pub(crate) fn first4(v: &[u8]) -> Option<u32> {
+    v.first_chunk::<4>().map(|b| u32::from_le_bytes(*b))
+}
+
+fn push_lists<'l>(d: &'l Dispatch, v: &[u8], heads: &mut [&'l [u32]; MAX_HEADS], n: &mut usize) {
+    match &d.prefix_lengths {
+        None => {
+            if let Some(l) = d.by_value.get(v) {
+                heads[*n] = l;
+                *n += 1;
+            }
+        }
+        Some(lengths) => {
+            if let Some(quick) = &d.quick {
+                match first4(v) {
+                    Some(k) if quick.binary_search(&k).is_ok() => {}
+                    _ => return,
+                }
+            }
+            for &len in &**lengths {
+                if len <= v.len()
+                    && let Some(l) = d.by_value.get(&v[..len])
+                {
+                    heads[*n] = l;
+                    *n += 1;
+                }
+            }
+        }
+    }
+}
+
+/// A compiled, immutable set of rules. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct RuleSet {
+    pub(crate) version: String,
+    pub(crate) rules: Vec<Rule>,
+    pub(crate) intents: Vec<IntentDef>,
+    pub(crate) files: Vec<PathBuf>,
+    pub(crate) by_event: HashMap<Box<str>, Candidates, BuildHasherDefault<FxHasher>>,
+    /// Rules evaluated for names not in `by_event` whatever the name.
+    pub(crate) any_event: Candidates,
+    /// Rules whose event condition is one regex, tested for names not in `by_event`.
+    pub(crate) event_regexes: Option<RegexSet>,
+    pub(crate) regex_rules: Box<[u32]>,
+    pub(crate) unmatched: Arc<UnmatchedCounter>,
+    pub(crate) prop_slots: PropSlots,
+}
+
+/// Most intents one event can hit before extra ones are dropped.
+const MAX_HITS: usize = 16;
+
+impl RuleSet {
+    /// The content hash of the rule files (16 hex digits).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Declared intents, in file order.
+    pub fn intents(&self) -> &[IntentDef] {
+        &self.intents
+    }
+
+    /// Number of rules.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The files the set was loaded from.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// Counts of events no rule described, by shape.
+    pub fn unmatched(&self) -> &Arc<UnmatchedCounter> {
+        &self.unmatched
+    }
+
+    /// Keeps counting unmatched events into `counter` (so counts survive a reload).
+    pub fn with_unmatched(mut self, counter: Arc<UnmatchedCounter>) -> Self {
+        self.unmatched = counter;
+        self
+    }
+
+    /// Describes one event. Never panics; the first matching rule with `say` describes it, every
+    /// matching rule adds its intent weights.
+    pub fn enrich(&self, ev: &EventInput<'_>) -> Enrichment {
+        self.enrich_inner(ev, true)
+    }
+
+    pub(crate) fn enrich_inner(&self, ev: &EventInput<'_>, count: bool) -> Enrichment {
+        let ctx = ctx_of(ev, &self.prop_slots);
+        let mut described: Option<u32> = None;
+        let mut hits = Hits::default();
+        let mut visit = |idx: u32, described: &mut Option<u32>| {
+            let rule = &self.rules[idx as usize];
+            // Exact-name rules are only reached through their names: skip the name test.
+            let skip = rule.indexed_skip;
+            let describes = rule.say.is_some();
+            if describes && described.is_some() {
+                return;
+            }
+            if all(&rule.conditions[skip..], &ctx) {
+                if describes {
+                    *described = Some(idx);
+                }
+                hits.add(&rule.intents);
+            }
+        };
+        let (cands, extra) = match self.by_event.get(ev.event) {
+            Some(c) => (c, ExtraRules::default()),
+            None => (&self.any_event, self.regex_candidates(ev.event)),
+        };
+        cands.describers.for_each(&ctx, extra.describers(), |idx| {
+            visit(idx, &mut described);
+            described.is_some()
+        });
+        cands.taggers.for_each(&ctx, extra.taggers(), |idx| {
+            visit(idx, &mut described);
+            false
+        });
+        self.finish(&ctx, described, &hits, count)
+    }
+
+    fn finish(
+        &self,
+        ctx: &EventCtx<'_>,
+        described: Option<u32>,
+        hits: &Hits,
+        count: bool,
+    ) -> Enrichment {
+        let intents = hits.as_slice().iter().map(|&(i, w)| {
+            let d = &self.intents[i as usize];
+            IntentHit {
+                name: d.name.clone(),
+                weight: w,
+                summary: d.summary.clone(),
+                half_life_secs: d.half_life_secs,
+            }
+        });
+        let intents = intents.collect();
+        match described {
+            Some(idx) => {
+                let rule = &self.rules[idx as usize];
+                let say = rule.say.as_ref().expect("describing rules have a template");
+                Enrichment {
+                    description: say.render(ctx, &rule.captures),
+                    rule_id: Some(rule.id.clone()),
+                    intents,
+                    matched: true,
+                }
+            }
+            None => {
+                if count {
+                    self.unmatched.record(ctx);
+                }
+                Enrichment {
+                    description: fallback(ctx.event),
+                    rule_id: None,
+                    intents,
+                    matched: false,
+                }
+            }
+        }
+    }
+
+    /// Rules whose event-name regex matches a name that no exact rule names.
+    fn regex_candidates(&self, name: &str) -> ExtraRules {
+        let mut extra = ExtraRules::default();
+        if let Some(set) = &self.event_regexes {
+            for i in set.matches(name).iter() {
+                let idx = self.regex_rules[i];
+                extra.push(idx, self.rules[idx as usize].say.is_some());
+            }
+        }
+        extra
+    }
+
+    /// Evaluates every rule (no index) and tells, rule by rule, why it did or did not match.
+    pub fn explain(&self, ev: &EventInput<'_>) -> Explanation {
+        let ctx = ctx_of(ev, &self.prop_slots);
+        let mut described = None;
+        let mut hits = Hits::default();
+        let mut steps = Vec::with_capacity(self.rules.len());
+        for (idx, rule) in self.rules.iter().enumerate() {
+            let failed = rule.conditions.iter().find(|c| !c.test(&ctx));
+            let outcome = match failed {
+                Some(c) => StepOutcome::NoMatch(c.explain_failure(&ctx)),
+                None if rule.say.is_none() => {
+                    hits.add(&rule.intents);
+                    StepOutcome::AddedIntents
+                }
+                None if described.is_some() => StepOutcome::Shadowed,
+                None => {
+                    described = Some(idx as u32);
+                    hits.add(&rule.intents);
+                    StepOutcome::Described
+                }
+            };
+            steps.push(ExplainStep {
+                rule_id: rule.id.clone(),
+                description: rule.description.clone(),
+                location: rule.location(),
+                priority: rule.priority,
+                outcome,
+            });
+        }
+        Explanation {
+            enrichment: self.finish(&ctx, described, &hits, false),
+            steps,
+        }
+    }
+}
+
+fn ctx_of<'a>(ev: &EventInput<'a>, slots: &'a PropSlots) -> EventCtx<'a> {
+    EventCtx::with_slots(
+        ev.event,
+        ev.distinct_id,
+        ev.properties,
+        ev.elements_chain,
+        ev.person_properties,
+        slots,
+    )
+}
+
+/// The sentence for an event no rule describes: `Triggered 'signup_completed'`.
+pub fn fallback(event: &str) -> String {
+    let mut s = String::with_capacity(event.len() + 13);
+    s.push_str("Triggered '");
+    push_clean(&mut s, event);
+    s.push('\'');
+    s
+}
+
+/// Regex-named rules for one event, split like [`Candidates`] (allocates only when one matches).
+#[derive(Default)]
+struct ExtraRules {
+    describers: Vec<u32>,
+    taggers: Vec<u32>,
+}
+
+impl ExtraRules {
+    fn push(&mut self, idx: u32, describes: bool) {
+        if describes {
+            self.describers.push(idx);
+        } else {
+            self.taggers.push(idx);
+        }
+    }
+
+    fn describers(&self) -> &[u32] {
+        &self.describers
+    }
+
+    fn taggers(&self) -> &[u32] {
+        &self.taggers
+    }
+}
+
+/// Intent weights summed per intent, without allocating.
+#[derive(Default)]
+struct Hits {
+    items: [(u32, f64); MAX_HITS],
+    len: usize,
+}
+
+impl Hits {
+    fn add(&mut self, intents: &[(u32, f64)]) {
+        for &(i, w) in intents {
+            if let Some(h) = self.items[..self.len].iter_mut().find(|h| h.0 == i) {
+                h.1 += w;
+            } else if self.len < MAX_HITS {
+                self.items[self.len] = (i, w);
+                self.len += 1;
+            }
+        }
+    }
+
+    fn as_slice(&self) -> &[(u32, f64)] {
+        &self.items[..self.len]
+    }
+}
+
+/// Why one rule did or did not apply, for `rules explain`.
+#[derive(Debug, Clone)]
+pub struct ExplainStep {
+    pub rule_id: String,
+    pub description: Option<String>,
+    pub location: String,
+    pub priority: i32,
+    pub outcome: StepOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutcome {
+    /// This rule's sentence describes the event.
+    Described,
+    /// Matched, but an earlier rule already described the event.
+    Shadowed,
+    /// An intent-only rule matched and added its weights.
+    AddedIntents,
+    /// The first condition that failed, with what the event had.
+    NoMatch(String),
+}
+
+/// The result of [`RuleSet::explain`].
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    pub enrichment: Enrichment,
+    pub steps: Vec<ExplainStep>,
+}
+
+/// Most distinct unmatched shapes kept; further new shapes are only counted in `overflow`.
+pub const MAX_UNMATCHED_SHAPES: usize = 10_000;
+
+/// One kind of event no rule describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnmatchedShape {
+    pub event: String,
+    pub path: Option<String>,
+    pub element_text: Option<String>,
+    pub count: u64,
+}
+
+/// In-memory counts of unmatched events by (event name, path, element text).
+#[derive(Debug, Default)]
+pub struct UnmatchedCounter {
+    shapes: Mutex<HashMap<u64, UnmatchedShape>>,
+    overflow: AtomicU64,
+}
+
+impl UnmatchedCounter {
+    fn record(&self, ctx: &EventCtx<'_>) {
+        let path = ctx.path();
+        let text = if ctx.event == "$autocapture" || ctx.event == "$rageclick" {
+            ctx.element_field(&super::condition::ElementField::Text)
+        } else {
+            None
+        };
+        let mut h = std::hash::DefaultHasher::new();
+        (ctx.event, path, text.as_deref()).hash(&mut h);
+        let key = h.finish();
+        let Ok(mut shapes) = self.shapes.lock() else {
+            return;
+        };
+        if let Some(s) = shapes.get_mut(&key) {
+            s.count += 1;
+        } else if shapes.len() < MAX_UNMATCHED_SHAPES {
+            let clean = |v: &str| {
+                let mut s = String::new();
+                push_clean(&mut s, v);
+                s
+            };
+            shapes.insert(
+                key,
+                UnmatchedShape {
+                    event: clean(ctx.event),
+                    path: path.map(clean),
+                    element_text: text.as_deref().map(clean),
+                    count: 1,
+                },
+            );
+        } else {
+            self.overflow.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Current counts, most frequent first.
+    pub fn snapshot(&self) -> Vec<UnmatchedShape> {
+        let mut v: Vec<_> = self
+            .shapes
+            .lock()
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default();
+        sort_shapes(&mut v);
+        v
+    }
+
+    /// Takes the counts and resets them (for persisting).
+    pub fn take(&self) -> Vec<UnmatchedShape> {
+        let mut v: Vec<_> = self
+            .shapes
+            .lock()
+            .map(|mut s| s.drain().map(|(_, v)| v).collect())
+            .unwrap_or_default();
+        sort_shapes(&mut v);
+        v
+    }
+
+    /// Unmatched events not kept by shape because the table was full.
+    pub fn overflow(&self) -> u64 {
+        self.overflow.load(Ordering::Relaxed)
+    }
+}
+
+fn sort_shapes(v: &mut [UnmatchedShape]) {
+    v.sort_by(|a, b| {
+        b.count.cmp(&a.count).then_with(|| {
+            (&a.event, &a.path, &a.element_text).cmp(&(&b.event, &b.path, &b.element_text))
+        })
+    });
+}
+
+/// FxHash: a fast hasher for the event-name index (keys come from rule files, not users).
+#[derive(Default, Clone, Copy)]
+pub(crate) struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}

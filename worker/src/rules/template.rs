@@ -1,0 +1,304 @@
+//! Sentence templates: `Clicked '{{ element.text }}' on {{ path | default: "a page" }}`.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use regex::Regex;
+
+use super::condition::{ElementField, EventCtx, PropPath, Subject};
+
+/// What a missing value renders as when the template gives no `default`.
+pub const MISSING: &str = "unknown";
+/// Longest value (in characters) a template inserts; longer ones are cut with `…`.
+pub const MAX_VALUE_CHARS: usize = 120;
+/// Longest template source accepted.
+pub const MAX_TEMPLATE_LEN: usize = 1024;
+
+/// A compiled sentence template.
+#[derive(Debug, Clone)]
+pub struct Template {
+    parts: Box<[Part]>,
+    literal_len: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Part {
+    Literal(Box<str>),
+    Value { var: Var, default: Option<Box<str>> },
+}
+
+/// A template variable.
+#[derive(Debug, Clone)]
+pub enum Var {
+    Subject(Subject),
+    /// A named group of one of the rule's regexes.
+    Capture(Box<str>),
+}
+
+/// A regex of the rule whose named groups templates may use, and the field it reads.
+#[derive(Debug, Clone)]
+pub struct CaptureSource {
+    pub subject: Subject,
+    pub regex: Arc<Regex>,
+}
+
+impl Template {
+    pub fn parse(src: &str) -> Result<Template, String> {
+        if src.len() > MAX_TEMPLATE_LEN {
+            return Err(format!("template longer than {MAX_TEMPLATE_LEN} bytes"));
+        }
+        let mut parts = Vec::new();
+        let mut rest = src;
+        let mut literal_len = 0;
+        while let Some(open) = rest.find("{{") {
+            if open > 0 {
+                literal_len += open;
+                parts.push(Part::Literal(rest[..open].into()));
+            }
+            let after = &rest[open + 2..];
+            let close = after
+                .find("}}")
+                .ok_or_else(|| format!("unclosed `{{{{` in template {src:?}"))?;
+            parts.push(parse_expr(after[..close].trim())?);
+            rest = &after[close + 2..];
+        }
+        if rest.contains("}}") {
+            return Err(format!("`}}}}` without `{{{{` in template {src:?}"));
+        }
+        if !rest.is_empty() {
+            literal_len += rest.len();
+            parts.push(Part::Literal(rest.into()));
+        }
+        Ok(Template {
+            parts: parts.into(),
+            literal_len,
+        })
+    }
+
+    /// Visits every subject the template reads.
+    pub fn for_each_subject_mut(&mut self, f: &mut impl FnMut(&mut Subject)) {
+        for p in self.parts.iter_mut() {
+            if let Part::Value {
+                var: Var::Subject(s),
+                ..
+            } = p
+            {
+                f(s);
+            }
+        }
+    }
+
+    /// The capture names the template uses.
+    pub fn captures(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Value {
+                var: Var::Capture(n),
+                ..
+            } => Some(&**n),
+            _ => None,
+        })
+    }
+
+    /// Renders the sentence; values are single-line, trimmed and capped.
+    pub fn render(&self, ctx: &EventCtx<'_>, captures: &[CaptureSource]) -> String {
+        let mut out = String::with_capacity(self.literal_len + 24);
+        for part in &*self.parts {
+            match part {
+                Part::Literal(s) => out.push_str(s),
+                Part::Value { var, default } => {
+                    let v = match var {
+                        Var::Subject(s) => ctx.get(s).and_then(|v| v.text()),
+                        Var::Capture(name) => capture(ctx, captures, name),
+                    };
+                    let before = out.len();
+                    if let Some(v) = v {
+                        push_clean(&mut out, &v);
+                    }
+                    if out.len() == before {
+                        out.push_str(default.as_deref().unwrap_or(MISSING));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn capture<'a>(ctx: &EventCtx<'a>, sources: &[CaptureSource], name: &str) -> Option<Cow<'a, str>> {
+    for src in sources {
+        if src.regex.capture_names().flatten().any(|n| n == name) {
+            let text = ctx.get(&src.subject)?.text()?;
+            let caps = src.regex.captures(&text)?;
+            let m = caps.name(name)?;
+            return Some(Cow::Owned(m.as_str().to_owned()));
+        }
+    }
+    None
+}
+
+/// Appends `v` with control characters and whitespace runs folded to one space, capped.
+pub fn push_clean(out: &mut String, v: &str) {
+    // Fast path: printable ASCII, single inner spaces, short.
+    let b = v.as_bytes();
+    if b.len() <= MAX_VALUE_CHARS
+        && b.first() != Some(&b' ')
+        && b.last() != Some(&b' ')
+        && b.iter().all(|&c| (b' '..=b'~').contains(&c))
+        && !b.windows(2).any(|w| w == b"  ")
+    {
+        out.push_str(v);
+        return;
+    }
+    let mut chars = 0;
+    let mut pending_space = false;
+    for c in v.trim().chars() {
+        if c.is_whitespace() || c.is_control() {
+            pending_space = true;
+            continue;
+        }
+        if chars >= MAX_VALUE_CHARS {
+            out.push('…');
+            return;
+        }
+        if pending_space {
+            out.push(' ');
+            chars += 1;
+            pending_space = false;
+        }
+        out.push(c);
+        chars += 1;
+    }
+}
+
+fn parse_expr(expr: &str) -> Result<Part, String> {
+    let (name, filter) = match expr.split_once('|') {
+        Some((n, f)) => (n.trim(), Some(f.trim())),
+        None => (expr, None),
+    };
+    let default = match filter {
+        None => None,
+        Some(f) => Some(parse_default(f)?),
+    };
+    Ok(Part::Value {
+        var: parse_var(name)?,
+        default,
+    })
+}
+
+/// `default: "x"`, `default: 'x'` or `default("x")`.
+fn parse_default(f: &str) -> Result<Box<str>, String> {
+    let err = || format!("unknown filter `{f}`; the only filter is `default: \"text\"`");
+    let rest = f.strip_prefix("default").ok_or_else(err)?.trim_start();
+    let (rest, paren) = match rest.strip_prefix(':') {
+        Some(r) => (r.trim(), false),
+        None => (rest.strip_prefix('(').ok_or_else(err)?.trim(), true),
+    };
+    let rest = if paren {
+        rest.strip_suffix(')').ok_or_else(err)?.trim()
+    } else {
+        rest
+    };
+    let q = rest.chars().next().ok_or_else(err)?;
+    if (q != '"' && q != '\'') || rest.len() < 2 || !rest.ends_with(q) {
+        return Err(err());
+    }
+    Ok(rest[1..rest.len() - 1].into())
+}
+
+fn parse_var(name: &str) -> Result<Var, String> {
+    if name.is_empty() {
+        return Err("empty `{{ }}` in template".into());
+    }
+    let subject = match name {
+        "event" => Subject::Event,
+        "distinct_id" => Subject::DistinctId,
+        "path" => Subject::Path,
+        "url" => Subject::Url,
+        "host" => Subject::Host,
+        "element.text" => Subject::Element(ElementField::Text),
+        "element.tag" => Subject::Element(ElementField::Tag),
+        "element.id" => Subject::Element(ElementField::Id),
+        "element.href" => Subject::Element(ElementField::Href),
+        "element.classes" => Subject::Element(ElementField::Classes),
+        _ => {
+            if let Some(a) = name
+                .strip_prefix("element.attributes.")
+                .or_else(|| name.strip_prefix("element.attr."))
+            {
+                Subject::Element(ElementField::Attribute(a.into()))
+            } else if let Some(p) = name.strip_prefix("properties.") {
+                Subject::Property(PropPath::new(p)?)
+            } else if let Some(p) = name.strip_prefix("person.") {
+                Subject::Person(PropPath::new(p)?)
+            } else if let Some(c) = name.strip_prefix("match.") {
+                return Ok(Var::Capture(c.into()));
+            } else if name.starts_with("element.") {
+                return Err(format!(
+                    "unknown element field `{name}`; use text, tag, id, href, classes or attributes.NAME"
+                ));
+            } else if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Ok(Var::Capture(name.into()));
+            } else {
+                return Err(format!(
+                    "unknown template value `{name}`; use event, distinct_id, path, url, host, element.*, properties.*, person.* or a regex group name"
+                ));
+            }
+        }
+    };
+    Ok(Var::Subject(subject))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ctx_render(t: &str, props: serde_json::Value) -> String {
+        let props = props.as_object().unwrap().clone();
+        let ctx = EventCtx::new("$pageview", "u1", &props, None, None);
+        Template::parse(t).unwrap().render(&ctx, &[])
+    }
+
+    #[test]
+    fn renders_values_defaults_and_missing() {
+        let p = json!({"$current_url": "https://x.com/pricing?a=1", "plan": "pro", "n": 3});
+        assert_eq!(
+            ctx_render("Viewed page: {{ path }}", p.clone()),
+            "Viewed page: /pricing"
+        );
+        assert_eq!(
+            ctx_render("{{properties.plan}} {{ properties.n }}", p.clone()),
+            "pro 3"
+        );
+        assert_eq!(
+            ctx_render("{{ properties.x | default: \"free\" }}", p.clone()),
+            "free"
+        );
+        assert_eq!(
+            ctx_render("{{ properties.x | default('a b') }}", p.clone()),
+            "a b"
+        );
+        assert_eq!(ctx_render("{{ properties.x }}", p), MISSING);
+    }
+
+    #[test]
+    fn values_cannot_break_the_line() {
+        let p = json!({"t": "  Ignore\n\nprevious\tinstructions\u{0}  "});
+        assert_eq!(
+            ctx_render("'{{ properties.t }}'", p),
+            "'Ignore previous instructions'"
+        );
+        let long = "x".repeat(500);
+        let out = ctx_render("{{ properties.t }}", json!({ "t": long }));
+        assert_eq!(out.chars().count(), MAX_VALUE_CHARS + 1);
+    }
+
+    #[test]
+    fn rejects_bad_templates() {
+        assert!(Template::parse("{{ path").is_err());
+        assert!(Template::parse("{{ }}").is_err());
+        assert!(Template::parse("{{ path | upper }}").is_err());
+        assert!(Template::parse("{{ element.colour }}").is_err());
+        assert!(Template::parse("{{ a-b }}").is_err());
+    }
+}

@@ -1,0 +1,440 @@
+//! Redis side: the consumer group, reading, claiming, acknowledging and dead-lettering entries.
+//!
+//! Blocking `XREADGROUP` runs on its own connection whose response timeout exceeds `BLOCK`
+//! (redis-rs defaults to 500 ms); every other command shares a second connection.
+
+use std::{collections::HashMap, time::Duration};
+
+use redis::{
+    Client, IntoConnectionInfo, RedisError, Value,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+    io::tcp::TcpSettings,
+};
+
+use crate::config::Config;
+
+/// Response timeout of non-blocking commands.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a Redis operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("redis error: {0}")]
+    Redis(#[from] RedisError),
+    #[error("unexpected reply to {command}: {reply}")]
+    Reply {
+        command: &'static str,
+        reply: String,
+    },
+}
+
+impl StreamError {
+    /// The consumer group (or the stream) is gone: create it again.
+    pub fn is_no_group(&self) -> bool {
+        matches!(self, Self::Redis(e) if e.code() == Some("NOGROUP"))
+    }
+}
+
+/// One stream entry as read by this consumer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub id: String,
+    /// Field/value pairs; empty when the entry was deleted while pending.
+    pub fields: Vec<(String, Vec<u8>)>,
+    /// How many times the group delivered it (this delivery included).
+    pub deliveries: u64,
+}
+
+impl Entry {
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// The group's view of one stream for one consumer.
+#[derive(Clone)]
+pub struct Streams {
+    /// Blocking reads only.
+    reader: ConnectionManager,
+    /// Everything else.
+    commands: ConnectionManager,
+    pub stream: String,
+    pub group: String,
+    pub consumer: String,
+    pub dlq: String,
+    block: Duration,
+}
+
+/// A client whose connections disable Nagle's algorithm (redis-rs leaves it on by default), so a
+/// command written in parts does not wait for a delayed ACK.
+pub fn client(url: &str) -> Result<Client, RedisError> {
+    let info = url
+        .into_connection_info()?
+        .set_tcp_settings(TcpSettings::default().set_nodelay(true));
+    Client::open(info)
+}
+
+/// A lazily connecting, reconnecting connection.
+pub fn connection(
+    client: Client,
+    response_timeout: Duration,
+) -> Result<ConnectionManager, RedisError> {
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(response_timeout))
+        .set_connection_timeout(Some(COMMAND_TIMEOUT))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(1));
+    ConnectionManager::new_lazy_with_config(client, config)
+}
+
+impl Streams {
+    /// Connects lazily: nothing touches the network until the first command.
+    pub fn new(config: &Config) -> Result<Self, StreamError> {
+        let client = client(&config.redis_url)?;
+        let block = config.flush_interval;
+        Ok(Self {
+            reader: connection(client.clone(), block + COMMAND_TIMEOUT)?,
+            commands: connection(client, COMMAND_TIMEOUT)?,
+            stream: config.queue_name.clone(),
+            group: config.consumer_group.clone(),
+            consumer: config.worker_name.clone(),
+            dlq: config.dlq_name.clone(),
+            block,
+        })
+    }
+
+    /// Creates the consumer group (and the stream) if missing, starting from the stream's beginning
+    /// so that events queued before the first worker started are not skipped.
+    pub async fn ensure_group(&self) -> Result<(), StreamError> {
+        let result: Result<(), RedisError> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut self.commands.clone())
+            .await;
+        match result {
+            Err(e) if e.code() != Some("BUSYGROUP") => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads up to `count` entries. `after = None` reads new entries (`>`), waiting at most
+    /// `FLUSH_INTERVAL`; `Some(id)` re-reads this consumer's own pending entries after `id`.
+    pub async fn read(&self, after: Option<&str>, count: usize) -> Result<Vec<Entry>, StreamError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(count);
+        if after.is_none() {
+            cmd.arg("BLOCK").arg(self.block.as_millis().max(1) as u64);
+        }
+        cmd.arg("STREAMS")
+            .arg(&self.stream)
+            .arg(after.unwrap_or(">"));
+        let reply: Value = cmd.query_async(&mut self.reader.clone()).await?;
+        let mut entries = parse_read_reply(reply)?;
+        if after.is_some() {
+            self.fill_deliveries(&mut entries).await?;
+        } else {
+            entries.iter_mut().for_each(|e| e.deliveries = 1);
+        }
+        Ok(entries)
+    }
+
+    /// Takes over entries idle longer than `min_idle` from any consumer (`XAUTOCLAIM`), one page
+    /// from `cursor`. Returns the entries and the next cursor (`0-0` when the sweep is done).
+    pub async fn claim(
+        &self,
+        min_idle: Duration,
+        cursor: &str,
+        count: usize,
+    ) -> Result<(Vec<Entry>, String), StreamError> {
+        let reply: Value = redis::cmd("XAUTOCLAIM")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg(min_idle.as_millis() as u64)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.commands.clone())
+            .await?;
+        let bad = |reply: &Value| StreamError::Reply {
+            command: "XAUTOCLAIM",
+            reply: format!("{reply:?}"),
+        };
+        let Value::Array(mut items) = reply else {
+            return Err(bad(&reply));
+        };
+        if items.len() < 2 {
+            return Err(bad(&Value::Array(items)));
+        }
+        let claimed = items.swap_remove(1);
+        let next = bytes(items.swap_remove(0)).map(|b| String::from_utf8_lossy(&b).into_owned());
+        let next = next.ok_or_else(|| bad(&claimed))?;
+        let mut entries = parse_entries(claimed)?;
+        self.fill_deliveries(&mut entries).await?;
+        Ok((entries, next))
+    }
+
+    /// Sets delivery counts from the pending list (`XPENDING`).
+    async fn fill_deliveries(&self, entries: &mut [Entry]) -> Result<(), StreamError> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(());
+        };
+        let reply: Value = redis::cmd("XPENDING")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(&first.id)
+            .arg(&last.id)
+            .arg(entries.len() * 4 + 64)
+            .arg(&self.consumer)
+            .query_async(&mut self.commands.clone())
+            .await?;
+        let mut counts = HashMap::new();
+        if let Value::Array(rows) = reply {
+            for row in rows {
+                if let Value::Array(mut cols) = row
+                    && cols.len() == 4
+                    && let (Value::Int(n), Some(id)) =
+                        (cols.swap_remove(3), bytes(cols.swap_remove(0)))
+                {
+                    counts.insert(String::from_utf8_lossy(&id).into_owned(), n.max(1) as u64);
+                }
+            }
+        }
+        for entry in entries {
+            entry.deliveries = counts.get(&entry.id).copied().unwrap_or(1);
+        }
+        Ok(())
+    }
+
+    /// Resets the idle time of entries this consumer still holds (`XCLAIM … JUSTID`, which does not
+    /// count as a delivery), so other replicas do not take over work that is merely slow.
+    pub async fn keep_alive(&self, ids: &[String]) -> Result<(), StreamError> {
+        for chunk in ids.chunks(1000) {
+            let _: Value = redis::cmd("XCLAIM")
+                .arg(&self.stream)
+                .arg(&self.group)
+                .arg(&self.consumer)
+                .arg(0)
+                .arg(chunk)
+                .arg("JUSTID")
+                .query_async(&mut self.commands.clone())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Acknowledges entries and deletes them from the stream (retention without MAXLEN).
+    pub async fn ack(&self, ids: &[String]) -> Result<(), StreamError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let _: Value = redis::pipe()
+            .atomic()
+            .cmd("XACK")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(ids)
+            .cmd("XDEL")
+            .arg(&self.stream)
+            .arg(ids)
+            .query_async(&mut self.commands.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// Appends dead-letter entries to the DLQ; each is the original fields plus `dlq_*` fields.
+    pub async fn dead_letter(&self, letters: &[(&Entry, String)]) -> Result<(), StreamError> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let mut pipe = redis::pipe();
+        for (entry, error) in letters {
+            let cmd = pipe.cmd("XADD").arg(&self.dlq).arg("*");
+            for (field, value) in &entry.fields {
+                cmd.arg(field).arg(value);
+            }
+            cmd.arg(crate::dlq::FIELD_SOURCE)
+                .arg(&self.stream)
+                .arg(crate::dlq::FIELD_ENTRY_ID)
+                .arg(&entry.id)
+                .arg(crate::dlq::FIELD_ERROR)
+                .arg(error)
+                .arg(crate::dlq::FIELD_DELIVERIES)
+                .arg(entry.deliveries)
+                .arg(crate::dlq::FIELD_CONSUMER)
+                .arg(&self.consumer)
+                .arg(crate::dlq::FIELD_GROUP)
+                .arg(&self.group)
+                .arg(crate::dlq::FIELD_AT)
+                .arg(&now);
+        }
+        let _: Vec<Value> = pipe.query_async(&mut self.commands.clone()).await?;
+        Ok(())
+    }
+
+    /// Deletes other consumers idle longer than `min_idle` that own no pending entries
+    /// (replicas that are gone). Returns their names.
+    pub async fn remove_idle_consumers(
+        &self,
+        min_idle: Duration,
+    ) -> Result<Vec<String>, StreamError> {
+        let reply: Value = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .query_async(&mut self.commands.clone())
+            .await?;
+        let mut removed = Vec::new();
+        let Value::Array(consumers) = reply else {
+            return Ok(removed);
+        };
+        for consumer in consumers {
+            let info = key_values(consumer);
+            let name = info
+                .get("name")
+                .cloned()
+                .and_then(bytes)
+                .map(|b| String::from_utf8_lossy(&b).into_owned());
+            let int = |key: &str| match info.get(key) {
+                Some(Value::Int(n)) => Some(*n),
+                _ => None,
+            };
+            let (Some(name), Some(pending), Some(idle)) = (name, int("pending"), int("idle"))
+            else {
+                continue;
+            };
+            if name == self.consumer || pending != 0 || (idle as u128) < min_idle.as_millis() {
+                continue;
+            }
+            let had: i64 = redis::cmd("XGROUP")
+                .arg("DELCONSUMER")
+                .arg(&self.stream)
+                .arg(&self.group)
+                .arg(&name)
+                .query_async(&mut self.commands.clone())
+                .await?;
+            if had > 0 {
+                tracing::warn!(consumer = %name, pending = had, "removed consumer owned entries after all");
+            }
+            removed.push(name);
+        }
+        Ok(removed)
+    }
+
+    /// The connection for non-blocking commands (DLQ tools, tests).
+    pub fn commands(&self) -> ConnectionManager {
+        self.commands.clone()
+    }
+}
+
+/// Parses an `XREADGROUP` reply (RESP2 array or RESP3 map of streams).
+fn parse_read_reply(reply: Value) -> Result<Vec<Entry>, StreamError> {
+    let streams = match reply {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Array(streams) => streams
+            .into_iter()
+            .filter_map(|s| match s {
+                Value::Array(mut kv) if kv.len() == 2 => Some(kv.swap_remove(1)),
+                _ => None,
+            })
+            .collect::<Vec<_>>(),
+        Value::Map(streams) => streams.into_iter().map(|(_, v)| v).collect(),
+        other => {
+            return Err(StreamError::Reply {
+                command: "XREADGROUP",
+                reply: format!("{other:?}"),
+            });
+        }
+    };
+    let mut entries = Vec::new();
+    for stream in streams {
+        entries.extend(parse_entries(stream)?);
+    }
+    Ok(entries)
+}
+
+/// Parses `[[id, [field, value, …] | nil], …]`.
+pub(crate) fn parse_entries(value: Value) -> Result<Vec<Entry>, StreamError> {
+    let Value::Array(items) = value else {
+        return Err(StreamError::Reply {
+            command: "stream entries",
+            reply: format!("{value:?}"),
+        });
+    };
+    let mut entries = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::Array(mut parts) = item else {
+            continue;
+        };
+        if parts.is_empty() {
+            continue;
+        }
+        let fields_value = if parts.len() > 1 {
+            parts.swap_remove(1)
+        } else {
+            Value::Nil
+        };
+        let Some(id) = bytes(parts.swap_remove(0)) else {
+            continue;
+        };
+        let mut fields = Vec::new();
+        if let Value::Array(flat) = fields_value {
+            let mut flat = flat.into_iter();
+            while let (Some(k), Some(v)) = (flat.next(), flat.next()) {
+                if let (Some(k), Some(v)) = (bytes(k), bytes(v)) {
+                    fields.push((String::from_utf8_lossy(&k).into_owned(), v));
+                }
+            }
+        }
+        entries.push(Entry {
+            id: String::from_utf8_lossy(&id).into_owned(),
+            fields,
+            deliveries: 1,
+        });
+    }
+    Ok(entries)
+}
+
+fn bytes(value: Value) -> Option<Vec<u8>> {
+    match value {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::Int(n) => Some(n.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+/// A RESP2 flat key/value array or a RESP3 map, as a map by key.
+fn key_values(value: Value) -> HashMap<String, Value> {
+    let mut map = HashMap::new();
+    match value {
+        Value::Array(flat) => {
+            let mut flat = flat.into_iter();
+            while let (Some(k), Some(v)) = (flat.next(), flat.next()) {
+                if let Some(k) = bytes(k) {
+                    map.insert(String::from_utf8_lossy(&k).into_owned(), v);
+                }
+            }
+        }
+        Value::Map(pairs) => {
+            for (k, v) in pairs {
+                if let Some(k) = bytes(k) {
+                    map.insert(String::from_utf8_lossy(&k).into_owned(), v);
+                }
+            }
+        }
+        _ => {}
+    }
+    map
+}

@@ -1,0 +1,694 @@
+//! The worker against real Redis and Postgres: each test has its own stream keys and database.
+
+mod common;
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use common::*;
+use entity::{envelope::FIELD_EVENT, user_profile};
+use sea_orm::EntityTrait;
+use serde_json::json;
+use worker::dlq::{self, DeadLetters, Selection};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_events_and_keeps_profiles_and_retention() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let mut redis = redis().await;
+    let mut events = Vec::new();
+    for i in 0..30 {
+        let user = format!("user_{}", i % 3);
+        let mut e = envelope(
+            &user,
+            "$pageview",
+            json!({"$current_url": format!("https://x.test/p{i}"), "$pathname": if i % 2 == 0 { "/pricing" } else { "/docs" }}),
+        );
+        e.session_id = Some(format!("{user}-s{}", i % 2));
+        events.push(e);
+    }
+    events.push(envelope(
+        "user_0",
+        "signup_completed",
+        json!({"$set": {"plan": "pro"}}),
+    ));
+    // Queued before any worker ever ran: the group must start at the stream's beginning.
+    publish(&mut redis, &keys.stream, &events).await;
+
+    let worker = RunningWorker::start(config(&db.url, &keys, "w1"));
+    wait_until(WAIT, "31 events stored", || async {
+        db.events().await == 31
+    })
+    .await;
+    wait_until(WAIT, "stream emptied by XACK+XDEL", || async {
+        let mut r = redis.clone();
+        xlen(&mut r, &keys.stream).await == 0 && pending(&mut r, &keys).await == 0
+    })
+    .await;
+    // A later batch for existing users merges into their profiles.
+    let mut later = envelope(
+        "user_0",
+        "$pageview",
+        json!({"$pathname": "/pricing", "$set": {"plan": "enterprise"}}),
+    );
+    later.session_id = Some("user_0-s0".into());
+    publish(
+        &mut redis,
+        &keys.stream,
+        &[later, envelope("user_1", "click", json!({}))],
+    )
+    .await;
+    wait_until(WAIT, "33 events stored", || async {
+        db.events().await == 33
+    })
+    .await;
+    worker.stop().await.unwrap();
+
+    let descriptions = db
+        .column("SELECT description FROM events WHERE distinct_id = 'user_0' ORDER BY timestamp")
+        .await;
+    assert_eq!(
+        descriptions.first().map(String::as_str),
+        Some("Viewed page: /pricing")
+    );
+    assert_eq!(
+        descriptions[descriptions.len() - 2],
+        "Triggered 'signup_completed'"
+    );
+    assert_eq!(db.count("SELECT count(*) FROM events WHERE rules_version = 'test-rules' AND path IS NOT NULL AND url IS NOT NULL AND session_id IS NOT NULL").await, 30);
+
+    let profile = user_profile::Entity::find_by_id("user_0")
+        .one(&db.conn)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(profile.event_count, 12);
+    assert_eq!(profile.session_count, 2);
+    assert_eq!(
+        profile.person_properties.as_ref().unwrap()["plan"],
+        "enterprise"
+    );
+    let intents = profile.intents().unwrap();
+    let purchase = &intents["purchase"];
+    assert_eq!(purchase.summary, "User showing Purchase Intent.");
+    assert_eq!(purchase.evidence, ["Viewed page: /pricing"]);
+    assert!(
+        purchase.score > 5.9 && purchase.score <= 6.0,
+        "six pricing views, barely decayed: {}",
+        purchase.score
+    );
+    assert_eq!(purchase.count, 6);
+    assert_eq!(
+        db.count("SELECT sum(event_count)::bigint FROM user_profiles")
+            .await,
+        33
+    );
+    assert_eq!(xlen(&mut redis, &keys.dlq).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_one_group_without_duplicates() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let mut redis = redis().await;
+    let (count_a, enricher_a) = counting(false);
+    let (count_b, enricher_b) = counting(false);
+    let mut config_a = config(&db.url, &keys, "a");
+    let mut config_b = config(&db.url, &keys, "b");
+    config_a.batch_size = 10;
+    config_b.batch_size = 10;
+    let a = RunningWorker::start_with(config_a, enricher_a);
+    let b = RunningWorker::start_with(config_b, enricher_b);
+    wait_until(WAIT, "both consumers joined", || async {
+        let mut r = redis.clone();
+        redis::cmd("EXISTS")
+            .arg(&keys.stream)
+            .query_async::<i64>(&mut r)
+            .await
+            .unwrap()
+            == 1
+            && consumers(&mut r, &keys).await.len() == 2
+    })
+    .await;
+    for chunk in 0..20 {
+        let events: Vec<_> = (0..20)
+            .map(|i| envelope(&format!("u{}", (chunk * 20 + i) % 7), "click", json!({})))
+            .collect();
+        publish(&mut redis, &keys.stream, &events).await;
+    }
+    wait_until(WAIT, "400 events stored", || async {
+        db.events().await == 400
+    })
+    .await;
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+
+    let (by_a, by_b) = (
+        count_a.described.load(Ordering::SeqCst),
+        count_b.described.load(Ordering::SeqCst),
+    );
+    assert_eq!(
+        by_a + by_b,
+        400,
+        "every event described exactly once (a {by_a}, b {by_b})"
+    );
+    assert!(
+        by_a > 0 && by_b > 0,
+        "both replicas worked (a {by_a}, b {by_b})"
+    );
+    assert_eq!(
+        db.count("SELECT sum(event_count)::bigint FROM user_profiles")
+            .await,
+        400
+    );
+    assert_eq!(pending(&mut redis, &keys).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_worker_entries_are_claimed_and_stored_once() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let mut redis = redis().await;
+    // Worker A reads but cannot store (its Postgres is down), then crashes.
+    let proxy = PgProxy::start(false).await;
+    let a = RunningWorker::start(config(
+        &db_url(&db.name, Some(proxy.addr)),
+        &keys,
+        "crashing",
+    ));
+    wait_until(WAIT, "group created", || async {
+        let mut r = redis.clone();
+        redis::cmd("EXISTS")
+            .arg(&keys.stream)
+            .query_async::<i64>(&mut r)
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
+    let events: Vec<_> = (0..25)
+        .map(|i| envelope(&format!("u{}", i % 4), "click", json!({})))
+        .collect();
+    publish(&mut redis, &keys.stream, &events).await;
+    wait_until(WAIT, "A holds all entries", || async {
+        let mut r = redis.clone();
+        pending(&mut r, &keys).await == 25
+    })
+    .await;
+    a.task.abort();
+    let _ = a.task.await;
+    assert_eq!(db.events().await, 0);
+
+    // Worker B claims them once they are idle long enough.
+    let mut config_b = config(&db.url, &keys, "survivor");
+    config_b.claim_idle = Duration::from_millis(300);
+    let b = RunningWorker::start(config_b);
+    wait_until(WAIT, "25 events stored", || async {
+        db.events().await == 25
+    })
+    .await;
+    wait_until(
+        WAIT,
+        "nothing pending and the dead consumer removed",
+        || async {
+            let mut r = redis.clone();
+            pending(&mut r, &keys).await == 0
+                && !consumers(&mut r, &keys)
+                    .await
+                    .contains(&"crashing".to_string())
+        },
+    )
+    .await;
+    b.stop().await.unwrap();
+    assert_eq!(
+        db.count("SELECT sum(event_count)::bigint FROM user_profiles")
+            .await,
+        25
+    );
+    assert_eq!(xlen(&mut redis, &keys.dlq).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivery_after_commit_is_neither_stored_nor_counted_twice() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let mut redis = redis().await;
+    let events: Vec<_> = (0..10)
+        .map(|i| envelope(&format!("u{}", i % 2), "click", json!({})))
+        .collect();
+    // A replica read them and committed, then died before XACK.
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&keys.stream)
+        .arg(&keys.group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    publish(&mut redis, &keys.stream, &events).await;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(&keys.group)
+        .arg("died")
+        .arg("COUNT")
+        .arg(100)
+        .arg("STREAMS")
+        .arg(&keys.stream)
+        .arg(">")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let rows: Vec<_> = events
+        .iter()
+        .map(|e| worker::store::StoredEvent::new(e.clone(), worker::enrich::fallback(e)))
+        .collect();
+    assert_eq!(
+        worker::store::write_batch(&db.conn, &rows, "v0")
+            .await
+            .unwrap(),
+        10
+    );
+
+    let mut config_b = config(&db.url, &keys, "survivor");
+    config_b.claim_idle = Duration::from_millis(200);
+    let b = RunningWorker::start(config_b);
+    wait_until(WAIT, "redelivered entries acknowledged", || async {
+        let mut r = redis.clone();
+        pending(&mut r, &keys).await == 0 && xlen(&mut r, &keys.stream).await == 0
+    })
+    .await;
+    b.stop().await.unwrap();
+    assert_eq!(db.events().await, 10);
+    assert_eq!(
+        db.count("SELECT sum(event_count)::bigint FROM user_profiles")
+            .await,
+        10
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_entries_go_to_the_dlq_and_the_rest_is_stored() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let mut redis = redis().await;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&keys.stream)
+        .arg(&keys.group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    // One read gets good and bad entries together.
+    publish(
+        &mut redis,
+        &keys.stream,
+        &[envelope("u1", "click", json!({}))],
+    )
+    .await;
+    let not_json = publish_raw(
+        &mut redis,
+        &keys.stream,
+        &[("v", "1"), ("event", "{not json")],
+    )
+    .await;
+    let future_version =
+        publish_raw(&mut redis, &keys.stream, &[("v", "9"), ("event", "{}")]).await;
+    let boom = envelope("u2", "boom", json!({}));
+    publish(
+        &mut redis,
+        &keys.stream,
+        &[boom.clone(), envelope("u1", "click", json!({}))],
+    )
+    .await;
+
+    let (_, enricher) = counting(true);
+    let worker = RunningWorker::start_with(config(&db.url, &keys, "w"), enricher);
+    wait_until(
+        WAIT,
+        "2 stored, 3 dead-lettered, nothing pending",
+        || async {
+            let mut r = redis.clone();
+            db.events().await == 2
+                && xlen(&mut r, &keys.dlq).await == 3
+                && pending(&mut r, &keys).await == 0
+        },
+    )
+    .await;
+    worker.stop().await.unwrap();
+
+    let letters = DeadLetters::new(redis.clone(), &keys.dlq, &keys.stream)
+        .list(10)
+        .await
+        .unwrap();
+    let by_entry = |id: &str| {
+        letters
+            .iter()
+            .find(|l| l.field(dlq::FIELD_ENTRY_ID).as_deref() == Some(id))
+            .unwrap()
+    };
+    let error = by_entry(&not_json).field(dlq::FIELD_ERROR).unwrap();
+    assert!(error.contains("undecodable entry"), "{error}");
+    assert_eq!(
+        by_entry(&not_json).field(FIELD_EVENT).as_deref(),
+        Some("{not json"),
+        "original fields kept"
+    );
+    let error = by_entry(&future_version).field(dlq::FIELD_ERROR).unwrap();
+    assert!(error.contains("version `9`"), "{error}");
+    let boom_letter = letters
+        .iter()
+        .find(|l| {
+            l.field(dlq::FIELD_ERROR)
+                .unwrap()
+                .contains("rule 'boom' has a bug")
+        })
+        .unwrap();
+    assert_eq!(
+        boom_letter.field(dlq::FIELD_DELIVERIES).as_deref(),
+        Some("1")
+    );
+    assert_eq!(boom_letter.field(dlq::FIELD_CONSUMER).as_deref(), Some("w"));
+    assert_eq!(
+        boom_letter.field(dlq::FIELD_SOURCE).as_deref(),
+        Some(keys.stream.as_str())
+    );
+    assert!(boom_letter.field(dlq::FIELD_AT).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entry_delivered_too_often_goes_to_the_dlq() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let mut redis = redis().await;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&keys.stream)
+        .arg(&keys.group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let id = publish(
+        &mut redis,
+        &keys.stream,
+        &[envelope("u1", "crashes_workers", json!({}))],
+    )
+    .await
+    .remove(0);
+    // Delivered five times to a consumer that never acknowledged (it kept crashing).
+    for start in [">", "0", "0", "0", "0"] {
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&keys.group)
+            .arg("crashy")
+            .arg("STREAMS")
+            .arg(&keys.stream)
+            .arg(start)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+    let mut cfg = config(&db.url, &keys, "w");
+    cfg.claim_idle = Duration::from_millis(50);
+    let worker = RunningWorker::start(cfg);
+    wait_until(WAIT, "dead-lettered", || async {
+        let mut r = redis.clone();
+        xlen(&mut r, &keys.dlq).await == 1 && pending(&mut r, &keys).await == 0
+    })
+    .await;
+    worker.stop().await.unwrap();
+    let letter = DeadLetters::new(redis.clone(), &keys.dlq, &keys.stream)
+        .list(1)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(letter.field(dlq::FIELD_ENTRY_ID), Some(id));
+    assert_eq!(letter.field(dlq::FIELD_DELIVERIES).as_deref(), Some("6"));
+    assert!(
+        letter
+            .field(dlq::FIELD_ERROR)
+            .unwrap()
+            .contains("more than MAX_DELIVERIES=5")
+    );
+    assert_eq!(db.events().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_keeps_entries_pending_until_it_is_back() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let mut redis = redis().await;
+    let proxy = PgProxy::start(true).await;
+    let mut cfg = config(&db_url(&db.name, Some(proxy.addr)), &keys, "w");
+    cfg.claim_idle = Duration::from_millis(300); // its own held entries must not look idle
+    let worker = RunningWorker::start(cfg);
+    publish(
+        &mut redis,
+        &keys.stream,
+        &[envelope("u1", "before", json!({}))],
+    )
+    .await;
+    wait_until(WAIT, "first event stored", || async {
+        db.events().await == 1
+    })
+    .await;
+
+    proxy.set_up(false);
+    let events: Vec<_> = (0..40)
+        .map(|i| envelope(&format!("u{}", i % 3), "during", json!({})))
+        .collect();
+    publish(&mut redis, &keys.stream, &events).await;
+    wait_until(WAIT, "entries read and held", || async {
+        let mut r = redis.clone();
+        pending(&mut r, &keys).await > 0
+    })
+    .await;
+    // Several retries and keep-alive periods pass: nothing is lost, acknowledged or dead-lettered.
+    let outage = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while tokio::time::Instant::now() < outage {
+        assert_eq!(db.events().await, 1);
+        assert_eq!(xlen(&mut redis, &keys.dlq).await, 0);
+        assert_eq!(xlen(&mut redis, &keys.stream).await, 40);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.set_up(true);
+    wait_until(WAIT, "all stored after recovery", || async {
+        db.events().await == 41
+    })
+    .await;
+    wait_until(WAIT, "nothing pending", || async {
+        let mut r = redis.clone();
+        pending(&mut r, &keys).await == 0
+    })
+    .await;
+    worker.stop().await.unwrap();
+    assert_eq!(xlen(&mut redis, &keys.dlq).await, 0);
+    assert_eq!(
+        db.count("SELECT sum(event_count)::bigint FROM user_profiles")
+            .await,
+        41
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_stores_the_batch_in_flight_and_leaves_nothing_pending() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let mut redis = redis().await;
+    let proxy = PgProxy::start(false).await;
+    let worker = RunningWorker::start(config(&db_url(&db.name, Some(proxy.addr)), &keys, "w"));
+    let events: Vec<_> = (0..20)
+        .map(|i| envelope(&format!("u{i}"), "click", json!({})))
+        .collect();
+    publish(&mut redis, &keys.stream, &events).await;
+    wait_until(WAIT, "batch in flight", || async {
+        let mut r = redis.clone();
+        pending(&mut r, &keys).await == 20
+    })
+    .await;
+    worker.shutdown.cancel();
+    // Arrives during shutdown: the read already blocking may still take it (and then stores it);
+    // no new read is issued, so it is either stored or still in the stream, never left pending.
+    publish(
+        &mut redis,
+        &keys.stream,
+        &[envelope("late", "click", json!({}))],
+    )
+    .await;
+    proxy.set_up(true);
+    let result = tokio::time::timeout(Duration::from_secs(5), worker.task)
+        .await
+        .expect("stops within SHUTDOWN_TIMEOUT");
+    result.unwrap().unwrap();
+    let stored = db.events().await;
+    assert!(stored == 20 || stored == 21, "{stored}");
+    assert_eq!(pending(&mut redis, &keys).await, 0);
+    assert_eq!(stored + xlen(&mut redis, &keys.stream).await, 21);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_worker_rereads_its_own_pending_entries_first() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let mut redis = redis().await;
+    let proxy = PgProxy::start(false).await;
+    let mut cfg = config(&db_url(&db.name, Some(proxy.addr)), &keys, "same-name");
+    cfg.shutdown_timeout = Duration::from_millis(200);
+    let worker = RunningWorker::start(cfg);
+    let events: Vec<_> = (0..5)
+        .map(|i| envelope(&format!("u{i}"), "click", json!({})))
+        .collect();
+    publish(&mut redis, &keys.stream, &events).await;
+    wait_until(WAIT, "held", || async {
+        let mut r = redis.clone();
+        pending(&mut r, &keys).await == 5
+    })
+    .await;
+    worker.stop().await.unwrap(); // grace period runs out: entries stay pending
+    assert_eq!(pending(&mut redis, &keys).await, 5);
+
+    // Same consumer name, Postgres reachable, claiming far off: only the pending re-read can store them.
+    let worker = RunningWorker::start(config(&db.url, &keys, "same-name"));
+    wait_until(WAIT, "stored", || async { db.events().await == 5 }).await;
+    wait_until(WAIT, "acknowledged", || async {
+        let mut r = redis.clone();
+        pending(&mut r, &keys).await == 0
+    })
+    .await;
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_stores_a_fixed_event_and_purge_empties_it() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let mut redis = redis().await;
+    let boom = envelope("u1", "boom", json!({"plan": "pro"}));
+    publish(&mut redis, &keys.stream, std::slice::from_ref(&boom)).await;
+    let (_, buggy) = counting(true);
+    let worker = RunningWorker::start_with(config(&db.url, &keys, "w"), buggy);
+    wait_until(WAIT, "dead-lettered", || async {
+        let mut r = redis.clone();
+        xlen(&mut r, &keys.dlq).await == 1
+    })
+    .await;
+    worker.stop().await.unwrap();
+
+    // The rule is fixed; replay puts the event back and the worker stores it.
+    let worker = RunningWorker::start(config(&db.url, &keys, "w"));
+    let dead = DeadLetters::new(redis.clone(), &keys.dlq, &keys.stream);
+    let letter = dead.list(10).await.unwrap().remove(0);
+    let report = dead
+        .replay(&Selection::Ids(vec![letter.id.clone(), "1-1".into()]))
+        .await
+        .unwrap();
+    assert_eq!(report.replayed.len(), 1);
+    assert_eq!(report.replayed[0].1, keys.stream);
+    assert_eq!(report.missing, ["1-1"]);
+    wait_until(WAIT, "replayed event stored", || async {
+        db.events().await == 1
+    })
+    .await;
+    let stored = entity::event::Entity::find_by_id(boom.uuid)
+        .one(&db.conn)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.description, "Triggered 'boom'");
+    assert_eq!(stored.properties["plan"], "pro");
+    assert_eq!(dead.count().await.unwrap(), 0);
+    worker.stop().await.unwrap();
+
+    publish_raw(&mut redis, &keys.dlq, &[("v", "1"), ("event", "x")]).await;
+    publish_raw(&mut redis, &keys.dlq, &[("v", "1"), ("event", "y")]).await;
+    assert_eq!(dead.purge(&Selection::All).await.unwrap().0, 2);
+    assert_eq!(dead.count().await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_characters_are_removed_and_do_not_fail_the_batch() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let mut redis = redis().await;
+    let mut nul = envelope(
+        "u\u{0}1",
+        "click\u{0}",
+        json!({"text\u{0}": "a\u{0}b", "nested": [{"k": "\u{0}"}]}),
+    );
+    nul.session_id = Some("s\u{0}".into());
+    let fine = envelope("u2", "click", json!({}));
+    publish(&mut redis, &keys.stream, &[nul.clone(), fine]).await;
+    let worker = RunningWorker::start(config(&db.url, &keys, "w"));
+    wait_until(WAIT, "both stored", || async { db.events().await == 2 }).await;
+    worker.stop().await.unwrap();
+    let stored = entity::event::Entity::find_by_id(nul.uuid)
+        .one(&db.conn)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.distinct_id, "u1");
+    assert_eq!(stored.event, "click");
+    assert_eq!(stored.session_id.as_deref(), Some("s"));
+    assert_eq!(
+        stored.properties,
+        json!({"text": "ab", "nested": [{"k": ""}]})
+    );
+    assert_eq!(stored.description, "Triggered 'click'");
+    assert_eq!(xlen(&mut redis, &keys.dlq).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrates_on_start_and_event_postgres_rejects_goes_to_the_dlq() {
+    // An empty database: the worker creates the schema itself.
+    let fresh = TestDb::create().await;
+    sea_orm::ConnectionTrait::execute_unprepared(
+        &fresh.conn,
+        "DROP TABLE events, user_profiles, user_sessions, seaql_migrations",
+    )
+    .await
+    .unwrap();
+    let keys = Keys::new();
+    let mut redis = redis().await;
+    let mut ancient = envelope("u1", "click", json!({}));
+    // Before Postgres' earliest date: the api would not let it through, but the worker must cope.
+    ancient.timestamp = chrono::NaiveDate::from_ymd_opt(-9000, 1, 1)
+        .unwrap()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc();
+    publish(
+        &mut redis,
+        &keys.stream,
+        &[envelope("u1", "click", json!({})), ancient.clone()],
+    )
+    .await;
+    let mut cfg = config(&fresh.url, &keys, "w");
+    cfg.migrate_on_start = true;
+    let worker = RunningWorker::start(cfg);
+    wait_until(WAIT, "one stored, one dead-lettered", || async {
+        let mut r = redis.clone();
+        fresh.events().await == 1
+            && xlen(&mut r, &keys.dlq).await == 1
+            && pending(&mut r, &keys).await == 0
+    })
+    .await;
+    worker.stop().await.unwrap();
+    let letter = DeadLetters::new(redis.clone(), &keys.dlq, &keys.stream)
+        .list(1)
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(
+        letter
+            .field(dlq::FIELD_ERROR)
+            .unwrap()
+            .contains("rejected by Postgres"),
+        "{:?}",
+        letter.field(dlq::FIELD_ERROR)
+    );
+}
