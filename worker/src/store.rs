@@ -238,6 +238,20 @@ fn chunks_by_size<T>(items: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
     chunks
 }
 
+/// Opens row `row` of a multi-row `VALUES` list: `,(` (no comma for the first row), then `lead`,
+/// then one placeholder per entry of `casts` numbered from `first` (`$7::jsonb`; `""` = no cast).
+/// The caller closes the row.
+fn open_row(sql: &mut String, row: usize, lead: &str, first: usize, casts: &[&str]) {
+    sql.push_str(if row == 0 { "(" } else { ",(" });
+    sql.push_str(lead);
+    for (j, cast) in casts.iter().enumerate() {
+        let _ = write!(sql, "{}${}", if j == 0 { "" } else { "," }, first + j);
+        if !cast.is_empty() {
+            let _ = write!(sql, "::{cast}");
+        }
+    }
+}
+
 /// An event's column values, encoded once (JSON as text, cast to jsonb by the statement).
 struct EventRow<'a> {
     event: &'a StoredEvent,
@@ -288,25 +302,14 @@ async fn insert_events(
     let mut values: Vec<Value> = Vec::with_capacity(1 + rows.len() * COLUMNS);
     values.push(rules_version.into());
     for (i, row) in rows.iter().enumerate() {
-        let p = 2 + i * COLUMNS;
-        let _ = write!(
-            sql,
-            "{}($1,${},${},${},${},${},${}::jsonb,${}::jsonb,${},${},${},${},${},${})",
-            if i == 0 { "" } else { "," },
-            p,
-            p + 1,
-            p + 2,
-            p + 3,
-            p + 4,
-            p + 5,
-            p + 6,
-            p + 7,
-            p + 8,
-            p + 9,
-            p + 10,
-            p + 11,
-            p + 12
+        open_row(
+            &mut sql,
+            i,
+            "$1,",
+            2 + i * COLUMNS,
+            &["", "", "", "", "", "jsonb", "jsonb", "", "", "", "", "", ""],
         );
+        sql.push(')');
         let e = row.event;
         values.extend([
             e.uuid.into(),
@@ -360,15 +363,8 @@ async fn insert_sessions(
             String::from("INSERT INTO user_sessions (distinct_id, session_id, first_seen) VALUES ");
         let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 3);
         for (i, ((user, session), first)) in chunk.iter().enumerate() {
-            let p = i * 3;
-            let _ = write!(
-                sql,
-                "{}(${},${},${})",
-                if i == 0 { "" } else { "," },
-                p + 1,
-                p + 2,
-                p + 3
-            );
+            open_row(&mut sql, i, "", 1 + i * 3, &["", "", ""]);
+            sql.push(')');
             values.extend([
                 user.to_string().into(),
                 session.to_string().into(),
@@ -420,18 +416,20 @@ impl ProfileParams {
 
     /// `$n::text, $n::timestamptz, … $n::jsonb` for row `i`, and its values.
     fn push(&self, i: usize, sql: &mut String, values: &mut Vec<Value>) {
-        let p = i * 7;
-        let _ = write!(
+        open_row(
             sql,
-            "{}(${}::text,${}::timestamptz,${}::timestamptz,${}::bigint,${}::bigint,${}::jsonb,${}::jsonb",
-            if i == 0 { "" } else { "," },
-            p + 1,
-            p + 2,
-            p + 3,
-            p + 4,
-            p + 5,
-            p + 6,
-            p + 7
+            i,
+            "",
+            1 + i * 7,
+            &[
+                "text",
+                "timestamptz",
+                "timestamptz",
+                "bigint",
+                "bigint",
+                "jsonb",
+                "jsonb",
+            ],
         );
         values.extend([
             self.distinct_id.clone().into(),
@@ -516,15 +514,8 @@ async fn upsert_profiles(
         );
         let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 3);
         for (i, (distinct_id, intents, person)) in chunk.iter().enumerate() {
-            let p = i * 3;
-            let _ = write!(
-                sql,
-                "{}(${}::text,${}::jsonb,${}::jsonb)",
-                if i == 0 { "" } else { "," },
-                p + 1,
-                p + 2,
-                p + 3
-            );
+            open_row(&mut sql, i, "", 1 + i * 3, &["text", "jsonb", "jsonb"]);
+            sql.push(')');
             values.extend([
                 distinct_id.clone().into(),
                 intents.clone().into(),
@@ -546,6 +537,17 @@ async fn upsert_profiles(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn values_rows_number_their_placeholders() {
+        let mut sql = String::new();
+        super::open_row(&mut sql, 0, "$1,", 2, &["", "jsonb"]);
+        sql.push(')');
+        super::open_row(&mut sql, 1, "$1,", 4, &["", "jsonb"]);
+        sql.push(')');
+        assert_eq!(sql, "($1,$2,$3::jsonb),($1,$4,$5::jsonb)");
+    }
+
     use super::*;
     use crate::enrich::fallback;
 
