@@ -41,17 +41,8 @@ impl Compression {
     }
 }
 
-/// Decodes a capture body into JSON. `content_type` and `compression` are hints only.
-pub fn decode_body(
-    body: &[u8],
-    content_type: Option<&str>,
-    compression: Compression,
-    limit: usize,
-) -> Result<Value, ApiError> {
-    parse_json(&decode_body_bytes(body, content_type, compression, limit)?)
-}
-
-/// Like [`decode_body`], but stops at the JSON text (for parsers that borrow from it).
+/// Decodes a capture body down to its JSON text (left unparsed, for parsers that borrow from it).
+/// `content_type` and `compression` are hints only.
 pub fn decode_body_bytes<'a>(
     body: &'a [u8],
     content_type: Option<&str>,
@@ -207,6 +198,15 @@ mod tests {
     use super::*;
 
     const LIMIT: usize = 1 << 20;
+
+    fn decode_body(
+        body: &[u8],
+        content_type: Option<&str>,
+        compression: Compression,
+        limit: usize,
+    ) -> Result<Value, ApiError> {
+        parse_json(&decode_body_bytes(body, content_type, compression, limit)?)
+    }
 
     fn gzip(bytes: &[u8]) -> Vec<u8> {
         let mut enc = GzEncoder::new(Vec::new(), Level::default());

@@ -14,9 +14,11 @@ use serde::{Deserialize, Serialize, de::IgnoredAny};
 use serde_json::{Value, value::RawValue};
 use uuid::Uuid;
 
+use crate::decode::parse_json;
+use crate::error::ApiError;
 use crate::normalize::{
-    corrected_timestamp, first_distinct_id, parse_time, scalar_string, validate_distinct_id,
-    validate_event_name,
+    body_key, corrected_timestamp, first_distinct_id, normalize as full_normalize, parse_time,
+    scalar_string, validate_distinct_id, validate_event_name,
 };
 
 /// One event ready for the stream.
@@ -119,6 +121,30 @@ struct EnvelopeOut<'a> {
     session_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     lib: Option<&'a str>,
+}
+
+/// Turns decoded JSON text into events for the stream: the fast path when it applies, else the
+/// full path. `check_key` is given the key the body carries before any validation error is
+/// reported; `source` names the parameter the JSON came from, when not the body.
+pub fn queue(
+    json: &[u8],
+    now: DateTime<Utc>,
+    source: Option<&str>,
+    check_key: impl FnOnce(Option<&str>) -> Result<(), ApiError>,
+) -> Result<Vec<Queued>, ApiError> {
+    if let Some(batch) = normalize(json, now) {
+        check_key(batch.body_key.as_deref())?;
+        return Ok(batch.events);
+    }
+    let json = parse_json(json).map_err(|e| match source {
+        Some(attr) => e.at(attr),
+        None => e,
+    })?;
+    check_key(body_key(&json).as_deref())?;
+    Ok(full_normalize(json, now)?
+        .iter()
+        .map(Queued::from)
+        .collect())
 }
 
 /// Normalises `json` (decoded body text) when it is one of the everyday shapes and valid.

@@ -15,7 +15,7 @@ pub mod state;
 use std::{sync::Arc, time::Duration};
 
 use poem::{
-    Endpoint, EndpointExt, IntoResponse, Response, Route, Server,
+    Endpoint, EndpointExt, Response, Route, Server,
     error::ResponseError,
     listener::TcpAcceptor,
     middleware::{Cors, NormalizePath, TrailingSlash},
@@ -130,9 +130,4 @@ async fn migrate_until_done(db: sea_orm::DatabaseConnection, shutdown: Cancellat
         }
         delay = (delay * 2).min(Duration::from_secs(30));
     }
-}
-
-/// Answers `err` as the one JSON error shape (used by the route tree's catch-all).
-pub fn error_response(err: poem::Error) -> impl IntoResponse {
-    ApiError::from_poem(err).as_response()
 }

@@ -74,6 +74,6 @@ pub fn decay(elapsed_secs: f64, half_life_secs: f64) -> f64 {
 impl Model {
     /// Decodes the `intents` column.
     pub fn intents(&self) -> Result<Intents, serde_json::Error> {
-        serde_json::from_value(self.intents.clone())
+        Intents::deserialize(&self.intents)
     }
 }

@@ -13,10 +13,9 @@ use super::{
 };
 use crate::{
     auth::{Access, CaptureAuth},
-    decode::{Compression, decode_body_bytes, decode_query_data, parse_json},
+    decode::{Compression, decode_body_bytes, decode_query_data},
     error::{ApiError, ErrorBody, error_responses},
-    fast::{self, Queued},
-    normalize::{body_key, normalize},
+    fast,
     state::AppState,
 };
 
@@ -193,29 +192,15 @@ async fn accept<'a>(
         state.keys.authorize(header_key, Access::Ingest)?;
     }
     let json = decode()?;
-    let now = chrono::Utc::now();
-    let events = match fast::normalize(&json, now) {
-        Some(batch) => {
-            if header_key.is_none() {
-                state
-                    .keys
-                    .authorize(batch.body_key.as_deref(), Access::Ingest)?;
-            }
-            batch.events
-        }
-        None => {
-            let json = parse_json(&json).map_err(|e| match source {
-                Some(attr) => e.at(attr),
-                None => e,
-            })?;
-            if header_key.is_none() {
-                state
-                    .keys
-                    .authorize(body_key(&json).as_deref(), Access::Ingest)?;
-            }
-            normalize(json, now)?.iter().map(Queued::from).collect()
-        }
-    };
+    let events = fast::queue(
+        &json,
+        chrono::Utc::now(),
+        source,
+        |body_key| match header_key {
+            Some(_) => Ok(()),
+            None => state.keys.authorize(body_key, Access::Ingest).map(drop),
+        },
+    )?;
     state.publisher.publish(&events, None).await?;
     tracing::debug!(events = events.len(), "queued");
     Ok(CaptureOk { status: 1 })

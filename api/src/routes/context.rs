@@ -187,6 +187,11 @@ fn db_error(err: sea_orm::DbErr) -> ApiError {
     )
 }
 
+/// 404 for a user with nothing stored.
+fn unknown_user(user_id: &str) -> ApiError {
+    ApiError::not_found(format!("nothing is stored for user {user_id:?}")).at("user_id")
+}
+
 pub struct ContextApi;
 
 #[OpenApi(prefix_path = "/context/user", tag = "ApiTags::Context")]
@@ -266,10 +271,9 @@ impl ContextApi {
                 store::history(&state.db, &user_id.0, &filter),
                 state.publisher.pending_for_user(&user_id.0),
             );
-            let profile = profile.map_err(db_error)?.ok_or_else(|| {
-                ApiError::not_found(format!("nothing is stored for user {:?}", user_id.0))
-                    .at("user_id")
-            })?;
+            let profile = profile
+                .map_err(db_error)?
+                .ok_or_else(|| unknown_user(&user_id.0))?;
             let history = history.map_err(db_error)?;
             let stored = profile.intents().map_err(ApiError::internal)?;
             let intents = context::score_intents(&stored, now);
@@ -337,11 +341,7 @@ impl ContextApi {
                 .await
                 .map_err(db_error)?;
             if erased == store::Erased::default() {
-                return Err(ApiError::not_found(format!(
-                    "nothing is stored for user {:?}",
-                    user_id.0
-                ))
-                .at("user_id"));
+                return Err(unknown_user(&user_id.0));
             }
             let pending = state
                 .publisher

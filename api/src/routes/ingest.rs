@@ -14,10 +14,9 @@ use super::{
 };
 use crate::{
     auth::{Access, ApiKeyHeader},
-    decode::{Compression, decode_body_bytes, parse_json},
+    decode::{Compression, decode_body_bytes},
     error::{ApiError, ErrorBody, error_responses},
-    fast::{self, Queued},
-    normalize::normalize,
+    fast,
     state::AppState,
 };
 
@@ -126,14 +125,7 @@ impl IngestApi {
                 Compression::Auto,
                 state.config.max_body_bytes,
             )?;
-            let now = chrono::Utc::now();
-            let events: Vec<Queued> = match fast::normalize(&json, now) {
-                Some(batch) => batch.events,
-                None => normalize(parse_json(&json)?, now)?
-                    .iter()
-                    .map(Queued::from)
-                    .collect(),
-            };
+            let events = fast::queue(&json, chrono::Utc::now(), None, |_| Ok(()))?;
             state.publisher.publish(&events, None).await?;
             Ok::<_, ApiError>(IngestOk {
                 status: 1,
