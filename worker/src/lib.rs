@@ -6,12 +6,15 @@ pub mod cli;
 pub mod config;
 pub mod dlq;
 pub mod enrich;
+pub mod http;
+pub mod metrics;
 pub mod pipeline;
 pub mod profile;
 pub mod rules;
 pub mod sanitize;
 pub mod store;
 pub mod stream;
+pub mod unmatched;
 
 use std::sync::Arc;
 
@@ -46,5 +49,11 @@ pub async fn run_with(
     enricher: Arc<dyn enrich::Enricher>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    pipeline::run(config, enricher, shutdown).await
+    pipeline::run(
+        config,
+        enricher,
+        Arc::new(metrics::WorkerMetrics::new()),
+        shutdown,
+    )
+    .await
 }
