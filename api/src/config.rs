@@ -4,6 +4,11 @@ use std::{net::SocketAddr, time::Duration};
 
 use entity::settings::{ConfigError, Vars};
 
+/// The full-access key used when `ENVIRONMENT` is `development` and `API_SECRET_KEY` is unset:
+/// the value in `.env.example`, so a fresh clone runs with no `.env`. Public, hence never used
+/// in any other environment.
+pub const DEVELOPMENT_SECRET_KEY: &str = "local_dev_secret_key_12345";
+
 /// Everything the api needs to run. Tests build it as a value.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -44,7 +49,19 @@ impl Config {
         if max_body_bytes == 0 {
             return Err(ConfigError::new("MAX_BODY_BYTES", "must be greater than 0"));
         }
-        let api_secret_key = vars.required("API_SECRET_KEY")?;
+        let environment = vars.string("ENVIRONMENT", "development");
+        let api_secret_key = match vars.get("API_SECRET_KEY") {
+            Some(key) => key,
+            None if environment == "development" => {
+                tracing::warn!(
+                    key = DEVELOPMENT_SECRET_KEY,
+                    "API_SECRET_KEY is not set: using the development key of .env.example \
+                     (set ENVIRONMENT to anything else and the api refuses to start without a key)"
+                );
+                DEVELOPMENT_SECRET_KEY.to_string()
+            }
+            None => vars.required("API_SECRET_KEY")?,
+        };
         let ingest_api_keys = vars.list("INGEST_API_KEYS");
         if ingest_api_keys.contains(&api_secret_key) {
             return Err(ConfigError::new(
@@ -53,7 +70,7 @@ impl Config {
             ));
         }
         Ok(Self {
-            environment: vars.string("ENVIRONMENT", "development"),
+            environment,
             project_name: vars.string("PROJECT_NAME", "PostHog LLM Pipeline"),
             api_secret_key,
             ingest_api_keys,
@@ -84,12 +101,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn missing_secret_key_names_the_variable() {
-        let err = Config::from_vars(&Vars::from_map::<&str, &str>([])).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "configuration error: API_SECRET_KEY: is required but not set"
+    fn missing_secret_key_outside_development_names_the_variable() {
+        for environment in ["production", "staging"] {
+            let err =
+                Config::from_vars(&Vars::from_map([("ENVIRONMENT", environment)])).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "configuration error: API_SECRET_KEY: is required but not set"
+            );
+        }
+    }
+
+    #[test]
+    fn development_without_a_key_uses_the_env_example_key() {
+        let cfg = Config::from_vars(&Vars::from_map::<&str, &str>([])).unwrap();
+        assert_eq!(cfg.environment, "development");
+        assert_eq!(cfg.api_secret_key, DEVELOPMENT_SECRET_KEY);
+        let example = include_str!("../../.env.example");
+        assert!(
+            example.contains(&format!("API_SECRET_KEY={DEVELOPMENT_SECRET_KEY}\n")),
+            ".env.example shows the development key"
         );
+        // A key that is set always wins.
+        let cfg = Config::from_vars(&Vars::from_map([("API_SECRET_KEY", "mine")])).unwrap();
+        assert_eq!(cfg.api_secret_key, "mine");
     }
 
     #[test]

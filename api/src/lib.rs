@@ -15,6 +15,7 @@ pub mod state;
 
 use std::{sync::Arc, time::Duration};
 
+use anyhow::Context as _;
 use poem::{
     Endpoint, EndpointExt, Response, Route, Server,
     error::ResponseError,
@@ -121,6 +122,57 @@ pub async fn run(
     let _ = monitor.await;
     tracing::info!("api stopped");
     Ok(())
+}
+
+/// Serves the api and runs a worker replica in the same process (`api --with-worker`): one
+/// process for a laptop or a small single-container deployment. Both stop on `shutdown`; when
+/// either half stops on its own (an error, or a panic) the other is stopped too and the error
+/// returned, so the process exits instead of serving half a pipeline.
+pub async fn run_with_worker(
+    config: Config,
+    worker_config: worker::Config,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut api = tokio::spawn(run(config, listener, shutdown.clone()));
+    let mut worker = tokio::spawn(worker::run(worker_config, shutdown.clone()));
+    let flatten_api =
+        |r: Result<anyhow::Result<()>, tokio::task::JoinError>| -> anyhow::Result<()> {
+            r.map_err(|e| anyhow::anyhow!("api task failed: {e}"))?
+                .context("api failed")
+        };
+    let flatten_worker = |r: Result<Result<(), worker::WorkerError>, tokio::task::JoinError>| {
+        r.map_err(|e| anyhow::anyhow!("worker task failed: {e}"))?
+            .context("worker failed")
+    };
+    let (first, second) = tokio::select! {
+        r = &mut api => {
+            let first = stopped_early("api", flatten_api(r), &shutdown);
+            shutdown.cancel();
+            (first, flatten_worker(worker.await))
+        }
+        r = &mut worker => {
+            let first = stopped_early("worker", flatten_worker(r), &shutdown);
+            shutdown.cancel();
+            (first, flatten_api(api.await))
+        }
+    };
+    first.and(second)
+}
+
+/// A half that returned before shutdown was requested stopped unexpectedly: an error even if it
+/// returned `Ok`.
+fn stopped_early(
+    half: &str,
+    result: anyhow::Result<()>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    match result {
+        Ok(()) if !shutdown.is_cancelled() => {
+            anyhow::bail!("{half} stopped before shutdown was requested")
+        }
+        other => other,
+    }
 }
 
 /// Applies pending migrations, retrying while Postgres is unreachable: ingest never waits on

@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use api::Config;
+use clap::Parser;
 use entity::settings::Vars;
 use tokio_util::sync::CancellationToken;
 
@@ -9,27 +10,48 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Serves the HTTP api: PostHog-compatible ingest, webhooks and the user context read path.
+/// Configuration comes from the environment (and `.env`); see `.env.example`.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    /// Also run a worker replica in this process (configured by the same environment):
+    /// the whole pipeline in one process, for local work and small deployments.
+    #[arg(long)]
+    with_worker: bool,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
     let _ = dotenvy::dotenv();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let config = match Config::from_vars(&Vars::from_env()) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
-    };
+    let vars = Vars::from_env();
+    let config = Config::from_vars(&vars).unwrap_or_else(|e| exit_config_error(&e));
+    let worker_config = cli
+        .with_worker
+        .then(|| worker::Config::from_vars(&vars).unwrap_or_else(|e| exit_config_error(&e)));
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
         .with_context(|| format!("API_BIND: cannot listen on {}", config.bind))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
-    api::run(config, listener, shutdown).await
+    match worker_config {
+        Some(worker_config) => {
+            api::run_with_worker(config, worker_config, listener, shutdown).await
+        }
+        None => api::run(config, listener, shutdown).await,
+    }
+}
+
+/// A bad or missing variable: one line naming it, exit status 2.
+fn exit_config_error(e: &entity::settings::ConfigError) -> ! {
+    eprintln!("{e}");
+    std::process::exit(2);
 }
 
 async fn shutdown_on_signal(token: CancellationToken) {
