@@ -7,6 +7,7 @@
 //! percentiles at the end. Either way it stops by itself.
 
 use std::{
+    collections::BTreeMap,
     io::Write,
     sync::{
         Arc,
@@ -143,6 +144,8 @@ impl Visitor {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The api reads `.env`; so does the simulator, so both use the same key.
+    let _ = dotenvy::dotenv();
     let args = Args::parse();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -206,13 +209,16 @@ async fn story(args: Args, http: reqwest::Client) -> anyhow::Result<()> {
     }
     println!("{accepted} accepted, {rejected} rejected");
     if rejected > 0 {
-        eprintln!(
-            "hint: 401/403 means the key (--key / API_SECRET_KEY) does not match the api's keys"
-        );
+        eprintln!("{HINT}");
         std::process::exit(1);
     }
     Ok(())
 }
+
+/// What the usual rejections mean, printed when any request failed.
+const HINT: &str = "hint: 401 = no key sent; 403 = the key (--key, or API_SECRET_KEY in the environment \
+or .env) is not one of the api's keys; 503 = Redis is down or the stream backlog is over \
+STREAM_MAX_BACKLOG (start a worker); connection refused = the api is not listening on --url";
 
 /// Counters shared by the load tasks.
 #[derive(Default)]
@@ -245,6 +251,7 @@ async fn load(args: Args, http: reqwest::Client) -> anyhow::Result<()> {
                 .map(|n| Visitor::new(n + 1))
                 .collect();
             let mut latencies = Vec::new();
+            let mut rejections: BTreeMap<String, u64> = BTreeMap::new();
             let mut next = Instant::now();
             while Instant::now() < deadline {
                 if let Some(interval) = per_task_interval {
@@ -258,16 +265,20 @@ async fn load(args: Args, http: reqwest::Client) -> anyhow::Result<()> {
                     })
                     .collect();
                 let sent = Instant::now();
-                let ok = send(&http, &args, events).await.is_ok();
+                let result = send(&http, &args, events).await;
                 latencies.push(sent.elapsed());
                 tally.requests.fetch_add(1, Ordering::Relaxed);
-                if ok {
-                    tally.events.fetch_add(batch as u64, Ordering::Relaxed);
-                } else {
-                    tally.failures.fetch_add(1, Ordering::Relaxed);
+                match result {
+                    Ok(()) => {
+                        tally.events.fetch_add(batch as u64, Ordering::Relaxed);
+                    }
+                    Err(status) => {
+                        tally.failures.fetch_add(1, Ordering::Relaxed);
+                        *rejections.entry(status).or_default() += 1;
+                    }
                 }
             }
-            latencies
+            (latencies, rejections)
         }));
     }
 
@@ -290,8 +301,13 @@ async fn load(args: Args, http: reqwest::Client) -> anyhow::Result<()> {
         })
     };
     let mut latencies = Vec::new();
+    let mut rejections: BTreeMap<String, u64> = BTreeMap::new();
     for task in tasks {
-        latencies.extend(task.await?);
+        let (task_latencies, task_rejections) = task.await?;
+        latencies.extend(task_latencies);
+        for (status, n) in task_rejections {
+            *rejections.entry(status).or_default() += n;
+        }
     }
     progress.abort();
     eprintln!();
@@ -318,6 +334,12 @@ async fn load(args: Args, http: reqwest::Client) -> anyhow::Result<()> {
         ms(latencies.last())
     );
     if failures > 0 {
+        let by_status: Vec<String> = rejections
+            .iter()
+            .map(|(status, n)| format!("x{status}: {n}"))
+            .collect();
+        println!("rejected requests: {}", by_status.join(", "));
+        eprintln!("{HINT}");
         std::process::exit(1);
     }
     Ok(())

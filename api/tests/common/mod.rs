@@ -49,6 +49,13 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn create() -> Self {
+        let db = Self::create_empty().await;
+        migration::apply(&db.conn).await.unwrap();
+        db
+    }
+
+    /// A database of its own without any schema (for code that must apply the migrations).
+    pub async fn create_empty() -> Self {
         use sea_orm::ConnectionTrait;
         let admin = sea_orm::Database::connect(database_url())
             .await
@@ -60,7 +67,6 @@ impl TestDb {
             .unwrap();
         let url = format!("{}/{name}", server_url());
         let conn = sea_orm::Database::connect(&url).await.unwrap();
-        migration::apply(&conn).await.unwrap();
         Self { name, url, conn }
     }
 }
