@@ -23,9 +23,10 @@ use serde_json::{Value, json};
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Simulates users browsing a shop, sending PostHog events to the api")]
 struct Args {
-    /// Base URL of the api.
-    #[arg(long, env = "TRAFFIC_URL", default_value = "http://127.0.0.1:8000")]
-    url: String,
+    /// Base URL of the api. Default: the api's own `API_BIND` (environment or `.env`), else
+    /// http://127.0.0.1:8000.
+    #[arg(long, env = "TRAFFIC_URL")]
+    url: Option<String>,
     /// Key sent as the PostHog project key (`api_key` in the body): an ingest key or the secret key.
     #[arg(
         long,
@@ -146,7 +147,8 @@ impl Visitor {
 async fn main() -> anyhow::Result<()> {
     // The api reads `.env`; so does the simulator, so both use the same key.
     let _ = dotenvy::dotenv();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    args.url.get_or_insert_with(default_url);
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .pool_max_idle_per_host(256)
@@ -158,7 +160,18 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Where the api listens by its own configuration (`API_BIND`; all interfaces means this host).
+fn default_url() -> String {
+    let bind = std::env::var("API_BIND").unwrap_or_else(|_| "127.0.0.1:8000".into());
+    let bind = bind
+        .trim()
+        .replace("0.0.0.0:", "127.0.0.1:")
+        .replace("[::]:", "[::1]:");
+    format!("http://{bind}")
+}
+
 async fn send(http: &reqwest::Client, args: &Args, events: Vec<Value>) -> Result<(), String> {
+    let url = args.url.as_deref().unwrap_or_default();
     let (path, body) = if events.len() == 1 {
         let mut e = events.into_iter().next().unwrap();
         e["api_key"] = json!(args.key);
@@ -170,7 +183,7 @@ async fn send(http: &reqwest::Client, args: &Args, events: Vec<Value>) -> Result
         )
     };
     match http
-        .post(format!("{}{path}", args.url.trim_end_matches('/')))
+        .post(format!("{}{path}", url.trim_end_matches('/')))
         .json(&body)
         .send()
         .await
