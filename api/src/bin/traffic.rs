@@ -148,7 +148,10 @@ async fn main() -> anyhow::Result<()> {
     // The api reads `.env`; so does the simulator, so both use the same key.
     let _ = dotenvy::dotenv();
     let mut args = Args::parse();
-    args.url.get_or_insert_with(default_url);
+    args.url = args
+        .url
+        .filter(|url| !url.trim().is_empty())
+        .or_else(|| Some(default_url()));
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .pool_max_idle_per_host(256)
