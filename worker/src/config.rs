@@ -41,6 +41,9 @@ pub struct Config {
     pub rules_dir: PathBuf,
     /// `WORKER_METRICS_BIND`: where `/metrics`, `/health` and `/ready` are served (`off`: nowhere).
     pub metrics_bind: Option<SocketAddr>,
+    /// `WORKER_METRICS_BIND` was not set: when the default port is taken (another replica on this
+    /// host), serve on a free port instead of stopping.
+    pub metrics_bind_is_default: bool,
 }
 
 impl Config {
@@ -120,6 +123,7 @@ impl Config {
             shutdown_timeout: vars.seconds("SHUTDOWN_TIMEOUT", Duration::from_secs(10))?,
             migrate_on_start: vars.flag("MIGRATE_ON_START", true)?,
             rules_dir: PathBuf::from(vars.string("RULES_DIR", "rules")),
+            metrics_bind_is_default: vars.get("WORKER_METRICS_BIND").is_none(),
             metrics_bind: match vars.string("WORKER_METRICS_BIND", DEFAULT_METRICS_BIND).as_str() {
                 "off" => None,
                 addr => Some(addr.parse().map_err(|_| {

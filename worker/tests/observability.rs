@@ -182,4 +182,13 @@ async fn a_taken_metrics_port_stops_the_worker_with_the_variable_named() {
         .unwrap();
     let error = result.unwrap_err().to_string();
     assert!(error.contains("WORKER_METRICS_BIND"), "{error}");
+
+    // Left at its default, a taken port is not fatal: a second replica on the host still runs.
+    let mut cfg = config(&db.url, &keys, "w2");
+    cfg.metrics_bind = Some(taken.local_addr().unwrap());
+    cfg.metrics_bind_is_default = true;
+    let worker = RunningWorker::start(cfg);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!worker.task.is_finished(), "worker keeps running");
+    worker.stop().await.unwrap();
 }

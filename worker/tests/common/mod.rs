@@ -192,6 +192,7 @@ pub fn config(db_url: &str, keys: &Keys, worker_name: &str) -> Config {
         migrate_on_start: false,
         rules_dir: "rules".into(),
         metrics_bind: None,
+        metrics_bind_is_default: false,
     }
 }
 
