@@ -11,6 +11,7 @@ pub mod normalize;
 pub mod publisher;
 pub mod routes;
 pub mod state;
+pub mod trace;
 
 use std::{sync::Arc, time::Duration};
 
@@ -83,6 +84,7 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
     .with(NormalizePath::new(TrailingSlash::Trim))
     .catch_all_error(|err| async move { ApiError::from_poem(err).as_response() })
     .map_to_response()
+    .with(trace::RequestSpan)
 }
 
 /// Serves the api on `listener` until `shutdown` fires, then lets in-flight requests finish.

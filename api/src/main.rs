@@ -4,6 +4,7 @@ use anyhow::Context;
 use api::Config;
 use entity::settings::Vars;
 use tokio_util::sync::CancellationToken;
+use worker::telemetry::{self, TelemetryConfig};
 
 /// mimalloc: the ingest path allocates many small JSON values; glibc malloc cost a quarter of the CPU.
 #[global_allocator]
@@ -12,12 +13,16 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = dotenvy::dotenv();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    let config = match Config::from_vars(&Vars::from_env()) {
+    let vars = Vars::from_env();
+    let telemetry_config = match TelemetryConfig::from_vars(&vars, "api") {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let _telemetry = telemetry::init(&telemetry_config)?;
+    let config = match Config::from_vars(&vars) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("{e}");

@@ -12,6 +12,7 @@ pub mod rules;
 pub mod sanitize;
 pub mod store;
 pub mod stream;
+pub mod telemetry;
 
 use std::sync::Arc;
 
