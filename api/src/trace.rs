@@ -5,7 +5,8 @@ use poem::{Endpoint, IntoResponse, Middleware, PathPattern, Request, Response, R
 use tracing::{Instrument, field::Empty};
 use worker::telemetry::{self, TRACEPARENT};
 
-/// Wraps an endpoint in a `http.request` span (method, path, route, status).
+/// Wraps an endpoint in a span named after the method and route (`POST /capture`), with the
+/// path and response status.
 pub struct RequestSpan;
 
 impl<E: Endpoint> Middleware<E> for RequestSpan {
@@ -45,7 +46,7 @@ impl<E: Endpoint> Endpoint for RequestSpanEndpoint<E> {
         };
         if let Some(PathPattern(route)) = response.data::<PathPattern>() {
             span.record("http.route", &**route);
-            span.record("otel.name", format!("{method} {route}"));
+            telemetry::rename(&span, format!("{method} {route}"));
         }
         span.record("http.response.status_code", response.status().as_u16());
         Ok(response)

@@ -13,7 +13,7 @@ use entity::settings::{ConfigError, Vars};
 use opentelemetry::{
     Context,
     propagation::{Extractor, Injector, TextMapPropagator},
-    trace::{TraceContextExt, TracerProvider as _},
+    trace::{Span as _, TraceContextExt, TracerProvider as _},
 };
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
@@ -245,6 +245,14 @@ pub fn continue_trace(span: &tracing::Span, traceparent: &[u8]) -> bool {
     match remote_context(traceparent) {
         Some(cx) => span.set_parent(cx).is_ok(),
         None => false,
+    }
+}
+
+/// Renames the exported span of `span`, also once it has started (`otel.name` recorded late is
+/// ignored by the exporter).
+pub fn rename(span: &tracing::Span, name: String) {
+    if is_exporting() {
+        span.context().span().update_name(name);
     }
 }
 
