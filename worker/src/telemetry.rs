@@ -48,7 +48,7 @@ pub struct TelemetryConfig {
     pub filter: String,
     /// `LOG_FORMAT`: `text` (default) or `json`.
     pub log_format: LogFormat,
-    /// `OTEL_EXPORTER_OTLP_ENDPOINT`: base URL of an OTLP/HTTP receiver (spans go to
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`: `http://` base URL of an OTLP/HTTP receiver (spans go to
     /// `<endpoint>/v1/traces`); unset, nothing is exported.
     pub otlp_endpoint: Option<String>,
     /// `OTEL_SERVICE_NAME`: the `service.name` of exported spans (default: the binary's name).
@@ -79,10 +79,15 @@ impl TelemetryConfig {
             None => None,
             Some(raw) => {
                 let url = raw.trim();
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                // The exporter is built without TLS: a collector next to the process is the
+                // usual receiver, and it forwards over TLS itself.
+                if !url.starts_with("http://") {
                     return Err(ConfigError::new(
                         "OTEL_EXPORTER_OTLP_ENDPOINT",
-                        format!("invalid value {raw:?}: expected an http:// or https:// URL"),
+                        format!(
+                            "invalid value {raw:?}: expected an http:// URL (https is not supported: \
+                             send to a local OpenTelemetry Collector)"
+                        ),
                     ));
                 }
                 Some(url.to_string())
@@ -326,6 +331,7 @@ mod tests {
         for (var, value) in [
             ("LOG_FORMAT", "pretty"),
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318"),
             ("RUST_LOG", "api=loud"),
         ] {
             let err =
