@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Context read path benchmark (issue 5): GET /context/user/:id (JSON) for random users under wrk,
-# side by side in the same run with pgbench running the same SQL the endpoint runs (profile by
+# side by side in the same run with pgbench running the same SQL the endpoint runs (one statement: profile by
 # id + the newest 20 events through the (distinct_id, timestamp DESC) index).
 # 1,000,000 events across 10,000 users in a fresh database, dropped at the end. Only 127.0.0.1.
 #
@@ -53,12 +53,18 @@ done = function(summary, latency, requests)
     summary.errors.status, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
 end
 LUA
-# The endpoint's two statements, as sea-orm sends them.
-cat > "$WORK/context.sql" <<SQL
-\set uid random(0, $USERS - 1)
-SELECT * FROM user_profiles WHERE distinct_id = 'user_' || :uid LIMIT 1;
-SELECT "timestamp", description, event, path, url, session_id FROM events WHERE distinct_id = 'user_' || :uid ORDER BY "timestamp" DESC, uuid DESC LIMIT 20;
-SQL
+# The endpoint's statement (CONTEXT_SQL in api/src/context/store.rs), with its parameters filled
+# in as the endpoint binds them for a plain request (limit 20, no since, no session).
+python3 - "$USERS" > "$WORK/context.sql" <<'PY'
+import re, sys
+src = open("api/src/context/store.rs").read()
+sql = re.search(r'CONTEXT_SQL: &str = r#"(.*?)"#', src, re.S).group(1)
+sql = re.sub(r"\$3(::timestamptz)?", "NULL::timestamptz", sql)
+sql = re.sub(r"\$4(::text)?", "NULL::text", sql)
+sql = sql.replace("$1", "('user_' || :uid)").replace("$2", "20")
+print(f"\\set uid random(0, {int(sys.argv[1]) - 1})")
+print(" ".join(sql.split()) + ";")
+PY
 
 curl -sf -H "X-API-Key: $KEY" "http://127.0.0.1:$PORT/context/user/user_1" | head -c 300; echo
 echo "== wrk GET /context/user/:id (JSON), -c $CONNECTIONS -d ${DURATION}s"
@@ -67,7 +73,7 @@ wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s "$WORK/context.lua" "http://127.0.0.1:
 API=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/context.lua" "http://127.0.0.1:$PORT" | grep RESULT)
 echo "$API"
 RSS_KB=$(awk '/VmHWM/ {print $2}' /proc/$API_PID/status)
-echo "== pgbench, same statements, -c $CONNECTIONS -T $DURATION"
+echo "== pgbench, same statement, -c $CONNECTIONS -T $DURATION"
 (cd "$WORK" && pgbench -n -M prepared -c "$CONNECTIONS" -j "$THREADS" -T "$DURATION" -f context.sql -l --log-prefix=pg "$PG/$DB" \
   | grep -E "^(tps|latency average)")
 PG_STATS=$(cat "$WORK"/pg.* | python3 -c "

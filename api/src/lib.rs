@@ -7,6 +7,7 @@ pub mod context;
 pub mod decode;
 pub mod error;
 pub mod fast;
+pub mod metrics;
 pub mod normalize;
 pub mod publisher;
 pub mod routes;
@@ -29,7 +30,7 @@ use crate::{
     error::ApiError,
     routes::{
         CAPTURE_PATHS, capture::CaptureApi, context::ContextApi, health::HealthApi,
-        ingest::IngestApi,
+        ingest::IngestApi, rules::RulesApi,
     },
 };
 
@@ -39,8 +40,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// The OpenAPI service: every route, documented.
 pub fn openapi(
     config: &Config,
-) -> OpenApiService<(CaptureApi, IngestApi, ContextApi, HealthApi), ()> {
-    OpenApiService::new((CaptureApi, IngestApi, ContextApi, HealthApi), &config.project_name, env!("CARGO_PKG_VERSION"))
+) -> OpenApiService<(CaptureApi, IngestApi, ContextApi, RulesApi, HealthApi), ()> {
+    OpenApiService::new(
+        (CaptureApi, IngestApi, ContextApi, RulesApi, HealthApi),
+        &config.project_name,
+        env!("CARGO_PKG_VERSION"),
+    )
         .description(
             "Turns product clickstreams into context an AI assistant can use. Send events with a PostHog SDK \
              (point its host here) or a webhook; they are queued in a Redis Stream, enriched by workers and \
@@ -52,6 +57,7 @@ pub fn openapi(
 
 /// The whole HTTP application for `state`.
 pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
+    let metrics = state.metrics.clone();
     let api = openapi(&state.config);
     let docs = api.swagger_ui();
     let spec = api.spec_endpoint();
@@ -70,7 +76,7 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
             .with(Cors::new().allow_credentials(false))
             .map_to_response(),
     );
-    poem::endpoint::make(move |req: poem::Request| {
+    let app = poem::endpoint::make(move |req: poem::Request| {
         let routes = routes.clone();
         let with_cors = with_cors.clone();
         async move {
@@ -83,7 +89,11 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
     })
     .with(NormalizePath::new(TrailingSlash::Trim))
     .catch_all_error(|err| async move { ApiError::from_poem(err).as_response() })
-    .map_to_response()
+    .map_to_response();
+    crate::metrics::CountRequests {
+        inner: app,
+        metrics,
+    }
     .with(trace::RequestSpan)
 }
 

@@ -80,6 +80,7 @@ pub struct Publisher {
     timeout: Duration,
     max_backlog: u64,
     backlog: Arc<AtomicU64>,
+    xadd_seconds: Option<prometheus::Histogram>,
 }
 
 impl Publisher {
@@ -103,7 +104,19 @@ impl Publisher {
             timeout,
             max_backlog,
             backlog: Arc::new(AtomicU64::new(UNKNOWN)),
+            xadd_seconds: None,
         })
+    }
+
+    /// Records each request's XADD round trip in `histogram`.
+    pub fn with_latency_histogram(mut self, histogram: prometheus::Histogram) -> Self {
+        self.xadd_seconds = Some(histogram);
+        self
+    }
+
+    /// The shared connection (other commands on the same Redis).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
     }
 
     /// The stream key events go to.
@@ -153,10 +166,14 @@ impl Publisher {
             }
         }
         let mut conn = self.conn.clone();
+        let started = std::time::Instant::now();
         let ids: Vec<String> = tokio::time::timeout(self.timeout, pipe.query_async(&mut conn))
             .instrument(span)
             .await
             .map_err(|_| PublishError::Timeout(self.timeout))??;
+        if let Some(histogram) = &self.xadd_seconds {
+            histogram.observe(started.elapsed().as_secs_f64());
+        }
         // Count our own appends until the next sample, so reads right after see them.
         let _ = self
             .backlog

@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 use tokio_util::sync::CancellationToken;
 
-use crate::{auth::Keys, config::Config, publisher::Publisher};
+use crate::{auth::Keys, config::Config, metrics::ApiMetrics, publisher::Publisher};
 
 /// Shared state, cheap to clone.
 #[derive(Clone)]
@@ -19,6 +19,9 @@ pub struct Inner {
     pub db: DatabaseConnection,
     /// Fired when shutdown begins: readiness answers 503 from then on.
     pub shutdown: CancellationToken,
+    pub metrics: ApiMetrics,
+    /// The shared report of events no rule describes (written by the workers).
+    pub unmatched: worker::unmatched::UnmatchedReport,
 }
 
 impl std::ops::Deref for AppState {
@@ -39,12 +42,16 @@ pub enum StateError {
 
 impl AppState {
     pub async fn new(config: Config, shutdown: CancellationToken) -> Result<Self, StateError> {
+        let metrics = ApiMetrics::new();
         let publisher = Publisher::new(
             &config.redis_url,
             &config.queue_name,
             config.redis_timeout,
             config.stream_max_backlog,
-        )?;
+        )?
+        .with_latency_histogram(metrics.xadd_seconds.clone());
+        let unmatched =
+            worker::unmatched::UnmatchedReport::new(publisher.connection(), &config.queue_name);
         let mut opts = ConnectOptions::new(config.database_url.clone());
         opts.connect_lazy(true)
             .max_connections(16)
@@ -58,6 +65,8 @@ impl AppState {
             publisher,
             db,
             shutdown,
+            metrics,
+            unmatched,
         })))
     }
 }

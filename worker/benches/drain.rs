@@ -259,6 +259,7 @@ fn spawn_worker(s: &Settings, db_url: &str, stream: &str, name: &str, batch_size
         .env("BATCH_SIZE", batch_size.to_string())
         .env("MIGRATE_ON_START", "false")
         .env("RULES_DIR", &s.rules_dir)
+        .env("WORKER_METRICS_BIND", "127.0.0.1:0")
         .env(
             "RUST_LOG",
             std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),

@@ -9,6 +9,7 @@ use crate::{
     Config, WorkerError,
     dlq::{DeadLetters, Selection},
     stream::{COMMAND_TIMEOUT, connection},
+    unmatched::UnmatchedReport,
 };
 
 /// Consumer-group worker: enriches clickstream events and stores them in Postgres.
@@ -77,6 +78,19 @@ pub enum RulesCommand {
     Check { dir: Option<PathBuf> },
     /// Show which rule describes an event (a JSON envelope file) and why.
     Explain { event: PathBuf },
+    /// The most frequent events no rule describes (all replicas), with an example of each:
+    /// what to translate next. A shape leaves the list once a reloaded rule describes it.
+    Unmatched {
+        /// Show at most this many shapes.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Empty the report.
+        #[arg(long)]
+        clear: bool,
+    },
 }
 
 /// Runs a DLQ command, printing what it did.
@@ -156,12 +170,73 @@ pub async fn dlq(config: &Config, action: &DlqCommand) -> Result<ExitCode, Worke
 }
 
 /// Runs a rules command (the rule engine's tooling), printing its report; exits non-zero when
-/// the rules are invalid or an example fails.
-pub fn rules(config: &Config, action: &RulesCommand) -> ExitCode {
+/// the rules are invalid, an example fails, or Redis cannot be read.
+pub async fn rules(config: &Config, action: &RulesCommand) -> ExitCode {
     match action {
         RulesCommand::Check { dir } => {
             crate::rules::cli::check(dir.as_deref().unwrap_or(&config.rules_dir))
         }
         RulesCommand::Explain { event } => crate::rules::cli::explain(&config.rules_dir, event),
+        RulesCommand::Unmatched { limit, json, clear } => {
+            match unmatched(config, *limit, *json, *clear).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!(
+                        "cannot read the unmatched-events report from {}: {error}",
+                        config.redis_url
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
+}
+
+async fn unmatched(
+    config: &Config,
+    limit: usize,
+    json: bool,
+    clear: bool,
+) -> Result<(), redis::RedisError> {
+    let conn = connection(crate::stream::client(&config.redis_url)?, COMMAND_TIMEOUT)?;
+    let report = UnmatchedReport::new(conn, &config.queue_name);
+    if clear {
+        report.clear().await?;
+        println!("unmatched-events report of {} emptied", config.queue_name);
+        return Ok(());
+    }
+    let (shapes, total) = report.top(limit).await?;
+    if json {
+        let out = serde_json::json!({"total_shapes": total, "shapes": shapes});
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        return Ok(());
+    }
+    if shapes.is_empty() {
+        println!("every event is described by a rule (no unmatched events reported)");
+        return Ok(());
+    }
+    println!(
+        "{} of {total} kinds of events no rule describes, most frequent first:",
+        shapes.len()
+    );
+    for shape in &shapes {
+        let mut line = format!("{:>8}  {}", shape.count, shape.event);
+        if let Some(path) = &shape.path {
+            line.push_str(&format!("  on {path}"));
+        }
+        if let Some(text) = &shape.element_text {
+            line.push_str(&format!("  text {text:?}"));
+        }
+        if let Some(classes) = &shape.element_classes {
+            line.push_str(&format!("  classes {classes:?}"));
+        }
+        println!("{line}");
+        if let Some(example) = &shape.example {
+            println!("          example: {example}");
+        }
+    }
+    println!(
+        "save an example to a file and run `worker rules explain <file>` to see why no rule matched"
+    );
+    Ok(())
 }

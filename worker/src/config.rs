@@ -1,6 +1,6 @@
 //! The worker's typed configuration, read once at start from environment variables.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use entity::settings::{ConfigError, Vars};
 
@@ -39,6 +39,8 @@ pub struct Config {
     pub migrate_on_start: bool,
     /// `RULES_DIR`: the rule files.
     pub rules_dir: PathBuf,
+    /// `WORKER_METRICS_BIND`: where `/metrics`, `/health` and `/ready` are served (`off`: nowhere).
+    pub metrics_bind: Option<SocketAddr>,
 }
 
 impl Config {
@@ -118,9 +120,21 @@ impl Config {
             shutdown_timeout: vars.seconds("SHUTDOWN_TIMEOUT", Duration::from_secs(10))?,
             migrate_on_start: vars.flag("MIGRATE_ON_START", true)?,
             rules_dir: PathBuf::from(vars.string("RULES_DIR", "rules")),
+            metrics_bind: match vars.string("WORKER_METRICS_BIND", DEFAULT_METRICS_BIND).as_str() {
+                "off" => None,
+                addr => Some(addr.parse().map_err(|_| {
+                    ConfigError::new(
+                        "WORKER_METRICS_BIND",
+                        format!("invalid value {addr:?}: expected host:port (e.g. 0.0.0.0:9100) or `off`"),
+                    )
+                })?),
+            },
         })
     }
 }
+
+/// Default of `WORKER_METRICS_BIND`.
+pub const DEFAULT_METRICS_BIND: &str = "127.0.0.1:9100";
 
 /// `<hostname>-<pid>`: unique per replica, and stable for a process so its own pending entries
 /// are re-read when it reconnects.
@@ -149,6 +163,12 @@ mod tests {
         assert_eq!(config.claim_idle, Duration::from_secs(30));
         assert_eq!(config.max_deliveries, 5);
         assert!(config.migrate_on_start);
+        assert_eq!(
+            config.metrics_bind,
+            Some(DEFAULT_METRICS_BIND.parse().unwrap())
+        );
+        let off = Config::from_vars(&Vars::from_map([("WORKER_METRICS_BIND", "off")])).unwrap();
+        assert_eq!(off.metrics_bind, None);
         assert!(
             config
                 .worker_name
@@ -164,6 +184,7 @@ mod tests {
             ("WRITE_CONCURRENCY", "0"),
             ("MIGRATE_ON_START", "maybe"),
             ("WORKER_NAME", "a b"),
+            ("WORKER_METRICS_BIND", "9100"),
         ] {
             let err = Config::from_vars(&Vars::from_map([(var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{err}");

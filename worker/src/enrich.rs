@@ -29,6 +29,11 @@ pub trait Ruleset: Send + Sync {
 /// The source of the current ruleset (the rule engine swaps it on reload).
 pub trait Enricher: Send + Sync {
     fn ruleset(&self) -> Arc<dyn Ruleset>;
+
+    /// The rule engine's handle, when the rules come from files (reload status, unmatched counts).
+    fn rules(&self) -> Option<RulesHandle> {
+        None
+    }
 }
 
 /// An [`Enricher`] that always hands out the same ruleset.
@@ -109,6 +114,10 @@ impl Ruleset for RuleSet {
 impl Enricher for RulesHandle {
     fn ruleset(&self) -> Arc<dyn Ruleset> {
         self.current()
+    }
+
+    fn rules(&self) -> Option<RulesHandle> {
+        Some(self.clone())
     }
 }
 

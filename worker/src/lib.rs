@@ -6,6 +6,8 @@ pub mod cli;
 pub mod config;
 pub mod dlq;
 pub mod enrich;
+pub mod http;
+pub mod metrics;
 pub mod pipeline;
 pub mod profile;
 pub mod rules;
@@ -13,6 +15,7 @@ pub mod sanitize;
 pub mod store;
 pub mod stream;
 pub mod telemetry;
+pub mod unmatched;
 
 use std::sync::Arc;
 
@@ -47,5 +50,11 @@ pub async fn run_with(
     enricher: Arc<dyn enrich::Enricher>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    pipeline::run(config, enricher, shutdown).await
+    pipeline::run(
+        config,
+        enricher,
+        Arc::new(metrics::WorkerMetrics::new()),
+        shutdown,
+    )
+    .await
 }

@@ -29,7 +29,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dlq { action } => Ok(worker::cli::dlq(&config, &action).await?),
-        Command::Rules { action } => Ok(worker::cli::rules(&config, &action)),
+        Command::Rules { action } => Ok(worker::cli::rules(&config, &action).await),
     }
 }
 

@@ -28,6 +28,7 @@ use crate::{
     WorkerError,
     config::Config,
     enrich::Enricher,
+    metrics::WorkerMetrics,
     store::{self, StoreError, StoredEvent},
     stream::{Entry, StreamError, Streams},
     telemetry,
@@ -114,15 +115,64 @@ struct Context {
     db: DatabaseConnection,
     enricher: Arc<dyn Enricher>,
     held: Held,
+    metrics: Arc<WorkerMetrics>,
 }
 
 /// Runs one replica until `shutdown`, then finishes the batch in flight within `SHUTDOWN_TIMEOUT`.
 pub async fn run(
     config: Config,
     enricher: Arc<dyn Enricher>,
+    metrics: Arc<WorkerMetrics>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     let db = store::connect(&config).await?;
+    let streams = Streams::new(&config)?;
+    // Health and metrics answer from the start (not ready until Redis and Postgres do).
+    let server = match config.metrics_bind {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                WorkerError::Stopped(format!("WORKER_METRICS_BIND: cannot listen on {addr}: {e}"))
+            })?;
+            let probe = crate::http::Probe {
+                config: config.clone(),
+                redis: streams.commands(),
+                db: db.clone(),
+                rules: enricher.rules(),
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+            };
+            Some(tokio::spawn(crate::http::serve(listener, probe)))
+        }
+        None => None,
+    };
+    let report_stop = shutdown.child_token();
+    let report = enricher.rules().map(|rules| {
+        tokio::spawn(crate::unmatched::report_loop(
+            rules,
+            crate::unmatched::UnmatchedReport::new(streams.commands(), &config.queue_name),
+            metrics.clone(),
+            report_stop.clone(),
+        ))
+    });
+    let result = consume(config, enricher, metrics, db, streams, shutdown).await;
+    report_stop.cancel();
+    if let Some(report) = report {
+        let _ = report.await;
+    }
+    if let Some(server) = server {
+        server.abort();
+    }
+    result
+}
+
+async fn consume(
+    config: Config,
+    enricher: Arc<dyn Enricher>,
+    metrics: Arc<WorkerMetrics>,
+    db: DatabaseConnection,
+    streams: Streams,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
     if config.migrate_on_start
         && retry_until("apply database migrations", &shutdown, || {
             migration::apply(&db)
@@ -132,7 +182,6 @@ pub async fn run(
     {
         return Ok(());
     }
-    let streams = Streams::new(&config)?;
     if retry_until("create the consumer group", &shutdown, || {
         streams.ensure_group()
     })
@@ -154,6 +203,7 @@ pub async fn run(
         db,
         enricher,
         held: Held::default(),
+        metrics,
     });
     let (tx, rx) = mpsc::channel::<Vec<Entry>>(ctx.config.write_concurrency);
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
@@ -312,6 +362,7 @@ async fn claim_loop(ctx: Arc<Context>, tx: mpsc::Sender<Vec<Entry>>, shutdown: C
                             count = entries.len(),
                             "claimed idle entries of other consumers"
                         );
+                        ctx.metrics.claimed.inc_by(entries.len() as u64);
                         ctx.held.hold(&entries);
                         if tx.send(entries).await.is_err() {
                             return;
@@ -419,8 +470,10 @@ async fn process(
 ) -> Result<(), Aborted> {
     let ruleset = ctx.enricher.ruleset();
     let entries = batch.len();
+    let metrics = &ctx.metrics;
+    metrics.batch_size.observe(entries as f64);
     let mut ack: Vec<String> = Vec::with_capacity(entries);
-    let mut poison: Vec<(Entry, String)> = Vec::new();
+    let mut poison: Vec<(Entry, Poison)> = Vec::new();
     let mut good: Vec<(Entry, StoredEvent)> = Vec::with_capacity(entries);
     for entry in batch {
         if entry.fields.is_empty() {
@@ -428,47 +481,79 @@ async fn process(
             ack.push(entry.id);
             continue;
         }
+        if entry.deliveries > 1 {
+            metrics.redeliveries.inc();
+        }
         if entry.deliveries > ctx.config.max_deliveries {
             let error = format!(
                 "delivered {} times, more than MAX_DELIVERIES={}",
                 entry.deliveries, ctx.config.max_deliveries
             );
-            poison.push((entry, error));
+            poison.push((entry, Poison::new("max_deliveries", error)));
             continue;
         }
         let described = Envelope::from_fields(|name| entry.field(name))
-            .map_err(|e| format!("undecodable entry: {e}"))
+            .map_err(|e| Poison::new("undecodable", format!("undecodable entry: {e}")))
             .and_then(|envelope| {
                 match std::panic::catch_unwind(AssertUnwindSafe(|| ruleset.enrich(&envelope))) {
                     Ok(Ok(enrichment)) => Ok(StoredEvent::new(envelope, enrichment)),
-                    Ok(Err(e)) => Err(format!("enrichment failed: {e}")),
-                    Err(_) => Err("enrichment panicked".to_string()),
+                    Ok(Err(e)) => Err(Poison::new(
+                        "enrichment_failed",
+                        format!("enrichment failed: {e}"),
+                    )),
+                    Err(_) => Err(Poison::new(
+                        "enrichment_failed",
+                        "enrichment panicked".to_string(),
+                    )),
                 }
             });
         match described {
-            Ok(event) => good.push((entry, event)),
+            Ok(event) => {
+                match &event.rule_id {
+                    Some(rule) => metrics.rules_matched.with_label_values(&[rule]).inc(),
+                    None => metrics.rules_unmatched.inc(),
+                }
+                good.push((entry, event))
+            }
             Err(error) => poison.push((entry, error)),
         }
     }
 
     let (good, events): (Vec<Entry>, Vec<StoredEvent>) = good.into_iter().unzip();
+    let started = Instant::now();
     let (inserted, rejected) = store(ctx, &events, ruleset.version(), hard_stop).await?;
+    if !events.is_empty() {
+        metrics
+            .db_write_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+    metrics.events_stored.inc_by(inserted as u64);
+    metrics
+        .events_duplicate
+        .inc_by((events.len() - inserted - rejected.len()) as u64);
     let mut rejected: HashMap<usize, String> = rejected.into_iter().collect();
     for (i, entry) in good.into_iter().enumerate() {
         match rejected.remove(&i) {
-            Some(error) => poison.push((entry, format!("rejected by Postgres: {error}"))),
+            Some(error) => poison.push((
+                entry,
+                Poison::new(
+                    "rejected_by_postgres",
+                    format!("rejected by Postgres: {error}"),
+                ),
+            )),
             None => ack.push(entry.id),
         }
     }
 
     if !poison.is_empty() {
         let letters: Vec<(&Entry, String)> =
-            poison.iter().map(|(e, err)| (e, err.clone())).collect();
+            poison.iter().map(|(e, p)| (e, p.error.clone())).collect();
         redis_retrying(hard_stop, "dead-letter entries", || {
             ctx.streams.dead_letter(&letters)
         })
         .await?;
-        for (entry, error) in &poison {
+        for (entry, Poison { reason, error }) in &poison {
+            metrics.dead_lettered.with_label_values(&[reason]).inc();
             tracing::warn!(id = %entry.id, deliveries = entry.deliveries, %error, dlq = %ctx.config.dlq_name, "entry dead-lettered");
         }
         ack.extend(poison.into_iter().map(|(e, _)| e.id));
@@ -481,6 +566,18 @@ async fn process(
         "batch done"
     );
     Ok(())
+}
+
+/// Why an entry goes to the dead-letter stream: a metric label and the stored error.
+struct Poison {
+    reason: &'static str,
+    error: String,
+}
+
+impl Poison {
+    fn new(reason: &'static str, error: String) -> Self {
+        Poison { reason, error }
+    }
 }
 
 /// Stores events; on a data error, stores them one by one to find the ones Postgres rejects.

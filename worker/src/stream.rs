@@ -416,7 +416,7 @@ fn bytes(value: Value) -> Option<Vec<u8>> {
 }
 
 /// A RESP2 flat key/value array or a RESP3 map, as a map by key.
-fn key_values(value: Value) -> HashMap<String, Value> {
+pub(crate) fn key_values(value: Value) -> HashMap<String, Value> {
     let mut map = HashMap::new();
     match value {
         Value::Array(flat) => {

@@ -1,10 +1,10 @@
 //! Reads (and erases) a user's stored events and profile.
 
 use chrono::{DateTime, Utc};
-use entity::{event, user_profile, user_session};
+use entity::{event, user_profile, user_profile::Intents, user_session};
 use sea_orm::{
-    ColumnTrait, DatabaseConnection, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
-    QuerySelect, TransactionTrait,
+    ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, TransactionTrait,
+    sqlx::{self, Row, types::Json},
 };
 
 use super::HistoryItem;
@@ -17,65 +17,76 @@ pub struct HistoryFilter {
     pub session: Option<String>,
 }
 
-#[derive(FromQueryResult)]
-struct HistoryRow {
-    timestamp: DateTime<Utc>,
-    description: String,
-    event: String,
-    path: Option<String>,
-    url: Option<String>,
-    session_id: Option<String>,
+/// What the context of one user is built from.
+#[derive(Debug, Clone)]
+pub struct UserRecord {
+    pub first_seen: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub event_count: i64,
+    pub session_count: i64,
+    pub intents: Intents,
+    /// Newest first.
+    pub history: Vec<HistoryItem>,
 }
 
-pub async fn profile(
-    db: &DatabaseConnection,
-    user_id: &str,
-) -> Result<Option<user_profile::Model>, DbErr> {
-    user_profile::Entity::find_by_id(user_id.to_string())
-        .one(db)
-        .await
-}
+/// The profile and the newest events in one statement (one round trip, one connection): the
+/// history through the `(distinct_id, timestamp DESC)` index, aggregated into one JSON array of
+/// `[time, description, event, page, session]`. No row: nothing is stored for the user.
+pub const CONTEXT_SQL: &str = r#"SELECT p.first_seen, p.last_seen, p.event_count, p.session_count, p.intents,
+  (SELECT coalesce(json_agg(json_build_array(h.t, h.d, h.e, h.p, h.s) ORDER BY h.t DESC, h.u DESC), '[]')
+     FROM (SELECT "timestamp" AS t, description AS d, event AS e, coalesce(path, url) AS p,
+                  session_id AS s, uuid AS u
+             FROM events
+            WHERE distinct_id = $1
+              AND ($3::timestamptz IS NULL OR "timestamp" >= $3)
+              AND ($4::text IS NULL OR session_id = $4)
+            ORDER BY "timestamp" DESC, uuid DESC
+            LIMIT $2) h) AS history
+FROM user_profiles p WHERE p.distinct_id = $1"#;
 
-/// Newest first, through the `(distinct_id, timestamp DESC)` index.
-pub async fn history(
+type HistoryTuple = (
+    DateTime<Utc>,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+);
+
+/// The user's profile and newest events, or `None` for an unknown user.
+pub async fn user_record(
     db: &DatabaseConnection,
     user_id: &str,
     filter: &HistoryFilter,
-) -> Result<Vec<HistoryItem>, DbErr> {
-    let mut query = event::Entity::find()
-        .select_only()
-        .columns([
-            event::Column::Timestamp,
-            event::Column::Description,
-            event::Column::Event,
-            event::Column::Path,
-            event::Column::Url,
-            event::Column::SessionId,
-        ])
-        .filter(event::Column::DistinctId.eq(user_id));
-    if let Some(since) = filter.since {
-        query = query.filter(event::Column::Timestamp.gte(since));
-    }
-    if let Some(session) = &filter.session {
-        query = query.filter(event::Column::SessionId.eq(session.as_str()));
-    }
-    let rows = query
-        .order_by_desc(event::Column::Timestamp)
-        .order_by_desc(event::Column::Uuid)
-        .limit(filter.limit)
-        .into_model::<HistoryRow>()
-        .all(db)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| HistoryItem {
-            time: r.timestamp,
-            description: r.description,
-            event: r.event,
-            page: r.path.or(r.url),
-            session_id: r.session_id,
-        })
-        .collect())
+) -> Result<Option<UserRecord>, DbErr> {
+    let row = sqlx::query(CONTEXT_SQL)
+        .bind(user_id)
+        .bind(filter.limit as i64)
+        .bind(filter.since)
+        .bind(filter.session.as_deref())
+        .fetch_optional(db.get_postgres_connection_pool())
+        .await
+        .map_err(|e| DbErr::Query(sea_orm::RuntimeErr::SqlxError(e.into())))?;
+    let Some(row) = row else { return Ok(None) };
+    let decode = |e: sqlx::Error| DbErr::Type(e.to_string());
+    let Json(intents): Json<Intents> = row.try_get("intents").map_err(decode)?;
+    let Json(history): Json<Vec<HistoryTuple>> = row.try_get("history").map_err(decode)?;
+    Ok(Some(UserRecord {
+        first_seen: row.try_get("first_seen").map_err(decode)?,
+        last_seen: row.try_get("last_seen").map_err(decode)?,
+        event_count: row.try_get("event_count").map_err(decode)?,
+        session_count: row.try_get("session_count").map_err(decode)?,
+        intents,
+        history: history
+            .into_iter()
+            .map(|(time, description, event, page, session_id)| HistoryItem {
+                time,
+                description,
+                event,
+                page,
+                session_id,
+            })
+            .collect(),
+    }))
 }
 
 /// What an erasure removed.

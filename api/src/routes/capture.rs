@@ -142,15 +142,18 @@ impl CaptureApi {
         body: Body,
         compression: Option<String>,
     ) -> CaptureResponse {
-        respond(accept(state, auth, None, || {
-            let compression = Compression::parse(compression.as_deref())?;
-            decode_body_bytes(
-                &body.bytes,
-                body.content_type.as_deref(),
-                compression,
-                state.config.max_body_bytes,
-            )
-        }))
+        respond(
+            state,
+            accept(state, auth, None, || {
+                let compression = Compression::parse(compression.as_deref())?;
+                decode_body_bytes(
+                    &body.bytes,
+                    body.content_type.as_deref(),
+                    compression,
+                    state.config.max_body_bytes,
+                )
+            }),
+        )
         .await
     }
 
@@ -168,14 +171,19 @@ impl CaptureApi {
             let compression = Compression::parse(compression.as_deref())?;
             decode_query_data(data, compression, state.config.max_body_bytes).map(Cow::Owned)
         };
-        respond(accept(state, auth, Some("data"), decoded)).await
+        respond(state, accept(state, auth, Some("data"), decoded)).await
     }
 }
 
-async fn respond(result: impl Future<Output = Result<CaptureOk, ApiError>>) -> CaptureResponse {
-    result
-        .await
-        .map_or_else(CaptureResponse::from, |ok| CaptureResponse::Ok(Json(ok)))
+async fn respond(
+    state: &AppState,
+    result: impl Future<Output = Result<(CaptureOk, usize), ApiError>>,
+) -> CaptureResponse {
+    let result = result.await;
+    state.metrics.ingest("capture", &result);
+    result.map_or_else(CaptureResponse::from, |(ok, _)| {
+        CaptureResponse::Ok(Json(ok))
+    })
 }
 
 /// Authorises, decodes, validates and queues a capture request. A key in the header is checked
@@ -186,7 +194,7 @@ async fn accept<'a>(
     auth: CaptureAuth,
     source: Option<&str>,
     decode: impl FnOnce() -> Result<Cow<'a, [u8]>, ApiError>,
-) -> Result<CaptureOk, ApiError> {
+) -> Result<(CaptureOk, usize), ApiError> {
     let header_key = auth.header_key();
     if header_key.is_some() {
         state.keys.authorize(header_key, Access::Ingest)?;
@@ -203,7 +211,7 @@ async fn accept<'a>(
     )?;
     state.publisher.publish(&events).await?;
     tracing::debug!(events = events.len(), "queued");
-    Ok(CaptureOk { status: 1 })
+    Ok((CaptureOk { status: 1 }, events.len()))
 }
 
 #[OpenApi(tag = "ApiTags::Capture")]

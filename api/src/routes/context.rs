@@ -266,17 +266,15 @@ impl ContextApi {
                 since,
                 session: session.0.clone(),
             };
-            let (profile, history, pending) = tokio::join!(
-                store::profile(&state.db, &user_id.0),
-                store::history(&state.db, &user_id.0, &filter),
+            let (record, pending) = tokio::join!(
+                store::user_record(&state.db, &user_id.0, &filter),
                 state.publisher.pending_for_user(&user_id.0),
             );
-            let profile = profile
+            let profile = record
                 .map_err(db_error)?
                 .ok_or_else(|| unknown_user(&user_id.0))?;
-            let history = history.map_err(db_error)?;
-            let stored = profile.intents().map_err(ApiError::internal)?;
-            let intents = context::score_intents(&stored, now);
+            let history = profile.history;
+            let intents = context::score_intents(&profile.intents, now);
 
             if text {
                 let summary = context::summarize(&intents, &history, now, &text::quote);

@@ -1,7 +1,10 @@
 //! `GET /health` (the process is alive) and `GET /ready` (its dependencies answer).
 
 use poem::web::Data;
-use poem_openapi::{ApiResponse, Object, OpenApi, payload::Json};
+use poem_openapi::{
+    ApiResponse, Object, OpenApi,
+    payload::{Json, PlainText},
+};
 
 use super::ApiTags;
 use crate::state::AppState;
@@ -56,6 +59,25 @@ impl HealthApi {
             environment: state.config.environment.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
         })
+    }
+
+    /// Prometheus metrics
+    ///
+    /// Text exposition format: requests by route and status with latency histograms, events
+    /// accepted and requests rejected by reason, XADD latency, and the queue: stream length,
+    /// consumer-group lag and pending entries, DLQ length (read from Redis at each scrape).
+    #[oai(path = "/metrics", method = "get")]
+    async fn metrics(&self, state: Data<&AppState>) -> PlainText<String> {
+        state
+            .metrics
+            .queue
+            .refresh(
+                &state.publisher.connection(),
+                &state.config.queue_name,
+                &state.config.dlq_name,
+            )
+            .await;
+        PlainText(worker::metrics::render(&state.metrics.registry).0)
     }
 
     /// Readiness: Redis and Postgres answer

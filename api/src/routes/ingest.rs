@@ -127,14 +127,15 @@ impl IngestApi {
             )?;
             let events = fast::queue(&json, chrono::Utc::now(), None, |_| Ok(()))?;
             state.publisher.publish(&events).await?;
-            Ok::<_, ApiError>(IngestOk {
+            let ok = IngestOk {
                 status: 1,
                 queued: events.len() as u32,
                 uuids: events.iter().map(|e| e.uuid.to_string()).collect(),
-            })
+            };
+            Ok::<_, ApiError>((ok, events.len()))
         };
-        result
-            .await
-            .map_or_else(IngestResponse::from, |ok| IngestResponse::Ok(Json(ok)))
+        let result = result.await;
+        state.metrics.ingest("ingest", &result);
+        result.map_or_else(IngestResponse::from, |(ok, _)| IngestResponse::Ok(Json(ok)))
     }
 }

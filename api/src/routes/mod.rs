@@ -5,6 +5,7 @@ pub mod capture;
 pub mod context;
 pub mod health;
 pub mod ingest;
+pub mod rules;
 
 use poem_openapi::Tags;
 
@@ -16,7 +17,9 @@ pub enum ApiTags {
     Webhooks,
     /// What an AI assistant should know about a user, and erasing it.
     Context,
-    /// Liveness and readiness.
+    /// What rule authors need: events no rule describes yet.
+    Rules,
+    /// Liveness, readiness and Prometheus metrics.
     Health,
 }
 

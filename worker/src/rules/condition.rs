@@ -303,6 +303,11 @@ impl<'a> EventCtx<'a> {
         })
     }
 
+    /// The `elements_chain` given with the event (not the one in its properties).
+    pub fn chain(&self) -> Option<&'a str> {
+        self.chain
+    }
+
     pub fn url(&self) -> Option<&'a str> {
         self.scan().current_url.and_then(Value::as_str)
     }

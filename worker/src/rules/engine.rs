@@ -499,16 +499,24 @@ pub struct Explanation {
 /// Most distinct unmatched shapes kept; further new shapes are only counted in `overflow`.
 pub const MAX_UNMATCHED_SHAPES: usize = 10_000;
 
-/// One kind of event no rule describes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One kind of event no rule describes: the event name, the page path and, for clicks, the
+/// clicked element's text and classes; with how often it was seen and the first such event.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct UnmatchedShape {
     pub event: String,
     pub path: Option<String>,
     pub element_text: Option<String>,
+    pub element_classes: Option<String>,
     pub count: u64,
+    /// The first event of this shape (`event`, `distinct_id`, `properties`, `elements_chain`):
+    /// what `worker rules explain` takes, and how a reload tells whether a new rule covers it.
+    pub example: Option<Value>,
 }
 
-/// In-memory counts of unmatched events by (event name, path, element text).
+/// Longest `properties` kept in an example, in bytes of JSON; larger ones keep only PostHog's `$` keys.
+const MAX_EXAMPLE_PROPERTIES: usize = 4096;
+
+/// In-memory counts of unmatched events by (event name, path, element text and classes).
 #[derive(Debug, Default)]
 pub struct UnmatchedCounter {
     shapes: Mutex<HashMap<u64, UnmatchedShape>>,
@@ -518,13 +526,18 @@ pub struct UnmatchedCounter {
 impl UnmatchedCounter {
     fn record(&self, ctx: &EventCtx<'_>) {
         let path = ctx.path();
-        let text = if ctx.event == "$autocapture" || ctx.event == "$rageclick" {
-            ctx.element_field(&super::condition::ElementField::Text)
-        } else {
-            None
+        let clicked = ctx.event == "$autocapture" || ctx.event == "$rageclick";
+        let element = |field| {
+            if clicked {
+                ctx.element_field(&field)
+            } else {
+                None
+            }
         };
+        let text = element(super::condition::ElementField::Text);
+        let classes = element(super::condition::ElementField::Classes);
         let mut h = std::hash::DefaultHasher::new();
-        (ctx.event, path, text.as_deref()).hash(&mut h);
+        (ctx.event, path, text.as_deref(), classes.as_deref()).hash(&mut h);
         let key = h.finish();
         let Ok(mut shapes) = self.shapes.lock() else {
             return;
@@ -543,7 +556,9 @@ impl UnmatchedCounter {
                     event: clean(ctx.event),
                     path: path.map(clean),
                     element_text: text.as_deref().map(clean),
+                    element_classes: classes.as_deref().map(clean),
                     count: 1,
+                    example: Some(example_of(ctx)),
                 },
             );
         } else {
@@ -579,10 +594,37 @@ impl UnmatchedCounter {
     }
 }
 
+/// An event as `worker rules explain` reads it; oversized properties keep only `$` keys.
+fn example_of(ctx: &EventCtx<'_>) -> Value {
+    let size = serde_json::to_vec(ctx.props).map_or(usize::MAX, |v| v.len());
+    let properties: Map<String, Value> = if size <= MAX_EXAMPLE_PROPERTIES {
+        ctx.props.clone()
+    } else {
+        ctx.props
+            .iter()
+            .filter(|(k, v)| k.starts_with('$') && v.to_string().len() <= 1024)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    let mut example = Map::new();
+    example.insert("event".into(), Value::from(ctx.event));
+    example.insert("distinct_id".into(), Value::from(ctx.distinct_id));
+    example.insert("properties".into(), Value::Object(properties));
+    if let Some(chain) = ctx.chain() {
+        example.insert("elements_chain".into(), Value::from(chain));
+    }
+    Value::Object(example)
+}
+
 fn sort_shapes(v: &mut [UnmatchedShape]) {
     v.sort_by(|a, b| {
         b.count.cmp(&a.count).then_with(|| {
-            (&a.event, &a.path, &a.element_text).cmp(&(&b.event, &b.path, &b.element_text))
+            (&a.event, &a.path, &a.element_text, &a.element_classes).cmp(&(
+                &b.event,
+                &b.path,
+                &b.element_text,
+                &b.element_classes,
+            ))
         })
     });
 }

@@ -160,6 +160,8 @@ impl Drop for Keys {
             let _: Result<(), _> = redis::cmd("DEL")
                 .arg(&self.stream)
                 .arg(&self.dlq)
+                .arg(format!("{}:unmatched", self.stream))
+                .arg(format!("{}:unmatched:shapes", self.stream))
                 .query(&mut conn);
         }
     }
@@ -189,6 +191,7 @@ pub fn config(db_url: &str, keys: &Keys, worker_name: &str) -> Config {
         shutdown_timeout: Duration::from_secs(5),
         migrate_on_start: false,
         rules_dir: "rules".into(),
+        metrics_bind: None,
     }
 }
 

@@ -1,0 +1,146 @@
+//! Prometheus metrics of the api, served at `GET /metrics`: requests by route and status with
+//! latency histograms, events accepted and requests rejected by reason, XADD latency, and the
+//! queue gauges (stream length, consumer-group lag and pending, DLQ length) read at scrape time.
+
+use std::time::Instant;
+
+use poem::{Endpoint, IntoResponse, Request, Response};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, Registry};
+use worker::metrics::{QueueGauges, counter_vec, latency_buckets, register, seconds_histogram};
+
+use crate::{error::ApiError, routes::CAPTURE_PATHS};
+
+/// What the api counts. Each instance owns its registry.
+#[derive(Clone)]
+pub struct ApiMetrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    request_seconds: HistogramVec,
+    events_accepted: IntCounterVec,
+    rejected: IntCounterVec,
+    /// One request's XADD pipeline round trip.
+    pub xadd_seconds: Histogram,
+    pub queue: QueueGauges,
+}
+
+impl Default for ApiMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ApiMetrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        ApiMetrics {
+            requests: counter_vec(
+                r,
+                "http_requests_total",
+                "HTTP requests by route, method and status",
+                &["route", "method", "status"],
+            ),
+            request_seconds: register(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "http_request_duration_seconds",
+                        "HTTP request latency by route and method",
+                    )
+                    .buckets(latency_buckets()),
+                    &["route", "method"],
+                )
+                .expect("valid histogram"),
+            ),
+            events_accepted: counter_vec(
+                r,
+                "events_accepted_total",
+                "Events queued in the Redis Stream, by ingest route family (capture, ingest)",
+                &["source"],
+            ),
+            rejected: counter_vec(
+                r,
+                "ingest_rejected_total",
+                "Ingest requests rejected whole (nothing of them queued), by error code",
+                &["source", "reason"],
+            ),
+            xadd_seconds: seconds_histogram(
+                r,
+                "xadd_duration_seconds",
+                "Time to append one request's events to the stream (one pipeline)",
+            ),
+            queue: QueueGauges::new(r),
+            registry,
+        }
+    }
+
+    /// Counts the outcome of one ingest request: its events accepted, or the request rejected.
+    pub fn ingest<T>(&self, source: &str, result: &Result<(T, usize), ApiError>) {
+        match result {
+            Ok((_, events)) => self
+                .events_accepted
+                .with_label_values(&[source])
+                .inc_by(*events as u64),
+            Err(e) => self
+                .rejected
+                .with_label_values(&[source, &e.body.code])
+                .inc(),
+        }
+    }
+
+    /// Counts a finished request.
+    fn request(&self, route: &str, method: &str, status: u16, started: Instant) {
+        let status = status.to_string();
+        self.requests
+            .with_label_values(&[route, method, &status])
+            .inc();
+        self.request_seconds
+            .with_label_values(&[route, method])
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// The route a path belongs to, as a label with bounded cardinality.
+pub fn route_label(path: &str) -> &'static str {
+    let path = match path.trim_end_matches('/') {
+        "" => "/",
+        p => p,
+    };
+    if let Some(route) = CAPTURE_PATHS.iter().find(|p| **p == path) {
+        return route;
+    }
+    match path {
+        "/ingest" => "/ingest",
+        "/health" => "/health",
+        "/ready" => "/ready",
+        "/metrics" => "/metrics",
+        "/rules/unmatched" => "/rules/unmatched",
+        "/openapi.json" => "/openapi.json",
+        p if p.starts_with("/context/user/") => "/context/user/:user_id",
+        p if p == "/docs" || p.starts_with("/docs/") => "/docs",
+        _ => "other",
+    }
+}
+
+/// Counts every request of the endpoint it wraps by route, method and status, with its latency.
+pub struct CountRequests<E> {
+    pub inner: E,
+    pub metrics: ApiMetrics,
+}
+
+impl<E: Endpoint> Endpoint for CountRequests<E> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        let started = Instant::now();
+        let route = route_label(req.uri().path());
+        let method = req.method().clone();
+        let response = match self.inner.call(req).await {
+            Ok(output) => output.into_response(),
+            Err(error) => error.into_response(),
+        };
+        self.metrics
+            .request(route, method.as_str(), response.status().as_u16(), started);
+        Ok(response)
+    }
+}

@@ -1,0 +1,120 @@
+//! The worker's own small HTTP port (`WORKER_METRICS_BIND`): `/metrics` (Prometheus text),
+//! `/health` (alive) and `/ready` (Redis, Postgres and rules, each by name; 503 when one is down
+//! or from the moment shutdown begins).
+
+use std::{sync::Arc, time::Duration};
+
+use poem::{
+    EndpointExt, Response, Route, Server, get, handler, http::StatusCode, listener::TcpAcceptor,
+    web::Data,
+};
+use redis::aio::ConnectionManager;
+use sea_orm::DatabaseConnection;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Config, metrics::WorkerMetrics, rules::RulesHandle};
+
+/// Longest a readiness check waits for one dependency.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the probes look at.
+#[derive(Clone)]
+pub struct Probe {
+    pub config: Config,
+    pub redis: ConnectionManager,
+    pub db: DatabaseConnection,
+    pub rules: Option<RulesHandle>,
+    pub metrics: Arc<WorkerMetrics>,
+    pub shutdown: CancellationToken,
+}
+
+/// Serves the probes on `listener` until the task is dropped or aborted.
+pub async fn serve(listener: tokio::net::TcpListener, probe: Probe) {
+    let addr = listener.local_addr().ok();
+    let acceptor = match TcpAcceptor::from_tokio(listener) {
+        Ok(acceptor) => acceptor,
+        Err(error) => {
+            tracing::error!(%error, "cannot serve worker metrics");
+            return;
+        }
+    };
+    tracing::info!(addr = ?addr, "worker metrics and health listening");
+    let app = Route::new()
+        .at("/metrics", get(metrics))
+        .at("/health", get(health))
+        .at("/ready", get(ready))
+        .data(probe);
+    if let Err(error) = Server::new_with_acceptor(acceptor).run(app).await {
+        tracing::error!(%error, "worker metrics server stopped");
+    }
+}
+
+#[handler]
+async fn metrics(probe: Data<&Probe>) -> Response {
+    let m = &probe.metrics;
+    m.queue
+        .refresh(
+            &probe.redis,
+            &probe.config.queue_name,
+            &probe.config.dlq_name,
+        )
+        .await;
+    let (body, content_type) = crate::metrics::render(&m.registry);
+    Response::builder().content_type(content_type).body(body)
+}
+
+#[handler]
+fn health() -> Response {
+    json_response(StatusCode::OK, json!({"status": "ok"}))
+}
+
+#[handler]
+async fn ready(probe: Data<&Probe>) -> Response {
+    let redis = async {
+        let mut conn = probe.redis.clone();
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(CHECK_TIMEOUT, ping.query_async::<String>(&mut conn)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".to_string()),
+        }
+    };
+    let postgres = async {
+        match tokio::time::timeout(CHECK_TIMEOUT, probe.db.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".to_string()),
+        }
+    };
+    let (redis, postgres) = tokio::join!(redis, postgres);
+    let check = |name: &str, result: Result<(), String>| json!({"name": name, "ok": result.is_ok(), "error": result.err()});
+    let mut checks = vec![check("redis", redis), check("postgres", postgres)];
+    if let Some(rules) = &probe.rules {
+        // Rules are loaded once the worker runs; a failed reload keeps the previous set in force.
+        let status = rules.status();
+        checks.push(json!({
+            "name": "rules",
+            "ok": true,
+            "error": null,
+            "version": status.version,
+            "last_reload_error": status.error,
+        }));
+    }
+    let all_ok = checks.iter().all(|c| c["ok"] == Value::Bool(true));
+    let (code, status) = if probe.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting_down")
+    } else if all_ok {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
+    };
+    json_response(code, json!({"status": status, "checks": checks}))
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response {
+    Response::builder()
+        .status(status)
+        .content_type("application/json")
+        .body(body.to_string())
+}

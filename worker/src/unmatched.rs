@@ -1,0 +1,255 @@
+//! The unmatched-events report, kept in Redis so that every replica contributes: which kinds of
+//! events no rule describes, most frequent first, each with an example, so a rule author knows
+//! which translation to write next.
+//!
+//! Two keys next to the stream: `<QUEUE_NAME>:unmatched` (sorted set: shape id → count) and
+//! `<QUEUE_NAME>:unmatched:shapes` (hash: shape id → the shape as JSON, with its first example).
+//! Replicas add their in-memory counts every [`FLUSH_INTERVAL`]; after every successful rules
+//! reload each replica drops the shapes the new rules describe.
+
+use std::{sync::Arc, time::Duration};
+
+use redis::aio::ConnectionManager;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    metrics::WorkerMetrics,
+    rules::{EventInput, RuleSet, RulesHandle, UnmatchedShape},
+};
+
+/// How often a replica adds its counts to the shared report.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Most shapes the report keeps; the least frequent are dropped beyond it.
+pub const MAX_SHAPES: usize = 1000;
+
+/// The shared report of one stream.
+#[derive(Clone)]
+pub struct UnmatchedReport {
+    conn: ConnectionManager,
+    counts_key: String,
+    shapes_key: String,
+}
+
+/// The id of a shape: a hash of what makes it distinct.
+fn shape_id(shape: &UnmatchedShape) -> String {
+    let key = serde_json::json!([
+        shape.event,
+        shape.path,
+        shape.element_text,
+        shape.element_classes
+    ]);
+    let digest = Sha256::digest(key.to_string().as_bytes());
+    digest[..12].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl UnmatchedReport {
+    /// The report of the stream `queue_name`.
+    pub fn new(conn: ConnectionManager, queue_name: &str) -> Self {
+        UnmatchedReport {
+            conn,
+            counts_key: format!("{queue_name}:unmatched"),
+            shapes_key: format!("{queue_name}:unmatched:shapes"),
+        }
+    }
+
+    /// Adds counts (and, for shapes not seen before, their description and example).
+    pub async fn add(&self, shapes: &[UnmatchedShape]) -> Result<(), redis::RedisError> {
+        if shapes.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for shape in shapes {
+            let id = shape_id(shape);
+            pipe.cmd("ZINCRBY")
+                .arg(&self.counts_key)
+                .arg(shape.count)
+                .arg(&id)
+                .ignore();
+            let stored = UnmatchedShape {
+                count: 0,
+                ..shape.clone()
+            };
+            pipe.cmd("HSETNX")
+                .arg(&self.shapes_key)
+                .arg(&id)
+                .arg(serde_json::to_string(&stored).unwrap_or_default())
+                .ignore();
+        }
+        pipe.cmd("ZCARD").arg(&self.counts_key);
+        let (len,): (usize,) = pipe.query_async(&mut self.conn.clone()).await?;
+        if len > MAX_SHAPES + MAX_SHAPES / 10 {
+            let dropped: Vec<String> = redis::cmd("ZRANGE")
+                .arg(&self.counts_key)
+                .arg(0)
+                .arg(len - MAX_SHAPES - 1)
+                .query_async(&mut self.conn.clone())
+                .await?;
+            self.remove(&dropped).await?;
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, ids: &[String]) -> Result<(), redis::RedisError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        redis::pipe()
+            .cmd("ZREM")
+            .arg(&self.counts_key)
+            .arg(ids)
+            .ignore()
+            .cmd("HDEL")
+            .arg(&self.shapes_key)
+            .arg(ids)
+            .ignore()
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+    }
+
+    /// The `limit` most frequent shapes, most frequent first, and how many shapes there are.
+    pub async fn top(&self, limit: usize) -> Result<(Vec<UnmatchedShape>, u64), redis::RedisError> {
+        let (ranked, total): (Vec<(String, f64)>, u64) = redis::pipe()
+            .cmd("ZRANGE")
+            .arg(&self.counts_key)
+            .arg(0)
+            .arg(limit.max(1) as i64 - 1)
+            .arg("REV")
+            .arg("WITHSCORES")
+            .cmd("ZCARD")
+            .arg(&self.counts_key)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        if ranked.is_empty() || limit == 0 {
+            return Ok((Vec::new(), total));
+        }
+        let ids: Vec<&str> = ranked.iter().map(|(id, _)| id.as_str()).collect();
+        let shapes: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(&self.shapes_key)
+            .arg(&ids)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let top = ranked
+            .iter()
+            .zip(shapes)
+            .filter_map(|((_, count), json)| {
+                let mut shape: UnmatchedShape = serde_json::from_str(&json?).ok()?;
+                shape.count = *count as u64;
+                Some(shape)
+            })
+            .collect();
+        Ok((top, total))
+    }
+
+    /// Drops the shapes whose example `rules` now describe. Returns how many were dropped.
+    pub async fn prune(&self, rules: &RuleSet) -> Result<usize, redis::RedisError> {
+        let all: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(&self.shapes_key)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let described: Vec<String> = all
+            .into_iter()
+            .filter(|(_, json)| {
+                serde_json::from_str::<UnmatchedShape>(json)
+                    .ok()
+                    .and_then(|shape| shape.example)
+                    .is_some_and(|example| describes(rules, &example))
+            })
+            .map(|(id, _)| id)
+            .collect();
+        self.remove(&described).await?;
+        Ok(described.len())
+    }
+
+    /// Deletes the whole report.
+    pub async fn clear(&self) -> Result<(), redis::RedisError> {
+        redis::cmd("DEL")
+            .arg(&self.counts_key)
+            .arg(&self.shapes_key)
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+    }
+}
+
+/// Whether `rules` describe the example event (without counting it as unmatched).
+fn describes(rules: &RuleSet, example: &Value) -> bool {
+    let empty = Map::new();
+    let Some(event) = example.get("event").and_then(Value::as_str) else {
+        return false;
+    };
+    let input = EventInput {
+        event,
+        distinct_id: example
+            .get("distinct_id")
+            .and_then(Value::as_str)
+            .unwrap_or(""),
+        properties: example
+            .get("properties")
+            .and_then(Value::as_object)
+            .unwrap_or(&empty),
+        elements_chain: example.get("elements_chain").and_then(Value::as_str),
+        person_properties: None,
+    };
+    rules.enrich_inner(&input, false).matched
+}
+
+/// Adds this replica's unmatched counts to the report every [`FLUSH_INTERVAL`]; after each
+/// reload, records it in the metrics and drops the shapes the new rules describe. Ends when
+/// `shutdown` fires, after a last flush.
+pub async fn report_loop(
+    rules: RulesHandle,
+    report: UnmatchedReport,
+    metrics: Arc<WorkerMetrics>,
+    shutdown: CancellationToken,
+) {
+    let mut reloads = rules.subscribe();
+    let mut seen_attempts = reloads.borrow_and_update().attempts;
+    metrics.set_rules_version(rules.current().version());
+    let mut pruned_version = None;
+    let mut ticker = tokio::time::interval(FLUSH_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = ticker.tick() => false,
+            changed = reloads.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let status = reloads.borrow_and_update().clone();
+                if status.attempts != seen_attempts {
+                    seen_attempts = status.attempts;
+                    let result = if status.error.is_some() { "failed" } else { "ok" };
+                    metrics.rules_reloads.with_label_values(&[result]).inc();
+                    metrics.set_rules_version(&status.version);
+                }
+                false
+            }
+            _ = shutdown.cancelled() => true,
+        };
+        let shapes = rules.unmatched().take();
+        if let Err(error) = report.add(&shapes).await {
+            tracing::warn!(%error, shapes = shapes.len(), "could not add to the unmatched-events report");
+        }
+        let current = rules.current();
+        if pruned_version.as_deref() != Some(current.version()) {
+            match report.prune(&current).await {
+                Ok(dropped) => {
+                    if dropped > 0 {
+                        tracing::info!(
+                            dropped,
+                            version = current.version(),
+                            "unmatched-events report: shapes the new rules describe dropped"
+                        );
+                    }
+                    pruned_version = Some(current.version().to_owned());
+                }
+                Err(error) => tracing::warn!(%error, "could not prune the unmatched-events report"),
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}

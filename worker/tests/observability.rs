@@ -1,0 +1,185 @@
+//! What operators and rule authors see of a running worker: Prometheus metrics, readiness per
+//! dependency, and the shared unmatched-events report (real Redis and Postgres).
+
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use common::*;
+use serde_json::{Value, json};
+use worker::unmatched::UnmatchedReport;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A port nothing listens on right now.
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let resp = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// The value of one sample line of `/metrics` (`name{labels} value`), 0 when absent.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_readiness_and_unmatched_report_follow_the_pipeline() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let mut redis = redis().await;
+    let proxy = PgProxy::start(true).await;
+    let rules = tempfile::tempdir().unwrap();
+    for file in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../rules")).unwrap() {
+        let path = file.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            std::fs::copy(&path, rules.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let addr = free_port();
+    let mut cfg = config(&db_url(&db.name, Some(proxy.addr)), &keys, "w");
+    cfg.metrics_bind = Some(addr);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let enricher = worker::enrich::load(rules.path(), &shutdown).unwrap();
+    let worker = RunningWorker::start_with(cfg, enricher);
+
+    wait_until(WAIT, "worker ready", || async {
+        reqwest::get(format!("http://{addr}/ready"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let (_, ready) = get(addr, "/ready").await;
+    let ready: Value = serde_json::from_str(&ready).unwrap();
+    let names: Vec<&str> = ready["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["redis", "postgres", "rules"], "{ready}");
+    assert_eq!(get(addr, "/health").await.0, 200);
+
+    let (_, before) = get(addr, "/metrics").await;
+    assert_eq!(sample(&before, "worker_events_stored_total"), 0.0);
+    assert!(before.contains("rules_version_info{version="), "{before}");
+
+    let settings = json!({"$current_url": "https://app.example.com/settings/team", "$pathname": "/settings/team"});
+    publish(
+        &mut redis,
+        &keys.stream,
+        &[
+            envelope("u1", "$pageview", json!({"$pathname": "/pricing"})),
+            envelope("u1", "team_invite_sent", settings.clone()),
+            envelope("u2", "team_invite_sent", settings.clone()),
+        ],
+    )
+    .await;
+    wait_until(WAIT, "events stored", || async { db.events().await == 3 }).await;
+
+    let (_, after) = get(addr, "/metrics").await;
+    assert_eq!(sample(&after, "worker_events_stored_total"), 3.0, "{after}");
+    assert_eq!(sample(&after, "rules_unmatched_total"), 2.0, "{after}");
+    assert!(after.contains("rules_matched_total{rule="), "{after}");
+    assert!(sample(&after, "worker_batch_size_count") >= 1.0, "{after}");
+    assert!(
+        sample(&after, "worker_db_write_seconds_count") >= 1.0,
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, "stream_length"),
+        0.0,
+        "acked entries are deleted: {after}"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            &format!("consumer_group_pending{{group=\"{}\"}}", keys.group)
+        ),
+        0.0,
+        "{after}"
+    );
+    assert_eq!(sample(&after, "dlq_length"), 0.0);
+
+    // Every replica adds to the shared report; it lists the event no rule covers, with an example.
+    let report = UnmatchedReport::new(redis.clone(), &keys.stream);
+    wait_until(WAIT, "unmatched shape reported", || async {
+        report
+            .top(10)
+            .await
+            .unwrap()
+            .0
+            .iter()
+            .any(|s| s.event == "team_invite_sent" && s.count == 2)
+    })
+    .await;
+    let (shapes, total) = report.top(10).await.unwrap();
+    assert_eq!(total, 1, "{shapes:?}");
+    assert_eq!(shapes[0].path.as_deref(), Some("/settings/team"));
+    assert_eq!(
+        shapes[0].example.as_ref().unwrap()["event"],
+        "team_invite_sent"
+    );
+
+    // A rule author adds a translation: the worker reloads and the shape leaves the report.
+    std::fs::write(
+        rules.path().join("team.yaml"),
+        "rules:\n  - id: team-invite\n    when:\n      event: team_invite_sent\n    say: \"Invited a teammate\"\n",
+    )
+    .unwrap();
+    wait_until(WAIT, "covered shape dropped from the report", || async {
+        report.top(10).await.unwrap().1 == 0
+    })
+    .await;
+    let (_, reloaded) = get(addr, "/metrics").await;
+    assert!(
+        sample(&reloaded, "rules_reloads_total{result=\"ok\"}") >= 1.0,
+        "{reloaded}"
+    );
+
+    // Postgres goes away: readiness names it; it comes back: ready again.
+    proxy.set_up(false);
+    wait_until(WAIT, "not ready while Postgres is down", || async {
+        let (status, body) = get(addr, "/ready").await;
+        let body: Value = serde_json::from_str(&body).unwrap();
+        status == 503
+            && body["status"] == "not_ready"
+            && body["checks"][1]["name"] == "postgres"
+            && body["checks"][1]["ok"] == false
+            && body["checks"][0]["ok"] == true
+    })
+    .await;
+    proxy.set_up(true);
+    wait_until(WAIT, "ready again", || async {
+        get(addr, "/ready").await.0 == 200
+    })
+    .await;
+
+    worker.stop().await.unwrap();
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_taken_metrics_port_stops_the_worker_with_the_variable_named() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cfg = config(&db.url, &keys, "w");
+    cfg.metrics_bind = Some(taken.local_addr().unwrap());
+    let worker = RunningWorker::start(cfg);
+    let result = tokio::time::timeout(Duration::from_secs(10), worker.task)
+        .await
+        .expect("worker stops at once")
+        .unwrap();
+    let error = result.unwrap_err().to_string();
+    assert!(error.contains("WORKER_METRICS_BIND"), "{error}");
+}
