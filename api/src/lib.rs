@@ -12,6 +12,7 @@ pub mod normalize;
 pub mod publisher;
 pub mod routes;
 pub mod state;
+pub mod trace;
 
 use std::{sync::Arc, time::Duration};
 
@@ -94,6 +95,7 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
         inner: app,
         metrics,
     }
+    .with(trace::RequestSpan)
 }
 
 /// Serves the api on `listener` until `shutdown` fires, then lets in-flight requests finish.

@@ -5,6 +5,7 @@ use api::Config;
 use clap::Parser;
 use entity::settings::Vars;
 use tokio_util::sync::CancellationToken;
+use worker::telemetry::{self, TelemetryConfig};
 
 /// mimalloc: the ingest path allocates many small JSON values; glibc malloc cost a quarter of the CPU.
 #[global_allocator]
@@ -25,12 +26,10 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _ = dotenvy::dotenv();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let vars = Vars::from_env();
+    let telemetry_config =
+        TelemetryConfig::from_vars(&vars, "api").unwrap_or_else(|e| exit_config_error(&e));
+    let _telemetry = telemetry::init(&telemetry_config)?;
     let config = Config::from_vars(&vars).unwrap_or_else(|e| exit_config_error(&e));
     let worker_config = cli
         .with_worker

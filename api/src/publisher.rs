@@ -11,6 +11,8 @@ use std::{
 use entity::envelope::{ENVELOPE_VERSION, FIELD_EVENT, FIELD_TRACEPARENT, FIELD_VERSION};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use worker::telemetry;
 
 use crate::{error::ApiError, fast::Queued};
 
@@ -124,11 +126,10 @@ impl Publisher {
 
     /// Appends a request's events in one round trip (MULTI/EXEC when there are several, so a
     /// request is queued whole or not at all). Returns the entry ids.
-    pub async fn publish(
-        &self,
-        events: &[Queued],
-        traceparent: Option<&str>,
-    ) -> Result<Vec<String>, PublishError> {
+    ///
+    /// While spans are exported, the append has its own span and every entry carries that span's
+    /// `traceparent`, so the worker continues the trace.
+    pub async fn publish(&self, events: &[Queued]) -> Result<Vec<String>, PublishError> {
         let backlog = self.backlog.load(Ordering::Relaxed);
         if backlog != UNKNOWN && backlog > self.max_backlog {
             return Err(PublishError::Backlog {
@@ -136,6 +137,17 @@ impl Publisher {
                 max: self.max_backlog,
             });
         }
+        let span = if telemetry::is_exporting() {
+            tracing::info_span!(
+                "redis.xadd",
+                otel.kind = "producer",
+                stream = %self.stream,
+                entries = events.len()
+            )
+        } else {
+            tracing::Span::none()
+        };
+        let traceparent = telemetry::traceparent(&span);
         let mut pipe = redis::pipe();
         if events.len() > 1 {
             pipe.atomic();
@@ -149,13 +161,14 @@ impl Publisher {
                 .arg(ENVELOPE_VERSION)
                 .arg(FIELD_EVENT)
                 .arg(&event.json);
-            if let Some(tp) = traceparent {
-                cmd.arg(FIELD_TRACEPARENT).arg(tp);
+            if let Some(traceparent) = &traceparent {
+                cmd.arg(FIELD_TRACEPARENT).arg(traceparent);
             }
         }
         let mut conn = self.conn.clone();
         let started = std::time::Instant::now();
         let ids: Vec<String> = tokio::time::timeout(self.timeout, pipe.query_async(&mut conn))
+            .instrument(span)
             .await
             .map_err(|_| PublishError::Timeout(self.timeout))??;
         if let Some(histogram) = &self.xadd_seconds {

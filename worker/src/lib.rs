@@ -14,6 +14,7 @@ pub mod rules;
 pub mod sanitize;
 pub mod store;
 pub mod stream;
+pub mod telemetry;
 pub mod unmatched;
 
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! `worker`: wires configuration, logging and signals to the library.
+//! `worker`: wires configuration, telemetry and signals to the library.
 
 use std::process::ExitCode;
 
@@ -6,23 +6,19 @@ use anyhow::Context as _;
 use clap::Parser;
 use entity::settings::Vars;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 use worker::{
     Config,
     cli::{Cli, Command},
+    telemetry::{self, TelemetryConfig},
 };
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     dotenvy::dotenv().ok();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let vars = Vars::from_env();
+    let _telemetry = telemetry::init(&TelemetryConfig::from_vars(&vars, "worker")?)?;
     let cli = Cli::parse();
-    let config = Config::from_vars(&Vars::from_env())?;
+    let config = Config::from_vars(&vars)?;
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             let shutdown = CancellationToken::new();

@@ -12,16 +12,17 @@
 //! for other replicas.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     panic::AssertUnwindSafe,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use entity::Envelope;
+use entity::{Envelope, envelope::FIELD_TRACEPARENT};
 use sea_orm::DatabaseConnection;
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::{
     WorkerError,
@@ -30,6 +31,7 @@ use crate::{
     metrics::WorkerMetrics,
     store::{self, StoreError, StoredEvent},
     stream::{Entry, StreamError, Streams},
+    telemetry,
 };
 
 /// Longest one batch transaction may take before it counts as failed (and is retried).
@@ -439,11 +441,42 @@ async fn write_loop(
         };
         let Some(batch) = batch else { return };
         let ids: Vec<String> = batch.iter().map(|e| e.id.clone()).collect();
-        if process(&ctx, batch, &hard_stop).await.is_err() {
+        let span = batch_span(&batch);
+        if process(&ctx, batch, &hard_stop)
+            .instrument(span)
+            .await
+            .is_err()
+        {
             return;
         }
         ctx.held.release(&ids);
     }
+}
+
+/// The span of one batch. When spans are exported it continues the trace of the batch's first
+/// entry that carries a `traceparent` (the request that queued it, so one trace shows request →
+/// XADD → batch → transaction), and links to the traces of the other entries.
+fn batch_span(batch: &[Entry]) -> tracing::Span {
+    let span = tracing::info_span!(
+        "worker.batch",
+        otel.kind = "consumer",
+        entries = batch.len()
+    );
+    if telemetry::is_exporting() {
+        let mut seen: HashSet<&[u8]> = HashSet::new();
+        let mut has_parent = false;
+        for traceparent in batch.iter().filter_map(|e| e.field(FIELD_TRACEPARENT)) {
+            if !seen.insert(traceparent) {
+                continue;
+            }
+            if has_parent {
+                telemetry::link(&span, traceparent);
+            } else {
+                has_parent = telemetry::continue_trace(&span, traceparent);
+            }
+        }
+    }
+    span
 }
 
 /// Enriches, stores and acknowledges one batch; poison entries go to the DLQ.

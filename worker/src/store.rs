@@ -176,6 +176,7 @@ pub async fn connect(config: &Config) -> Result<DatabaseConnection, StoreError> 
 
 /// Stores a batch in one transaction; returns how many events were new.
 /// Events already stored (redeliveries) are skipped and not counted again.
+#[tracing::instrument(name = "db.transaction", skip_all, fields(otel.kind = "client", db.system = "postgresql", events = events.len()))]
 pub async fn write_batch(
     db: &DatabaseConnection,
     events: &[StoredEvent],

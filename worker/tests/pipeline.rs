@@ -309,10 +309,15 @@ async fn poison_entries_go_to_the_dlq_and_the_rest_is_stored() {
         &[envelope("u1", "click", json!({}))],
     )
     .await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let not_json = publish_raw(
         &mut redis,
         &keys.stream,
-        &[("v", "1"), ("event", "{not json")],
+        &[
+            ("v", "1"),
+            ("event", "{not json"),
+            ("traceparent", traceparent),
+        ],
     )
     .await;
     let future_version =
@@ -351,6 +356,11 @@ async fn poison_entries_go_to_the_dlq_and_the_rest_is_stored() {
             .unwrap()
     };
     let error = by_entry(&not_json).field(dlq::FIELD_ERROR).unwrap();
+    // The trace context travels with the dead letter (and back with a replay).
+    assert_eq!(
+        by_entry(&not_json).field("traceparent").as_deref(),
+        Some(traceparent)
+    );
     assert!(error.contains("undecodable entry"), "{error}");
     assert_eq!(
         by_entry(&not_json).field(FIELD_EVENT).as_deref(),

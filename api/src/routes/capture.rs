@@ -209,7 +209,7 @@ async fn accept<'a>(
             None => state.keys.authorize(body_key, Access::Ingest).map(drop),
         },
     )?;
-    state.publisher.publish(&events, None).await?;
+    state.publisher.publish(&events).await?;
     tracing::debug!(events = events.len(), "queued");
     Ok((CaptureOk { status: 1 }, events.len()))
 }

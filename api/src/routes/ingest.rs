@@ -126,7 +126,7 @@ impl IngestApi {
                 state.config.max_body_bytes,
             )?;
             let events = fast::queue(&json, chrono::Utc::now(), None, |_| Ok(()))?;
-            state.publisher.publish(&events, None).await?;
+            state.publisher.publish(&events).await?;
             let ok = IngestOk {
                 status: 1,
                 queued: events.len() as u32,
