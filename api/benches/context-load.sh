@@ -59,9 +59,7 @@ python3 - "$USERS" > "$WORK/context.sql" <<'PY'
 import re, sys
 src = open("api/src/context/store.rs").read()
 sql = re.search(r'CONTEXT_SQL: &str = r#"(.*?)"#', src, re.S).group(1)
-sql = re.sub(r"\$3(::timestamptz)?", "NULL::timestamptz", sql)
-sql = re.sub(r"\$4(::text)?", "NULL::text", sql)
-sql = sql.replace("$1", "('user_' || :uid)").replace("$2", "20")
+sql = sql.replace("{filters}", "").replace("{limit}", "20").replace("$1", "('user_' || :uid)")
 print(f"\\set uid random(0, {int(sys.argv[1]) - 1})")
 print(" ".join(sql.split()) + ";")
 PY

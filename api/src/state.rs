@@ -57,6 +57,9 @@ impl AppState {
             .max_connections(16)
             .connect_timeout(Duration::from_secs(2))
             .acquire_timeout(Duration::from_secs(2))
+            // A ping round trip before every query doubled Postgres' work per context read:
+            // only connections idle for a while are checked.
+            .test_before_acquire_if_idle_for(Duration::from_secs(10))
             .sqlx_logging(false);
         let db = Database::connect(opts).await?;
         Ok(Self(Arc::new(Inner {

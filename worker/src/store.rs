@@ -169,6 +169,8 @@ pub async fn connect(config: &Config) -> Result<DatabaseConnection, StoreError> 
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(5))
         .statement_timeout(Duration::from_secs(30))
+        // No ping round trip before each batch; connections idle for a while are still checked.
+        .test_before_acquire_if_idle_for(Duration::from_secs(10))
         .connect_lazy(true)
         .sqlx_logging(false);
     Ok(Database::connect(options).await?)

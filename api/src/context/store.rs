@@ -32,17 +32,35 @@ pub struct UserRecord {
 /// The profile and the newest events in one statement (one round trip, one connection): the
 /// history through the `(distinct_id, timestamp DESC)` index, aggregated into one JSON array of
 /// `[time, description, event, page, session]`. No row: nothing is stored for the user.
+///
+/// `{filters}` and `{limit}` are written into the text (see [`context_sql`]) rather than bound:
+/// Postgres switches a prepared statement to a generic plan after five executions, and with an
+/// unknown limit and `$n IS NULL OR …` filters that plan reads every event of the user.
 pub const CONTEXT_SQL: &str = r#"SELECT p.first_seen, p.last_seen, p.event_count, p.session_count, p.intents,
   (SELECT coalesce(json_agg(json_build_array(h.t, h.d, h.e, h.p, h.s) ORDER BY h.t DESC, h.u DESC), '[]')
      FROM (SELECT "timestamp" AS t, description AS d, event AS e, coalesce(path, url) AS p,
                   session_id AS s, uuid AS u
              FROM events
-            WHERE distinct_id = $1
-              AND ($3::timestamptz IS NULL OR "timestamp" >= $3)
-              AND ($4::text IS NULL OR session_id = $4)
+            WHERE distinct_id = $1{filters}
             ORDER BY "timestamp" DESC, uuid DESC
-            LIMIT $2) h) AS history
+            LIMIT {limit}) h) AS history
 FROM user_profiles p WHERE p.distinct_id = $1"#;
+
+/// [`CONTEXT_SQL`] for `filter`: `since` binds as `$2`, `session` as the next parameter.
+pub fn context_sql(filter: &HistoryFilter) -> String {
+    let mut filters = String::new();
+    let mut next = 2;
+    if filter.since.is_some() {
+        filters.push_str(&format!(r#" AND "timestamp" >= ${next}"#));
+        next += 1;
+    }
+    if filter.session.is_some() {
+        filters.push_str(&format!(" AND session_id = ${next}"));
+    }
+    CONTEXT_SQL
+        .replace("{filters}", &filters)
+        .replace("{limit}", &filter.limit.to_string())
+}
 
 type HistoryTuple = (
     DateTime<Utc>,
@@ -58,11 +76,16 @@ pub async fn user_record(
     user_id: &str,
     filter: &HistoryFilter,
 ) -> Result<Option<UserRecord>, DbErr> {
-    let row = sqlx::query(CONTEXT_SQL)
-        .bind(user_id)
-        .bind(filter.limit as i64)
-        .bind(filter.since)
-        .bind(filter.session.as_deref())
+    // Only fixed text and the numeric limit are written into the statement; values are bound.
+    let sql = sqlx::AssertSqlSafe(context_sql(filter));
+    let mut query = sqlx::query(sql).bind(user_id);
+    if let Some(since) = filter.since {
+        query = query.bind(since);
+    }
+    if let Some(session) = filter.session.as_deref() {
+        query = query.bind(session);
+    }
+    let row = query
         .fetch_optional(db.get_postgres_connection_pool())
         .await
         .map_err(|e| DbErr::Query(sea_orm::RuntimeErr::SqlxError(e.into())))?;
