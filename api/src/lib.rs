@@ -9,6 +9,7 @@ pub mod error;
 pub mod fast;
 pub mod metrics;
 pub mod normalize;
+pub mod payload;
 pub mod publisher;
 pub mod routes;
 pub mod state;

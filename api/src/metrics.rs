@@ -89,10 +89,9 @@ impl ApiMetrics {
     }
 
     /// Counts a finished request.
-    fn request(&self, route: &str, method: &str, status: u16, started: Instant) {
-        let status = status.to_string();
+    fn request(&self, route: &str, method: &str, status: &str, started: Instant) {
         self.requests
-            .with_label_values(&[route, method, &status])
+            .with_label_values(&[route, method, status])
             .inc();
         self.request_seconds
             .with_label_values(&[route, method])
@@ -140,7 +139,7 @@ impl<E: Endpoint> Endpoint for CountRequests<E> {
             Err(error) => error.into_response(),
         };
         self.metrics
-            .request(route, method.as_str(), response.status().as_u16(), started);
+            .request(route, method.as_str(), response.status().as_str(), started);
         Ok(response)
     }
 }

@@ -90,14 +90,15 @@ pub async fn user_record(
         .await
         .map_err(|e| DbErr::Query(sea_orm::RuntimeErr::SqlxError(e.into())))?;
     let Some(row) = row else { return Ok(None) };
+    // Columns by position, in the order of CONTEXT_SQL's select list.
     let decode = |e: sqlx::Error| DbErr::Type(e.to_string());
-    let Json(intents): Json<Intents> = row.try_get("intents").map_err(decode)?;
-    let Json(history): Json<Vec<HistoryTuple>> = row.try_get("history").map_err(decode)?;
+    let Json(intents): Json<Intents> = row.try_get(4).map_err(decode)?;
+    let Json(history): Json<Vec<HistoryTuple>> = row.try_get(5).map_err(decode)?;
     Ok(Some(UserRecord {
-        first_seen: row.try_get("first_seen").map_err(decode)?,
-        last_seen: row.try_get("last_seen").map_err(decode)?,
-        event_count: row.try_get("event_count").map_err(decode)?,
-        session_count: row.try_get("session_count").map_err(decode)?,
+        first_seen: row.try_get(0).map_err(decode)?,
+        last_seen: row.try_get(1).map_err(decode)?,
+        event_count: row.try_get(2).map_err(decode)?,
+        session_count: row.try_get(3).map_err(decode)?,
         intents,
         history: history
             .into_iter()

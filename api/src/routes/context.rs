@@ -18,6 +18,7 @@ use crate::{
         text::{self, TextContext},
     },
     error::{ApiError, ErrorBody, error_responses},
+    payload::SerdeJson,
     state::AppState,
 };
 
@@ -26,13 +27,14 @@ const DEFAULT_LIMIT: u32 = 20;
 const MAX_LIMIT: u32 = 500;
 
 /// An intent with its score decayed to now.
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 pub struct IntentView {
     /// Intent name, as declared in the rule files (e.g. `purchase`).
     pub name: String,
     /// Score decayed to the time of the request (older signals weigh less).
     pub score: f64,
     /// When an event last added to it.
+    #[serde(serialize_with = "crate::payload::rfc3339")]
     pub last_seen: DateTime<Utc>,
     /// The sentence the summary uses for it.
     pub summary: String,
@@ -41,9 +43,10 @@ pub struct IntentView {
 }
 
 /// One stored event.
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 pub struct HistoryView {
     /// When it happened.
+    #[serde(serialize_with = "crate::payload::rfc3339")]
     pub time: DateTime<Utc>,
     /// "5 minutes ago".
     pub relative_time: String,
@@ -57,18 +60,21 @@ pub struct HistoryView {
 }
 
 /// Totals over everything stored for the user.
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 pub struct Stats {
+    #[serde(serialize_with = "crate::payload::rfc3339")]
     pub first_seen: DateTime<Utc>,
+    #[serde(serialize_with = "crate::payload::rfc3339")]
     pub last_seen: DateTime<Utc>,
     pub event_count: i64,
     pub session_count: i64,
 }
 
 /// How current this context is.
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 pub struct Freshness {
     /// Time of the newest stored event of this user.
+    #[serde(serialize_with = "crate::payload::rfc3339")]
     pub newest_event_at: DateTime<Utc>,
     /// Events of this user accepted but not yet stored (still in the stream). `null` when the
     /// stream is too long to count quickly or Redis is unavailable.
@@ -78,7 +84,7 @@ pub struct Freshness {
 }
 
 /// A user's context.
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 pub struct UserContext {
     pub user_id: String,
     /// One or two sentences for a prompt: active intents, then recent activity.
@@ -109,7 +115,7 @@ pub struct Erasure {
 /// The response body: JSON, or the prompt text.
 #[derive(ResponseContent)]
 pub enum ContextBody {
-    Json(Json<UserContext>),
+    Json(SerdeJson<UserContext>),
     /// Prompt-ready text: summary, intents, then history as bullet lines.
     Text(PlainText<String>),
     #[oai(
@@ -299,7 +305,7 @@ impl ContextApi {
                 });
             }
             let summary = context::summarize(&intents, &history, now, &|d| d.to_string());
-            Ok(ContextBody::Json(Json(UserContext {
+            Ok(ContextBody::Json(SerdeJson(UserContext {
                 user_id: user_id.0.clone(),
                 summary,
                 intents: intents.into_iter().map(intent_view).collect(),

@@ -1,0 +1,58 @@
+//! `SerdeJson<T>`: a JSON response body written straight from `T`'s `serde::Serialize`, with the
+//! schema documented from `T`'s poem-openapi `Type`. poem-openapi's own `Json` first builds a
+//! `serde_json::Value` tree of the whole body; on the context read path that tree cost more than
+//! writing the bytes.
+
+use poem::{IntoResponse, Response};
+use poem_openapi::{
+    payload::Payload,
+    registry::{MetaSchemaRef, Registry},
+    types::Type,
+};
+
+/// A JSON body serialized with serde. `T`'s serde field names must match its `Object` fields.
+pub struct SerdeJson<T>(pub T);
+
+impl<T: Type> Payload for SerdeJson<T> {
+    const CONTENT_TYPE: &'static str = "application/json; charset=utf-8";
+
+    fn check_content_type(content_type: &str) -> bool {
+        content_type.starts_with("application/json")
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        T::schema_ref()
+    }
+
+    fn register(registry: &mut Registry) {
+        T::register(registry);
+    }
+}
+
+impl<T: serde::Serialize + Send> IntoResponse for SerdeJson<T> {
+    fn into_response(self) -> Response {
+        match serde_json::to_vec(&self.0) {
+            Ok(body) => Response::builder()
+                .content_type(<Self as PayloadContentType>::VALUE)
+                .body(body),
+            Err(error) => {
+                poem::error::ResponseError::as_response(&crate::error::ApiError::internal(error))
+            }
+        }
+    }
+}
+
+/// The content type, without requiring `T: Type` where the body is written.
+trait PayloadContentType {
+    const VALUE: &'static str = "application/json; charset=utf-8";
+}
+impl<T> PayloadContentType for SerdeJson<T> {}
+
+/// Serializes a time as poem-openapi does (`2026-11-28T10:00:00.123456+00:00`), so every route
+/// writes times alike.
+pub fn rfc3339<S: serde::Serializer>(
+    time: &chrono::DateTime<chrono::Utc>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&time.to_rfc3339())
+}
