@@ -156,6 +156,16 @@ impl CandidateList {
             }
         }
         let heads = &mut heads[..n];
+        // Usually one list is left: no merging then.
+        let mut live = heads.iter().filter(|l| !l.is_empty());
+        if let (Some(only), None) = (live.next(), live.next()) {
+            for &i in *only {
+                if f(i) {
+                    return;
+                }
+            }
+            return;
+        }
         let mut last = u32::MAX;
         loop {
             let mut best: Option<usize> = None;
