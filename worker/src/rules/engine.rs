@@ -654,7 +654,16 @@ impl Hasher for FxHasher {
             let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
             self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(K);
         }
-        for &b in chunks.remainder() {
+        let mut rest = chunks.remainder();
+        if let Some((c, r)) = rest.split_first_chunk::<4>() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(u32::from_le_bytes(*c))).wrapping_mul(K);
+            rest = r;
+        }
+        if let Some((c, r)) = rest.split_first_chunk::<2>() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(u16::from_le_bytes(*c))).wrapping_mul(K);
+            rest = r;
+        }
+        if let Some(&b) = rest.first() {
             self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
         }
     }
