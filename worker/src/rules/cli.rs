@@ -181,10 +181,7 @@ pub(crate) fn run_examples(set: &RuleSet) -> ExampleReport {
             {
                 problems.push(format!("expected say {say:?}, got {:?}", got.description));
             }
-            let want_rule = ex
-                .rule
-                .as_deref()
-                .or(rule.say.as_ref().map(|_| &*rule.id));
+            let want_rule = ex.rule.as_deref().or(rule.say.as_ref().map(|_| &*rule.id));
             if let Some(want) = want_rule
                 && got.rule_id.as_deref() != Some(want)
             {

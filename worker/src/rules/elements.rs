@@ -269,7 +269,10 @@ fn element_end(s: &str) -> usize {
     let b = s.as_bytes();
     let mut in_quotes = false;
     let mut i = 0;
-    while let Some(off) = b.get(i..).and_then(|r| memchr::memchr3(b';', b'"', b'\\', r)) {
+    while let Some(off) = b
+        .get(i..)
+        .and_then(|r| memchr::memchr3(b';', b'"', b'\\', r))
+    {
         let at = i + off;
         match b[at] {
             b'\\' if in_quotes => i = at + 2,
