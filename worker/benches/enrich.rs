@@ -308,7 +308,26 @@ fn report_cpu_throughput() {
 
 criterion_group!(benches, bench);
 
+/// Profiling mode (`ENRICH_PROFILE_ITERS=N`): enrich the mix N times and exit, without criterion's
+/// timing loop, so an instruction-counting profiler sees only setup plus N passes.
+fn profile(iters: usize) {
+    let set = rule_set();
+    let events = events();
+    for _ in 0..iters {
+        for e in &events {
+            black_box(set.enrich(black_box(&input(e))));
+        }
+    }
+}
+
 fn main() {
+    if let Some(n) = std::env::var("ENRICH_PROFILE_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        profile(n);
+        return;
+    }
     report_allocations();
     report_cpu_throughput();
     benches();

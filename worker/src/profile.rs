@@ -138,16 +138,19 @@ impl ProfileRow {
 /// `last_seen` instead, so the result does not depend on arrival order.
 pub fn add_intent(intents: &mut Intents, at: DateTime<Utc>, hit: &IntentHit, description: &str) {
     let state = intents
-        .entry(hit.name.clone())
+        .entry(hit.name.to_string())
         .or_insert_with(|| IntentState {
             score: 0.0,
             last_seen: at,
             evidence: Vec::new(),
-            summary: hit.summary.clone(),
+            summary: hit.summary.to_string(),
             half_life_secs: hit.half_life_secs,
             count: 0,
         });
-    state.summary.clone_from(&hit.summary);
+    if state.summary != *hit.summary {
+        state.summary.clear();
+        state.summary.push_str(&hit.summary);
+    }
     state.half_life_secs = hit.half_life_secs;
     state.count += 1;
     let seconds =

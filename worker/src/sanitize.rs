@@ -11,6 +11,15 @@ pub fn text(s: String) -> String {
     }
 }
 
+/// [`text`] for a shared string (no copy when there is no NUL).
+pub fn shared_text(s: std::sync::Arc<str>) -> std::sync::Arc<str> {
+    if s.contains('\0') {
+        s.replace('\0', "").into()
+    } else {
+        s
+    }
+}
+
 /// Removes NUL characters from every string and key of a JSON value, in place.
 pub fn json(value: &mut Value) {
     match value {

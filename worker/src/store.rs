@@ -126,8 +126,8 @@ impl StoredEvent {
             .intents
             .into_iter()
             .map(|mut hit| {
-                hit.name = sanitize::text(hit.name);
-                hit.summary = sanitize::text(hit.summary);
+                hit.name = sanitize::shared_text(hit.name);
+                hit.summary = sanitize::shared_text(hit.summary);
                 hit
             })
             .collect();
@@ -136,7 +136,7 @@ impl StoredEvent {
             distinct_id: sanitize::text(envelope.distinct_id),
             event: sanitize::text(envelope.event),
             description: sanitize::text(enrichment.description),
-            rule_id: enrichment.rule_id.map(sanitize::text),
+            rule_id: enrichment.rule_id.map(|r| sanitize::text(r.to_string())),
             intents,
             properties,
             url: url.map(sanitize::text),
@@ -153,8 +153,8 @@ impl StoredEvent {
     pub fn intents_json(&self) -> Json {
         let mut map = Map::new();
         for hit in &self.intents {
-            let total = map.get(&hit.name).and_then(Json::as_f64).unwrap_or(0.0) + hit.weight;
-            map.insert(hit.name.clone(), Json::from(total));
+            let total = map.get(&*hit.name).and_then(Json::as_f64).unwrap_or(0.0) + hit.weight;
+            map.insert(hit.name.to_string(), Json::from(total));
         }
         Json::Object(map)
     }

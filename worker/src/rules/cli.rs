@@ -171,7 +171,7 @@ pub(crate) fn run_examples(set: &RuleSet) -> ExampleReport {
     };
     for rule in &set.rules {
         if rule.examples.is_empty() {
-            report.without_examples.push(rule.id.clone());
+            report.without_examples.push(rule.id.to_string());
         }
         for (n, ex) in rule.examples.iter().enumerate() {
             let got = enrich_example(set, ex);
@@ -181,10 +181,7 @@ pub(crate) fn run_examples(set: &RuleSet) -> ExampleReport {
             {
                 problems.push(format!("expected say {say:?}, got {:?}", got.description));
             }
-            let want_rule = ex
-                .rule
-                .as_deref()
-                .or(rule.say.as_ref().map(|_| rule.id.as_str()));
+            let want_rule = ex.rule.as_deref().or(rule.say.as_ref().map(|_| &*rule.id));
             if let Some(want) = want_rule
                 && got.rule_id.as_deref() != Some(want)
             {
@@ -195,7 +192,7 @@ pub(crate) fn run_examples(set: &RuleSet) -> ExampleReport {
                         .map_or("the fallback".to_owned(), |r| format!("`{r}`"))
                 ));
             }
-            let mut got_intents: Vec<&str> = got.intents.iter().map(|i| i.name.as_str()).collect();
+            let mut got_intents: Vec<&str> = got.intents.iter().map(|i| &*i.name).collect();
             got_intents.sort_unstable();
             match &ex.intents {
                 Some(want) => {

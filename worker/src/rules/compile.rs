@@ -277,7 +277,7 @@ pub(crate) fn compile(sources: &[Source]) -> Result<RuleSet, RulesError> {
             );
             pending.push(Pending {
                 rule: Rule {
-                    id: spec.id,
+                    id: spec.id.into(),
                     description: spec.description,
                     file: src.name.clone(),
                     line,
@@ -417,10 +417,15 @@ fn build_index(
         describers: candidate_list(&rules, any_event),
         taggers: candidate_list(&rules, any_taggers),
     };
+    let intent_labels = intents
+        .iter()
+        .map(|d| (Arc::from(d.name.as_str()), Arc::from(d.summary.as_str())))
+        .collect();
     Ok(RuleSet {
         version: version_of(sources),
         rules,
         intents,
+        intent_labels,
         files: Vec::new(),
         by_event,
         any_event,

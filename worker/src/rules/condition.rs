@@ -180,38 +180,20 @@ pub fn json_text(v: &Value) -> Option<Cow<'_, str>> {
     }
 }
 
-/// The property keys a rule set reads most, found in one pass over an event's properties.
+/// The property keys a rule set reads most; each is looked up at most once per event.
 #[derive(Debug, Clone, Default)]
 pub struct PropSlots {
     keys: Vec<Box<str>>,
-    /// Bit `n` set when some key is `n` bytes long (63 = 63 or longer).
-    len_mask: u64,
 }
 
 impl PropSlots {
     pub fn new(keys: Vec<Box<str>>) -> PropSlots {
-        let len_mask = keys.iter().fold(0, |m, k| m | 1u64 << k.len().min(63));
-        PropSlots { keys, len_mask }
+        PropSlots { keys }
     }
 }
 
 #[cfg(test)]
-static NO_SLOTS: PropSlots = PropSlots {
-    keys: Vec::new(),
-    len_mask: 0,
-};
-
-/// Properties the engine itself reads, plus the slotted ones, collected in one pass.
-#[derive(Default)]
-struct Scan<'a> {
-    pathname: Option<&'a Value>,
-    current_url: Option<&'a Value>,
-    host: Option<&'a Value>,
-    elements_chain: Option<&'a Value>,
-    elements: Option<&'a Value>,
-    el_text: Option<&'a Value>,
-    slots: [Option<&'a Value>; PROP_SLOTS],
-}
+static NO_SLOTS: PropSlots = PropSlots { keys: Vec::new() };
 
 /// The per-event view conditions and templates read; derived fields are computed once, lazily.
 pub struct EventCtx<'a> {
@@ -221,7 +203,8 @@ pub struct EventCtx<'a> {
     pub person: Option<&'a Map<String, Value>>,
     chain: Option<&'a str>,
     slots: &'a PropSlots,
-    scan: OnceCell<Scan<'a>>,
+    /// Values of the slotted property keys, each looked up on first use.
+    slot_values: [OnceCell<Option<&'a Value>>; PROP_SLOTS],
     path: OnceCell<Option<&'a str>>,
     elements: OnceCell<Elements<'a>>,
     clicked: OnceCell<Option<Element<'a>>>,
@@ -255,7 +238,7 @@ impl<'a> EventCtx<'a> {
             person,
             chain,
             slots,
-            scan: OnceCell::new(),
+            slot_values: Default::default(),
             path: OnceCell::new(),
             elements: OnceCell::new(),
             clicked: OnceCell::new(),
@@ -263,39 +246,18 @@ impl<'a> EventCtx<'a> {
         }
     }
 
-    fn scan(&self) -> &Scan<'a> {
-        self.scan.get_or_init(|| {
-            let mut s = Scan::default();
-            let slots = self.slots;
-            // Lengths of the keys below, to skip most keys with one test.
-            const WELL_KNOWN: u64 = 1 << 5 | 1 << 8 | 1 << 9 | 1 << 12 | 1 << 15;
-            for (k, v) in self.props {
-                let bit = 1u64 << k.len().min(63);
-                if WELL_KNOWN & bit != 0 && k.starts_with('$') {
-                    match k.as_str() {
-                        "$pathname" => s.pathname = Some(v),
-                        "$current_url" => s.current_url = Some(v),
-                        "$host" => s.host = Some(v),
-                        "$elements_chain" => s.elements_chain = Some(v),
-                        "$elements" => s.elements = Some(v),
-                        "$el_text" => s.el_text = Some(v),
-                        _ => {}
-                    }
-                }
-                if slots.len_mask & bit != 0
-                    && let Some(i) = slots.keys.iter().position(|key| **key == **k)
-                {
-                    s.slots[i] = Some(v);
-                }
-            }
-            s
+    /// The value of slotted property key `i`, looked up once per event.
+    fn slot(&self, i: usize) -> Option<&'a Value> {
+        *self.slot_values[i].get_or_init(|| {
+            let key = self.slots.keys.get(i)?;
+            self.props.get(&**key)
         })
     }
 
     /// The page path: `$pathname`, else the path of `$current_url`; no query, no trailing `/`.
     pub fn path(&self) -> Option<&'a str> {
         *self.path.get_or_init(|| {
-            let p = match self.scan().pathname {
+            let p = match self.props.get("$pathname") {
                 Some(Value::String(p)) if !p.is_empty() => p.as_str(),
                 _ => url_path(self.url()?)?,
             };
@@ -309,11 +271,11 @@ impl<'a> EventCtx<'a> {
     }
 
     pub fn url(&self) -> Option<&'a str> {
-        self.scan().current_url.and_then(Value::as_str)
+        self.props.get("$current_url").and_then(Value::as_str)
     }
 
     pub fn host(&self) -> Option<&'a str> {
-        if let Some(Value::String(h)) = self.scan().host {
+        if let Some(Value::String(h)) = self.props.get("$host") {
             return Some(h);
         }
         let url = self.url()?;
@@ -324,11 +286,14 @@ impl<'a> EventCtx<'a> {
 
     pub fn elements(&self) -> Elements<'a> {
         *self.elements.get_or_init(|| {
-            let scan = self.scan();
             let chain = self
                 .chain
-                .or_else(|| scan.elements_chain.and_then(Value::as_str));
-            Elements::from_parts(chain, scan.elements, self.props)
+                .or_else(|| self.props.get("$elements_chain").and_then(Value::as_str));
+            let array = match chain {
+                Some(c) if !c.is_empty() => None,
+                _ => self.props.get("$elements"),
+            };
+            Elements::from_parts(chain, array, self.props)
         })
     }
 
@@ -345,7 +310,7 @@ impl<'a> EventCtx<'a> {
                 .get_or_init(|| {
                     self.clicked()
                         .and_then(|e| e.text())
-                        .or_else(|| self.scan().el_text.and_then(json_text))
+                        .or_else(|| self.props.get("$el_text").and_then(json_text))
                 })
                 .clone();
         }
@@ -360,7 +325,7 @@ impl<'a> EventCtx<'a> {
             Subject::Url => self.url().map(|p| Val::Str(Cow::Borrowed(p))),
             Subject::Host => self.host().map(|p| Val::Str(Cow::Borrowed(p))),
             Subject::Property(p) => match p.slot {
-                Some(i) => self.scan().slots[usize::from(i)],
+                Some(i) => self.slot(usize::from(i)),
                 None => p.lookup(self.props),
             }
             .map(Val::Json),

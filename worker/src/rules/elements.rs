@@ -263,37 +263,26 @@ impl<'a> Iterator for ChainIter<'a> {
     }
 }
 
-/// Where the first element of a chain ends: the first `;` outside quotes (or the end).
+/// Where the first element of a chain ends: the first `;` outside quotes (or the end); inside
+/// quotes a backslash escapes the byte after it.
 fn element_end(s: &str) -> usize {
     let b = s.as_bytes();
-    let mut from = 0;
-    while let Some(off) = b[from..].iter().position(|&c| c == b';') {
-        let at = from + off;
-        let head = &b[..at];
-        if !head.contains(&b'\\') {
-            if head.iter().filter(|&&c| c == b'"').count() % 2 == 0 {
-                return at;
-            }
-            from = at + 1;
-            continue;
-        }
-        return slow_element_end(b);
-    }
-    b.len()
-}
-
-/// [`element_end`] for values with escapes.
-fn slow_element_end(b: &[u8]) -> usize {
     let mut in_quotes = false;
     let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'\\' if in_quotes => i += 1,
-            b'"' => in_quotes = !in_quotes,
-            b';' if !in_quotes => return i,
-            _ => {}
+    while let Some(off) = b
+        .get(i..)
+        .and_then(|r| memchr::memchr3(b';', b'"', b'\\', r))
+    {
+        let at = i + off;
+        match b[at] {
+            b'\\' if in_quotes => i = at + 2,
+            b'"' => {
+                in_quotes = !in_quotes;
+                i = at + 1;
+            }
+            b';' if !in_quotes => return at,
+            _ => i = at + 1,
         }
-        i += 1;
     }
     b.len()
 }
@@ -404,6 +393,15 @@ mod tests {
         assert_eq!(el.attribute("class").as_deref(), Some("btn btn-primary"));
         assert_eq!(el.attribute("nth-child").as_deref(), Some("1"));
         assert_eq!(ChainIter::new(CHAIN).count(), 2);
+    }
+
+    #[test]
+    fn element_ends_follow_quotes_and_escapes() {
+        assert_eq!(element_end(r#"a:text="x;y";b"#), 12);
+        assert_eq!(element_end(r#"a\;b"#), 2);
+        assert_eq!(element_end(r#"a:text="x\";y";b"#), 14);
+        assert_eq!(element_end(r#"a:text="x\"#), 10);
+        assert_eq!(element_end(""), 0);
     }
 
     #[test]

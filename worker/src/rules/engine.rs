@@ -28,10 +28,11 @@ pub struct EventInput<'a> {
 /// Weight a rule added to an intent, with what the summary needs to use it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IntentHit {
-    pub name: String,
+    /// Shared with the rule set, so a hit costs no copy.
+    pub name: Arc<str>,
     pub weight: f64,
     /// The intent's sentence, e.g. "User showing Purchase Intent."
-    pub summary: String,
+    pub summary: Arc<str>,
     pub half_life_secs: f64,
 }
 
@@ -39,8 +40,8 @@ pub struct IntentHit {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Enrichment {
     pub description: String,
-    /// The rule that produced `description`; `None` for the fallback.
-    pub rule_id: Option<String>,
+    /// The rule that produced `description`; `None` for the fallback. Shared with the rule set.
+    pub rule_id: Option<Arc<str>>,
     pub intents: Vec<IntentHit>,
     /// Whether a rule described the event (false: fallback sentence).
     pub matched: bool,
@@ -58,7 +59,7 @@ pub struct IntentDef {
 /// A compiled rule.
 #[derive(Debug)]
 pub(crate) struct Rule {
-    pub id: String,
+    pub id: Arc<str>,
     /// The author's note on the rule.
     pub description: Option<String>,
     pub file: Arc<str>,
@@ -156,6 +157,16 @@ impl CandidateList {
             }
         }
         let heads = &mut heads[..n];
+        // Usually one list is left: no merging then.
+        let mut live = heads.iter().filter(|l| !l.is_empty());
+        if let (Some(only), None) = (live.next(), live.next()) {
+            for &i in *only {
+                if f(i) {
+                    return;
+                }
+            }
+            return;
+        }
         let mut last = u32::MAX;
         loop {
             let mut best: Option<usize> = None;
@@ -218,6 +229,8 @@ pub struct RuleSet {
     pub(crate) version: String,
     pub(crate) rules: Vec<Rule>,
     pub(crate) intents: Vec<IntentDef>,
+    /// (name, summary) of each of `intents`, shared with every hit.
+    pub(crate) intent_labels: Vec<(Arc<str>, Arc<str>)>,
     pub(crate) files: Vec<PathBuf>,
     pub(crate) by_event: HashMap<Box<str>, Candidates, BuildHasherDefault<FxHasher>>,
     /// Rules evaluated for names not in `by_event` whatever the name.
@@ -316,12 +329,12 @@ impl RuleSet {
         count: bool,
     ) -> Enrichment {
         let intents = hits.as_slice().iter().map(|&(i, w)| {
-            let d = &self.intents[i as usize];
+            let (name, summary) = &self.intent_labels[i as usize];
             IntentHit {
-                name: d.name.clone(),
+                name: name.clone(),
                 weight: w,
-                summary: d.summary.clone(),
-                half_life_secs: d.half_life_secs,
+                summary: summary.clone(),
+                half_life_secs: self.intents[i as usize].half_life_secs,
             }
         });
         let intents = intents.collect();
@@ -384,7 +397,7 @@ impl RuleSet {
                 }
             };
             steps.push(ExplainStep {
-                rule_id: rule.id.clone(),
+                rule_id: rule.id.to_string(),
                 description: rule.description.clone(),
                 location: rule.location(),
                 priority: rule.priority,
@@ -641,7 +654,16 @@ impl Hasher for FxHasher {
             let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
             self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(K);
         }
-        for &b in chunks.remainder() {
+        let mut rest = chunks.remainder();
+        if let Some((c, r)) = rest.split_first_chunk::<4>() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(u32::from_le_bytes(*c))).wrapping_mul(K);
+            rest = r;
+        }
+        if let Some((c, r)) = rest.split_first_chunk::<2>() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(u16::from_le_bytes(*c))).wrapping_mul(K);
+            rest = r;
+        }
+        if let Some(&b) = rest.first() {
             self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
         }
     }

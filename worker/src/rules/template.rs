@@ -138,16 +138,21 @@ fn capture<'a>(ctx: &EventCtx<'a>, sources: &[CaptureSource], name: &str) -> Opt
 
 /// Appends `v` with control characters and whitespace runs folded to one space, capped.
 pub fn push_clean(out: &mut String, v: &str) {
-    // Fast path: printable ASCII, single inner spaces, short.
+    // Fast path: short printable ASCII with single inner spaces, checked in one pass.
     let b = v.as_bytes();
-    if b.len() <= MAX_VALUE_CHARS
-        && b.first() != Some(&b' ')
-        && b.last() != Some(&b' ')
-        && b.iter().all(|&c| (b' '..=b'~').contains(&c))
-        && !b.windows(2).any(|w| w == b"  ")
-    {
-        out.push_str(v);
-        return;
+    if b.len() <= MAX_VALUE_CHARS && b.last() != Some(&b' ') {
+        // Starts true so a leading space fails too.
+        let mut after_space = true;
+        let mut clean = true;
+        for &c in b {
+            let space = c == b' ';
+            clean &= (b' '..=b'~').contains(&c) && !(space && after_space);
+            after_space = space;
+        }
+        if clean {
+            out.push_str(v);
+            return;
+        }
     }
     let mut chars = 0;
     let mut pending_space = false;

@@ -41,7 +41,7 @@ fn enrich(set: &RuleSet, event: &str, p: &Map<String, Value>, chain: Option<&str
 }
 
 fn intent_names(e: &Enrichment) -> Vec<&str> {
-    e.intents.iter().map(|i| i.name.as_str()).collect()
+    e.intents.iter().map(|i| &*i.name).collect()
 }
 
 const UPGRADE_CHAIN: &str = r#"button.btn.btn-primary:text="Upgrade Plan"attr__class="btn btn-primary"attr__id="up"nth-child="1";div.container:nth-child="2""#;
@@ -80,7 +80,7 @@ fn prototype_examples() {
     assert_eq!(e.rule_id.as_deref(), Some("pageview"));
     assert!(e.matched);
     assert_eq!(intent_names(&e), ["purchase"]);
-    assert_eq!(e.intents[0].summary, "User showing Purchase Intent.");
+    assert_eq!(&*e.intents[0].summary, "User showing Purchase Intent.");
     assert_eq!(e.intents[0].half_life_secs, 3.0 * 86_400.0);
 
     let p =
@@ -178,7 +178,7 @@ rules:
     assert_eq!(enrich(&set, "signup", &pro, None).description, "A generic");
     // Higher priority wins across files.
     assert_eq!(enrich(&set, "signup", &team, None).description, "B high");
-    let order: Vec<&str> = set.rules.iter().map(|r| r.id.as_str()).collect();
+    let order: Vec<&str> = set.rules.iter().map(|r| &*r.id).collect();
     assert_eq!(order, ["b-high", "a-generic", "a-specific"]);
 }
 
