@@ -19,10 +19,8 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use poem::{
-    Endpoint, EndpointExt, Response, Route, Server,
-    error::ResponseError,
-    listener::TcpAcceptor,
-    middleware::{Cors, NormalizePath, TrailingSlash},
+    Endpoint, EndpointExt, Response, Route, Server, error::ResponseError, listener::TcpAcceptor,
+    middleware::Cors,
 };
 use poem_openapi::OpenApiService;
 use tokio_util::sync::CancellationToken;
@@ -89,7 +87,7 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
             }
         }
     })
-    .with(NormalizePath::new(TrailingSlash::Trim))
+    .with(TrimSlashes)
     .catch_all_error(|err| async move { ApiError::from_poem(err).as_response() })
     .map_to_response();
     crate::metrics::CountRequests {
@@ -194,5 +192,73 @@ async fn migrate_until_done(db: sea_orm::DatabaseConnection, shutdown: Cancellat
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Makes trailing slashes optional on every route (`/batch/` is `/batch`) and merges repeated
+/// slashes, touching only paths that need it (poem's `NormalizePath` runs a regex on every request).
+struct TrimSlashes;
+
+impl<E: Endpoint> poem::Middleware<E> for TrimSlashes {
+    type Output = TrimSlashesEndpoint<E>;
+
+    fn transform(&self, ep: E) -> Self::Output {
+        TrimSlashesEndpoint(ep)
+    }
+}
+
+struct TrimSlashesEndpoint<E>(E);
+
+impl<E: Endpoint> Endpoint for TrimSlashesEndpoint<E> {
+    type Output = E::Output;
+
+    async fn call(&self, mut req: poem::Request) -> poem::Result<Self::Output> {
+        if let Some(path) = normalized_path(req.uri().path()) {
+            let (mut parts, body) = req.into_parts();
+            let mut uri = parts.uri.into_parts();
+            let path_and_query = match uri.path_and_query.as_ref().and_then(|pq| pq.query()) {
+                Some(query) => format!("{path}?{query}"),
+                None => path,
+            };
+            uri.path_and_query = path_and_query.parse().ok();
+            parts.uri = poem::http::Uri::from_parts(uri).map_err(poem::error::BadRequest)?;
+            req = poem::Request::from_parts(parts, body);
+        }
+        self.0.call(req).await
+    }
+}
+
+/// `path` without trailing slashes and with runs of slashes merged, if that changes it.
+fn normalized_path(path: &str) -> Option<String> {
+    let trailing = path.len() > 1 && path.ends_with('/');
+    if !trailing && !path.contains("//") {
+        return None;
+    }
+    let mut out = String::with_capacity(path.len());
+    for segment in path.split('/').filter(|s| !s.is_empty()) {
+        out.push('/');
+        out.push_str(segment);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    (out != path).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalized_path;
+
+    #[test]
+    fn trailing_and_repeated_slashes_are_normalized() {
+        assert_eq!(normalized_path("/batch"), None);
+        assert_eq!(normalized_path("/"), None);
+        assert_eq!(normalized_path("/batch/").as_deref(), Some("/batch"));
+        assert_eq!(normalized_path("/i/v0/e//").as_deref(), Some("/i/v0/e"));
+        assert_eq!(
+            normalized_path("//context//user/u1").as_deref(),
+            Some("/context/user/u1")
+        );
+        assert_eq!(normalized_path("///").as_deref(), Some("/"));
     }
 }

@@ -85,10 +85,16 @@ pub async fn user_record(
     if let Some(session) = filter.session.as_deref() {
         query = query.bind(session);
     }
-    let row = query
-        .fetch_optional(db.get_postgres_connection_pool())
+    let sqlx_error = |e: sqlx::Error| DbErr::Query(sea_orm::RuntimeErr::SqlxError(e.into()));
+    let mut conn = db
+        .get_postgres_connection_pool()
+        .acquire()
         .await
-        .map_err(|e| DbErr::Query(sea_orm::RuntimeErr::SqlxError(e.into())))?;
+        .map_err(sqlx_error)?;
+    let row = query.fetch_optional(&mut *conn).await;
+    // Returned here rather than by a task the connection's drop would spawn.
+    conn.return_to_pool().await;
+    let row = row.map_err(sqlx_error)?;
     let Some(row) = row else { return Ok(None) };
     // Columns by position, in the order of CONTEXT_SQL's select list.
     let decode = |e: sqlx::Error| DbErr::Type(e.to_string());
