@@ -164,7 +164,37 @@ async fn metrics_readiness_and_unmatched_report_follow_the_pipeline() {
     })
     .await;
 
-    worker.stop().await.unwrap();
+    // Shutdown begins while a batch waits for Postgres: readiness says so at once, and the batch
+    // is still stored within the grace period.
+    proxy.set_up(false);
+    publish(
+        &mut redis,
+        &keys.stream,
+        &[envelope(
+            "u3",
+            "$pageview",
+            json!({"$pathname": "/pricing"}),
+        )],
+    )
+    .await;
+    wait_until(WAIT, "entry held while Postgres is down", || async {
+        let mut r = redis.clone();
+        pending(&mut r, &keys).await == 1
+    })
+    .await;
+    worker.shutdown.cancel();
+    wait_until(WAIT, "not ready once shutdown begins", || async {
+        let (status, body) = get(addr, "/ready").await;
+        status == 503 && body.contains("\"shutting_down\"")
+    })
+    .await;
+    proxy.set_up(true);
+    tokio::time::timeout(Duration::from_secs(15), worker.task)
+        .await
+        .expect("worker stops in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(db.events().await, 4);
     shutdown.cancel();
 }
 
