@@ -10,7 +10,7 @@
 use std::{sync::Arc, time::Duration};
 
 use redis::aio::ConnectionManager;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -175,24 +175,10 @@ impl UnmatchedReport {
 
 /// Whether `rules` describe the example event (without counting it as unmatched).
 fn describes(rules: &RuleSet, example: &Value) -> bool {
-    let empty = Map::new();
-    let Some(event) = example.get("event").and_then(Value::as_str) else {
-        return false;
-    };
-    let input = EventInput {
-        event,
-        distinct_id: example
-            .get("distinct_id")
-            .and_then(Value::as_str)
-            .unwrap_or(""),
-        properties: example
-            .get("properties")
-            .and_then(Value::as_object)
-            .unwrap_or(&empty),
-        elements_chain: example.get("elements_chain").and_then(Value::as_str),
-        person_properties: None,
-    };
-    rules.enrich_inner(&input, false).matched
+    example
+        .as_object()
+        .and_then(EventInput::from_json)
+        .is_some_and(|input| rules.enrich_inner(&input, false).matched)
 }
 
 /// Adds this replica's unmatched counts to the report every [`FLUSH_INTERVAL`]; after each

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::engine::{Enrichment, EventInput, RuleSet, StepOutcome};
 use super::model::ExampleSpec;
@@ -86,33 +86,18 @@ pub fn explain(dir: &Path, event_json: &Path) -> ExitCode {
             println!("event #{i}: not a JSON object");
             return ExitCode::FAILURE;
         };
-        let Some(name) = obj.get("event").and_then(Value::as_str) else {
+        let Some(input) = EventInput::from_json(obj) else {
             println!("event #{i}: missing string field `event`");
             return ExitCode::FAILURE;
         };
-        print_explanation(&set, name, obj);
+        print_explanation(&set, &input);
     }
     ExitCode::SUCCESS
 }
 
-fn print_explanation(set: &RuleSet, name: &str, obj: &Map<String, Value>) {
-    let empty = Map::new();
-    let props = obj
-        .get("properties")
-        .and_then(Value::as_object)
-        .unwrap_or(&empty);
-    let person = obj
-        .get("person_properties")
-        .or_else(|| obj.get("person").and_then(|p| p.get("properties")))
-        .and_then(Value::as_object);
-    let input = EventInput {
-        event: name,
-        distinct_id: obj.get("distinct_id").and_then(Value::as_str).unwrap_or(""),
-        properties: props,
-        elements_chain: obj.get("elements_chain").and_then(Value::as_str),
-        person_properties: person,
-    };
-    let ex = set.explain(&input);
+fn print_explanation(set: &RuleSet, input: &EventInput<'_>) {
+    let name = input.event;
+    let ex = set.explain(input);
     println!();
     println!("event: {name}");
     print_enrichment(&ex.enrichment);

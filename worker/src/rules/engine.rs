@@ -25,6 +25,33 @@ pub struct EventInput<'a> {
     pub person_properties: Option<&'a Map<String, Value>>,
 }
 
+/// Properties of an event given as JSON without any.
+static NO_PROPERTIES: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
+
+impl<'a> EventInput<'a> {
+    /// An event written as JSON, as `worker rules explain` reads it and the unmatched-events
+    /// report keeps its examples: `event`, `distinct_id`, `properties`, `elements_chain`, and
+    /// `person_properties` (or `person.properties`). `None` without a string `event`.
+    pub fn from_json(event: &'a Map<String, Value>) -> Option<Self> {
+        Some(EventInput {
+            event: event.get("event")?.as_str()?,
+            distinct_id: event
+                .get("distinct_id")
+                .and_then(Value::as_str)
+                .unwrap_or(""),
+            properties: event
+                .get("properties")
+                .and_then(Value::as_object)
+                .unwrap_or(&NO_PROPERTIES),
+            elements_chain: event.get("elements_chain").and_then(Value::as_str),
+            person_properties: event
+                .get("person_properties")
+                .or_else(|| event.get("person").and_then(|p| p.get("properties")))
+                .and_then(Value::as_object),
+        })
+    }
+}
+
 /// Weight a rule added to an intent, with what the summary needs to use it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IntentHit {
