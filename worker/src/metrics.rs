@@ -12,7 +12,7 @@ use prometheus::{
 };
 use redis::{Value, aio::ConnectionManager};
 
-use crate::stream::key_values;
+use crate::stream::{info_int, info_string, key_values};
 
 /// The Prometheus text exposition of `registry`, and its content type.
 pub fn render(registry: &Registry) -> (String, &'static str) {
@@ -109,13 +109,10 @@ impl QueueGauges {
                 "Entries delivered to the consumer group and not yet acknowledged",
             ),
             dlq_length: gauge("dlq_length", "Entries in the dead-letter stream"),
-            scrape_errors: register(
+            scrape_errors: counter(
                 registry,
-                IntCounter::new(
-                    "queue_scrape_errors_total",
-                    "Scrapes that could not read the queue state from Redis",
-                )
-                .expect("valid counter"),
+                "queue_scrape_errors_total",
+                "Scrapes that could not read the queue state from Redis",
             ),
         }
     }
@@ -143,18 +140,14 @@ impl QueueGauges {
                 let Value::Array(groups) = groups else { return };
                 for group in groups {
                     let info = key_values(group);
-                    let Some(name) = info.get("name").and_then(value_string) else {
+                    let Some(name) = info_string(&info, "name") else {
                         continue;
                     };
-                    let int = |key: &str| match info.get(key) {
-                        Some(Value::Int(n)) => Some(*n),
-                        _ => None,
-                    };
-                    if let Some(pending) = int("pending") {
+                    if let Some(pending) = info_int(&info, "pending") {
                         self.group_pending.with_label_values(&[&name]).set(pending);
                     }
                     // `lag` is nil when Redis cannot tell (after XDEL of undelivered entries).
-                    if let Some(lag) = int("lag") {
+                    if let Some(lag) = info_int(&info, "lag") {
                         self.group_lag.with_label_values(&[&name]).set(lag);
                     }
                 }
@@ -168,14 +161,6 @@ impl QueueGauges {
                 tracing::debug!("reading the queue state for metrics timed out");
             }
         }
-    }
-}
-
-fn value_string(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
     }
 }
 

@@ -301,17 +301,11 @@ impl Streams {
         };
         for consumer in consumers {
             let info = key_values(consumer);
-            let name = info
-                .get("name")
-                .cloned()
-                .and_then(bytes)
-                .map(|b| String::from_utf8_lossy(&b).into_owned());
-            let int = |key: &str| match info.get(key) {
-                Some(Value::Int(n)) => Some(*n),
-                _ => None,
-            };
-            let (Some(name), Some(pending), Some(idle)) = (name, int("pending"), int("idle"))
-            else {
+            let (Some(name), Some(pending), Some(idle)) = (
+                info_string(&info, "name"),
+                info_int(&info, "pending"),
+                info_int(&info, "idle"),
+            ) else {
                 continue;
             };
             if name == self.consumer || pending != 0 || (idle as u128) < min_idle.as_millis() {
@@ -411,6 +405,20 @@ fn bytes(value: Value) -> Option<Vec<u8>> {
         Value::BulkString(b) => Some(b),
         Value::SimpleString(s) => Some(s.into_bytes()),
         Value::Int(n) => Some(n.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+/// A text field of a [`key_values`] map.
+pub(crate) fn info_string(info: &HashMap<String, Value>, key: &str) -> Option<String> {
+    let bytes = bytes(info.get(key)?.clone())?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// An integer field of a [`key_values`] map (`None` when absent or nil).
+pub(crate) fn info_int(info: &HashMap<String, Value>, key: &str) -> Option<i64> {
+    match info.get(key) {
+        Some(Value::Int(n)) => Some(*n),
         _ => None,
     }
 }
