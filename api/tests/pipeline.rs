@@ -5,15 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{SECRET, TestApp, TestDb, test_config};
-use entity::settings::Vars;
+use common::{SECRET, TestApp, TestDb, test_config, worker_config};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-
-fn rules_dir() -> String {
-    format!("{}/../rules", env!("CARGO_MANIFEST_DIR"))
-}
 
 /// posthog-js shaped events of the prototype's journey: home, pricing three times, the upgrade button.
 fn journey(user: &str) -> Value {
@@ -37,18 +32,7 @@ async fn events_flow_from_capture_to_context() {
     api_config.database_url = db.url.clone();
     let app = TestApp::spawn_with(api_config.clone()).await;
 
-    let worker_config = worker::Config::from_vars(&Vars::from_map([
-        ("REDIS_URL", api_config.redis_url.as_str()),
-        ("DATABASE_URL", db.url.as_str()),
-        ("QUEUE_NAME", api_config.queue_name.as_str()),
-        ("DLQ_NAME", api_config.dlq_name.as_str()),
-        ("CONSUMER_GROUP", "e2e"),
-        ("WORKER_NAME", "e2e-worker"),
-        ("FLUSH_INTERVAL", "0.05"),
-        ("MIGRATE_ON_START", "false"),
-        ("RULES_DIR", rules_dir().as_str()),
-    ]))
-    .unwrap();
+    let worker_config = worker_config(&api_config, &db.url, "e2e");
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(worker::run(worker_config, shutdown.clone()));
 

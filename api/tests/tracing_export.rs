@@ -11,8 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::{SECRET, TestApp, TestDb, test_config};
-use entity::settings::Vars;
+use common::{SECRET, TestApp, TestDb, test_config, worker_config};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse},
     common::v1::{KeyValue, any_value::Value},
@@ -126,21 +125,7 @@ async fn one_trace_spans_request_xadd_batch_and_transaction() {
     let mut api_config = test_config();
     api_config.database_url = db.url.clone();
     let app = TestApp::spawn_with(api_config.clone()).await;
-    let worker_config = worker::Config::from_vars(&Vars::from_map([
-        ("REDIS_URL", api_config.redis_url.as_str()),
-        ("DATABASE_URL", db.url.as_str()),
-        ("QUEUE_NAME", api_config.queue_name.as_str()),
-        ("DLQ_NAME", api_config.dlq_name.as_str()),
-        ("CONSUMER_GROUP", "tracing"),
-        ("WORKER_NAME", "tracing-worker"),
-        ("FLUSH_INTERVAL", "0.05"),
-        ("MIGRATE_ON_START", "false"),
-        (
-            "RULES_DIR",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../rules"),
-        ),
-    ]))
-    .unwrap();
+    let worker_config = worker_config(&api_config, &db.url, "tracing");
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(worker::run(worker_config, shutdown.clone()));
 

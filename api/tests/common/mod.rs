@@ -40,6 +40,28 @@ pub fn test_config() -> Config {
     config
 }
 
+/// A worker for the app of `api`: the same Redis, stream and DLQ, the database at
+/// `database_url`, the shipped rules, its own consumer group, short reads, no metrics port.
+pub fn worker_config(api: &Config, database_url: &str, group: &str) -> worker::Config {
+    let name = format!("{group}-worker");
+    worker::Config::from_vars(&entity::settings::Vars::from_map([
+        ("REDIS_URL", api.redis_url.as_str()),
+        ("DATABASE_URL", database_url),
+        ("QUEUE_NAME", api.queue_name.as_str()),
+        ("DLQ_NAME", api.dlq_name.as_str()),
+        ("CONSUMER_GROUP", group),
+        ("WORKER_NAME", name.as_str()),
+        ("FLUSH_INTERVAL", "0.05"),
+        ("MIGRATE_ON_START", "false"),
+        ("WORKER_METRICS_BIND", "off"),
+        (
+            "RULES_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../rules"),
+        ),
+    ]))
+    .expect("valid worker config")
+}
+
 /// A database of its own for one test: created with the full schema, dropped when the test ends.
 pub struct TestDb {
     pub name: String,
