@@ -10,11 +10,13 @@ use poem_openapi::{
     types::Type,
 };
 
+const CONTENT_TYPE: &str = "application/json; charset=utf-8";
+
 /// A JSON body serialized with serde. `T`'s serde field names must match its `Object` fields.
 pub struct SerdeJson<T>(pub T);
 
 impl<T: Type> Payload for SerdeJson<T> {
-    const CONTENT_TYPE: &'static str = "application/json; charset=utf-8";
+    const CONTENT_TYPE: &'static str = CONTENT_TYPE;
 
     fn check_content_type(content_type: &str) -> bool {
         content_type.starts_with("application/json")
@@ -32,21 +34,13 @@ impl<T: Type> Payload for SerdeJson<T> {
 impl<T: serde::Serialize + Send> IntoResponse for SerdeJson<T> {
     fn into_response(self) -> Response {
         match serde_json::to_vec(&self.0) {
-            Ok(body) => Response::builder()
-                .content_type(<Self as PayloadContentType>::VALUE)
-                .body(body),
+            Ok(body) => Response::builder().content_type(CONTENT_TYPE).body(body),
             Err(error) => {
                 poem::error::ResponseError::as_response(&crate::error::ApiError::internal(error))
             }
         }
     }
 }
-
-/// The content type, without requiring `T: Type` where the body is written.
-trait PayloadContentType {
-    const VALUE: &'static str = "application/json; charset=utf-8";
-}
-impl<T> PayloadContentType for SerdeJson<T> {}
 
 /// Serializes a time as poem-openapi does (`2026-11-28T10:00:00.123456+00:00`), so every route
 /// writes times alike.
