@@ -2,7 +2,7 @@
 //! `/health` (alive) and `/ready` (Redis, Postgres and rules, each by name; 503 when one is down
 //! or from the moment shutdown begins).
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use poem::{
     EndpointExt, Response, Route, Server, get, handler, http::StatusCode, listener::TcpAcceptor,
@@ -11,9 +11,10 @@ use poem::{
 use redis::aio::ConnectionManager;
 use sea_orm::DatabaseConnection;
 use serde_json::{Value, json};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Config, metrics::WorkerMetrics, rules::RulesHandle};
+use crate::{Config, WorkerError, metrics::WorkerMetrics, rules::RulesHandle};
 
 /// Longest a readiness check waits for one dependency.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -29,8 +30,31 @@ pub struct Probe {
     pub shutdown: CancellationToken,
 }
 
+/// Listens on `addr` (`WORKER_METRICS_BIND`). When the address is only the default and is taken
+/// (another replica on this host), a free port of the same interface serves instead.
+pub async fn bind(addr: SocketAddr, is_default: bool) -> Result<TcpListener, WorkerError> {
+    let listener = match TcpListener::bind(addr).await {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && is_default => {
+            let listener = TcpListener::bind((addr.ip(), 0)).await;
+            if let Ok(l) = &listener {
+                tracing::warn!(
+                    taken = %addr,
+                    serving = ?l.local_addr().ok(),
+                    "the default WORKER_METRICS_BIND port is taken (another replica on this host?): \
+                     serving health and metrics on a free port; set WORKER_METRICS_BIND to choose one"
+                );
+            }
+            listener
+        }
+        other => other,
+    };
+    listener.map_err(|e| {
+        WorkerError::Stopped(format!("WORKER_METRICS_BIND: cannot listen on {addr}: {e}"))
+    })
+}
+
 /// Serves the probes on `listener` until the task is dropped or aborted.
-pub async fn serve(listener: tokio::net::TcpListener, probe: Probe) {
+pub async fn serve(listener: TcpListener, probe: Probe) {
     let addr = listener.local_addr().ok();
     let acceptor = match TcpAcceptor::from_tokio(listener) {
         Ok(acceptor) => acceptor,

@@ -130,26 +130,7 @@ pub async fn run(
     // Health and metrics answer from the start (not ready until Redis and Postgres do).
     let server = match config.metrics_bind {
         Some(addr) => {
-            let listener = match tokio::net::TcpListener::bind(addr).await {
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::AddrInUse && config.metrics_bind_is_default =>
-                {
-                    let listener = tokio::net::TcpListener::bind((addr.ip(), 0)).await;
-                    if let Ok(l) = &listener {
-                        tracing::warn!(
-                            taken = %addr,
-                            serving = ?l.local_addr().ok(),
-                            "the default WORKER_METRICS_BIND port is taken (another replica on this host?): \
-                             serving health and metrics on a free port; set WORKER_METRICS_BIND to choose one"
-                        );
-                    }
-                    listener
-                }
-                other => other,
-            }
-            .map_err(|e| {
-                WorkerError::Stopped(format!("WORKER_METRICS_BIND: cannot listen on {addr}: {e}"))
-            })?;
+            let listener = crate::http::bind(addr, config.metrics_bind_is_default).await?;
             let probe = crate::http::Probe {
                 config: config.clone(),
                 redis: streams.commands(),
