@@ -4,11 +4,11 @@
 
 use std::time::Instant;
 
-use poem::{Endpoint, IntoResponse, Request, Response};
+use poem::{Endpoint, IntoResponse, PathPattern, Request, Response};
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, Registry};
 use worker::metrics::{QueueGauges, counter_vec, latency_buckets, register, seconds_histogram};
 
-use crate::{error::ApiError, routes::CAPTURE_PATHS};
+use crate::error::ApiError;
 
 /// What the api counts. Each instance owns its registry.
 #[derive(Clone)]
@@ -99,28 +99,6 @@ impl ApiMetrics {
     }
 }
 
-/// The route a path belongs to, as a label with bounded cardinality.
-pub fn route_label(path: &str) -> &'static str {
-    let path = match path.trim_end_matches('/') {
-        "" => "/",
-        p => p,
-    };
-    if let Some(route) = CAPTURE_PATHS.iter().find(|p| **p == path) {
-        return route;
-    }
-    match path {
-        "/ingest" => "/ingest",
-        "/health" => "/health",
-        "/ready" => "/ready",
-        "/metrics" => "/metrics",
-        "/rules/unmatched" => "/rules/unmatched",
-        "/openapi.json" => "/openapi.json",
-        p if p.starts_with("/context/user/") => "/context/user/:user_id",
-        p if p == "/docs" || p.starts_with("/docs/") => "/docs",
-        _ => "other",
-    }
-}
-
 /// Counts every request of the endpoint it wraps by route, method and status, with its latency.
 pub struct CountRequests<E> {
     pub inner: E,
@@ -132,12 +110,15 @@ impl<E: Endpoint> Endpoint for CountRequests<E> {
 
     async fn call(&self, req: Request) -> poem::Result<Response> {
         let started = Instant::now();
-        let route = route_label(req.uri().path());
         let method = req.method().clone();
         let response = match self.inner.call(req).await {
             Ok(output) => output.into_response(),
             Err(error) => error.into_response(),
         };
+        // The router's own pattern (`/context/user/:user_id`): a label set bounded by the routes.
+        let route = response
+            .data::<PathPattern>()
+            .map_or("other", |PathPattern(route)| &**route);
         self.metrics
             .request(route, method.as_str(), response.status().as_str(), started);
         Ok(response)
