@@ -38,4 +38,5 @@ FROM events GROUP BY distinct_id;
 INSERT INTO user_sessions (distinct_id, session_id, first_seen)
 SELECT distinct_id, session_id, min("timestamp") FROM events GROUP BY distinct_id, session_id;
 COMMIT;
-ANALYZE;
+-- Steady state: hint bits set and the visibility map built now, not by autovacuum mid-run.
+VACUUM ANALYZE;

@@ -5,7 +5,15 @@ use std::{sync::Arc, time::Duration};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 use tokio_util::sync::CancellationToken;
 
-use crate::{auth::Keys, config::Config, metrics::ApiMetrics, publisher::Publisher};
+use crate::{
+    auth::Keys, config::Config, context::conns::ReadConnections, metrics::ApiMetrics,
+    publisher::Publisher,
+};
+
+/// Most connections to Postgres of each of the two sets: the context reads' and everything else's.
+const DB_MAX_CONNECTIONS: usize = 16;
+/// Longest wait to connect to Postgres or for a free connection.
+const DB_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Shared state, cheap to clone.
 #[derive(Clone)]
@@ -17,6 +25,8 @@ pub struct Inner {
     pub publisher: Publisher,
     /// Postgres pool, connected lazily so ingest never waits on the database.
     pub db: DatabaseConnection,
+    /// The context read path's own connections (see [`ReadConnections`]).
+    pub reads: ReadConnections,
     /// Fired when shutdown begins: readiness answers 503 from then on.
     pub shutdown: CancellationToken,
     pub metrics: ApiMetrics,
@@ -38,6 +48,8 @@ pub enum StateError {
     Redis(#[from] crate::publisher::PublishError),
     #[error("DATABASE_URL: {0}")]
     Database(#[from] sea_orm::DbErr),
+    #[error("DATABASE_URL: {0}")]
+    DatabaseUrl(#[from] sea_orm::sqlx::Error),
 }
 
 impl AppState {
@@ -52,11 +64,17 @@ impl AppState {
         .with_latency_histogram(metrics.xadd_seconds.clone());
         let unmatched =
             worker::unmatched::UnmatchedReport::new(publisher.connection(), &config.queue_name);
+        let reads = ReadConnections::new(
+            &config.database_url,
+            DB_MAX_CONNECTIONS,
+            DB_TIMEOUT,
+            DB_TIMEOUT,
+        )?;
         let mut opts = ConnectOptions::new(config.database_url.clone());
         opts.connect_lazy(true)
-            .max_connections(16)
-            .connect_timeout(Duration::from_secs(2))
-            .acquire_timeout(Duration::from_secs(2))
+            .max_connections(DB_MAX_CONNECTIONS as u32)
+            .connect_timeout(DB_TIMEOUT)
+            .acquire_timeout(DB_TIMEOUT)
             // A ping round trip before every query doubled Postgres' work per context read:
             // only connections idle for a while are checked.
             .test_before_acquire_if_idle_for(Duration::from_secs(10))
@@ -67,6 +85,7 @@ impl AppState {
             config,
             publisher,
             db,
+            reads,
             shutdown,
             metrics,
             unmatched,

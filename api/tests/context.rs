@@ -529,3 +529,90 @@ async fn docs_describe_both_formats_and_every_error() {
             .is_some()
     );
 }
+
+/// Closes every connection to the test's database but the caller's (as a server restart would).
+async fn terminate_connections(db: &TestDb) {
+    use sea_orm::ConnectionTrait;
+    let admin = sea_orm::Database::connect(common::database_url())
+        .await
+        .unwrap();
+    admin
+        .execute_unprepared(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{}' AND pid <> pg_backend_pid()",
+            db.name
+        ))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn reads_survive_the_server_closing_kept_connections() {
+    let f = spawn().await;
+    journey(&f._db.conn, "user_1").await;
+    let burst = || async {
+        let mut reads = tokio::task::JoinSet::new();
+        for _ in 0..12 {
+            reads.spawn(f.get("/context/user/user_1").send());
+        }
+        while let Some(resp) = reads.join_next().await {
+            assert_eq!(resp.unwrap().unwrap().status(), StatusCode::OK);
+        }
+    };
+    burst().await; // several kept connections
+    terminate_connections(&f._db).await;
+    burst().await; // each one found closed, the read retried: no failed answer
+}
+
+#[tokio::test]
+async fn a_read_dropped_mid_statement_does_not_return_its_connection() {
+    use api::context::conns::ReadConnections;
+    use sea_orm::sqlx;
+    let db = TestDb::create().await;
+    let conns = ReadConnections::new(
+        &db.url,
+        2,
+        std::time::Duration::from_secs(2),
+        std::time::Duration::from_millis(200),
+    )
+    .unwrap();
+    // A completed read gives its connection back.
+    let mut conn = conns.acquire().await.unwrap();
+    assert!(!conn.reused());
+    sqlx::query("SELECT 1").execute(&mut *conn).await.unwrap();
+    conn.release();
+    assert_eq!(conns.idle_count(), 1);
+    // A read abandoned mid-statement (its request went away) drops it instead.
+    let abandoned = async {
+        let mut conn = conns.acquire().await.unwrap();
+        assert!(conn.reused());
+        sqlx::query("SELECT pg_sleep(5)")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        conn.release();
+    };
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(100), abandoned)
+            .await
+            .is_err()
+    );
+    assert_eq!(conns.idle_count(), 0);
+    // The next read gets a new connection, in a clean state.
+    let mut conn = conns.acquire().await.unwrap();
+    assert!(!conn.reused());
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    conn.release();
+    // At most `max` at once: a third waits, and gives up after the acquire timeout.
+    let a = conns.acquire().await.unwrap();
+    let b = conns.acquire().await.unwrap();
+    assert!(matches!(
+        conns.acquire().await.err(),
+        Some(sqlx::Error::PoolTimedOut)
+    ));
+    drop((a, b));
+}

@@ -1,6 +1,7 @@
 //! The user context: what an AI assistant should know about one user, built from the stored,
 //! enriched events and the user's profile. Pure logic here; queries live in [`store`].
 
+pub mod conns;
 pub mod store;
 pub mod text;
 

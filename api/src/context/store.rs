@@ -7,7 +7,7 @@ use sea_orm::{
     sqlx::{self, Row, types::Json},
 };
 
-use super::HistoryItem;
+use super::{HistoryItem, conns::ReadConnections};
 
 /// Which events the history shows.
 #[derive(Debug, Clone, Default)]
@@ -72,29 +72,36 @@ type HistoryTuple = (
 
 /// The user's profile and newest events, or `None` for an unknown user.
 pub async fn user_record(
-    db: &DatabaseConnection,
+    conns: &ReadConnections,
     user_id: &str,
     filter: &HistoryFilter,
 ) -> Result<Option<UserRecord>, DbErr> {
     // Only fixed text and the numeric limit are written into the statement; values are bound.
-    let sql = sqlx::AssertSqlSafe(context_sql(filter));
-    let mut query = sqlx::query(sql).bind(user_id);
-    if let Some(since) = filter.since {
-        query = query.bind(since);
-    }
-    if let Some(session) = filter.session.as_deref() {
-        query = query.bind(session);
-    }
+    let sql: std::sync::Arc<str> = context_sql(filter).into();
     let sqlx_error = |e: sqlx::Error| DbErr::Query(sea_orm::RuntimeErr::SqlxError(e.into()));
-    let mut conn = db
-        .get_postgres_connection_pool()
-        .acquire()
-        .await
-        .map_err(sqlx_error)?;
-    let row = query.fetch_optional(&mut *conn).await;
-    // Returned here rather than by a task the connection's drop would spawn.
-    conn.return_to_pool().await;
-    let row = row.map_err(sqlx_error)?;
+    let row = loop {
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(user_id);
+        if let Some(since) = filter.since {
+            query = query.bind(since);
+        }
+        if let Some(session) = filter.session.as_deref() {
+            query = query.bind(session);
+        }
+        let mut conn = conns.acquire().await.map_err(sqlx_error)?;
+        match query.fetch_optional(&mut *conn).await {
+            Ok(row) => {
+                conn.release();
+                break row;
+            }
+            // A kept connection the server closed meanwhile (a restart, an idle timeout): the
+            // read is retried on the next one, and at last on a new connection, whose failure
+            // is final. Each failed connection is dropped, so this ends.
+            Err(e) if conn.reused() && is_connection_lost(&e) => {
+                tracing::debug!(error = %e, "context read: kept connection lost, retrying");
+            }
+            Err(e) => return Err(sqlx_error(e)),
+        }
+    };
     let Some(row) = row else { return Ok(None) };
     // Columns by position, in the order of CONTEXT_SQL's select list.
     let decode = |e: sqlx::Error| DbErr::Type(e.to_string());
@@ -117,6 +124,16 @@ pub async fn user_record(
             })
             .collect(),
     }))
+}
+
+/// Errors that mean the connection is gone, not that the statement failed.
+fn is_connection_lost(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
+        // Sent by a backend terminated by an administrator or a server shutdown.
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| c == "57P01" || c == "57P02"),
+        _ => false,
+    }
 }
 
 /// What an erasure removed.

@@ -273,7 +273,7 @@ impl ContextApi {
                 session: session.0.clone(),
             };
             let (record, pending) = tokio::join!(
-                store::user_record(&state.db, &user_id.0, &filter),
+                store::user_record(&state.reads, &user_id.0, &filter),
                 state.publisher.pending_for_user(&user_id.0),
             );
             let profile = record

@@ -1,0 +1,141 @@
+//! The Postgres connections of the context read path.
+//!
+//! sqlx's pool tests every connection it takes back with a ping (a Sync answered by a
+//! ReadyForQuery), so each context read through it cost two round trips: one more TLS record each
+//! way and one more wake-up of the Postgres backend and of this process, a large share of
+//! Postgres' work for a one-statement read. The context read is exactly one statement, and a
+//! statement that ran to its end leaves the connection idle and ready; so these connections go
+//! straight back after a completed read, with no test. A read that did not complete (an error, or
+//! the request dropped mid-query) drops its connection rather than return it in an unknown state.
+//! A connection idle for a while is pinged before use, as a server restart may have closed it.
+
+use std::{
+    ops::{Deref, DerefMut},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use sea_orm::sqlx::{
+    self, Connection,
+    postgres::{PgConnectOptions, PgConnection},
+};
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+/// A connection idle at least this long is pinged before it serves a read.
+const CHECK_IF_IDLE_FOR: Duration = Duration::from_secs(10);
+/// A connection idle this long is closed (frees its Postgres backend).
+const CLOSE_IF_IDLE_FOR: Duration = Duration::from_secs(600);
+
+/// A bounded set of connections, opened on demand.
+pub struct ReadConnections {
+    options: PgConnectOptions,
+    /// Most recently released last: reads reuse the warmest connection, and the coldest ones age
+    /// out at the bottom.
+    idle: Mutex<Vec<(PgConnection, Instant)>>,
+    permits: Semaphore,
+    connect_timeout: Duration,
+    acquire_timeout: Duration,
+}
+
+/// One connection, taken for one read. Call [`ReadConnection::release`] once the read completed.
+pub struct ReadConnection<'a> {
+    owner: &'a ReadConnections,
+    conn: Option<PgConnection>,
+    reused: bool,
+    _permit: SemaphorePermit<'a>,
+}
+
+impl ReadConnections {
+    /// At most `max` connections to `database_url`; none is opened until a read needs it.
+    pub fn new(
+        database_url: &str,
+        max: usize,
+        connect_timeout: Duration,
+        acquire_timeout: Duration,
+    ) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            options: database_url.parse()?,
+            idle: Mutex::new(Vec::with_capacity(max)),
+            permits: Semaphore::new(max),
+            connect_timeout,
+            acquire_timeout,
+        })
+    }
+
+    /// An idle connection, or a new one while fewer than `max` are open; waits for one to be
+    /// released otherwise (at most the acquire timeout).
+    pub async fn acquire(&self) -> Result<ReadConnection<'_>, sqlx::Error> {
+        let permit = tokio::time::timeout(self.acquire_timeout, self.permits.acquire())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)?
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        loop {
+            let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let reused = idle.is_some();
+            let conn = match idle {
+                Some((mut conn, since)) => {
+                    if since.elapsed() >= CHECK_IF_IDLE_FOR && conn.ping().await.is_err() {
+                        continue; // closed while idle: dropped, try the next
+                    }
+                    conn
+                }
+                None => tokio::time::timeout(
+                    self.connect_timeout,
+                    PgConnection::connect_with(&self.options),
+                )
+                .await
+                .map_err(|_| sqlx::Error::PoolTimedOut)??,
+            };
+            return Ok(ReadConnection {
+                owner: self,
+                conn: Some(conn),
+                reused,
+                _permit: permit,
+            });
+        }
+    }
+
+    /// How many connections are open and idle.
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl ReadConnection<'_> {
+    /// Whether the connection served an earlier read (and so may have been closed since).
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
+    /// Gives the connection back for the next read: only after a statement ran to its end.
+    pub fn release(mut self) {
+        let Some(conn) = self.conn.take() else { return };
+        let now = Instant::now();
+        let mut idle = self.owner.idle.lock().unwrap_or_else(|e| e.into_inner());
+        // Close the coldest connection once it sat unused for long (dropping it closes it).
+        if idle
+            .first()
+            .is_some_and(|(_, since)| now.duration_since(*since) >= CLOSE_IF_IDLE_FOR)
+        {
+            idle.remove(0);
+        }
+        idle.push((conn, now));
+    }
+}
+
+impl Deref for ReadConnection<'_> {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        self.conn
+            .as_ref()
+            .expect("connection taken only by release")
+    }
+}
+
+impl DerefMut for ReadConnection<'_> {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.conn
+            .as_mut()
+            .expect("connection taken only by release")
+    }
+}
