@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use worker::telemetry::{self, TelemetryConfig};
 
 /// mimalloc: the ingest path allocates many small JSON values; glibc malloc cost a quarter of the CPU.
+/// Started with lazy arena commit (see [`worker::allocator`]).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -23,31 +24,11 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    lazy_arena_commit();
+    worker::allocator::lazy_arena_commit();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
         .block_on(serve())
-}
-
-/// mimalloc commits its arenas eagerly by default, which kept about 20 MiB more resident than the
-/// heap needs (idle and under load). It reads its options from the environment when the process
-/// starts, before `main`, so the api re-executes itself once with lazy commit, unless the operator
-/// set `MIMALLOC_ARENA_EAGER_COMMIT` already (or the re-execution fails: then it runs as it is).
-fn lazy_arena_commit() {
-    use std::os::unix::process::CommandExt;
-    const OPTION: &str = "MIMALLOC_ARENA_EAGER_COMMIT";
-    if std::env::var_os(OPTION).is_some() {
-        return;
-    }
-    let Ok(exe) = std::env::current_exe() else {
-        return;
-    };
-    let error = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .env(OPTION, "0")
-        .exec();
-    eprintln!("could not restart with {OPTION}=0 ({error}); continuing with eager commit");
 }
 
 async fn serve() -> anyhow::Result<()> {

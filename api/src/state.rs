@@ -79,6 +79,7 @@ impl AppState {
             // only connections idle for a while are checked.
             .test_before_acquire_if_idle_for(Duration::from_secs(10))
             .sqlx_logging(false);
+        worker::pg::no_delay_on_connect(&mut opts);
         let db = Database::connect(opts).await?;
         Ok(Self(Arc::new(Inner {
             keys: Keys::new(&config.api_secret_key, &config.ingest_api_keys),

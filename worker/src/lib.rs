@@ -2,12 +2,14 @@
 //! the rules, and store them in Postgres exactly once (see [`pipeline`]). Also the operator CLI
 //! (`worker dlq …`, `worker rules …`) in [`cli`].
 
+pub mod allocator;
 pub mod cli;
 pub mod config;
 pub mod dlq;
 pub mod enrich;
 pub mod http;
 pub mod metrics;
+pub mod pg;
 pub mod pipeline;
 pub mod profile;
 pub mod rules;

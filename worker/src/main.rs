@@ -12,8 +12,19 @@ use worker::{
     telemetry::{self, TelemetryConfig},
 };
 
-#[tokio::main]
-async fn main() -> anyhow::Result<ExitCode> {
+/// See [`worker::allocator`].
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> anyhow::Result<ExitCode> {
+    worker::allocator::lazy_arena_commit();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<ExitCode> {
     dotenvy::dotenv().ok();
     let vars = Vars::from_env();
     let _telemetry = telemetry::init(&TelemetryConfig::from_vars(&vars, "worker")?)?;

@@ -1,21 +1,21 @@
 //! Postgres side: turning an enriched envelope into a row, and storing a batch exactly once.
 //!
-//! One transaction per batch: a multi-row `INSERT … ON CONFLICT (uuid) DO NOTHING RETURNING uuid`,
+//! One transaction per batch: an `INSERT … ON CONFLICT (uuid) DO NOTHING RETURNING uuid`,
 //! then sessions and profile upserts for the rows that insert actually created, so a redelivered
 //! event is neither stored nor counted twice. Rows are written in key order (events by uuid,
 //! profiles by distinct_id) so concurrent replicas lock in the same order and do not deadlock.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    fmt::Write as _,
+    sync::Arc,
     time::Duration,
 };
 
 use chrono::{DateTime, Utc};
 use entity::{Envelope, user_profile::Intents};
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
-    DbErr, RuntimeErr, Statement, TransactionTrait, Value,
+    ConnectOptions, Database, DatabaseConnection, DbErr, RuntimeErr,
+    sqlx::{self, Row, types::Json as SqlJson},
 };
 use serde_json::{Map, Value as Json};
 use uuid::Uuid;
@@ -26,14 +26,6 @@ use crate::{
     profile::{PersonUpdate, ProfileDelta, ProfileRow},
     sanitize,
 };
-
-/// Rows per statement, keeping bind parameters under Postgres' 65535.
-const ROWS_PER_STATEMENT: usize = 2000;
-/// Approximate encoded size per event insert statement. sqlx 0.9.0 leaves Nagle's algorithm on
-/// (sqlx issue #4335): a statement larger than the socket's send buffer (16 KiB on Linux by
-/// default) is written in two parts and the second waits ~40 ms for a delayed ACK. Several smaller
-/// statements cost a round trip each (~0.1 ms) instead.
-const STATEMENT_BYTES: usize = 12 * 1024;
 
 /// Why a batch was not stored.
 #[derive(Debug, thiserror::Error)]
@@ -173,11 +165,17 @@ pub async fn connect(config: &Config) -> Result<DatabaseConnection, StoreError> 
         .test_before_acquire_if_idle_for(Duration::from_secs(10))
         .connect_lazy(true)
         .sqlx_logging(false);
+    crate::pg::no_delay_on_connect(&mut options);
     Ok(Database::connect(options).await?)
 }
 
 /// Stores a batch in one transaction; returns how many events were new.
 /// Events already stored (redeliveries) are skipped and not counted again.
+///
+/// Each table is written by one statement of fixed text whatever the batch size, its rows passed
+/// as one array per column and expanded by `unnest`: Postgres parses and plans each statement once
+/// per connection (sqlx keeps it prepared), and a batch costs one round trip per table, where a
+/// multi-row `VALUES` list had to be parsed and planned anew for every batch.
 #[tracing::instrument(name = "db.transaction", skip_all, fields(otel.kind = "client", db.system = "postgresql", events = events.len()))]
 pub async fn write_batch(
     db: &DatabaseConnection,
@@ -188,19 +186,18 @@ pub async fn write_batch(
     sorted.sort_by_key(|e| e.uuid);
     sorted.dedup_by_key(|e| e.uuid);
     let started = std::time::Instant::now();
-    let txn = db.begin().await?;
-    let mut inserted = HashSet::with_capacity(sorted.len());
-    let rows: Vec<EventRow> = sorted.iter().map(|e| EventRow::new(e)).collect();
-    for chunk in chunks_by_size(&rows, |r| r.bytes) {
-        inserted.extend(insert_events(&txn, chunk, rules_version).await?);
-    }
+    let mut txn = db.get_postgres_connection_pool().begin().await?;
+    let inserted: HashSet<Uuid> = insert_events(&mut txn, &sorted, rules_version)
+        .await?
+        .into_iter()
+        .collect();
     let events_done = started.elapsed();
     let new: Vec<&StoredEvent> = sorted
         .into_iter()
         .filter(|e| inserted.contains(&e.uuid))
         .collect();
     if !new.is_empty() {
-        let new_sessions = insert_sessions(&txn, &new).await?;
+        let new_sessions = insert_sessions(&mut txn, &new).await?;
         let mut deltas: BTreeMap<&str, ProfileDelta> = BTreeMap::new();
         for e in &new {
             let delta = deltas
@@ -214,7 +211,7 @@ pub async fn write_batch(
             }
         }
         let deltas: Vec<ProfileDelta> = deltas.into_values().collect();
-        upsert_profiles(&txn, &deltas).await?;
+        upsert_profiles(&mut txn, &deltas).await?;
     }
     let profiles_done = started.elapsed();
     txn.commit().await?;
@@ -222,130 +219,72 @@ pub async fn write_batch(
     Ok(new.len())
 }
 
-/// Consecutive runs of `items` of at most [`STATEMENT_BYTES`] (but at least one item) and at most
-/// [`ROWS_PER_STATEMENT`] items each, in order.
-fn chunks_by_size<T>(items: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
-    let mut chunks = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
-    for (i, item) in items.iter().enumerate() {
-        let n = size(item);
-        if i > start && (bytes + n > STATEMENT_BYTES || i - start >= ROWS_PER_STATEMENT) {
-            chunks.push(&items[start..i]);
-            (start, bytes) = (i, 0);
-        }
-        bytes += n;
-    }
-    if start < items.len() {
-        chunks.push(&items[start..]);
-    }
-    chunks
-}
+type Txn = sqlx::Transaction<'static, sqlx::Postgres>;
 
-/// Opens row `row` of a multi-row `VALUES` list: `,(` (no comma for the first row), then `lead`,
-/// then one placeholder per entry of `casts` numbered from `first` (`$7::jsonb`; `""` = no cast).
-/// The caller closes the row.
-fn open_row(sql: &mut String, row: usize, lead: &str, first: usize, casts: &[&str]) {
-    sql.push_str(if row == 0 { "(" } else { ",(" });
-    sql.push_str(lead);
-    for (j, cast) in casts.iter().enumerate() {
-        let _ = write!(sql, "{}${}", if j == 0 { "" } else { "," }, first + j);
-        if !cast.is_empty() {
-            let _ = write!(sql, "::{cast}");
-        }
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        Self::Db(DbErr::Query(RuntimeErr::SqlxError(Arc::new(err))))
     }
 }
 
-/// An event's column values, encoded once (JSON as text, cast to jsonb by the statement).
-struct EventRow<'a> {
-    event: &'a StoredEvent,
-    intents: String,
-    properties: String,
-    /// Approximate size on the wire.
-    bytes: usize,
-}
+/// Rows in `uuid` order (the order `unnest` yields them, so concurrent replicas lock alike).
+const INSERT_EVENTS: &str = r#"INSERT INTO events (rules_version, uuid, distinct_id, event, description, rule_id,
+    intents, properties, url, path, session_id, elements_chain, "timestamp", received_at)
+SELECT $1, u, d, e, ds, r, i::jsonb, p::jsonb, url, path, s, ec, t, ra
+  FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+              $9::text[], $10::text[], $11::text[], $12::text[], $13::timestamptz[], $14::timestamptz[])
+       AS x(u, d, e, ds, r, i, p, url, path, s, ec, t, ra)
+ON CONFLICT (uuid) DO NOTHING RETURNING uuid"#;
 
-impl<'a> EventRow<'a> {
-    fn new(event: &'a StoredEvent) -> Self {
-        let intents = event.intents_json().to_string();
-        let properties = serde_json::to_string(&event.properties).unwrap_or_else(|_| "{}".into());
-        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
-        let bytes = 13 * 8
-            + 16
-            + 2 * 8
-            + event.distinct_id.len()
-            + event.event.len()
-            + event.description.len()
-            + text(&event.rule_id)
-            + intents.len()
-            + properties.len()
-            + text(&event.url)
-            + text(&event.path)
-            + text(&event.session_id)
-            + text(&event.elements_chain);
-        Self {
-            event,
-            intents,
-            properties,
-            bytes,
-        }
-    }
-}
-
+/// Inserts the events (sorted by uuid, distinct); returns the uuids the insert created.
 async fn insert_events(
-    txn: &DatabaseTransaction,
-    rows: &[EventRow<'_>],
+    txn: &mut Txn,
+    events: &[&StoredEvent],
     rules_version: &str,
 ) -> Result<Vec<Uuid>, StoreError> {
-    const COLUMNS: usize = 13;
-    let mut sql = String::with_capacity(200 + rows.len() * 120);
-    sql.push_str(
-        "INSERT INTO events (rules_version, uuid, distinct_id, event, description, rule_id, intents, properties, \
-         url, path, session_id, elements_chain, \"timestamp\", received_at) VALUES ",
-    );
-    let mut values: Vec<Value> = Vec::with_capacity(1 + rows.len() * COLUMNS);
-    values.push(rules_version.into());
-    for (i, row) in rows.iter().enumerate() {
-        open_row(
-            &mut sql,
-            i,
-            "$1,",
-            2 + i * COLUMNS,
-            &["", "", "", "", "", "jsonb", "jsonb", "", "", "", "", "", ""],
-        );
-        sql.push(')');
-        let e = row.event;
-        values.extend([
-            e.uuid.into(),
-            e.distinct_id.clone().into(),
-            e.event.clone().into(),
-            e.description.clone().into(),
-            e.rule_id.clone().into(),
-            row.intents.clone().into(),
-            row.properties.clone().into(),
-            e.url.clone().into(),
-            e.path.clone().into(),
-            e.session_id.clone().into(),
-            e.elements_chain.clone().into(),
-            e.timestamp.into(),
-            e.received_at.into(),
-        ]);
+    let n = events.len();
+    let mut uuids = Vec::with_capacity(n);
+    let mut intents = Vec::with_capacity(n);
+    let mut properties = Vec::with_capacity(n);
+    let mut timestamps = Vec::with_capacity(n);
+    let mut received = Vec::with_capacity(n);
+    for e in events {
+        uuids.push(e.uuid);
+        intents.push(e.intents_json().to_string());
+        properties.push(serde_json::to_string(&e.properties).unwrap_or_else(|_| "{}".into()));
+        timestamps.push(e.timestamp);
+        received.push(e.received_at);
     }
-    sql.push_str(" ON CONFLICT (uuid) DO NOTHING RETURNING uuid");
-    let rows = txn
-        .query_all_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            sql,
-            values,
-        ))
-        .await?;
-    rows.iter()
-        .map(|r| r.try_get::<Uuid>("", "uuid").map_err(StoreError::from))
-        .collect()
+    let text = |f: fn(&StoredEvent) -> &str| events.iter().map(|e| f(e)).collect::<Vec<&str>>();
+    let optional = |f: fn(&StoredEvent) -> Option<&str>| {
+        events.iter().map(|e| f(e)).collect::<Vec<Option<&str>>>()
+    };
+    Ok(sqlx::query_scalar(INSERT_EVENTS)
+        .bind(rules_version)
+        .bind(uuids)
+        .bind(text(|e| &e.distinct_id))
+        .bind(text(|e| &e.event))
+        .bind(text(|e| &e.description))
+        .bind(optional(|e| e.rule_id.as_deref()))
+        .bind(intents)
+        .bind(properties)
+        .bind(optional(|e| e.url.as_deref()))
+        .bind(optional(|e| e.path.as_deref()))
+        .bind(optional(|e| e.session_id.as_deref()))
+        .bind(optional(|e| e.elements_chain.as_deref()))
+        .bind(timestamps)
+        .bind(received)
+        .fetch_all(&mut **txn)
+        .await?)
 }
+
+const INSERT_SESSIONS: &str = "INSERT INTO user_sessions (distinct_id, session_id, first_seen) \
+     SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[]) \
+     ON CONFLICT (distinct_id, session_id) DO NOTHING RETURNING distinct_id";
 
 /// Records sessions of newly stored events; returns per user how many sessions were new.
 async fn insert_sessions(
-    txn: &DatabaseTransaction,
+    txn: &mut Txn,
     events: &[&StoredEvent],
 ) -> Result<HashMap<String, i64>, StoreError> {
     let mut sessions: BTreeMap<(&str, &str), DateTime<Utc>> = BTreeMap::new();
@@ -358,35 +297,23 @@ async fn insert_sessions(
         }
     }
     let mut counts = HashMap::new();
-    let sessions: Vec<_> = sessions.into_iter().collect();
-    for chunk in chunks_by_size(&sessions, |((user, session), _)| {
-        40 + user.len() + session.len()
-    }) {
-        let mut sql =
-            String::from("INSERT INTO user_sessions (distinct_id, session_id, first_seen) VALUES ");
-        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 3);
-        for (i, ((user, session), first)) in chunk.iter().enumerate() {
-            open_row(&mut sql, i, "", 1 + i * 3, &["", "", ""]);
-            sql.push(')');
-            values.extend([
-                user.to_string().into(),
-                session.to_string().into(),
-                (*first).into(),
-            ]);
-        }
-        sql.push_str(" ON CONFLICT (distinct_id, session_id) DO NOTHING RETURNING distinct_id");
-        for row in txn
-            .query_all_raw(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                sql,
-                values,
-            ))
-            .await?
-        {
-            *counts
-                .entry(row.try_get::<String>("", "distinct_id")?)
-                .or_insert(0) += 1;
-        }
+    if sessions.is_empty() {
+        return Ok(counts);
+    }
+    let (mut users, mut ids, mut firsts) = (Vec::new(), Vec::new(), Vec::new());
+    for ((user, session), first) in sessions {
+        users.push(user);
+        ids.push(session);
+        firsts.push(first);
+    }
+    let created: Vec<String> = sqlx::query_scalar(INSERT_SESSIONS)
+        .bind(users)
+        .bind(ids)
+        .bind(firsts)
+        .fetch_all(&mut **txn)
+        .await?;
+    for user in created {
+        *counts.entry(user).or_insert(0) += 1;
     }
     Ok(counts)
 }
@@ -397,7 +324,6 @@ struct ProfileParams {
     row: ProfileRow,
     intents: String,
     person: Option<String>,
-    bytes: usize,
 }
 
 impl ProfileParams {
@@ -407,133 +333,118 @@ impl ProfileParams {
             .person_properties
             .as_ref()
             .and_then(|p| serde_json::to_string(p).ok());
-        let bytes = 64 + distinct_id.len() + intents.len() + person.as_ref().map_or(0, String::len);
         Self {
             distinct_id,
             row,
             intents,
             person,
-            bytes,
         }
-    }
-
-    /// `$n::text, $n::timestamptz, … $n::jsonb` for row `i`, and its values.
-    fn push(&self, i: usize, sql: &mut String, values: &mut Vec<Value>) {
-        open_row(
-            sql,
-            i,
-            "",
-            1 + i * 7,
-            &[
-                "text",
-                "timestamptz",
-                "timestamptz",
-                "bigint",
-                "bigint",
-                "jsonb",
-                "jsonb",
-            ],
-        );
-        values.extend([
-            self.distinct_id.clone().into(),
-            self.row.first_seen.into(),
-            self.row.last_seen.into(),
-            self.row.event_count.into(),
-            self.row.session_count.into(),
-            self.intents.clone().into(),
-            self.person.clone().into(),
-        ]);
     }
 }
 
-/// Upserts profiles in one statement per size chunk, in distinct_id order so concurrent replicas
-/// lock rows alike: counts and times merge in SQL; for existing users whose delta carries intents
-/// or person properties, those are merged here and written back (rows already locked).
-async fn upsert_profiles(
-    txn: &DatabaseTransaction,
-    deltas: &[ProfileDelta],
-) -> Result<(), StoreError> {
+/// Counts and times merge in SQL; intents and person properties of existing users are merged by
+/// the caller from what this returns (the rows are locked by then).
+const UPSERT_PROFILES: &str = "INSERT INTO user_profiles AS p (distinct_id, first_seen, last_seen, \
+     event_count, session_count, intents, person_properties, updated_at) \
+     SELECT d, f, l, c, s, i::jsonb, pp::jsonb, now() \
+       FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::int8[], $5::int8[], \
+                   $6::text[], $7::text[]) AS x(d, f, l, c, s, i, pp) \
+     ON CONFLICT (distinct_id) DO UPDATE SET first_seen = LEAST(p.first_seen, EXCLUDED.first_seen), \
+       last_seen = GREATEST(p.last_seen, EXCLUDED.last_seen), \
+       event_count = p.event_count + EXCLUDED.event_count, \
+       session_count = p.session_count + EXCLUDED.session_count, updated_at = now() \
+     RETURNING p.distinct_id, (p.xmax = 0) AS created, p.intents, p.person_properties";
+
+const UPDATE_PROFILE_DETAILS: &str = "UPDATE user_profiles AS p \
+     SET intents = v.i::jsonb, person_properties = v.pp::jsonb \
+     FROM unnest($1::text[], $2::text[], $3::text[]) AS v(d, i, pp) WHERE p.distinct_id = v.d";
+
+/// Upserts profiles in distinct_id order (deltas come sorted) so concurrent replicas lock rows
+/// alike; for existing users whose delta carries intents or person properties, those are merged
+/// here with the stored ones and written back.
+async fn upsert_profiles(txn: &mut Txn, deltas: &[ProfileDelta]) -> Result<(), StoreError> {
     let fresh: Vec<ProfileParams> = deltas
         .iter()
         .map(|d| ProfileParams::new(d.distinct_id.clone(), ProfileRow::from_delta(d)))
         .collect();
     let by_id: HashMap<&str, &ProfileDelta> =
         deltas.iter().map(|d| (d.distinct_id.as_str(), d)).collect();
-    let mut details: Vec<(String, String, Option<String>)> = Vec::new();
-    for chunk in chunks_by_size(&fresh, |p| p.bytes) {
-        let mut sql = String::from(
-            "INSERT INTO user_profiles AS p (distinct_id, first_seen, last_seen, event_count, session_count, \
-             intents, person_properties, updated_at) VALUES ",
-        );
-        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 7);
-        for (i, params) in chunk.iter().enumerate() {
-            params.push(i, &mut sql, &mut values);
-            sql.push_str(",now())");
-        }
-        sql.push_str(
-            " ON CONFLICT (distinct_id) DO UPDATE SET first_seen = LEAST(p.first_seen, EXCLUDED.first_seen), \
-             last_seen = GREATEST(p.last_seen, EXCLUDED.last_seen), \
-             event_count = p.event_count + EXCLUDED.event_count, \
-             session_count = p.session_count + EXCLUDED.session_count, updated_at = now() \
-             RETURNING p.distinct_id, (p.xmax = 0) AS created, p.intents, p.person_properties",
-        );
-        let rows = txn
-            .query_all_raw(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                sql,
-                values,
-            ))
-            .await?;
-        for row in rows {
-            let distinct_id: String = row.try_get("", "distinct_id")?;
-            let Some(delta) = by_id.get(distinct_id.as_str()).filter(|d| d.has_details()) else {
-                continue;
-            };
-            if row.try_get::<bool>("", "created")? {
-                continue;
-            }
-            let intents: Intents = serde_json::from_value(row.try_get::<Json>("", "intents")?).unwrap_or_else(|err| {
-                tracing::warn!(%distinct_id, error = %err, "stored intents unreadable: starting them afresh");
-                Intents::new()
-            });
-            let person = match row.try_get::<Option<Json>>("", "person_properties")? {
-                Some(Json::Object(map)) => Some(map),
-                _ => None,
-            };
-            let mut profile = ProfileRow::from_delta(delta);
-            profile.intents = intents;
-            profile.person_properties = person;
-            profile.apply_details(delta);
-            let params = ProfileParams::new(distinct_id, profile);
-            details.push((params.distinct_id, params.intents, params.person));
-        }
-    }
-    for chunk in chunks_by_size(&details, |(id, intents, person)| {
-        32 + id.len() + intents.len() + person.as_ref().map_or(0, String::len)
-    }) {
-        let mut sql = String::from(
-            "UPDATE user_profiles AS p SET intents = v.intents, person_properties = v.person_properties \
-             FROM (VALUES ",
-        );
-        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 3);
-        for (i, (distinct_id, intents, person)) in chunk.iter().enumerate() {
-            open_row(&mut sql, i, "", 1 + i * 3, &["text", "jsonb", "jsonb"]);
-            sql.push(')');
-            values.extend([
-                distinct_id.clone().into(),
-                intents.clone().into(),
-                person.clone().into(),
-            ]);
-        }
-        sql.push_str(
-            ") AS v(distinct_id, intents, person_properties) WHERE p.distinct_id = v.distinct_id",
-        );
-        txn.execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            sql,
-            values,
-        ))
+    let column = |f: fn(&ProfileParams) -> _| fresh.iter().map(f).collect::<Vec<_>>();
+    let rows = sqlx::query(UPSERT_PROFILES)
+        .bind(
+            fresh
+                .iter()
+                .map(|p| p.distinct_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(|p| p.row.first_seen))
+        .bind(column(|p| p.row.last_seen))
+        .bind(
+            fresh
+                .iter()
+                .map(|p| p.row.event_count)
+                .collect::<Vec<i64>>(),
+        )
+        .bind(
+            fresh
+                .iter()
+                .map(|p| p.row.session_count)
+                .collect::<Vec<i64>>(),
+        )
+        .bind(fresh.iter().map(|p| p.intents.as_str()).collect::<Vec<_>>())
+        .bind(
+            fresh
+                .iter()
+                .map(|p| p.person.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(&mut **txn)
         .await?;
+    let mut details: Vec<ProfileParams> = Vec::new();
+    for row in rows {
+        let distinct_id: String = row.try_get(0)?;
+        let Some(delta) = by_id.get(distinct_id.as_str()).filter(|d| d.has_details()) else {
+            continue;
+        };
+        if row.try_get::<bool, _>(1)? {
+            continue;
+        }
+        let intents = row.try_get::<SqlJson<Intents>, _>(2).map(|j| j.0).unwrap_or_else(|err| {
+            tracing::warn!(%distinct_id, error = %err, "stored intents unreadable: starting them afresh");
+            Intents::new()
+        });
+        let person = match row.try_get::<Option<SqlJson<Json>>, _>(3)? {
+            Some(SqlJson(Json::Object(map))) => Some(map),
+            _ => None,
+        };
+        let mut profile = ProfileRow::from_delta(delta);
+        profile.intents = intents;
+        profile.person_properties = person;
+        profile.apply_details(delta);
+        details.push(ProfileParams::new(distinct_id, profile));
+    }
+    if !details.is_empty() {
+        sqlx::query(UPDATE_PROFILE_DETAILS)
+            .bind(
+                details
+                    .iter()
+                    .map(|p| p.distinct_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                details
+                    .iter()
+                    .map(|p| p.intents.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                details
+                    .iter()
+                    .map(|p| p.person.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut **txn)
+            .await?;
     }
     Ok(())
 }
@@ -541,29 +452,8 @@ async fn upsert_profiles(
 #[cfg(test)]
 mod tests {
 
-    #[test]
-    fn values_rows_number_their_placeholders() {
-        let mut sql = String::new();
-        super::open_row(&mut sql, 0, "$1,", 2, &["", "jsonb"]);
-        sql.push(')');
-        super::open_row(&mut sql, 1, "$1,", 4, &["", "jsonb"]);
-        sql.push(')');
-        assert_eq!(sql, "($1,$2,$3::jsonb),($1,$4,$5::jsonb)");
-    }
-
     use super::*;
     use crate::enrich::fallback;
-
-    #[test]
-    fn statements_are_chunked_by_size_in_order() {
-        let sizes = [5_000, 5_000, 5_000, 20_000, 1, 1];
-        let chunks = chunks_by_size(&sizes, |n| *n);
-        assert_eq!(
-            chunks,
-            [&sizes[0..2], &sizes[2..3], &sizes[3..4], &sizes[4..6]]
-        );
-        assert!(chunks_by_size(&[] as &[usize], |n| *n).is_empty());
-    }
 
     #[test]
     fn row_fields_come_from_the_envelope_and_are_sanitised() {

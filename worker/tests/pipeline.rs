@@ -702,3 +702,30 @@ async fn migrates_on_start_and_event_postgres_rejects_goes_to_the_dlq() {
         letter.field(dlq::FIELD_ERROR)
     );
 }
+
+/// Each pooled connection has Nagle's algorithm off (sqlx 0.9.0 leaves it on: a batch statement
+/// sent in parts then waited ~40 ms for the server's delayed ACK).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_connections_disable_nagle() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let pool = worker::store::connect(&config(&db.url, &keys, "nodelay"))
+        .await
+        .unwrap();
+    let mut conn = pool.get_postgres_connection_pool().acquire().await.unwrap();
+    assert_eq!(
+        worker::pg::nagle_disabled(&mut conn).await.unwrap(),
+        Some(true)
+    );
+    // sqlx on its own leaves it on (the check finds the socket and tells the difference).
+    let mut plain = db
+        .conn
+        .get_postgres_connection_pool()
+        .acquire()
+        .await
+        .unwrap();
+    assert_eq!(
+        worker::pg::nagle_disabled(&mut plain).await.unwrap(),
+        Some(false)
+    );
+}

@@ -79,10 +79,11 @@ impl ReadConnections {
                     }
                     conn
                 }
-                None => tokio::time::timeout(
-                    self.connect_timeout,
-                    PgConnection::connect_with(&self.options),
-                )
+                None => tokio::time::timeout(self.connect_timeout, async {
+                    let mut conn = PgConnection::connect_with(&self.options).await?;
+                    worker::pg::disable_nagle(&mut conn).await?;
+                    Ok::<_, sqlx::Error>(conn)
+                })
                 .await
                 .map_err(|_| sqlx::Error::PoolTimedOut)??,
             };
