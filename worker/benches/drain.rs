@@ -247,8 +247,15 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
 }
 
 fn spawn_worker(s: &Settings, db_url: &str, stream: &str, name: &str, batch_size: usize) -> Child {
-    Command::new(&s.worker_bin)
-        .env_clear()
+    let mut command = Command::new(&s.worker_bin);
+    command.env_clear();
+    // Worker settings to try (the defaults otherwise).
+    for var in ["WRITE_CONCURRENCY", "FLUSH_INTERVAL"] {
+        if let Ok(value) = std::env::var(var) {
+            command.env(var, value);
+        }
+    }
+    command
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("REDIS_URL", &s.redis_url)
         .env("DATABASE_URL", db_url)
@@ -264,7 +271,11 @@ fn spawn_worker(s: &Settings, db_url: &str, stream: &str, name: &str, batch_size
             "RUST_LOG",
             std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
         )
-        .stdout(Stdio::null())
+        .stdout(if std::env::var("BENCH_WORKER_STDOUT").is_ok() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|e| panic!("start {}: {e}", s.worker_bin.display()))

@@ -6,6 +6,8 @@
 #
 #   worker/benches/drain.sh                 # defaults
 #   EVENTS=50000 BATCH_SIZES=50 RATE=1000 LATENCY_SECS=10 worker/benches/drain.sh
+#   WRITE_CONCURRENCY=2 worker/benches/drain.sh          # passed to the workers (else their default)
+#   BENCH_WORKER_LOG=worker::store=trace BENCH_WORKER_STDOUT=1 worker/benches/drain.sh  # per-batch timings
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"

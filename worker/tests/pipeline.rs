@@ -6,7 +6,7 @@ use std::{sync::atomic::Ordering, time::Duration};
 
 use common::*;
 use entity::{envelope::FIELD_EVENT, user_profile};
-use sea_orm::EntityTrait;
+use sea_orm::{ConnectionTrait, EntityTrait};
 use serde_json::json;
 use worker::dlq::{self, DeadLetters, Selection};
 
@@ -728,4 +728,71 @@ async fn database_connections_disable_nagle() {
         worker::pg::nagle_disabled(&mut plain).await.unwrap(),
         Some(false)
     );
+}
+
+/// A batch holding an event stored before stores only the others: each event once, counted once,
+/// and every byte of text and JSON kept as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_store_each_event_once_and_text_exactly() {
+    use worker::store::{StoredEvent, write_batch};
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let pool = worker::store::connect(&config(&db.url, &keys, "copy"))
+        .await
+        .unwrap();
+    let hostile = "tab\there\nnew line \\N back\\slash \r \"quoted\" é ☃ \u{1}";
+    let stored = |e: &entity::Envelope| StoredEvent::new(e.clone(), worker::enrich::fallback(e));
+    let mut a = envelope(
+        "u1",
+        hostile,
+        json!({"label": hostile, "n": 1.5, "nested": {"k": [hostile]}}),
+    );
+    a.session_id = Some("s\t1".into());
+    let b = envelope("u1", "$pageview", json!({"$pathname": "/p\\q"}));
+    let c = envelope("u2", "$pageview", json!({}));
+
+    assert_eq!(
+        write_batch(&pool, &[stored(&a), stored(&b)], "v1")
+            .await
+            .unwrap(),
+        2
+    );
+    // b again (a redelivery) with c: only c is new
+    assert_eq!(
+        write_batch(&pool, &[stored(&b), stored(&c)], "v1")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(write_batch(&pool, &[stored(&c)], "v1").await.unwrap(), 0);
+    assert_eq!(db.events().await, 3);
+    assert_eq!(
+        db.count("SELECT event_count FROM user_profiles WHERE distinct_id = 'u1'")
+            .await,
+        2
+    );
+    assert_eq!(
+        db.count("SELECT event_count FROM user_profiles WHERE distinct_id = 'u2'")
+            .await,
+        1
+    );
+    let row = db
+        .conn
+        .query_one_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT event, session_id, properties, \"timestamp\" FROM events WHERE uuid = $1",
+            [a.uuid.into()],
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.try_get_by_index::<String>(0).unwrap(), hostile);
+    assert_eq!(row.try_get_by_index::<String>(1).unwrap(), "s\t1");
+    let properties: serde_json::Value = row.try_get_by_index(2).unwrap();
+    assert_eq!(
+        properties,
+        json!({"label": hostile, "n": 1.5, "nested": {"k": [hostile]}})
+    );
+    let timestamp: chrono::DateTime<chrono::Utc> = row.try_get_by_index(3).unwrap();
+    assert_eq!(timestamp.timestamp_micros(), a.timestamp.timestamp_micros());
 }
