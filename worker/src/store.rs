@@ -192,12 +192,14 @@ pub async fn write_batch(
         .into_iter()
         .collect();
     let events_done = started.elapsed();
+    let mut sessions_done = events_done;
     let new: Vec<&StoredEvent> = sorted
         .into_iter()
         .filter(|e| inserted.contains(&e.uuid))
         .collect();
     if !new.is_empty() {
         let new_sessions = insert_sessions(&mut txn, &new).await?;
+        sessions_done = started.elapsed();
         let mut deltas: BTreeMap<&str, ProfileDelta> = BTreeMap::new();
         for e in &new {
             let delta = deltas
@@ -215,7 +217,7 @@ pub async fn write_batch(
     }
     let profiles_done = started.elapsed();
     txn.commit().await?;
-    tracing::trace!(events = ?events_done, profiles = ?profiles_done, total = ?started.elapsed(), "batch transaction");
+    tracing::trace!(events = ?events_done, sessions = ?sessions_done, profiles = ?profiles_done, total = ?started.elapsed(), "batch transaction");
     Ok(new.len())
 }
 
