@@ -15,65 +15,96 @@ use sea_orm::{
     sqlx::{self, postgres::PgConnection},
 };
 
-/// Makes every connection of the pool `options` builds disable Nagle's algorithm.
+/// Makes every connection of the pool `options` builds disable Nagle's algorithm. This is the
+/// pool's `after_connect` hook: it replaces the one sea-orm installs for a schema search path
+/// (not used here).
 pub fn no_delay_on_connect(options: &mut ConnectOptions) -> &mut ConnectOptions {
     options.map_sqlx_postgres_pool_opts(|pool| {
         pool.after_connect(|conn, _| Box::pin(async move { disable_nagle(conn).await }))
     })
 }
 
-/// Sets `TCP_NODELAY` on the socket of `conn`. A connection over a Unix socket, or one the server
-/// sees through a proxy or NAT (so under another port), is left as it is.
+/// Sets `TCP_NODELAY` on the socket of `conn`. A connection over a Unix socket is left as it is;
+/// one whose socket is not found (the server sees it through a proxy or NAT) is too, with one
+/// warning per process. Never fails the connection: at worst it keeps Nagle's algorithm.
 pub async fn disable_nagle(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    match socket_of(conn).await? {
-        Some(fd) => {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let warn_once = |what: &str| {
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!("{what}: Nagle's algorithm stays on (large statements may wait ~40 ms)");
+        }
+    };
+    match socket_of(conn).await {
+        Ok(Some(fd)) => {
             // SAFETY: `fd` was open a moment ago; if another thread closed it since, the call
             // fails (EBADF) or sets the option on another TCP socket, which is harmless.
             let fd = unsafe { BorrowedFd::borrow_raw(fd) };
             if let Err(err) = socket2::SockRef::from(&fd).set_tcp_nodelay(true) {
-                tracing::debug!(%err, "could not set TCP_NODELAY on the Postgres connection");
+                warn_once(&format!(
+                    "could not set TCP_NODELAY on the Postgres connection ({err})"
+                ));
             }
         }
-        None => tracing::debug!(
-            "Postgres connection's own TCP socket not found (Unix socket, proxy or NAT)"
-        ),
+        Ok(None) => {}
+        Err(Lookup::NotFound) => {
+            warn_once("the Postgres connection's socket was not found (proxy or NAT?)")
+        }
+        Err(Lookup::Query(err)) => warn_once(&format!(
+            "could not ask Postgres for the connection's ports ({err})"
+        )),
     }
     Ok(())
 }
 
 /// Whether `conn`'s socket has Nagle's algorithm off; `None` when its socket is not found.
 pub async fn nagle_disabled(conn: &mut PgConnection) -> Result<Option<bool>, sqlx::Error> {
-    Ok(socket_of(conn).await?.and_then(|fd| {
-        // SAFETY: as in `disable_nagle`.
-        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-        socket2::SockRef::from(&fd).tcp_nodelay().ok()
-    }))
+    Ok(match socket_of(conn).await {
+        Ok(fd) => fd.and_then(|fd| {
+            // SAFETY: as in `disable_nagle`.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            socket2::SockRef::from(&fd).tcp_nodelay().ok()
+        }),
+        Err(Lookup::Query(err)) => return Err(err),
+        Err(Lookup::NotFound) => None,
+    })
 }
 
-/// The descriptor of `conn`'s TCP socket: the one bound to the port the server sees it from.
-async fn socket_of(conn: &mut PgConnection) -> Result<Option<RawFd>, sqlx::Error> {
-    let port: Option<i32> = sqlx::query_scalar("SELECT inet_client_port()")
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(port
-        .and_then(|p| u16::try_from(p).ok())
-        .and_then(own_tcp_socket))
+enum Lookup {
+    Query(sqlx::Error),
+    NotFound,
 }
 
-/// This process' TCP socket bound to local `port`.
-fn own_tcp_socket(port: u16) -> Option<RawFd> {
+/// The descriptor of `conn`'s TCP socket: the one whose local and peer ports are the ports the
+/// server sees the session come from and arrive at. `None` for a Unix socket.
+async fn socket_of(conn: &mut PgConnection) -> Result<Option<RawFd>, Lookup> {
+    let (client, server): (Option<i32>, Option<i32>) =
+        sqlx::query_as("SELECT inet_client_port(), inet_server_port()")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(Lookup::Query)?;
+    let port = |p: Option<i32>| p.and_then(|p| u16::try_from(p).ok());
+    let (Some(local), Some(peer)) = (port(client), port(server)) else {
+        return Ok(None); // Unix socket
+    };
+    own_tcp_socket(local, peer)
+        .map(Some)
+        .ok_or(Lookup::NotFound)
+}
+
+/// This process' TCP socket from local port `local` to peer port `peer`.
+fn own_tcp_socket(local: u16, peer: u16) -> Option<RawFd> {
     let dir = std::fs::read_dir("/proc/self/fd").ok()?;
     dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<RawFd>().ok())
         .find(|&fd| {
             // SAFETY: as in `disable_nagle`: a closed or reused descriptor only fails the query.
             let fd = unsafe { BorrowedFd::borrow_raw(fd) };
             let sock = socket2::SockRef::from(&fd);
+            let port = |addr: std::io::Result<socket2::SockAddr>| {
+                addr.ok().and_then(|a| a.as_socket()).map(|a| a.port())
+            };
             matches!(sock.r#type(), Ok(socket2::Type::STREAM))
-                && sock
-                    .local_addr()
-                    .ok()
-                    .and_then(|a| a.as_socket())
-                    .is_some_and(|a| a.port() == port)
+                && port(sock.local_addr()) == Some(local)
+                && port(sock.peer_addr()) == Some(peer)
         })
         .map(|fd| fd.as_raw_fd())
 }

@@ -229,6 +229,10 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// Most bytes of column data per events statement: a batch of large events is sent as several
+/// statements, as Postgres refuses a message over 1 GiB.
+const STATEMENT_BYTES: usize = 32 << 20;
+
 /// Rows in `uuid` order (the order `unnest` yields them, so concurrent replicas lock alike).
 const INSERT_EVENTS: &str = r#"INSERT INTO events (rules_version, uuid, distinct_id, event, description, rule_id,
     intents, properties, url, path, session_id, elements_chain, "timestamp", received_at)
@@ -244,38 +248,72 @@ async fn insert_events(
     events: &[&StoredEvent],
     rules_version: &str,
 ) -> Result<Vec<Uuid>, StoreError> {
-    let n = events.len();
-    let mut uuids = Vec::with_capacity(n);
-    let mut intents = Vec::with_capacity(n);
-    let mut properties = Vec::with_capacity(n);
-    let mut timestamps = Vec::with_capacity(n);
-    let mut received = Vec::with_capacity(n);
-    for e in events {
-        uuids.push(e.uuid);
-        intents.push(e.intents_json().to_string());
-        properties.push(serde_json::to_string(&e.properties).unwrap_or_else(|_| "{}".into()));
-        timestamps.push(e.timestamp);
-        received.push(e.received_at);
+    // JSON columns encoded once: (intents, properties).
+    let json: Vec<(String, String)> = events
+        .iter()
+        .map(|e| {
+            let properties = serde_json::to_string(&e.properties).unwrap_or_else(|_| "{}".into());
+            (e.intents_json().to_string(), properties)
+        })
+        .collect();
+    let size = |i: usize| {
+        let e = events[i];
+        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        64 + json[i].0.len()
+            + json[i].1.len()
+            + e.distinct_id.len()
+            + e.event.len()
+            + e.description.len()
+            + text(&e.rule_id)
+            + text(&e.url)
+            + text(&e.path)
+            + text(&e.session_id)
+            + text(&e.elements_chain)
+    };
+    let mut inserted = Vec::with_capacity(events.len());
+    let mut start = 0;
+    while start < events.len() {
+        let (mut end, mut bytes) = (start + 1, size(start));
+        while end < events.len() && bytes + size(end) <= STATEMENT_BYTES {
+            bytes += size(end);
+            end += 1;
+        }
+        let rows = insert_event_rows(txn, &events[start..end], &json[start..end], rules_version);
+        inserted.extend(rows.await?);
+        start = end;
     }
+    Ok(inserted)
+}
+
+/// One `INSERT_EVENTS` statement for `events`, whose JSON columns are `json`.
+async fn insert_event_rows(
+    txn: &mut Txn,
+    events: &[&StoredEvent],
+    json: &[(String, String)],
+    rules_version: &str,
+) -> Result<Vec<Uuid>, StoreError> {
     let text = |f: fn(&StoredEvent) -> &str| events.iter().map(|e| f(e)).collect::<Vec<&str>>();
     let optional = |f: fn(&StoredEvent) -> Option<&str>| {
         events.iter().map(|e| f(e)).collect::<Vec<Option<&str>>>()
     };
+    let times = |f: fn(&StoredEvent) -> DateTime<Utc>| {
+        events.iter().map(|e| f(e)).collect::<Vec<DateTime<Utc>>>()
+    };
     Ok(sqlx::query_scalar(INSERT_EVENTS)
         .bind(rules_version)
-        .bind(uuids)
+        .bind(events.iter().map(|e| e.uuid).collect::<Vec<Uuid>>())
         .bind(text(|e| &e.distinct_id))
         .bind(text(|e| &e.event))
         .bind(text(|e| &e.description))
         .bind(optional(|e| e.rule_id.as_deref()))
-        .bind(intents)
-        .bind(properties)
+        .bind(json.iter().map(|j| j.0.as_str()).collect::<Vec<&str>>())
+        .bind(json.iter().map(|j| j.1.as_str()).collect::<Vec<&str>>())
         .bind(optional(|e| e.url.as_deref()))
         .bind(optional(|e| e.path.as_deref()))
         .bind(optional(|e| e.session_id.as_deref()))
         .bind(optional(|e| e.elements_chain.as_deref()))
-        .bind(timestamps)
-        .bind(received)
+        .bind(times(|e| e.timestamp))
+        .bind(times(|e| e.received_at))
         .fetch_all(&mut **txn)
         .await?)
 }

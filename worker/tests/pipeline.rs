@@ -737,7 +737,7 @@ async fn batches_store_each_event_once_and_text_exactly() {
     use worker::store::{StoredEvent, write_batch};
     let db = TestDb::create().await;
     let keys = Keys::new();
-    let pool = worker::store::connect(&config(&db.url, &keys, "copy"))
+    let pool = worker::store::connect(&config(&db.url, &keys, "batches"))
         .await
         .unwrap();
     let hostile = "tab\there\nnew line \\N back\\slash \r \"quoted\" é ☃ \u{1}";
@@ -795,4 +795,29 @@ async fn batches_store_each_event_once_and_text_exactly() {
     );
     let timestamp: chrono::DateTime<chrono::Utc> = row.try_get_by_index(3).unwrap();
     assert_eq!(timestamp.timestamp_micros(), a.timestamp.timestamp_micros());
+}
+
+/// A batch too large for one statement (Postgres takes at most 1 GiB per message; the worker
+/// sends at most 32 MiB of column data per statement) is stored whole, in one transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_one_statement_is_stored_whole() {
+    use worker::store::{StoredEvent, write_batch};
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let pool = worker::store::connect(&config(&db.url, &keys, "large"))
+        .await
+        .unwrap();
+    let big = "x".repeat(12 << 20);
+    let events: Vec<StoredEvent> = (0..3)
+        .map(|i| {
+            let e = envelope(&format!("u{i}"), "$pageview", json!({ "blob": big }));
+            StoredEvent::new(e.clone(), worker::enrich::fallback(&e))
+        })
+        .collect();
+    assert_eq!(write_batch(&pool, &events, "v1").await.unwrap(), 3);
+    assert_eq!(
+        db.count("SELECT count(*) FROM events WHERE length(properties->>'blob') = 12582912")
+            .await,
+        3
+    );
 }

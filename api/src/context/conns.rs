@@ -8,6 +8,9 @@
 //! straight back after a completed read, with no test. A read that did not complete (an error, or
 //! the request dropped mid-query) drops its connection rather than return it in an unknown state.
 //! A connection idle for a while is pinged before use, as a server restart may have closed it.
+//!
+//! A read abandoned mid-statement gives its permit back at once, while its backend may still be
+//! finishing the statement: for that moment Postgres can hold more than `max` of these sessions.
 
 use std::{
     ops::{Deref, DerefMut},
@@ -16,7 +19,7 @@ use std::{
 };
 
 use sea_orm::sqlx::{
-    self, Connection,
+    self, ConnectOptions as _, Connection,
     postgres::{PgConnectOptions, PgConnection},
 };
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -33,6 +36,7 @@ pub struct ReadConnections {
     /// out at the bottom.
     idle: Mutex<Vec<(PgConnection, Instant)>>,
     permits: Semaphore,
+    max: usize,
     connect_timeout: Duration,
     acquire_timeout: Duration,
 }
@@ -54,9 +58,13 @@ impl ReadConnections {
         acquire_timeout: Duration,
     ) -> Result<Self, sqlx::Error> {
         Ok(Self {
-            options: database_url.parse()?,
+            // Statements are not logged (as the other pools' are not): every read would be.
+            options: database_url
+                .parse::<PgConnectOptions>()?
+                .disable_statement_logging(),
             idle: Mutex::new(Vec::with_capacity(max)),
             permits: Semaphore::new(max),
+            max,
             connect_timeout,
             acquire_timeout,
         })
@@ -70,12 +78,19 @@ impl ReadConnections {
             .map_err(|_| sqlx::Error::PoolTimedOut)?
             .map_err(|_| sqlx::Error::PoolClosed)?;
         loop {
-            let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let idle = {
+                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                close_long_idle(&mut idle, Instant::now());
+                idle.pop()
+            };
             let reused = idle.is_some();
             let conn = match idle {
                 Some((mut conn, since)) => {
-                    if since.elapsed() >= CHECK_IF_IDLE_FOR && conn.ping().await.is_err() {
-                        continue; // closed while idle: dropped, try the next
+                    if since.elapsed() >= CHECK_IF_IDLE_FOR {
+                        let ping = tokio::time::timeout(self.connect_timeout, conn.ping()).await;
+                        if !matches!(ping, Ok(Ok(()))) {
+                            continue; // closed (or unanswering) while idle: dropped, try the next
+                        }
                     }
                     conn
                 }
@@ -96,6 +111,11 @@ impl ReadConnections {
         }
     }
 
+    /// The most connections open at once.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     /// How many connections are open and idle.
     pub fn idle_count(&self) -> usize {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
@@ -113,15 +133,18 @@ impl ReadConnection<'_> {
         let Some(conn) = self.conn.take() else { return };
         let now = Instant::now();
         let mut idle = self.owner.idle.lock().unwrap_or_else(|e| e.into_inner());
-        // Close the coldest connection once it sat unused for long (dropping it closes it).
-        if idle
-            .first()
-            .is_some_and(|(_, since)| now.duration_since(*since) >= CLOSE_IF_IDLE_FOR)
-        {
-            idle.remove(0);
-        }
+        close_long_idle(&mut idle, now);
         idle.push((conn, now));
     }
+}
+
+/// Drops (so closes) the connections unused for [`CLOSE_IF_IDLE_FOR`]: the coldest come first.
+fn close_long_idle(idle: &mut Vec<(PgConnection, Instant)>, now: Instant) {
+    let stale = idle
+        .iter()
+        .take_while(|(_, since)| now.duration_since(*since) >= CLOSE_IF_IDLE_FOR)
+        .count();
+    idle.drain(..stale);
 }
 
 impl Deref for ReadConnection<'_> {

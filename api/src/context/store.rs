@@ -79,7 +79,11 @@ pub async fn user_record(
     // Only fixed text and the numeric limit are written into the statement; values are bound.
     let sql: std::sync::Arc<str> = context_sql(filter).into();
     let sqlx_error = |e: sqlx::Error| DbErr::Query(sea_orm::RuntimeErr::SqlxError(e.into()));
+    // Each lost connection is dropped, and a new one's failure is final: at most every kept
+    // connection plus one new one are tried.
+    let mut attempts = conns.max() + 1;
     let row = loop {
+        attempts -= 1;
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(user_id);
         if let Some(since) = filter.since {
             query = query.bind(since);
@@ -94,9 +98,8 @@ pub async fn user_record(
                 break row;
             }
             // A kept connection the server closed meanwhile (a restart, an idle timeout): the
-            // read is retried on the next one, and at last on a new connection, whose failure
-            // is final. Each failed connection is dropped, so this ends.
-            Err(e) if conn.reused() && is_connection_lost(&e) => {
+            // read is retried on the next one, and at last on a new connection.
+            Err(e) if attempts > 0 && conn.reused() && is_connection_lost(&e) => {
                 tracing::debug!(error = %e, "context read: kept connection lost, retrying");
             }
             Err(e) => return Err(sqlx_error(e)),
@@ -130,8 +133,11 @@ pub async fn user_record(
 fn is_connection_lost(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
-        // Sent by a backend terminated by an administrator or a server shutdown.
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| c == "57P01" || c == "57P02"),
+        // Class 08 (connection exception, e.g. from a pooler) and 57P0x: the backend was
+        // terminated (administrator, shutdown, crash, idle_session_timeout).
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
         _ => false,
     }
 }
