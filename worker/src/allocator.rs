@@ -22,9 +22,6 @@ pub fn lazy_arena_commit() {
     if let Some(arg0) = args.next() {
         command.arg0(arg0); // as invoked, for usage lines and `ps`
     }
-    let error = command
-        .args(args)
-        .env(OPTION, "0")
-        .exec();
+    let error = command.args(args).env(OPTION, "0").exec();
     eprintln!("could not restart with {OPTION}=0 ({error}); continuing with eager commit");
 }
