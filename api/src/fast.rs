@@ -46,8 +46,9 @@ pub struct FastBatch {
 
 #[derive(Deserialize)]
 struct RawBatch<'a> {
+    /// Parsed in the same pass as the envelope (no separate split into raw items).
     #[serde(borrow)]
-    batch: Vec<&'a RawValue>,
+    batch: Vec<RawEvent<'a>>,
     #[serde(default, borrow)]
     api_key: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
@@ -152,8 +153,8 @@ pub fn normalize(json: &[u8], now: DateTime<Utc>) -> Option<FastBatch> {
     let first = *json.iter().find(|b| !b.is_ascii_whitespace())?;
     match first {
         b'[' => {
-            let items: Vec<&RawValue> = serde_json::from_slice(json).ok()?;
-            let (events, first_key) = events(&items, None, now)?;
+            let items: Vec<RawEvent> = serde_json::from_slice(json).ok()?;
+            let (events, first_key) = events(items, None, now)?;
             Some(FastBatch {
                 body_key: first_key,
                 events,
@@ -165,7 +166,7 @@ pub fn normalize(json: &[u8], now: DateTime<Utc>) -> Option<FastBatch> {
                     None => None,
                     Some(v) => Some(parse_time(v).ok()?),
                 };
-                let (events, first_key) = events(&batch.batch, sent_at, now)?;
+                let (events, first_key) = events(batch.batch, sent_at, now)?;
                 let body_key = batch
                     .api_key
                     .or(batch.token)
@@ -173,8 +174,8 @@ pub fn normalize(json: &[u8], now: DateTime<Utc>) -> Option<FastBatch> {
                     .or(first_key);
                 return Some(FastBatch { body_key, events });
             }
-            let raw: &RawValue = serde_json::from_slice(json).ok()?;
-            let (events, key) = events(&[raw], None, now)?;
+            let single: RawEvent = serde_json::from_slice(json).ok()?;
+            let (events, key) = events(vec![single], None, now)?;
             Some(FastBatch {
                 body_key: key,
                 events,
@@ -186,7 +187,7 @@ pub fn normalize(json: &[u8], now: DateTime<Utc>) -> Option<FastBatch> {
 
 /// The events of `items`, plus the key the first one carries.
 fn events(
-    items: &[&RawValue],
+    items: Vec<RawEvent>,
     sent_at: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> Option<(Vec<Queued>, Option<String>)> {
@@ -195,7 +196,7 @@ fn events(
     }
     let mut first_key = None;
     let mut out = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
+    for (i, item) in items.into_iter().enumerate() {
         let (queued, key) = event(item, sent_at, now)?;
         if i == 0 {
             first_key = key;
@@ -208,11 +209,10 @@ fn events(
 const EMPTY_OBJECT: &str = "{}";
 
 fn event(
-    raw: &RawValue,
+    ev: RawEvent,
     batch_sent_at: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> Option<(Queued, Option<String>)> {
-    let ev: RawEvent = serde_json::from_str(raw.get()).ok()?;
     if ev.set.is_some()
         || ev.set_once.is_some()
         || ev.dollar_session_id.is_some()

@@ -281,6 +281,18 @@ fn spawn_worker(s: &Settings, db_url: &str, stream: &str, name: &str, batch_size
         .unwrap_or_else(|e| panic!("start {}: {e}", s.worker_bin.display()))
 }
 
+/// Deletes the stream and every key the workers kept beside it.
+async fn delete_keys(redis: &mut ConnectionManager, stream: &str) {
+    let _: () = redis::cmd("DEL")
+        .arg(stream)
+        .arg(format!("{stream}:dlq"))
+        .arg(format!("{stream}:unmatched"))
+        .arg(format!("{stream}:unmatched:shapes"))
+        .query_async(redis)
+        .await
+        .unwrap();
+}
+
 /// Sends SIGTERM and waits; returns (exit code, seconds to exit).
 async fn stop(child: &mut Child) -> (Option<i32>, f64) {
     let pid = child.id().expect("running");
@@ -352,12 +364,7 @@ async fn drain(
     assert_eq!(stored as usize, events.len(), "every event stored once");
     let counted = scalar(db, "SELECT sum(event_count)::bigint FROM user_profiles").await;
     assert_eq!(counted as usize, events.len(), "every event counted once");
-    let _: () = redis::cmd("DEL")
-        .arg(&stream)
-        .arg(format!("{stream}:dlq"))
-        .query_async(redis)
-        .await
-        .unwrap();
+    delete_keys(redis, &stream).await;
     Drain {
         secs,
         peak_rss_mib,
@@ -452,12 +459,7 @@ async fn latency(
     }
     producer.await.unwrap();
     let _ = stop(&mut child).await;
-    let _: () = redis::cmd("DEL")
-        .arg(&stream)
-        .arg(format!("{stream}:dlq"))
-        .query_async(redis)
-        .await
-        .unwrap();
+    delete_keys(redis, &stream).await;
     latencies.sort_by(f64::total_cmp);
     (latencies, peak_rss as f64 / 1024.0, total)
 }
