@@ -286,8 +286,7 @@ async fn delete_keys(redis: &mut ConnectionManager, stream: &str) {
     let _: () = redis::cmd("DEL")
         .arg(stream)
         .arg(format!("{stream}:dlq"))
-        .arg(format!("{stream}:unmatched"))
-        .arg(format!("{stream}:unmatched:shapes"))
+        .arg(&worker::unmatched::report_keys(stream)[..])
         .query_async(redis)
         .await
         .unwrap();

@@ -45,13 +45,22 @@ fn shape_id(shape: &UnmatchedShape) -> String {
     digest[..12].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The report's keys beside the stream `queue_name`: the counts, then the shapes.
+pub fn report_keys(queue_name: &str) -> [String; 2] {
+    [
+        format!("{queue_name}:unmatched"),
+        format!("{queue_name}:unmatched:shapes"),
+    ]
+}
+
 impl UnmatchedReport {
     /// The report of the stream `queue_name`.
     pub fn new(conn: ConnectionManager, queue_name: &str) -> Self {
+        let [counts_key, shapes_key] = report_keys(queue_name);
         UnmatchedReport {
             conn,
-            counts_key: format!("{queue_name}:unmatched"),
-            shapes_key: format!("{queue_name}:unmatched:shapes"),
+            counts_key,
+            shapes_key,
         }
     }
 

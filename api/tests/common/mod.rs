@@ -222,8 +222,7 @@ impl Drop for TestApp {
             let _: Result<(), _> = redis::cmd("DEL")
                 .arg(&self.config.queue_name)
                 .arg(&self.config.dlq_name)
-                .arg(format!("{}:unmatched", self.config.queue_name))
-                .arg(format!("{}:unmatched:shapes", self.config.queue_name))
+                .arg(&worker::unmatched::report_keys(&self.config.queue_name)[..])
                 .query(&mut conn);
         }
     }

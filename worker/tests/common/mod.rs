@@ -160,8 +160,7 @@ impl Drop for Keys {
             let _: Result<(), _> = redis::cmd("DEL")
                 .arg(&self.stream)
                 .arg(&self.dlq)
-                .arg(format!("{}:unmatched", self.stream))
-                .arg(format!("{}:unmatched:shapes", self.stream))
+                .arg(&worker::unmatched::report_keys(&self.stream)[..])
                 .query(&mut conn);
         }
     }
