@@ -292,28 +292,21 @@ async fn insert_event_rows(
     json: &[(String, String)],
     rules_version: &str,
 ) -> Result<Vec<Uuid>, StoreError> {
-    let text = |f: fn(&StoredEvent) -> &str| events.iter().map(|e| f(e)).collect::<Vec<&str>>();
-    let optional = |f: fn(&StoredEvent) -> Option<&str>| {
-        events.iter().map(|e| f(e)).collect::<Vec<Option<&str>>>()
-    };
-    let times = |f: fn(&StoredEvent) -> DateTime<Utc>| {
-        events.iter().map(|e| f(e)).collect::<Vec<DateTime<Utc>>>()
-    };
     Ok(sqlx::query_scalar(INSERT_EVENTS)
         .bind(rules_version)
-        .bind(events.iter().map(|e| e.uuid).collect::<Vec<Uuid>>())
-        .bind(text(|e| &e.distinct_id))
-        .bind(text(|e| &e.event))
-        .bind(text(|e| &e.description))
-        .bind(optional(|e| e.rule_id.as_deref()))
-        .bind(json.iter().map(|j| j.0.as_str()).collect::<Vec<&str>>())
-        .bind(json.iter().map(|j| j.1.as_str()).collect::<Vec<&str>>())
-        .bind(optional(|e| e.url.as_deref()))
-        .bind(optional(|e| e.path.as_deref()))
-        .bind(optional(|e| e.session_id.as_deref()))
-        .bind(optional(|e| e.elements_chain.as_deref()))
-        .bind(times(|e| e.timestamp))
-        .bind(times(|e| e.received_at))
+        .bind(column(events, |e| e.uuid))
+        .bind(column(events, |e| e.distinct_id.as_str()))
+        .bind(column(events, |e| e.event.as_str()))
+        .bind(column(events, |e| e.description.as_str()))
+        .bind(column(events, |e| e.rule_id.as_deref()))
+        .bind(column(json, |j| j.0.as_str()))
+        .bind(column(json, |j| j.1.as_str()))
+        .bind(column(events, |e| e.url.as_deref()))
+        .bind(column(events, |e| e.path.as_deref()))
+        .bind(column(events, |e| e.session_id.as_deref()))
+        .bind(column(events, |e| e.elements_chain.as_deref()))
+        .bind(column(events, |e| e.timestamp))
+        .bind(column(events, |e| e.received_at))
         .fetch_all(&mut **txn)
         .await?)
 }
@@ -382,6 +375,11 @@ impl ProfileParams {
     }
 }
 
+/// One value per row, as the array bound for an `unnest` column.
+fn column<'a, R, T>(rows: &'a [R], value: impl Fn(&'a R) -> T) -> Vec<T> {
+    rows.iter().map(value).collect()
+}
+
 /// Counts and times merge in SQL; intents and person properties of existing users are merged by
 /// the caller from what this returns (the rows are locked by then).
 const UPSERT_PROFILES: &str = "INSERT INTO user_profiles AS p (distinct_id, first_seen, last_seen, \
@@ -409,35 +407,14 @@ async fn upsert_profiles(txn: &mut Txn, deltas: &[ProfileDelta]) -> Result<(), S
         .collect();
     let by_id: HashMap<&str, &ProfileDelta> =
         deltas.iter().map(|d| (d.distinct_id.as_str(), d)).collect();
-    let column = |f: fn(&ProfileParams) -> _| fresh.iter().map(f).collect::<Vec<_>>();
     let rows = sqlx::query(UPSERT_PROFILES)
-        .bind(
-            fresh
-                .iter()
-                .map(|p| p.distinct_id.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(column(|p| p.row.first_seen))
-        .bind(column(|p| p.row.last_seen))
-        .bind(
-            fresh
-                .iter()
-                .map(|p| p.row.event_count)
-                .collect::<Vec<i64>>(),
-        )
-        .bind(
-            fresh
-                .iter()
-                .map(|p| p.row.session_count)
-                .collect::<Vec<i64>>(),
-        )
-        .bind(fresh.iter().map(|p| p.intents.as_str()).collect::<Vec<_>>())
-        .bind(
-            fresh
-                .iter()
-                .map(|p| p.person.as_deref())
-                .collect::<Vec<_>>(),
-        )
+        .bind(column(&fresh, |p| p.distinct_id.as_str()))
+        .bind(column(&fresh, |p| p.row.first_seen))
+        .bind(column(&fresh, |p| p.row.last_seen))
+        .bind(column(&fresh, |p| p.row.event_count))
+        .bind(column(&fresh, |p| p.row.session_count))
+        .bind(column(&fresh, |p| p.intents.as_str()))
+        .bind(column(&fresh, |p| p.person.as_deref()))
         .fetch_all(&mut **txn)
         .await?;
     let mut details: Vec<ProfileParams> = Vec::new();
@@ -465,24 +442,9 @@ async fn upsert_profiles(txn: &mut Txn, deltas: &[ProfileDelta]) -> Result<(), S
     }
     if !details.is_empty() {
         sqlx::query(UPDATE_PROFILE_DETAILS)
-            .bind(
-                details
-                    .iter()
-                    .map(|p| p.distinct_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                details
-                    .iter()
-                    .map(|p| p.intents.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                details
-                    .iter()
-                    .map(|p| p.person.as_deref())
-                    .collect::<Vec<_>>(),
-            )
+            .bind(column(&details, |p| p.distinct_id.as_str()))
+            .bind(column(&details, |p| p.intents.as_str()))
+            .bind(column(&details, |p| p.person.as_deref()))
             .execute(&mut **txn)
             .await?;
     }
