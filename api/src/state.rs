@@ -75,9 +75,8 @@ impl AppState {
             .max_connections(DB_MAX_CONNECTIONS as u32)
             .connect_timeout(DB_TIMEOUT)
             .acquire_timeout(DB_TIMEOUT)
-            // A ping round trip before every query doubled Postgres' work per context read:
-            // only connections idle for a while are checked.
-            .test_before_acquire_if_idle_for(Duration::from_secs(10))
+            // No ping round trip before every query: only connections idle for a while.
+            .test_before_acquire_if_idle_for(worker::pg::CHECK_IF_IDLE_FOR)
             .sqlx_logging(false);
         worker::pg::no_delay_on_connect(&mut opts);
         let db = Database::connect(opts).await?;

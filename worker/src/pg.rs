@@ -8,12 +8,25 @@
 //! expose the socket, so it is borrowed by descriptor number: the only unsafe code here.
 #![allow(unsafe_code)]
 
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::{
+    os::fd::{AsRawFd, BorrowedFd, RawFd},
+    sync::Arc,
+    time::Duration,
+};
 
 use sea_orm::{
-    ConnectOptions,
+    ConnectOptions, DbErr, RuntimeErr,
     sqlx::{self, postgres::PgConnection},
 };
+
+/// A kept connection idle at least this long is pinged before it serves again (a server restart
+/// may have closed it); one used more recently is not, saving a round trip per use.
+pub const CHECK_IF_IDLE_FOR: Duration = Duration::from_secs(10);
+
+/// A sqlx error (raw statements) as sea-orm reports its own.
+pub fn db_err(err: sqlx::Error) -> DbErr {
+    DbErr::Query(RuntimeErr::SqlxError(Arc::new(err)))
+}
 
 /// Makes every connection of the pool `options` builds disable Nagle's algorithm. This is the
 /// pool's `after_connect` hook: it replaces the one sea-orm installs for a schema search path

@@ -7,7 +7,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    sync::Arc,
     time::Duration,
 };
 
@@ -162,7 +161,7 @@ pub async fn connect(config: &Config) -> Result<DatabaseConnection, StoreError> 
         .acquire_timeout(Duration::from_secs(5))
         .statement_timeout(Duration::from_secs(30))
         // No ping round trip before each batch; connections idle for a while are still checked.
-        .test_before_acquire_if_idle_for(Duration::from_secs(10))
+        .test_before_acquire_if_idle_for(crate::pg::CHECK_IF_IDLE_FOR)
         .connect_lazy(true)
         .sqlx_logging(false);
     crate::pg::no_delay_on_connect(&mut options);
@@ -225,7 +224,7 @@ type Txn = sqlx::Transaction<'static, sqlx::Postgres>;
 
 impl From<sqlx::Error> for StoreError {
     fn from(err: sqlx::Error) -> Self {
-        Self::Db(DbErr::Query(RuntimeErr::SqlxError(Arc::new(err))))
+        Self::Db(crate::pg::db_err(err))
     }
 }
 

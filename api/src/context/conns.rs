@@ -23,9 +23,8 @@ use sea_orm::sqlx::{
     postgres::{PgConnectOptions, PgConnection},
 };
 use tokio::sync::{Semaphore, SemaphorePermit};
+use worker::pg::CHECK_IF_IDLE_FOR;
 
-/// A connection idle at least this long is pinged before it serves a read.
-const CHECK_IF_IDLE_FOR: Duration = Duration::from_secs(10);
 /// A connection idle this long is closed (frees its Postgres backend).
 const CLOSE_IF_IDLE_FOR: Duration = Duration::from_secs(600);
 

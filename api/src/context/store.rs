@@ -7,6 +7,8 @@ use sea_orm::{
     sqlx::{self, Row, types::Json},
 };
 
+use worker::pg::db_err;
+
 use super::{HistoryItem, conns::ReadConnections};
 
 /// Which events the history shows.
@@ -78,7 +80,6 @@ pub async fn user_record(
 ) -> Result<Option<UserRecord>, DbErr> {
     // Only fixed text and the numeric limit are written into the statement; values are bound.
     let sql: std::sync::Arc<str> = context_sql(filter).into();
-    let sqlx_error = |e: sqlx::Error| DbErr::Query(sea_orm::RuntimeErr::SqlxError(e.into()));
     // Each lost connection is dropped, and a new one's failure is final: at most every kept
     // connection plus one new one are tried.
     let mut attempts = conns.max() + 1;
@@ -91,7 +92,7 @@ pub async fn user_record(
         if let Some(session) = filter.session.as_deref() {
             query = query.bind(session);
         }
-        let mut conn = conns.acquire().await.map_err(sqlx_error)?;
+        let mut conn = conns.acquire().await.map_err(db_err)?;
         match query.fetch_optional(&mut *conn).await {
             Ok(row) => {
                 conn.release();
@@ -102,7 +103,7 @@ pub async fn user_record(
             Err(e) if attempts > 0 && conn.reused() && is_connection_lost(&e) => {
                 tracing::debug!(error = %e, "context read: kept connection lost, retrying");
             }
-            Err(e) => return Err(sqlx_error(e)),
+            Err(e) => return Err(db_err(e)),
         }
     };
     let Some(row) = row else { return Ok(None) };
