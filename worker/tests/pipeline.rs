@@ -260,10 +260,7 @@ async fn redelivery_after_commit_is_neither_stored_nor_counted_twice() {
         .query_async(&mut redis)
         .await
         .unwrap();
-    let rows: Vec<_> = events
-        .iter()
-        .map(|e| worker::store::StoredEvent::new(e.clone(), worker::enrich::fallback(e)))
-        .collect();
+    let rows: Vec<_> = events.iter().map(stored).collect();
     assert_eq!(
         worker::store::write_batch(&db.conn, &rows, "v0")
             .await
@@ -708,10 +705,7 @@ async fn migrates_on_start_and_event_postgres_rejects_goes_to_the_dlq() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_connections_disable_nagle() {
     let db = TestDb::create().await;
-    let keys = Keys::new();
-    let pool = worker::store::connect(&config(&db.url, &keys, "nodelay"))
-        .await
-        .unwrap();
+    let pool = db.worker_pool().await;
     let mut conn = pool.get_postgres_connection_pool().acquire().await.unwrap();
     assert_eq!(
         worker::pg::nagle_disabled(&mut conn).await.unwrap(),
@@ -734,14 +728,10 @@ async fn database_connections_disable_nagle() {
 /// and every byte of text and JSON kept as sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_store_each_event_once_and_text_exactly() {
-    use worker::store::{StoredEvent, write_batch};
+    use worker::store::write_batch;
     let db = TestDb::create().await;
-    let keys = Keys::new();
-    let pool = worker::store::connect(&config(&db.url, &keys, "batches"))
-        .await
-        .unwrap();
+    let pool = db.worker_pool().await;
     let hostile = "tab\there\nnew line \\N back\\slash \r \"quoted\" é ☃ \u{1}";
-    let stored = |e: &entity::Envelope| StoredEvent::new(e.clone(), worker::enrich::fallback(e));
     let mut a = envelope(
         "u1",
         hostile,
@@ -803,15 +793,15 @@ async fn batches_store_each_event_once_and_text_exactly() {
 async fn a_batch_larger_than_one_statement_is_stored_whole() {
     use worker::store::{StoredEvent, write_batch};
     let db = TestDb::create().await;
-    let keys = Keys::new();
-    let pool = worker::store::connect(&config(&db.url, &keys, "large"))
-        .await
-        .unwrap();
+    let pool = db.worker_pool().await;
     let big = "x".repeat(12 << 20);
     let events: Vec<StoredEvent> = (0..3)
         .map(|i| {
-            let e = envelope(&format!("u{i}"), "$pageview", json!({ "blob": big }));
-            StoredEvent::new(e.clone(), worker::enrich::fallback(&e))
+            stored(&envelope(
+                &format!("u{i}"),
+                "$pageview",
+                json!({ "blob": big }),
+            ))
         })
         .collect();
     assert_eq!(write_batch(&pool, &events, "v1").await.unwrap(), 3);

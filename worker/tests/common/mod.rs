@@ -79,6 +79,13 @@ impl TestDb {
         }
     }
 
+    /// A pool on this database opened as the worker opens its own (`worker::store::connect`).
+    pub async fn worker_pool(&self) -> DatabaseConnection {
+        worker::store::connect(&config(&self.url, &Keys::new(), "store"))
+            .await
+            .expect("worker pool")
+    }
+
     pub async fn events(&self) -> i64 {
         self.count("SELECT count(*) FROM events").await
     }
@@ -209,6 +216,11 @@ pub fn envelope(distinct_id: &str, event: &str, properties: serde_json::Value) -
         elements_chain: None,
         person: None,
     }
+}
+
+/// `envelope` ready to store, described by the fallback sentence (no rules).
+pub fn stored(envelope: &Envelope) -> worker::store::StoredEvent {
+    worker::store::StoredEvent::new(envelope.clone(), worker::enrich::fallback(envelope))
 }
 
 /// Appends envelopes the way the api does (`v`, `event`); returns the entry ids.
