@@ -33,14 +33,19 @@ pub fn db_err(err: sqlx::Error) -> DbErr {
 /// (not used here).
 pub fn no_delay_on_connect(options: &mut ConnectOptions) -> &mut ConnectOptions {
     options.map_sqlx_postgres_pool_opts(|pool| {
-        pool.after_connect(|conn, _| Box::pin(async move { disable_nagle(conn).await }))
+        pool.after_connect(|conn, _| {
+            Box::pin(async move {
+                disable_nagle(conn).await;
+                Ok(())
+            })
+        })
     })
 }
 
 /// Sets `TCP_NODELAY` on the socket of `conn`. A connection over a Unix socket is left as it is;
 /// one whose socket is not found (the server sees it through a proxy or NAT) is too, with one
 /// warning per process. Never fails the connection: at worst it keeps Nagle's algorithm.
-pub async fn disable_nagle(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+pub async fn disable_nagle(conn: &mut PgConnection) {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let warn_once = |what: &str| {
         if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
@@ -66,7 +71,6 @@ pub async fn disable_nagle(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
             "could not ask Postgres for the connection's ports ({err})"
         )),
     }
-    Ok(())
 }
 
 /// Whether `conn`'s socket has Nagle's algorithm off; `None` when its socket is not found.

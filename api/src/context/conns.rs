@@ -95,7 +95,7 @@ impl ReadConnections {
                 }
                 None => tokio::time::timeout(self.connect_timeout, async {
                     let mut conn = PgConnection::connect_with(&self.options).await?;
-                    worker::pg::disable_nagle(&mut conn).await?;
+                    worker::pg::disable_nagle(&mut conn).await;
                     Ok::<_, sqlx::Error>(conn)
                 })
                 .await
