@@ -72,6 +72,33 @@ impl From<PublishError> for ApiError {
     }
 }
 
+/// The commands that append `events` to `stream`: one XADD each, inside MULTI/EXEC when there
+/// are several so that a request is queued whole or not at all.
+pub fn xadd_pipeline(
+    stream: &str,
+    events: &[Queued],
+    traceparent: Option<&str>,
+) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    if events.len() > 1 {
+        pipe.atomic();
+    }
+    for event in events {
+        let cmd = pipe
+            .cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg(FIELD_VERSION)
+            .arg(ENVELOPE_VERSION)
+            .arg(FIELD_EVENT)
+            .arg(&event.json);
+        if let Some(traceparent) = traceparent {
+            cmd.arg(FIELD_TRACEPARENT).arg(traceparent);
+        }
+    }
+    pipe
+}
+
 /// Writes envelopes to `QUEUE_NAME`.
 #[derive(Clone)]
 pub struct Publisher {
@@ -148,23 +175,7 @@ impl Publisher {
             tracing::Span::none()
         };
         let traceparent = telemetry::traceparent(&span);
-        let mut pipe = redis::pipe();
-        if events.len() > 1 {
-            pipe.atomic();
-        }
-        for event in events {
-            let cmd = pipe
-                .cmd("XADD")
-                .arg(&*self.stream)
-                .arg("*")
-                .arg(FIELD_VERSION)
-                .arg(ENVELOPE_VERSION)
-                .arg(FIELD_EVENT)
-                .arg(&event.json);
-            if let Some(traceparent) = &traceparent {
-                cmd.arg(FIELD_TRACEPARENT).arg(traceparent);
-            }
-        }
+        let pipe = xadd_pipeline(&self.stream, events, traceparent.as_deref());
         let mut conn = self.conn.clone();
         let started = std::time::Instant::now();
         let ids: Vec<String> = tokio::time::timeout(self.timeout, pipe.query_async(&mut conn))
