@@ -24,7 +24,7 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    worker::allocator::lazy_arena_commit();
+    worker::allocator::apply_options();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

@@ -1,17 +1,31 @@
 //! Both binaries (`api`, `worker`) allocate with mimalloc: the event paths allocate many small
 //! JSON values, and glibc's malloc cost a quarter to a third of their CPU. Each binary declares
 //! the `#[global_allocator]` itself (the benches count allocations with their own) and calls
-//! [`lazy_arena_commit`] first thing in `main`.
+//! [`apply_options`] first thing in `main`.
 
-/// mimalloc commits its arenas eagerly by default, which kept about 20 MiB more resident than the
-/// heap needs (idle and under load). It reads its options from the environment when the process
-/// starts, before `main`, so the binary re-executes itself once with lazy commit, unless the operator
-/// set `MIMALLOC_ARENA_EAGER_COMMIT` already (or the re-execution fails: then it runs as it is).
-/// The variable is read from the process environment only: `.env` is loaded after this.
-pub fn lazy_arena_commit() {
+/// mimalloc options the binaries run with unless the operator set them, and why:
+/// - `MIMALLOC_ARENA_EAGER_COMMIT=0`: eager commit kept about 20 MiB more resident than the heap
+///   needs (idle and under load);
+/// - `MIMALLOC_PURGE_DELAY=50` (ms, instead of mimalloc's 1 s): memory freed after a burst of
+///   large requests goes back to the system sooner. Under 100-event `/batch` load it cut the api's
+///   peak RSS from 51–65 MiB to 49–52 MiB at the same throughput; 0 (purge at once) cost a
+///   quarter of the throughput.
+pub const OPTIONS: [(&str, &str); 2] = [
+    ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
+    ("MIMALLOC_PURGE_DELAY", "50"),
+];
+
+/// mimalloc reads its options from the environment when the process starts, before `main`, so
+/// the binary re-executes itself once with those of [`OPTIONS`] the environment lacks (none
+/// lacking, or the re-execution failing: it runs as it is). The variables are read from the
+/// process environment only: `.env` is loaded after this.
+pub fn apply_options() {
     use std::os::unix::process::CommandExt;
-    const OPTION: &str = "MIMALLOC_ARENA_EAGER_COMMIT";
-    if std::env::var_os(OPTION).is_some() {
+    let missing: Vec<_> = OPTIONS
+        .iter()
+        .filter(|(name, _)| std::env::var_os(name).is_none())
+        .collect();
+    if missing.is_empty() {
         return;
     }
     let Ok(exe) = std::env::current_exe() else {
@@ -22,6 +36,7 @@ pub fn lazy_arena_commit() {
     if let Some(arg0) = args.next() {
         command.arg0(arg0); // as invoked, for usage lines and `ps`
     }
-    let error = command.args(args).env(OPTION, "0").exec();
-    eprintln!("could not restart with {OPTION}=0 ({error}); continuing with eager commit");
+    command.args(args).envs(missing.iter().copied().copied());
+    let error = command.exec();
+    eprintln!("could not restart with mimalloc's options set ({error}); continuing without them");
 }

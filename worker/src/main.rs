@@ -17,7 +17,7 @@ use worker::{
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<ExitCode> {
-    worker::allocator::lazy_arena_commit();
+    worker::allocator::apply_options();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
