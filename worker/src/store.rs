@@ -350,38 +350,112 @@ async fn insert_sessions(
     Ok(counts)
 }
 
-/// A profile row's column values, JSON encoded once.
-struct ProfileParams {
-    distinct_id: String,
-    row: ProfileRow,
-    intents: String,
-    person: Option<String>,
+/// One value per row, as the array bound for an `unnest` column.
+fn column<'a, R, T>(rows: &'a [R], value: impl Fn(&'a R) -> T) -> Vec<T> {
+    rows.iter().map(value).collect()
 }
 
-impl ProfileParams {
-    fn new(distinct_id: String, row: ProfileRow) -> Self {
+/// A profile write: the delta's counts and times, and the intents and person properties to store
+/// (JSON encoded once), or `None` to keep the stored ones.
+struct ProfileParams<'a> {
+    delta: &'a ProfileDelta,
+    details: Option<(String, Option<String>)>,
+}
+
+impl<'a> ProfileParams<'a> {
+    /// Writes `row`'s intents and person properties.
+    fn with_details(delta: &'a ProfileDelta, row: &ProfileRow) -> Self {
         let intents = serde_json::to_string(&row.intents).unwrap_or_else(|_| "{}".into());
         let person = row
             .person_properties
             .as_ref()
             .and_then(|p| serde_json::to_string(p).ok());
         Self {
-            distinct_id,
-            row,
-            intents,
-            person,
+            delta,
+            details: Some((intents, person)),
         }
+    }
+
+    /// Keeps the stored intents and person properties.
+    fn counts_only(delta: &'a ProfileDelta) -> Self {
+        Self {
+            delta,
+            details: None,
+        }
+    }
+
+    fn intents(&self) -> Option<&str> {
+        self.details.as_ref().map(|(intents, _)| intents.as_str())
+    }
+
+    fn person(&self) -> Option<&str> {
+        self.details
+            .as_ref()
+            .and_then(|(_, person)| person.as_deref())
     }
 }
 
-/// One value per row, as the array bound for an `unnest` column.
-fn column<'a, R, T>(rows: &'a [R], value: impl Fn(&'a R) -> T) -> Vec<T> {
-    rows.iter().map(value).collect()
+/// A stored profile's intents and person properties.
+struct StoredDetails {
+    intents: Intents,
+    person: Option<Map<String, Json>>,
 }
 
-/// Counts and times merge in SQL; intents and person properties of existing users are merged by
-/// the caller from what this returns (the rows are locked by then).
-const UPSERT_PROFILES: &str = "INSERT INTO user_profiles AS p (distinct_id, first_seen, last_seen, \
+impl StoredDetails {
+    /// Columns `intents` and `person_properties` at `at` and `at + 1` of `row`.
+    fn read(row: &sqlx::postgres::PgRow, at: usize, distinct_id: &str) -> Result<Self, StoreError> {
+        let intents = row
+            .try_get::<SqlJson<Intents>, _>(at)
+            .map(|j| j.0)
+            .unwrap_or_else(|err| {
+                tracing::warn!(%distinct_id, error = %err, "stored intents unreadable: starting them afresh");
+                Intents::new()
+            });
+        let person = match row.try_get::<Option<SqlJson<Json>>, _>(at + 1)? {
+            Some(SqlJson(Json::Object(map))) => Some(map),
+            _ => None,
+        };
+        Ok(Self { intents, person })
+    }
+
+    /// The profile columns once `delta` is added to these details.
+    fn merged(self, delta: &ProfileDelta) -> ProfileRow {
+        let mut row = ProfileRow {
+            first_seen: delta.first_seen,
+            last_seen: delta.last_seen,
+            event_count: delta.events,
+            session_count: delta.new_sessions,
+            intents: self.intents,
+            person_properties: self.person,
+        };
+        row.apply_details(delta);
+        row
+    }
+}
+
+/// Locks the stored profiles of the batch's users in the order the writes below take them
+/// (byte order of distinct_id, as Rust sorts), and reads the details of those whose delta
+/// carries some.
+const LOCK_PROFILES: &str = "SELECT p.distinct_id, CASE WHEN x.details THEN p.intents END, \
+       CASE WHEN x.details THEN p.person_properties END \
+     FROM user_profiles AS p JOIN unnest($1::text[], $2::bool[]) AS x(d, details) \
+       ON p.distinct_id = x.d \
+     ORDER BY p.distinct_id COLLATE \"C\" FOR UPDATE OF p";
+
+/// Adds the deltas to existing (locked) profiles; details are replaced where given.
+const UPDATE_PROFILES: &str = "UPDATE user_profiles AS p SET \
+       first_seen = LEAST(p.first_seen, x.f), last_seen = GREATEST(p.last_seen, x.l), \
+       event_count = p.event_count + x.c, session_count = p.session_count + x.s, \
+       intents = CASE WHEN x.m THEN x.i::jsonb ELSE p.intents END, \
+       person_properties = CASE WHEN x.m THEN x.pp::jsonb ELSE p.person_properties END, \
+       updated_at = now() \
+     FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::int8[], $5::int8[], \
+                 $6::bool[], $7::text[], $8::text[]) AS x(d, f, l, c, s, m, i, pp) \
+     WHERE p.distinct_id = x.d";
+
+/// Creates the profiles of new users. One created meanwhile by another replica gets the counts
+/// and times added and keeps its details; the caller merges those (`created` false).
+const INSERT_PROFILES: &str = "INSERT INTO user_profiles AS p (distinct_id, first_seen, last_seen, \
      event_count, session_count, intents, person_properties, updated_at) \
      SELECT d, f, l, c, s, i::jsonb, pp::jsonb, now() \
        FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::int8[], $5::int8[], \
@@ -390,63 +464,128 @@ const UPSERT_PROFILES: &str = "INSERT INTO user_profiles AS p (distinct_id, firs
        last_seen = GREATEST(p.last_seen, EXCLUDED.last_seen), \
        event_count = p.event_count + EXCLUDED.event_count, \
        session_count = p.session_count + EXCLUDED.session_count, updated_at = now() \
-     RETURNING p.distinct_id, (p.xmax = 0) AS created, p.intents, p.person_properties";
+     RETURNING p.distinct_id, (p.xmax = 0) AS created";
+
+/// Details of profiles this transaction has locked already.
+const SELECT_DETAILS: &str = "SELECT distinct_id, intents, person_properties FROM user_profiles \
+     WHERE distinct_id = ANY($1::text[])";
 
 const UPDATE_PROFILE_DETAILS: &str = "UPDATE user_profiles AS p \
      SET intents = v.i::jsonb, person_properties = v.pp::jsonb \
      FROM unnest($1::text[], $2::text[], $3::text[]) AS v(d, i, pp) WHERE p.distinct_id = v.d";
 
-/// Upserts profiles in distinct_id order (deltas come sorted) so concurrent replicas lock rows
-/// alike; for existing users whose delta carries intents or person properties, those are merged
-/// here with the stored ones and written back.
+/// Writes each user's profile once, in distinct_id order (deltas come sorted) so concurrent
+/// replicas lock rows alike:
+/// 1. when any delta carries intents or person properties, lock the batch's existing profiles
+///    and read the details those need merged (one round trip);
+/// 2. update the existing profiles: counts and times added in SQL, merged details written;
+/// 3. insert the new users' profiles. A user another replica created between 1 and 3 (so not
+///    locked in 1) gets its counts added by the insert's `ON CONFLICT`, and its details merged
+///    and written after (rare).
 async fn upsert_profiles(txn: &mut Txn, deltas: &[ProfileDelta]) -> Result<(), StoreError> {
-    let fresh: Vec<ProfileParams> = deltas
-        .iter()
-        .map(|d| ProfileParams::new(d.distinct_id.clone(), ProfileRow::from_delta(d)))
-        .collect();
-    let by_id: HashMap<&str, &ProfileDelta> =
-        deltas.iter().map(|d| (d.distinct_id.as_str(), d)).collect();
-    let rows = sqlx::query(UPSERT_PROFILES)
-        .bind(column(&fresh, |p| p.distinct_id.as_str()))
-        .bind(column(&fresh, |p| p.row.first_seen))
-        .bind(column(&fresh, |p| p.row.last_seen))
-        .bind(column(&fresh, |p| p.row.event_count))
-        .bind(column(&fresh, |p| p.row.session_count))
-        .bind(column(&fresh, |p| p.intents.as_str()))
-        .bind(column(&fresh, |p| p.person.as_deref()))
-        .fetch_all(&mut **txn)
-        .await?;
-    let mut details: Vec<ProfileParams> = Vec::new();
-    for row in rows {
-        let distinct_id: String = row.try_get(0)?;
-        let Some(delta) = by_id.get(distinct_id.as_str()).filter(|d| d.has_details()) else {
-            continue;
-        };
-        if row.try_get::<bool, _>(1)? {
-            continue;
+    let mut existing: HashMap<String, Option<StoredDetails>> = HashMap::new();
+    if deltas.iter().any(ProfileDelta::has_details) {
+        let rows = sqlx::query(LOCK_PROFILES)
+            .bind(column(deltas, |d| d.distinct_id.as_str()))
+            .bind(column(deltas, ProfileDelta::has_details))
+            .fetch_all(&mut **txn)
+            .await?;
+        let wanted: HashSet<&str> = deltas
+            .iter()
+            .filter(|d| d.has_details())
+            .map(|d| d.distinct_id.as_str())
+            .collect();
+        for row in rows {
+            let distinct_id: String = row.try_get(0)?;
+            let details = match wanted.contains(distinct_id.as_str()) {
+                true => Some(StoredDetails::read(&row, 1, &distinct_id)?),
+                false => None,
+            };
+            existing.insert(distinct_id, details);
         }
-        let intents = row.try_get::<SqlJson<Intents>, _>(2).map(|j| j.0).unwrap_or_else(|err| {
-            tracing::warn!(%distinct_id, error = %err, "stored intents unreadable: starting them afresh");
-            Intents::new()
-        });
-        let person = match row.try_get::<Option<SqlJson<Json>>, _>(3)? {
-            Some(SqlJson(Json::Object(map))) => Some(map),
-            _ => None,
-        };
-        let mut profile = ProfileRow::from_delta(delta);
-        profile.intents = intents;
-        profile.person_properties = person;
-        profile.apply_details(delta);
-        details.push(ProfileParams::new(distinct_id, profile));
     }
-    if !details.is_empty() {
-        sqlx::query(UPDATE_PROFILE_DETAILS)
-            .bind(column(&details, |p| p.distinct_id.as_str()))
-            .bind(column(&details, |p| p.intents.as_str()))
-            .bind(column(&details, |p| p.person.as_deref()))
+    let (mut updates, mut inserts) = (Vec::new(), Vec::new());
+    for delta in deltas {
+        match existing.remove(&delta.distinct_id) {
+            Some(Some(stored)) => {
+                updates.push(ProfileParams::with_details(delta, &stored.merged(delta)))
+            }
+            Some(None) => updates.push(ProfileParams::counts_only(delta)),
+            None => inserts.push(ProfileParams::with_details(
+                delta,
+                &ProfileRow::from_delta(delta),
+            )),
+        }
+    }
+    if !updates.is_empty() {
+        sqlx::query(UPDATE_PROFILES)
+            .bind(column(&updates, |p| p.delta.distinct_id.as_str()))
+            .bind(column(&updates, |p| p.delta.first_seen))
+            .bind(column(&updates, |p| p.delta.last_seen))
+            .bind(column(&updates, |p| p.delta.events))
+            .bind(column(&updates, |p| p.delta.new_sessions))
+            .bind(column(&updates, |p| p.details.is_some()))
+            .bind(column(&updates, ProfileParams::intents))
+            .bind(column(&updates, ProfileParams::person))
             .execute(&mut **txn)
             .await?;
     }
+    if inserts.is_empty() {
+        return Ok(());
+    }
+    let rows = sqlx::query(INSERT_PROFILES)
+        .bind(column(&inserts, |p| p.delta.distinct_id.as_str()))
+        .bind(column(&inserts, |p| p.delta.first_seen))
+        .bind(column(&inserts, |p| p.delta.last_seen))
+        .bind(column(&inserts, |p| p.delta.events))
+        .bind(column(&inserts, |p| p.delta.new_sessions))
+        .bind(column(&inserts, ProfileParams::intents))
+        .bind(column(&inserts, ProfileParams::person))
+        .fetch_all(&mut **txn)
+        .await?;
+    let by_id: HashMap<&str, &ProfileDelta> = inserts
+        .iter()
+        .map(|p| (p.delta.distinct_id.as_str(), p.delta))
+        .collect();
+    let mut raced: Vec<&ProfileDelta> = Vec::new();
+    for row in rows {
+        let distinct_id: String = row.try_get(0)?;
+        if !row.try_get::<bool, _>(1)?
+            && let Some(delta) = by_id.get(distinct_id.as_str()).filter(|d| d.has_details())
+        {
+            raced.push(delta);
+        }
+    }
+    if !raced.is_empty() {
+        merge_details(txn, &raced).await?;
+    }
+    Ok(())
+}
+
+/// Merges the deltas' details into profiles this transaction has locked already.
+async fn merge_details(txn: &mut Txn, deltas: &[&ProfileDelta]) -> Result<(), StoreError> {
+    let rows = sqlx::query(SELECT_DETAILS)
+        .bind(column(deltas, |d| d.distinct_id.as_str()))
+        .fetch_all(&mut **txn)
+        .await?;
+    let by_id: HashMap<&str, &ProfileDelta> = deltas
+        .iter()
+        .map(|d| (d.distinct_id.as_str(), *d))
+        .collect();
+    let mut merged: Vec<(String, ProfileParams)> = Vec::new();
+    for row in rows {
+        let distinct_id: String = row.try_get(0)?;
+        if let Some(delta) = by_id.get(distinct_id.as_str()) {
+            let row = StoredDetails::read(&row, 1, &distinct_id)?.merged(delta);
+            merged.push((distinct_id, ProfileParams::with_details(delta, &row)));
+        }
+    }
+    sqlx::query(UPDATE_PROFILE_DETAILS)
+        .bind(column(&merged, |(d, _)| d.as_str()))
+        .bind(column(&merged, |(_, p)| p.intents()))
+        .bind(column(&merged, |(_, p)| p.person()))
+        .execute(&mut **txn)
+        .await?;
     Ok(())
 }
 

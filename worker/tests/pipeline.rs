@@ -811,3 +811,118 @@ async fn a_batch_larger_than_one_statement_is_stored_whole() {
         3
     );
 }
+
+/// `envelope` ready to store, with one "purchase" intent hit of `weight`.
+fn with_intent(envelope: &entity::Envelope, weight: f64) -> worker::store::StoredEvent {
+    let mut event = stored(envelope);
+    event.intents = vec![worker::enrich::IntentHit {
+        name: "purchase".into(),
+        weight,
+        summary: "User showing Purchase Intent.".into(),
+        half_life_secs: 0.0,
+    }];
+    event
+}
+
+/// The stored profile of `user`: (event_count, session_count, intents, person_properties).
+async fn profile(
+    db: &TestDb,
+    user: &str,
+) -> (i64, i64, serde_json::Value, Option<serde_json::Value>) {
+    let row = db
+        .conn
+        .query_one_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT event_count, session_count, intents, person_properties FROM user_profiles WHERE distinct_id = $1",
+            [user.into()],
+        ))
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("no profile for {user}"));
+    (
+        row.try_get_by_index(0).unwrap(),
+        row.try_get_by_index(1).unwrap(),
+        row.try_get_by_index(2).unwrap(),
+        row.try_get_by_index(3).unwrap(),
+    )
+}
+
+/// Intents and person properties merge into the stored ones batch after batch, and a batch
+/// without any keeps them; counts add up for users with and without details alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_merge_details_batch_after_batch() {
+    use worker::store::write_batch;
+    let db = TestDb::create().await;
+    let pool = db.worker_pool().await;
+    let mut first = envelope("u1", "$pageview", json!({"$set": {"plan": "free"}}));
+    first.session_id = Some("s1".into());
+    let plain = envelope("u2", "$pageview", json!({}));
+    write_batch(&pool, &[with_intent(&first, 2.0), stored(&plain)], "v1")
+        .await
+        .unwrap();
+
+    let second = envelope(
+        "u1",
+        "$pageview",
+        json!({"$set": {"plan": "pro"}, "$set_once": {"plan": "x", "source": "ad"}}),
+    );
+    let again = envelope("u2", "$pageleave", json!({}));
+    write_batch(&pool, &[with_intent(&second, 1.0), stored(&again)], "v1")
+        .await
+        .unwrap();
+    // No details in this batch at all: the stored ones stay.
+    let third = envelope("u1", "$pageleave", json!({}));
+    write_batch(&pool, &[stored(&third)], "v1").await.unwrap();
+
+    let (events, sessions, intents, person) = profile(&db, "u1").await;
+    assert_eq!((events, sessions), (3, 1));
+    assert_eq!(intents["purchase"]["score"], 3.0, "{intents}");
+    assert_eq!(intents["purchase"]["count"], 2, "{intents}");
+    assert_eq!(person, Some(json!({"plan": "pro", "source": "ad"})));
+    let (events, _, intents, person) = profile(&db, "u2").await;
+    assert_eq!((events, intents, person), (2, json!({}), None));
+}
+
+/// A profile another replica creates after this batch looked for it (so this batch inserts
+/// it too and meets the other's row) gets both batches' counts and details.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_created_concurrently_by_another_replica_merges_both() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    use worker::store::write_batch;
+    let db = TestDb::create().await;
+    let pool = db.worker_pool().await;
+    // Another replica's open transaction has created u1 with one intent.
+    let other = db.conn.begin().await.unwrap();
+    other
+        .execute_unprepared(
+            r#"INSERT INTO user_profiles (distinct_id, first_seen, last_seen, event_count, session_count, intents, person_properties)
+               VALUES ('u1', now(), now(), 4, 1, '{"purchase": {"score": 5.0, "last_seen": "2026-01-01T00:00:00Z", "evidence": ["Viewed page: /pricing"], "summary": "User showing Purchase Intent.", "half_life_secs": 0.0, "count": 4}}', '{"plan": "team"}')"#,
+        )
+        .await
+        .unwrap();
+    let mut mine = envelope(
+        "u1",
+        "$pageview",
+        json!({"$set_once": {"plan": "free", "source": "ad"}}),
+    );
+    mine.timestamp = "2026-06-01T00:00:00Z".parse().unwrap();
+    let batch = vec![
+        with_intent(&mine, 1.0),
+        stored(&envelope("u2", "$pageview", json!({}))),
+    ];
+    let write = tokio::spawn(async move { write_batch(&pool, &batch, "v1").await });
+    // This batch found no u1 to lock, so its insert now waits for the other transaction.
+    common::wait_until(Duration::from_secs(10), "the batch to wait on u1", || async {
+        db.count("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'").await > 0
+    })
+    .await;
+    other.commit().await.unwrap();
+    assert_eq!(write.await.unwrap().unwrap(), 2);
+
+    let (events, sessions, intents, person) = profile(&db, "u1").await;
+    assert_eq!((events, sessions), (5, 1));
+    assert_eq!(intents["purchase"]["score"], 6.0, "{intents}");
+    assert_eq!(intents["purchase"]["count"], 5, "{intents}");
+    assert_eq!(person, Some(json!({"plan": "team", "source": "ad"})));
+    assert_eq!(profile(&db, "u2").await.0, 1);
+}
