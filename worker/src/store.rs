@@ -1,9 +1,12 @@
 //! Postgres side: turning an enriched envelope into a row, and storing a batch exactly once.
 //!
 //! One transaction per batch: an `INSERT … ON CONFLICT (uuid) DO NOTHING RETURNING uuid`,
-//! then sessions and profile upserts for the rows that insert actually created, so a redelivered
+//! then sessions and profile writes for the rows that insert actually created, so a redelivered
 //! event is neither stored nor counted twice. Rows are written in key order (events by uuid,
-//! profiles by distinct_id) so concurrent replicas lock in the same order and do not deadlock.
+//! profiles by distinct_id) so concurrent replicas lock in the same order. (One rare case can
+//! still make two replicas wait on each other: a new user's profile created by a third between a
+//! batch's profile lock and its insert. Postgres then fails one transaction with a deadlock, which
+//! the worker treats as transient: the batch is retried, nothing is lost or counted twice.)
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
