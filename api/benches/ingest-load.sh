@@ -4,6 +4,7 @@
 #
 #   api/benches/ingest-load.sh            # defaults: 10 s per phase, 50 connections
 #   DURATION=20 CONNECTIONS=100 api/benches/ingest-load.sh
+#   API_BIN=/path/to/other/api api/benches/ingest-load.sh   # measure another build (e.g. a baseline)
 #
 # Needs: wrk, redis-benchmark, a Redis at REDIS_URL (default redis://127.0.0.1:6379).
 set -euo pipefail
@@ -25,7 +26,10 @@ for tool in wrk redis-benchmark redis-cli; do
   command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install -y wrk redis-tools)"; exit 1; }
 done
 
-cargo build --release -q -p api
+if [ -z "${API_BIN:-}" ]; then
+  cargo build --release -q -p api
+  API_BIN=./target/release/api
+fi
 API_PID=""
 cleanup() {
   [ -n "$API_PID" ] && kill "$API_PID" 2>/dev/null || true
@@ -72,7 +76,7 @@ LUA
 done
 
 API_SECRET_KEY=$KEY API_BIND=127.0.0.1:$PORT QUEUE_NAME=$STREAM STREAM_MAX_BACKLOG=100000000 \
-  MIGRATE_ON_START=false RUST_LOG=warn REDIS_URL="redis://$REDIS_HOST:$REDIS_PORT" ./target/release/api &
+  MIGRATE_ON_START=false RUST_LOG=warn REDIS_URL="redis://$REDIS_HOST:$REDIS_PORT" "$API_BIN" &
 API_PID=$!
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 0.1; done
 

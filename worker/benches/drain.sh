@@ -8,9 +8,12 @@
 #   EVENTS=50000 BATCH_SIZES=50 RATE=1000 LATENCY_SECS=10 worker/benches/drain.sh
 #   WRITE_CONCURRENCY=2 worker/benches/drain.sh          # passed to the workers (else their default)
 #   BENCH_WORKER_LOG=worker::store=trace BENCH_WORKER_STDOUT=1 worker/benches/drain.sh  # per-batch timings
+#   WORKER_BIN=/path/to/other/worker worker/benches/drain.sh   # measure another build (e.g. a baseline)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build --release -p worker --bin worker
-export WORKER_BIN="$CARGO_TARGET_DIR/release/worker"
+if [ -z "${WORKER_BIN:-}" ]; then
+  cargo build --release -p worker --bin worker
+  export WORKER_BIN="$CARGO_TARGET_DIR/release/worker"
+fi
 exec cargo bench -p worker --bench drain
