@@ -3,10 +3,7 @@
 //! One transaction per batch: an `INSERT … ON CONFLICT (uuid) DO NOTHING RETURNING uuid`,
 //! then sessions and profile writes for the rows that insert actually created, so a redelivered
 //! event is neither stored nor counted twice. Rows are written in key order (events by uuid,
-//! profiles by distinct_id) so concurrent replicas lock in the same order. (One rare case can
-//! still make two replicas wait on each other: a new user's profile created by a third between a
-//! batch's profile lock and its insert. Postgres then fails one transaction with a deadlock, which
-//! the worker treats as transient: the batch is retried, nothing is lost or counted twice.)
+//! profiles by distinct_id) so concurrent replicas lock in the same order and do not deadlock.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -436,16 +433,21 @@ impl StoredDetails {
     }
 }
 
-/// Locks the stored profiles of the batch's users in the order the writes below take them
-/// (byte order of distinct_id, as Rust sorts), and reads the details of those whose delta
-/// carries some.
+/// Creates a bare profile (no events counted yet) for each user that has none; existing ones are
+/// neither changed nor locked. Rows go in distinct_id order, as `unnest` yields them.
+const INSERT_NEW_PROFILES: &str = "INSERT INTO user_profiles (distinct_id, first_seen, last_seen) \
+     SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) \
+     ON CONFLICT (distinct_id) DO NOTHING";
+
+/// Locks the batch's profiles in distinct_id byte order (as Rust sorts; `COLLATE "C"`) and reads
+/// the details of those whose delta carries some.
 const LOCK_PROFILES: &str = "SELECT p.distinct_id, CASE WHEN x.details THEN p.intents END, \
        CASE WHEN x.details THEN p.person_properties END \
      FROM user_profiles AS p JOIN unnest($1::text[], $2::bool[]) AS x(d, details) \
        ON p.distinct_id = x.d \
      ORDER BY p.distinct_id COLLATE \"C\" FOR UPDATE OF p";
 
-/// Adds the deltas to existing (locked) profiles; details are replaced where given.
+/// Adds the deltas to the (locked) profiles; details are replaced where given.
 const UPDATE_PROFILES: &str = "UPDATE user_profiles AS p SET \
        first_seen = LEAST(p.first_seen, x.f), last_seen = GREATEST(p.last_seen, x.l), \
        event_count = p.event_count + x.c, session_count = p.session_count + x.s, \
@@ -456,137 +458,76 @@ const UPDATE_PROFILES: &str = "UPDATE user_profiles AS p SET \
                  $6::bool[], $7::text[], $8::text[]) AS x(d, f, l, c, s, m, i, pp) \
      WHERE p.distinct_id = x.d";
 
-/// Creates the profiles of new users. One created meanwhile by another replica gets the counts
-/// and times added and keeps its details; the caller merges those (`created` false).
-const INSERT_PROFILES: &str = "INSERT INTO user_profiles AS p (distinct_id, first_seen, last_seen, \
-     event_count, session_count, intents, person_properties, updated_at) \
-     SELECT d, f, l, c, s, i::jsonb, pp::jsonb, now() \
-       FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::int8[], $5::int8[], \
-                   $6::text[], $7::text[]) AS x(d, f, l, c, s, i, pp) \
-     ON CONFLICT (distinct_id) DO UPDATE SET first_seen = LEAST(p.first_seen, EXCLUDED.first_seen), \
-       last_seen = GREATEST(p.last_seen, EXCLUDED.last_seen), \
-       event_count = p.event_count + EXCLUDED.event_count, \
-       session_count = p.session_count + EXCLUDED.session_count, updated_at = now() \
-     RETURNING p.distinct_id, (p.xmax = 0) AS created";
+/// Rounds of create-then-lock before giving up on a batch whose profiles keep disappearing
+/// (deleted by a cleanup between the two statements); the batch is then retried as a whole.
+const PROFILE_ROUNDS: usize = 3;
 
-/// Details of profiles this transaction has locked already.
-const SELECT_DETAILS: &str = "SELECT distinct_id, intents, person_properties FROM user_profiles \
-     WHERE distinct_id = ANY($1::text[])";
-
-const UPDATE_PROFILE_DETAILS: &str = "UPDATE user_profiles AS p \
-     SET intents = v.i::jsonb, person_properties = v.pp::jsonb \
-     FROM unnest($1::text[], $2::text[], $3::text[]) AS v(d, i, pp) WHERE p.distinct_id = v.d";
-
-/// Writes each user's profile once, in distinct_id order (deltas come sorted) so concurrent
-/// replicas lock rows alike:
-/// 1. when any delta carries intents or person properties, lock the batch's existing profiles
-///    and read the details those need merged (one round trip);
-/// 2. update the existing profiles: counts and times added in SQL, merged details written;
-/// 3. insert the new users' profiles. A user another replica created between 1 and 3 (so not
-///    locked in 1) gets its counts added by the insert's `ON CONFLICT`, and its details merged
-///    and written after (rare).
+/// Adds the deltas (sorted by distinct_id) to their users' profiles, each row written once:
+/// 1. create the missing profiles bare (`ON CONFLICT DO NOTHING`: existing ones are not locked);
+/// 2. lock all the batch's profiles and read the details of those whose delta carries intents or
+///    person properties;
+/// 3. one UPDATE adds counts and times in SQL and writes the merged details.
+///
+/// Each statement takes its row locks in distinct_id order, and step 1 only ever waits for
+/// another transaction's new rows, never for rows locked in step 2, so concurrent replicas wait
+/// for each other without deadlocking.
 async fn upsert_profiles(txn: &mut Txn, deltas: &[ProfileDelta]) -> Result<(), StoreError> {
-    let mut existing: HashMap<String, Option<StoredDetails>> = HashMap::new();
-    if deltas.iter().any(ProfileDelta::has_details) {
+    let wanted: HashSet<&str> = deltas
+        .iter()
+        .filter(|d| d.has_details())
+        .map(|d| d.distinct_id.as_str())
+        .collect();
+    let mut locked: HashMap<String, Option<StoredDetails>> = HashMap::new();
+    let mut missing: Vec<&ProfileDelta> = deltas.iter().collect();
+    for _ in 0..PROFILE_ROUNDS {
+        sqlx::query(INSERT_NEW_PROFILES)
+            .bind(column(&missing, |d| d.distinct_id.as_str()))
+            .bind(column(&missing, |d| d.first_seen))
+            .bind(column(&missing, |d| d.last_seen))
+            .execute(&mut **txn)
+            .await?;
         let rows = sqlx::query(LOCK_PROFILES)
-            .bind(column(deltas, |d| d.distinct_id.as_str()))
-            .bind(column(deltas, ProfileDelta::has_details))
+            .bind(column(&missing, |d| d.distinct_id.as_str()))
+            .bind(column(&missing, |d| {
+                wanted.contains(d.distinct_id.as_str())
+            }))
             .fetch_all(&mut **txn)
             .await?;
-        let wanted: HashSet<&str> = deltas
-            .iter()
-            .filter(|d| d.has_details())
-            .map(|d| d.distinct_id.as_str())
-            .collect();
         for row in rows {
             let distinct_id: String = row.try_get(0)?;
             let details = match wanted.contains(distinct_id.as_str()) {
                 true => Some(StoredDetails::read(&row, 1, &distinct_id)?),
                 false => None,
             };
-            existing.insert(distinct_id, details);
+            locked.insert(distinct_id, details);
+        }
+        missing.retain(|d| !locked.contains_key(&d.distinct_id));
+        if missing.is_empty() {
+            break;
         }
     }
-    let (mut updates, mut inserts) = (Vec::new(), Vec::new());
-    for delta in deltas {
-        match existing.remove(&delta.distinct_id) {
-            Some(Some(stored)) => {
-                updates.push(ProfileParams::with_details(delta, &stored.merged(delta)))
-            }
-            Some(None) => updates.push(ProfileParams::counts_only(delta)),
-            None => inserts.push(ProfileParams::with_details(
-                delta,
-                &ProfileRow::from_delta(delta),
-            )),
-        }
+    if !missing.is_empty() {
+        return Err(StoreError::Db(DbErr::Custom(format!(
+            "{} profiles were deleted while this batch was adding to them",
+            missing.len()
+        ))));
     }
-    if !updates.is_empty() {
-        sqlx::query(UPDATE_PROFILES)
-            .bind(column(&updates, |p| p.delta.distinct_id.as_str()))
-            .bind(column(&updates, |p| p.delta.first_seen))
-            .bind(column(&updates, |p| p.delta.last_seen))
-            .bind(column(&updates, |p| p.delta.events))
-            .bind(column(&updates, |p| p.delta.new_sessions))
-            .bind(column(&updates, |p| p.details.is_some()))
-            .bind(column(&updates, ProfileParams::intents))
-            .bind(column(&updates, ProfileParams::person))
-            .execute(&mut **txn)
-            .await?;
-    }
-    if inserts.is_empty() {
-        return Ok(());
-    }
-    let rows = sqlx::query(INSERT_PROFILES)
-        .bind(column(&inserts, |p| p.delta.distinct_id.as_str()))
-        .bind(column(&inserts, |p| p.delta.first_seen))
-        .bind(column(&inserts, |p| p.delta.last_seen))
-        .bind(column(&inserts, |p| p.delta.events))
-        .bind(column(&inserts, |p| p.delta.new_sessions))
-        .bind(column(&inserts, ProfileParams::intents))
-        .bind(column(&inserts, ProfileParams::person))
-        .fetch_all(&mut **txn)
-        .await?;
-    let by_id: HashMap<&str, &ProfileDelta> = inserts
+    let updates: Vec<ProfileParams> = deltas
         .iter()
-        .map(|p| (p.delta.distinct_id.as_str(), p.delta))
+        .map(|delta| match locked.remove(&delta.distinct_id).flatten() {
+            Some(stored) => ProfileParams::with_details(delta, &stored.merged(delta)),
+            None => ProfileParams::counts_only(delta),
+        })
         .collect();
-    let mut raced: Vec<&ProfileDelta> = Vec::new();
-    for row in rows {
-        let distinct_id: String = row.try_get(0)?;
-        if !row.try_get::<bool, _>(1)?
-            && let Some(delta) = by_id.get(distinct_id.as_str()).filter(|d| d.has_details())
-        {
-            raced.push(delta);
-        }
-    }
-    if !raced.is_empty() {
-        merge_details(txn, &raced).await?;
-    }
-    Ok(())
-}
-
-/// Merges the deltas' details into profiles this transaction has locked already.
-async fn merge_details(txn: &mut Txn, deltas: &[&ProfileDelta]) -> Result<(), StoreError> {
-    let rows = sqlx::query(SELECT_DETAILS)
-        .bind(column(deltas, |d| d.distinct_id.as_str()))
-        .fetch_all(&mut **txn)
-        .await?;
-    let by_id: HashMap<&str, &ProfileDelta> = deltas
-        .iter()
-        .map(|d| (d.distinct_id.as_str(), *d))
-        .collect();
-    let mut merged: Vec<(String, ProfileParams)> = Vec::new();
-    for row in rows {
-        let distinct_id: String = row.try_get(0)?;
-        if let Some(delta) = by_id.get(distinct_id.as_str()) {
-            let row = StoredDetails::read(&row, 1, &distinct_id)?.merged(delta);
-            merged.push((distinct_id, ProfileParams::with_details(delta, &row)));
-        }
-    }
-    sqlx::query(UPDATE_PROFILE_DETAILS)
-        .bind(column(&merged, |(d, _)| d.as_str()))
-        .bind(column(&merged, |(_, p)| p.intents()))
-        .bind(column(&merged, |(_, p)| p.person()))
+    sqlx::query(UPDATE_PROFILES)
+        .bind(column(&updates, |p| p.delta.distinct_id.as_str()))
+        .bind(column(&updates, |p| p.delta.first_seen))
+        .bind(column(&updates, |p| p.delta.last_seen))
+        .bind(column(&updates, |p| p.delta.events))
+        .bind(column(&updates, |p| p.delta.new_sessions))
+        .bind(column(&updates, |p| p.details.is_some()))
+        .bind(column(&updates, ProfileParams::intents))
+        .bind(column(&updates, ProfileParams::person))
         .execute(&mut **txn)
         .await?;
     Ok(())

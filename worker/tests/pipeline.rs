@@ -911,7 +911,7 @@ async fn a_profile_created_concurrently_by_another_replica_merges_both() {
         stored(&envelope("u2", "$pageview", json!({}))),
     ];
     let write = tokio::spawn(async move { write_batch(&pool, &batch, "v1").await });
-    // This batch found no u1 to lock, so its insert now waits for the other transaction.
+    // This batch's insert of u1's profile now waits for the other transaction.
     common::wait_until(Duration::from_secs(10), "the batch to wait on u1", || async {
         db.count("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'").await > 0
     })
@@ -925,4 +925,49 @@ async fn a_profile_created_concurrently_by_another_replica_merges_both() {
     assert_eq!(intents["purchase"]["count"], 5, "{intents}");
     assert_eq!(person, Some(json!({"plan": "team", "source": "ad"})));
     assert_eq!(profile(&db, "u2").await.0, 1);
+}
+
+/// Replicas writing overlapping users at once, some batches with intents and some without, new
+/// and existing users mixed: every batch commits (no deadlock between them) and every event is
+/// counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_over_the_same_users_do_not_deadlock() {
+    use worker::store::write_batch;
+    let db = TestDb::create().await;
+    let pool = db.worker_pool().await;
+    let (writers, batches, per_batch) = (4, 15, 12);
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                for b in 0..batches {
+                    let events: Vec<_> = (0..per_batch)
+                        .map(|i| {
+                            // Users spread so batches overlap; later batches bring new users.
+                            let user = format!("u{:03}", (w * 7 + b * 5 + i * 3) % (20 + b * 4));
+                            let e = envelope(&user, "$pageview", json!({}));
+                            if (w + b) % 2 == 0 {
+                                with_intent(&e, 1.0)
+                            } else {
+                                stored(&e)
+                            }
+                        })
+                        .collect();
+                    write_batch(&pool, &events, "v1")
+                        .await
+                        .unwrap_or_else(|e| panic!("writer {w} batch {b}: {e}"));
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let total = (writers * batches * per_batch) as i64;
+    assert_eq!(db.events().await, total);
+    assert_eq!(
+        db.count("SELECT sum(event_count)::bigint FROM user_profiles")
+            .await,
+        total
+    );
 }
