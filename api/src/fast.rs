@@ -51,9 +51,10 @@ pub struct FastBatch {
 #[derive(Deserialize)]
 struct RawEvent<'a> {
     #[serde(default, borrow)]
-    event: Option<Cow<'a, str>>,
+    event: Option<Text<'a>>,
     #[serde(default, borrow)]
-    batch: Option<Vec<RawEvent<'a>>>,
+    #[serde(deserialize_with = "present")]
+    batch: Option<Option<Vec<RawEvent<'a>>>>,
     #[serde(default)]
     distinct_id: Option<Value>,
     #[serde(default, rename = "$distinct_id")]
@@ -67,11 +68,11 @@ struct RawEvent<'a> {
     #[serde(default)]
     offset: Option<Value>,
     #[serde(default, borrow)]
-    uuid: Option<Cow<'a, str>>,
+    uuid: Option<Text<'a>>,
     #[serde(default, borrow)]
-    api_key: Option<Cow<'a, str>>,
+    api_key: Option<Text<'a>>,
     #[serde(default, borrow)]
-    token: Option<Cow<'a, str>>,
+    token: Option<Text<'a>>,
     // Present: the full path handles the event.
     #[serde(default, rename = "$set")]
     set: Option<IgnoredAny>,
@@ -85,6 +86,26 @@ struct RawEvent<'a> {
     elements_chain: Option<IgnoredAny>,
     #[serde(default)]
     person: Option<IgnoredAny>,
+}
+
+/// A string borrowed from the body when it holds no escapes. (serde borrows only into a field
+/// typed exactly `Cow<str>`; inside an `Option` it would always copy.)
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl Text<'_> {
+    fn into_owned(self) -> String {
+        self.0.into_owned()
+    }
+}
+
+/// A field that is present, even as `null` (`Some(None)`), as opposed to absent (`None`).
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
 }
 
 /// The few properties the envelope lifts out.
@@ -246,13 +267,15 @@ pub fn normalize(json: &[u8], now: DateTime<Utc>) -> Option<FastBatch> {
         }
         b'{' => {
             let mut body: RawEvent = serde_json::from_slice(json).ok()?;
-            let Some(items) = body.batch.take() else {
+            let Some(batch) = body.batch.take() else {
                 let (events, key) = events(vec![body], None, now)?;
                 return Some(FastBatch {
                     body_key: key,
                     events,
                 });
             };
+            // `"batch": null` is an error, which the full path reports.
+            let items = batch?;
             if body.event.is_some() {
                 return None;
             }
@@ -264,7 +287,7 @@ pub fn normalize(json: &[u8], now: DateTime<Utc>) -> Option<FastBatch> {
             let body_key = body
                 .api_key
                 .or(body.token)
-                .map(Cow::into_owned)
+                .map(Text::into_owned)
                 .or(first_key);
             Some(FastBatch { body_key, events })
         }
@@ -310,7 +333,7 @@ fn event(
     {
         return None;
     }
-    let name = ev.event?;
+    let name = ev.event?.0;
     validate_event_name(&name).ok()?;
     let empty: Box<RawValue>;
     let properties = match ev.properties {
@@ -331,7 +354,7 @@ fn event(
     let distinct_id = validate_distinct_id(attr, id).ok()?;
     let uuid = match ev.uuid {
         None => Uuid::now_v7(),
-        Some(s) => Uuid::parse_str(s.trim()).ok()?,
+        Some(s) => Uuid::parse_str(s.0.trim()).ok()?,
     };
     let time = |v: &Option<Value>| match v {
         None => Some(None),
@@ -361,7 +384,7 @@ fn event(
     let key = ev
         .api_key
         .or(ev.token)
-        .map(Cow::into_owned)
+        .map(Text::into_owned)
         .or(properties_token);
     Some((
         Queued {
@@ -481,6 +504,17 @@ mod tests {
         assert!(declines(
             json!({"batch": [{"event": "b", "distinct_id": "u", "batch": []}]})
         ));
+        // The full path answers 400 for a null batch: the fast path must not take it as an event.
+        assert!(declines(
+            json!({"event": "a", "distinct_id": "u", "batch": null})
+        ));
+        assert!(
+            full(
+                json!({"event": "a", "distinct_id": "u", "batch": null}),
+                now()
+            )
+            .is_err()
+        );
         let batch = normalize(
             br#"{"batch": [{"event": "b", "distinct_id": "u"}], "distinct_id": "top", "properties": {"x": 1}}"#,
             now(),

@@ -10,20 +10,31 @@
 ///   large requests goes back to the system sooner. Under 100-event `/batch` load it cut the api's
 ///   peak RSS from 51–65 MiB to 49–52 MiB at the same throughput; 0 (purge at once) cost a
 ///   quarter of the throughput.
-pub const OPTIONS: [(&str, &str); 2] = [
-    ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
-    ("MIMALLOC_PURGE_DELAY", "50"),
+///
+/// Each entry: the option's name, its older name (mimalloc honours both), the value.
+pub const OPTIONS: [(&str, &str, &str); 2] = [
+    (
+        "MIMALLOC_ARENA_EAGER_COMMIT",
+        "MIMALLOC_EAGER_REGION_COMMIT",
+        "0",
+    ),
+    ("MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY", "50"),
 ];
 
 /// mimalloc reads its options from the environment when the process starts, before `main`, so
 /// the binary re-executes itself once with those of [`OPTIONS`] the environment lacks (none
-/// lacking, or the re-execution failing: it runs as it is). The variables are read from the
+/// lacking, or the re-execution failing: it runs as it is). An option counts as set under either
+/// of its names in any letter case, as mimalloc reads them. The variables are read from the
 /// process environment only: `.env` is loaded after this.
 pub fn apply_options() {
     use std::os::unix::process::CommandExt;
-    let missing: Vec<_> = OPTIONS
+    let set: Vec<String> = std::env::vars_os()
+        .map(|(name, _)| name.to_string_lossy().to_ascii_uppercase())
+        .collect();
+    let missing: Vec<(&str, &str)> = OPTIONS
         .iter()
-        .filter(|(name, _)| std::env::var_os(name).is_none())
+        .filter(|(name, old, _)| !set.iter().any(|s| s == name || s == old))
+        .map(|&(name, _, value)| (name, value))
         .collect();
     if missing.is_empty() {
         return;
@@ -36,7 +47,7 @@ pub fn apply_options() {
     if let Some(arg0) = args.next() {
         command.arg0(arg0); // as invoked, for usage lines and `ps`
     }
-    command.args(args).envs(missing.iter().copied().copied());
+    command.args(args).envs(missing);
     let error = command.exec();
     eprintln!("could not restart with mimalloc's options set ({error}); continuing without them");
 }
