@@ -197,8 +197,6 @@ pub async fn write_batch(
         .filter(|e| inserted.contains(&e.uuid))
         .collect();
     if !new.is_empty() {
-        let new_sessions = insert_sessions(&mut txn, &new).await?;
-        sessions_done = started.elapsed();
         let mut deltas: BTreeMap<&str, ProfileDelta> = BTreeMap::new();
         for e in &new {
             let delta = deltas
@@ -206,12 +204,12 @@ pub async fn write_batch(
                 .or_insert_with(|| ProfileDelta::new(e.distinct_id.clone(), e.timestamp));
             delta.add_event(e.timestamp, &e.intents, &e.description, e.person.clone());
         }
-        for (distinct_id, count) in new_sessions {
-            if let Some(delta) = deltas.get_mut(distinct_id.as_str()) {
-                delta.new_sessions = count;
-            }
+        let mut deltas: Vec<ProfileDelta> = deltas.into_values().collect();
+        let new_sessions = insert_sessions(&mut txn, &new, &deltas).await?;
+        sessions_done = started.elapsed();
+        for delta in &mut deltas {
+            delta.new_sessions = new_sessions.get(&delta.distinct_id).copied().unwrap_or(0);
         }
-        let deltas: Vec<ProfileDelta> = deltas.into_values().collect();
         upsert_profiles(&mut txn, &deltas).await?;
     }
     let profiles_done = started.elapsed();
@@ -310,14 +308,22 @@ async fn insert_event_rows(
         .await?)
 }
 
-const INSERT_SESSIONS: &str = "INSERT INTO user_sessions (distinct_id, session_id, first_seen) \
+/// Sessions of new events, in (distinct_id, session_id) order, with the missing profiles created
+/// bare in the same round trip (see [`INSERT_NEW_PROFILES`] and [`upsert_profiles`]).
+const INSERT_SESSIONS_AND_NEW_PROFILES: &str = "WITH new_profiles AS ( \
+       INSERT INTO user_profiles (distinct_id, first_seen, last_seen) \
+       SELECT * FROM unnest($4::text[], $5::timestamptz[], $6::timestamptz[]) \
+       ON CONFLICT (distinct_id) DO NOTHING) \
+     INSERT INTO user_sessions (distinct_id, session_id, first_seen) \
      SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[]) \
      ON CONFLICT (distinct_id, session_id) DO NOTHING RETURNING distinct_id";
 
-/// Records sessions of newly stored events; returns per user how many sessions were new.
+/// Records sessions of newly stored events and creates the missing profiles of `deltas` bare;
+/// returns per user how many sessions were new.
 async fn insert_sessions(
     txn: &mut Txn,
     events: &[&StoredEvent],
+    deltas: &[ProfileDelta],
 ) -> Result<HashMap<String, i64>, StoreError> {
     let mut sessions: BTreeMap<(&str, &str), DateTime<Utc>> = BTreeMap::new();
     for e in events {
@@ -330,6 +336,8 @@ async fn insert_sessions(
     }
     let mut counts = HashMap::new();
     if sessions.is_empty() {
+        let deltas: Vec<&ProfileDelta> = deltas.iter().collect();
+        insert_new_profiles(txn, &deltas).await?;
         return Ok(counts);
     }
     let (mut users, mut ids, mut firsts) = (Vec::new(), Vec::new(), Vec::new());
@@ -338,10 +346,13 @@ async fn insert_sessions(
         ids.push(session);
         firsts.push(first);
     }
-    let created: Vec<String> = sqlx::query_scalar(INSERT_SESSIONS)
+    let created: Vec<String> = sqlx::query_scalar(INSERT_SESSIONS_AND_NEW_PROFILES)
         .bind(users)
         .bind(ids)
         .bind(firsts)
+        .bind(column(deltas, |d| d.distinct_id.as_str()))
+        .bind(column(deltas, |d| d.first_seen))
+        .bind(column(deltas, |d| d.last_seen))
         .fetch_all(&mut **txn)
         .await?;
     for user in created {
@@ -462,8 +473,21 @@ const UPDATE_PROFILES: &str = "UPDATE user_profiles AS p SET \
 /// (deleted by a cleanup between the two statements); the batch is then retried as a whole.
 const PROFILE_ROUNDS: usize = 3;
 
+/// Creates the profiles of `deltas` that do not exist yet, bare.
+async fn insert_new_profiles(txn: &mut Txn, deltas: &[&ProfileDelta]) -> Result<(), StoreError> {
+    sqlx::query(INSERT_NEW_PROFILES)
+        .bind(column(deltas, |d| d.distinct_id.as_str()))
+        .bind(column(deltas, |d| d.first_seen))
+        .bind(column(deltas, |d| d.last_seen))
+        .execute(&mut **txn)
+        .await?;
+    Ok(())
+}
+
 /// Adds the deltas (sorted by distinct_id) to their users' profiles, each row written once:
-/// 1. create the missing profiles bare (`ON CONFLICT DO NOTHING`: existing ones are not locked);
+/// 1. create the missing profiles bare (`ON CONFLICT DO NOTHING`: existing ones are not locked).
+///    [`insert_sessions`] has done this, in the same statement as the sessions; it is repeated
+///    here only for profiles deleted in between;
 /// 2. lock all the batch's profiles and read the details of those whose delta carries intents or
 ///    person properties;
 /// 3. one UPDATE adds counts and times in SQL and writes the merged details.
@@ -479,13 +503,10 @@ async fn upsert_profiles(txn: &mut Txn, deltas: &[ProfileDelta]) -> Result<(), S
         .collect();
     let mut locked: HashMap<String, Option<StoredDetails>> = HashMap::new();
     let mut missing: Vec<&ProfileDelta> = deltas.iter().collect();
-    for _ in 0..PROFILE_ROUNDS {
-        sqlx::query(INSERT_NEW_PROFILES)
-            .bind(column(&missing, |d| d.distinct_id.as_str()))
-            .bind(column(&missing, |d| d.first_seen))
-            .bind(column(&missing, |d| d.last_seen))
-            .execute(&mut **txn)
-            .await?;
+    for round in 0..PROFILE_ROUNDS {
+        if round > 0 {
+            insert_new_profiles(txn, &missing).await?;
+        }
         let rows = sqlx::query(LOCK_PROFILES)
             .bind(column(&missing, |d| d.distinct_id.as_str()))
             .bind(column(&missing, |d| {

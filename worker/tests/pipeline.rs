@@ -928,8 +928,8 @@ async fn a_profile_created_concurrently_by_another_replica_merges_both() {
 }
 
 /// Replicas writing overlapping users at once, some batches with intents and some without, new
-/// and existing users mixed: every batch commits (no deadlock between them) and every event is
-/// counted once.
+/// and existing users and sessions mixed: every batch commits (no deadlock between them) and
+/// every event is counted once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_batches_over_the_same_users_do_not_deadlock() {
     use worker::store::write_batch;
@@ -945,7 +945,10 @@ async fn concurrent_batches_over_the_same_users_do_not_deadlock() {
                         .map(|i| {
                             // Users spread so batches overlap; later batches bring new users.
                             let user = format!("u{:03}", (w * 7 + b * 5 + i * 3) % (20 + b * 4));
-                            let e = envelope(&user, "$pageview", json!({}));
+                            let mut e = envelope(&user, "$pageview", json!({}));
+                            if i % 2 == 0 {
+                                e.session_id = Some(format!("s{}", (b + i) % 3));
+                            }
                             if (w + b) % 2 == 0 {
                                 with_intent(&e, 1.0)
                             } else {
@@ -969,5 +972,11 @@ async fn concurrent_batches_over_the_same_users_do_not_deadlock() {
         db.count("SELECT sum(event_count)::bigint FROM user_profiles")
             .await,
         total
+    );
+    // Each session counted once, on its user's profile.
+    assert_eq!(
+        db.count("SELECT sum(session_count)::bigint FROM user_profiles")
+            .await,
+        db.count("SELECT count(*) FROM user_sessions").await
     );
 }
