@@ -469,6 +469,16 @@ const UPDATE_PROFILES: &str = "UPDATE user_profiles AS p SET \
                  $6::bool[], $7::text[], $8::text[]) AS x(d, f, l, c, s, m, i, pp) \
      WHERE p.distinct_id = x.d";
 
+/// Adds the deltas of a batch without any details: one sorted pass that locks and updates each
+/// row (all exist by now; one deleted in between is created again, and needs no details).
+const UPSERT_COUNTS: &str = "INSERT INTO user_profiles AS p (distinct_id, first_seen, last_seen, \
+       event_count, session_count) \
+     SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::int8[], $5::int8[]) \
+     ON CONFLICT (distinct_id) DO UPDATE SET first_seen = LEAST(p.first_seen, EXCLUDED.first_seen), \
+       last_seen = GREATEST(p.last_seen, EXCLUDED.last_seen), \
+       event_count = p.event_count + EXCLUDED.event_count, \
+       session_count = p.session_count + EXCLUDED.session_count, updated_at = now()";
+
 /// Rounds of create-then-lock before giving up on a batch whose profiles keep disappearing
 /// (deleted by a cleanup between the two statements); the batch is then retried as a whole.
 const PROFILE_ROUNDS: usize = 3;
@@ -492,6 +502,8 @@ async fn insert_new_profiles(txn: &mut Txn, deltas: &[&ProfileDelta]) -> Result<
 ///    person properties;
 /// 3. one UPDATE adds counts and times in SQL and writes the merged details.
 ///
+/// A batch without any details does 2 and 3 as one sorted upsert of the counts.
+///
 /// Each statement takes its row locks in distinct_id order, and step 1 only ever waits for
 /// another transaction's new rows, never for rows locked in step 2, so concurrent replicas wait
 /// for each other without deadlocking.
@@ -501,6 +513,17 @@ async fn upsert_profiles(txn: &mut Txn, deltas: &[ProfileDelta]) -> Result<(), S
         .filter(|d| d.has_details())
         .map(|d| d.distinct_id.as_str())
         .collect();
+    if wanted.is_empty() {
+        sqlx::query(UPSERT_COUNTS)
+            .bind(column(deltas, |d| d.distinct_id.as_str()))
+            .bind(column(deltas, |d| d.first_seen))
+            .bind(column(deltas, |d| d.last_seen))
+            .bind(column(deltas, |d| d.events))
+            .bind(column(deltas, |d| d.new_sessions))
+            .execute(&mut **txn)
+            .await?;
+        return Ok(());
+    }
     let mut locked: HashMap<String, Option<StoredDetails>> = HashMap::new();
     let mut missing: Vec<&ProfileDelta> = deltas.iter().collect();
     for round in 0..PROFILE_ROUNDS {
