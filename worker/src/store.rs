@@ -413,16 +413,16 @@ struct StoredDetails {
 }
 
 impl StoredDetails {
-    /// Columns `intents` and `person_properties` at `at` and `at + 1` of `row`.
-    fn read(row: &sqlx::postgres::PgRow, at: usize, distinct_id: &str) -> Result<Self, StoreError> {
+    /// Columns 1 and 2 of a `LOCK_PROFILES` row: `intents` and `person_properties`.
+    fn read(row: &sqlx::postgres::PgRow, distinct_id: &str) -> Result<Self, StoreError> {
         let intents = row
-            .try_get::<SqlJson<Intents>, _>(at)
+            .try_get::<SqlJson<Intents>, _>(1)
             .map(|j| j.0)
             .unwrap_or_else(|err| {
                 tracing::warn!(%distinct_id, error = %err, "stored intents unreadable: starting them afresh");
                 Intents::new()
             });
-        let person = match row.try_get::<Option<SqlJson<Json>>, _>(at + 1)? {
+        let person = match row.try_get::<Option<SqlJson<Json>>, _>(2)? {
             Some(SqlJson(Json::Object(map))) => Some(map),
             _ => None,
         };
@@ -532,15 +532,13 @@ async fn upsert_profiles(txn: &mut Txn, deltas: &[ProfileDelta]) -> Result<(), S
         }
         let rows = sqlx::query(LOCK_PROFILES)
             .bind(column(&missing, |d| d.distinct_id.as_str()))
-            .bind(column(&missing, |d| {
-                wanted.contains(d.distinct_id.as_str())
-            }))
+            .bind(column(&missing, |d| d.has_details()))
             .fetch_all(&mut **txn)
             .await?;
         for row in rows {
             let distinct_id: String = row.try_get(0)?;
             let details = match wanted.contains(distinct_id.as_str()) {
-                true => Some(StoredDetails::read(&row, 1, &distinct_id)?),
+                true => Some(StoredDetails::read(&row, &distinct_id)?),
                 false => None,
             };
             locked.insert(distinct_id, details);

@@ -829,21 +829,16 @@ async fn profile(
     db: &TestDb,
     user: &str,
 ) -> (i64, i64, serde_json::Value, Option<serde_json::Value>) {
-    let row = db
-        .conn
-        .query_one_raw(sea_orm::Statement::from_sql_and_values(
-            sea_orm::DbBackend::Postgres,
-            "SELECT event_count, session_count, intents, person_properties FROM user_profiles WHERE distinct_id = $1",
-            [user.into()],
-        ))
+    let row = user_profile::Entity::find_by_id(user)
+        .one(&db.conn)
         .await
         .unwrap()
         .unwrap_or_else(|| panic!("no profile for {user}"));
     (
-        row.try_get_by_index(0).unwrap(),
-        row.try_get_by_index(1).unwrap(),
-        row.try_get_by_index(2).unwrap(),
-        row.try_get_by_index(3).unwrap(),
+        row.event_count,
+        row.session_count,
+        row.intents,
+        row.person_properties,
     )
 }
 
