@@ -279,10 +279,7 @@ pub fn normalize(json: &[u8], now: DateTime<Utc>) -> Option<FastBatch> {
             if body.event.is_some() {
                 return None;
             }
-            let sent_at = match &body.sent_at {
-                None => None,
-                Some(v) => Some(parse_time(v).ok()?),
-            };
+            let sent_at = optional_time(&body.sent_at)?;
             let (events, first_key) = events(items, sent_at, now)?;
             let body_key = body
                 .api_key
@@ -314,6 +311,14 @@ fn events(
         out.push(queued);
     }
     Some((out, first_key))
+}
+
+/// A time field: `Some(None)` when absent, `None` (decline) when it does not parse.
+fn optional_time(v: &Option<Value>) -> Option<Option<DateTime<Utc>>> {
+    match v {
+        None => Some(None),
+        Some(v) => parse_time(v).ok().map(Some),
+    }
 }
 
 const EMPTY_OBJECT: &str = "{}";
@@ -356,12 +361,8 @@ fn event(
         None => Uuid::now_v7(),
         Some(s) => Uuid::parse_str(s.0.trim()).ok()?,
     };
-    let time = |v: &Option<Value>| match v {
-        None => Some(None),
-        Some(v) => parse_time(v).ok().map(Some),
-    };
-    let timestamp = time(&ev.timestamp)?;
-    let sent_at = time(&ev.sent_at)?.or(batch_sent_at);
+    let timestamp = optional_time(&ev.timestamp)?;
+    let sent_at = optional_time(&ev.sent_at)?.or(batch_sent_at);
     let offset = match &ev.offset {
         None => None,
         Some(v) => Some(v.as_i64()?),
