@@ -4,6 +4,8 @@
 //! `v` = [`ENVELOPE_VERSION`], `event` = the JSON of [`Envelope`], and optionally
 //! `traceparent` (W3C trace context of the request that accepted it).
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -93,6 +95,20 @@ impl Envelope {
         let event = field(FIELD_EVENT).ok_or(EnvelopeError::MissingField(FIELD_EVENT))?;
         Ok(serde_json::from_slice(event)?)
     }
+
+    /// The `distinct_id` of an encoded envelope (the `event` field), read without building the
+    /// rest: the worker routes entries by user before decoding them. `None` if it is not JSON
+    /// or has no string `distinct_id`.
+    pub fn distinct_id_of(event: &[u8]) -> Option<Cow<'_, str>> {
+        #[derive(Deserialize)]
+        struct User<'a> {
+            #[serde(borrow)]
+            distinct_id: Cow<'a, str>,
+        }
+        serde_json::from_slice::<User>(event)
+            .ok()
+            .map(|u| u.distinct_id)
+    }
 }
 
 #[cfg(test)]
@@ -129,6 +145,22 @@ mod tests {
         })
         .unwrap();
         assert_eq!(back, env);
+    }
+
+    #[test]
+    fn distinct_id_is_read_alone() {
+        let mut env = sample();
+        assert_eq!(
+            Envelope::distinct_id_of(env.to_json().as_bytes()).as_deref(),
+            Some("user_1")
+        );
+        env.distinct_id = "a \"quoted\" \u{e9}".into();
+        assert_eq!(
+            Envelope::distinct_id_of(env.to_json().as_bytes()).as_deref(),
+            Some(env.distinct_id.as_str())
+        );
+        assert_eq!(Envelope::distinct_id_of(b"{\"distinct_id\": 7}"), None);
+        assert_eq!(Envelope::distinct_id_of(b"not json"), None);
     }
 
     #[test]

@@ -1,24 +1,31 @@
 //! The consumer: reader, claimer and writer tasks of one worker replica.
 //!
 //! ```text
-//! reader  (own pending entries, then new ones) ─┐
-//!                                                ├─ bounded channel ─▶ writer: enrich → one transaction → XACK+XDEL
-//! claimer (idle entries of any consumer) ───────┘                           poison → DLQ → XACK+XDEL
+//! reader  (own pending entries, then new ones) ─┐            ┌─▶ writer 1: enrich → one transaction → XACK+XDEL
+//!                                                ├─ by user ──┤   …          poison → DLQ → XACK+XDEL
+//! claimer (idle entries of any consumer) ───────┘            └─▶ writer WRITE_CONCURRENCY
 //! keep-alive: resets the idle time of entries held longer than a third of CLAIM_IDLE_MS
 //! ```
-//! The reader fetches the next batches while `WRITE_CONCURRENCY` writers store earlier ones; the
-//! channel holds as many batches as there are writers, so read-ahead is bounded. On shutdown the reader and claimer stop, the writer
-//! finishes what it holds, and anything still unacknowledged at `SHUTDOWN_TIMEOUT` stays pending
-//! for other replicas.
+//! The reader fetches the next batches while `WRITE_CONCURRENCY` writers store earlier ones. Each
+//! entry goes to the writer of its user (a hash of `distinct_id`), so the transactions of one
+//! replica never write the same profile or session rows and never wait for each other's row
+//! locks. A writer merges what was queued for it while it was writing into its next batch (at
+//! most `BATCH_SIZE` events). Each writer's queue holds `WRITE_CONCURRENCY` pieces, so read-ahead
+//! is bounded. On shutdown the reader and claimer stop, the writers finish what they hold, and
+//! anything still unacknowledged at `SHUTDOWN_TIMEOUT` stays pending for other replicas.
 
 use std::{
     collections::{HashMap, HashSet},
+    hash::{DefaultHasher, Hash, Hasher},
     panic::AssertUnwindSafe,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use entity::{Envelope, envelope::FIELD_TRACEPARENT};
+use entity::{
+    Envelope,
+    envelope::{FIELD_EVENT, FIELD_TRACEPARENT},
+};
 use sea_orm::DatabaseConnection;
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -203,17 +210,16 @@ async fn consume(
         held: Held::default(),
         metrics,
     });
-    let (tx, rx) = mpsc::channel::<Vec<Entry>>(ctx.config.write_concurrency);
-    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let (router, queues) = Router::new(ctx.config.write_concurrency);
     let hard_stop = CancellationToken::new();
 
     let mut feeders = JoinSet::new();
-    feeders.spawn(read_loop(ctx.clone(), tx.clone(), shutdown.clone()));
-    feeders.spawn(claim_loop(ctx.clone(), tx, shutdown.clone()));
+    feeders.spawn(read_loop(ctx.clone(), router.clone(), shutdown.clone()));
+    feeders.spawn(claim_loop(ctx.clone(), router, shutdown.clone()));
     let keep_alive = tokio::spawn(keep_alive_loop(ctx.clone(), hard_stop.clone()));
     let mut writers = JoinSet::new();
-    for _ in 0..ctx.config.write_concurrency {
-        writers.spawn(write_loop(ctx.clone(), rx.clone(), hard_stop.clone()));
+    for queue in queues {
+        writers.spawn(write_loop(ctx.clone(), queue, hard_stop.clone()));
     }
     let mut writer = tokio::spawn(async move {
         // Ends when every writer has (the channel closed, or the grace period ran out).
@@ -287,7 +293,7 @@ where
 }
 
 /// Re-reads this consumer's own pending entries (a restart), then reads new ones.
-async fn read_loop(ctx: Arc<Context>, tx: mpsc::Sender<Vec<Entry>>, shutdown: CancellationToken) {
+async fn read_loop(ctx: Arc<Context>, router: Router, shutdown: CancellationToken) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut history = Some("0".to_string());
     while !shutdown.is_cancelled() {
@@ -311,7 +317,7 @@ async fn read_loop(ctx: Arc<Context>, tx: mpsc::Sender<Vec<Entry>>, shutdown: Ca
                     continue;
                 }
                 ctx.held.hold(&entries);
-                if tx.send(entries).await.is_err() {
+                if !router.send(entries).await {
                     break;
                 }
             }
@@ -334,7 +340,7 @@ async fn read_loop(ctx: Arc<Context>, tx: mpsc::Sender<Vec<Entry>>, shutdown: Ca
 
 /// Every `CLAIM_INTERVAL`: takes over entries idle longer than `CLAIM_IDLE_MS` (a crashed or stuck
 /// replica's), then removes consumers that are gone and own nothing.
-async fn claim_loop(ctx: Arc<Context>, tx: mpsc::Sender<Vec<Entry>>, shutdown: CancellationToken) {
+async fn claim_loop(ctx: Arc<Context>, router: Router, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(ctx.config.claim_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let consumer_idle = ctx.config.claim_idle.max(ctx.config.flush_interval * 4);
@@ -362,7 +368,7 @@ async fn claim_loop(ctx: Arc<Context>, tx: mpsc::Sender<Vec<Entry>>, shutdown: C
                         );
                         ctx.metrics.claimed.inc_by(entries.len() as u64);
                         ctx.held.hold(&entries);
-                        if tx.send(entries).await.is_err() {
+                        if !router.send(entries).await {
                             return;
                         }
                     }
@@ -407,17 +413,93 @@ async fn keep_alive_loop(ctx: Arc<Context>, stop: CancellationToken) {
     }
 }
 
-/// One of `WRITE_CONCURRENCY` writers: batches are stored concurrently so that one batch's commit
-/// (a WAL flush) overlaps the next one's statements. Order across batches does not matter: rows
-/// are keyed by uuid and profile merges do not depend on arrival order.
+/// Hands entries to the writers: each user's entries to the same writer, in the order read.
+#[derive(Clone)]
+struct Router {
+    writers: Vec<mpsc::Sender<Vec<Entry>>>,
+}
+
+impl Router {
+    /// A router to `writers` writers and the queue each of them reads.
+    fn new(writers: usize) -> (Self, Vec<mpsc::Receiver<Vec<Entry>>>) {
+        let (senders, queues) = (0..writers.max(1))
+            .map(|_| mpsc::channel(writers.max(1)))
+            .unzip();
+        (Self { writers: senders }, queues)
+    }
+
+    /// Sends each entry to its writer, waiting while that writer's queue is full; `false` once
+    /// the writers are gone.
+    async fn send(&self, entries: Vec<Entry>) -> bool {
+        if let [writer] = self.writers.as_slice() {
+            return writer.send(entries).await.is_ok();
+        }
+        let mut pieces: Vec<Vec<Entry>> = self.writers.iter().map(|_| Vec::new()).collect();
+        for entry in entries {
+            pieces[writer_of(&entry, self.writers.len())].push(entry);
+        }
+        for (writer, piece) in self.writers.iter().zip(pieces) {
+            if !piece.is_empty() && writer.send(piece).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Which of `writers` writers stores `entry`: chosen by its user, so that two transactions of
+/// one replica never write the same profile or session rows (they would wait for each other's
+/// row locks, one at a time). Entries without a readable user (poison) go to the first writer.
+fn writer_of(entry: &Entry, writers: usize) -> usize {
+    let Some(user) = entry.field(FIELD_EVENT).and_then(Envelope::distinct_id_of) else {
+        return 0;
+    };
+    let mut hasher = DefaultHasher::new();
+    user.hash(&mut hasher);
+    (hasher.finish() % writers as u64) as usize
+}
+
+/// The next batch of a writer: the first piece queued (waiting for one), then whatever else is
+/// queued, up to `limit` entries; the part of a piece beyond `limit` is kept in `carry` for the
+/// batch after. `None` when the queue is closed and empty.
+async fn next_batch(
+    queue: &mut mpsc::Receiver<Vec<Entry>>,
+    carry: &mut Option<Vec<Entry>>,
+    limit: usize,
+) -> Option<Vec<Entry>> {
+    let mut batch = match carry.take() {
+        Some(batch) => batch,
+        None => queue.recv().await?,
+    };
+    while batch.len() < limit {
+        let Ok(mut more) = queue.try_recv() else {
+            break;
+        };
+        let room = limit - batch.len();
+        if more.len() > room {
+            *carry = Some(more.split_off(room));
+        }
+        batch.append(&mut more);
+    }
+    if batch.len() > limit {
+        *carry = Some(batch.split_off(limit));
+    }
+    Some(batch)
+}
+
+/// One of `WRITE_CONCURRENCY` writers, storing the entries of its share of the users. The
+/// writers' transactions run side by side, so one batch's commit (a WAL flush) overlaps the
+/// others' statements. Order across batches does not matter: rows are keyed by uuid and profile
+/// merges do not depend on arrival order.
 async fn write_loop(
     ctx: Arc<Context>,
-    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<Entry>>>>,
+    mut queue: mpsc::Receiver<Vec<Entry>>,
     hard_stop: CancellationToken,
 ) {
+    let mut carry = None;
     loop {
         let batch = tokio::select! {
-            batch = async { rx.lock().await.recv().await } => batch,
+            batch = next_batch(&mut queue, &mut carry, ctx.config.batch_size) => batch,
             _ = hard_stop.cancelled() => None,
         };
         let Some(batch) = batch else { return };
@@ -473,7 +555,12 @@ async fn process(
     let mut ack: Vec<String> = Vec::with_capacity(entries);
     let mut poison: Vec<(Entry, Poison)> = Vec::new();
     let mut good: Vec<(Entry, StoredEvent)> = Vec::with_capacity(entries);
-    for entry in batch {
+    for (i, entry) in batch.into_iter().enumerate() {
+        if i > 0 && i % YIELD_EVERY == 0 {
+            // Decoding and enriching a large batch is CPU work without an await: let the other
+            // writers' transactions move on meanwhile (their backends wait, holding their locks).
+            tokio::task::yield_now().await;
+        }
         if entry.fields.is_empty() {
             tracing::warn!(id = %entry.id, "pending entry no longer in the stream: acknowledging it");
             ack.push(entry.id);
@@ -565,6 +652,9 @@ async fn process(
     );
     Ok(())
 }
+
+/// Entries decoded and enriched between two yields to the other tasks (about half a millisecond).
+const YIELD_EVERY: usize = 32;
 
 /// Why an entry goes to the dead-letter stream: a metric label and the stored error.
 struct Poison {
@@ -672,5 +762,124 @@ where
             _ = tokio::time::sleep(delay) => {}
             _ = hard_stop.cancelled() => return Err(Aborted),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(i: usize, user: Option<&str>) -> Entry {
+        let fields = match user {
+            Some(user) => vec![
+                ("v".to_string(), b"1".to_vec()),
+                (
+                    FIELD_EVENT.to_string(),
+                    serde_json::json!({"uuid": uuid::Uuid::now_v7(), "distinct_id": user, "event": "e"})
+                        .to_string()
+                        .into_bytes(),
+                ),
+            ],
+            None => Vec::new(),
+        };
+        Entry {
+            id: format!("{i}-0"),
+            fields,
+            deliveries: 1,
+        }
+    }
+
+    fn ids(batch: &[Entry]) -> Vec<String> {
+        batch.iter().map(|e| e.id.clone()).collect()
+    }
+
+    fn expected(range: std::ops::Range<usize>) -> Vec<String> {
+        range.map(|i| format!("{i}-0")).collect()
+    }
+
+    #[tokio::test]
+    async fn a_writer_merges_what_is_queued_up_to_the_batch_size() {
+        let (tx, mut queue) = mpsc::channel(8);
+        for range in [0..3, 3..7, 7..9, 9..21] {
+            tx.send(range.map(|i| entry(i, None)).collect())
+                .await
+                .unwrap();
+        }
+        drop(tx);
+        let mut carry = None;
+        let mut batches = Vec::new();
+        while let Some(batch) = next_batch(&mut queue, &mut carry, 5).await {
+            batches.push(ids(&batch));
+        }
+        assert_eq!(
+            batches,
+            vec![
+                expected(0..5),
+                expected(5..10),
+                expected(10..15),
+                expected(15..20),
+                expected(20..21)
+            ],
+            "full batches while entries are queued, in order, none lost or repeated"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_writer_does_not_wait_for_a_full_batch() {
+        let (tx, mut queue) = mpsc::channel(8);
+        tx.send(vec![entry(0, None)]).await.unwrap();
+        let mut carry = None;
+        let batch = next_batch(&mut queue, &mut carry, 50).await.unwrap();
+        assert_eq!(ids(&batch), expected(0..1));
+        assert!(carry.is_none());
+    }
+
+    #[tokio::test]
+    async fn each_user_goes_to_one_writer_in_the_order_read() {
+        let (router, queues) = Router::new(3);
+        let users: Vec<String> = (0..12).map(|u| format!("user_{u}")).collect();
+        let batch: Vec<Entry> = (0..200)
+            .map(|i| match i % 50 {
+                // Unreadable entries (no fields, as a deleted pending entry) go to the first writer.
+                49 => entry(i, None),
+                _ => entry(i, Some(&users[i % users.len()])),
+            })
+            .collect();
+        assert!(router.send(batch).await);
+        drop(router);
+        let mut seen = Vec::new();
+        let mut writer_of_user: HashMap<String, usize> = HashMap::new();
+        for (writer, mut queue) in queues.into_iter().enumerate() {
+            let mut got = Vec::new();
+            while let Some(piece) = queue.recv().await {
+                got.extend(piece);
+            }
+            let positions: Vec<usize> = got
+                .iter()
+                .map(|e| e.id.trim_end_matches("-0").parse().unwrap())
+                .collect();
+            assert!(positions.is_sorted(), "writer {writer} got {positions:?}");
+            for (e, i) in got.iter().zip(&positions) {
+                if i % 50 == 49 {
+                    assert_eq!(writer, 0, "unreadable entry {i}");
+                    continue;
+                }
+                let user = users[i % users.len()].clone();
+                let first = *writer_of_user.entry(user.clone()).or_insert(writer);
+                assert_eq!(first, writer, "{user} went to two writers");
+                assert_eq!(e.id, format!("{i}-0"));
+            }
+            seen.extend(positions);
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            (0..200).collect::<Vec<_>>(),
+            "every entry exactly once"
+        );
+        assert!(
+            writer_of_user.values().collect::<HashSet<_>>().len() > 1,
+            "the users are spread over the writers"
+        );
     }
 }
