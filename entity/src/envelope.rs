@@ -159,7 +159,16 @@ mod tests {
             Envelope::distinct_id_of(env.to_json().as_bytes()).as_deref(),
             Some(env.distinct_id.as_str())
         );
+        assert_eq!(
+            Envelope::distinct_id_of(
+                br#"{"properties": {"distinct_id": "inner"}, "distinct_id": "outer"}"#
+            )
+            .as_deref(),
+            Some("outer"),
+            "the top-level field, not one inside properties"
+        );
         assert_eq!(Envelope::distinct_id_of(b"{\"distinct_id\": 7}"), None);
+        assert_eq!(Envelope::distinct_id_of(br#"{"event": "e"}"#), None);
         assert_eq!(Envelope::distinct_id_of(b"not json"), None);
     }
 

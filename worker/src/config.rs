@@ -33,7 +33,7 @@ pub struct Config {
     pub claim_idle: Duration,
     /// `MAX_DELIVERIES`: an entry delivered more often than this goes to the DLQ.
     pub max_deliveries: u64,
-    /// `SHUTDOWN_TIMEOUT` (seconds): grace period to finish the batch in flight.
+    /// `SHUTDOWN_TIMEOUT` (seconds): grace period to store what was read.
     pub shutdown_timeout: Duration,
     /// `MIGRATE_ON_START`: apply pending migrations before consuming.
     pub migrate_on_start: bool,

@@ -10,9 +10,10 @@
 //! entry goes to the writer of its user (a hash of `distinct_id`), so the transactions of one
 //! replica never write the same profile or session rows and never wait for each other's row
 //! locks. A writer merges what was queued for it while it was writing into its next batch (at
-//! most `BATCH_SIZE` events). Each writer's queue holds `WRITE_CONCURRENCY` pieces, so read-ahead
-//! is bounded. On shutdown the reader and claimer stop, the writers finish what they hold, and
-//! anything still unacknowledged at `SHUTDOWN_TIMEOUT` stays pending for other replicas.
+//! most `BATCH_SIZE` events). Read-ahead is bounded: at most 2 × `WRITE_CONCURRENCY` ×
+//! `BATCH_SIZE` entries are queued or being stored. On shutdown the reader and claimer stop, the
+//! writers store what was read, and anything still unacknowledged at `SHUTDOWN_TIMEOUT` stays
+//! pending for other replicas.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -27,7 +28,10 @@ use entity::{
     envelope::{FIELD_EVENT, FIELD_TRACEPARENT},
 };
 use sea_orm::DatabaseConnection;
-use tokio::{sync::mpsc, task::JoinSet};
+use tokio::{
+    sync::{Semaphore, mpsc},
+    task::JoinSet,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -125,7 +129,7 @@ struct Context {
     metrics: Arc<WorkerMetrics>,
 }
 
-/// Runs one replica until `shutdown`, then finishes the batch in flight within `SHUTDOWN_TIMEOUT`.
+/// Runs one replica until `shutdown`, then stores what it has read within `SHUTDOWN_TIMEOUT`.
 pub async fn run(
     config: Config,
     enricher: Arc<dyn Enricher>,
@@ -210,7 +214,7 @@ async fn consume(
         held: Held::default(),
         metrics,
     });
-    let (router, queues) = Router::new(ctx.config.write_concurrency);
+    let (router, queues) = Router::new(ctx.config.write_concurrency, ctx.config.batch_size);
     let hard_stop = CancellationToken::new();
 
     let mut feeders = JoinSet::new();
@@ -221,11 +225,16 @@ async fn consume(
     for queue in queues {
         writers.spawn(write_loop(ctx.clone(), queue, hard_stop.clone()));
     }
+    let stopping = shutdown.clone();
     let mut writer = tokio::spawn(async move {
-        // Ends when every writer has (the channel closed, or the grace period ran out).
+        // Ends when every writer has (their queues closed, or the grace period ran out), or as
+        // soon as one ends before shutdown (a panic): its users' entries could not be stored.
         while let Some(result) = writers.join_next().await {
             if let Err(error) = result {
                 tracing::error!(%error, "writer task failed");
+            }
+            if !stopping.is_cancelled() {
+                return;
             }
         }
     });
@@ -241,7 +250,7 @@ async fn consume(
             "writer ended before shutdown: {result:?}"
         )));
     }
-    tracing::info!(grace = ?ctx.config.shutdown_timeout, "shutting down: finishing the batch in flight");
+    tracing::info!(grace = ?ctx.config.shutdown_timeout, "shutting down: storing what was read");
     let finished = tokio::time::timeout(ctx.config.shutdown_timeout, &mut writer)
         .await
         .is_ok();
@@ -318,6 +327,7 @@ async fn read_loop(ctx: Arc<Context>, router: Router, shutdown: CancellationToke
                 }
                 ctx.held.hold(&entries);
                 if !router.send(entries).await {
+                    tracing::error!("writers stopped: reading stops");
                     break;
                 }
             }
@@ -369,6 +379,7 @@ async fn claim_loop(ctx: Arc<Context>, router: Router, shutdown: CancellationTok
                         ctx.metrics.claimed.inc_by(entries.len() as u64);
                         ctx.held.hold(&entries);
                         if !router.send(entries).await {
+                            tracing::error!("writers stopped: claiming stops");
                             return;
                         }
                     }
@@ -414,36 +425,60 @@ async fn keep_alive_loop(ctx: Arc<Context>, stop: CancellationToken) {
 }
 
 /// Hands entries to the writers: each user's entries to the same writer, in the order read.
+///
+/// Read-ahead is bounded in entries, whichever writer they are for: at most
+/// 2 × `WRITE_CONCURRENCY` × `BATCH_SIZE` entries are queued or being stored at once (as many as
+/// when every writer held one batch and had one more waiting). A slow writer (a hot user, a
+/// batch being retried) does not hold up the other writers' queues until that budget is spent.
 #[derive(Clone)]
 struct Router {
-    writers: Vec<mpsc::Sender<Vec<Entry>>>,
+    writers: Vec<mpsc::UnboundedSender<Vec<Entry>>>,
+    budget: Arc<Semaphore>,
 }
 
 impl Router {
-    /// A router to `writers` writers and the queue each of them reads.
-    fn new(writers: usize) -> (Self, Vec<mpsc::Receiver<Vec<Entry>>>) {
-        let (senders, queues) = (0..writers.max(1))
-            .map(|_| mpsc::channel(writers.max(1)))
+    /// A router to `writers` writers (at least one) and the queue of each.
+    fn new(writers: usize, batch_size: usize) -> (Self, Vec<Queue>) {
+        let writers = writers.max(1);
+        let budget = Arc::new(Semaphore::new(2 * writers * batch_size.max(1)));
+        let (senders, queues) = (0..writers)
+            .map(|_| {
+                let (tx, entries) = mpsc::unbounded_channel();
+                let queue = Queue {
+                    entries,
+                    carry: None,
+                    budget: budget.clone(),
+                };
+                (tx, queue)
+            })
             .unzip();
-        (Self { writers: senders }, queues)
+        (
+            Self {
+                writers: senders,
+                budget,
+            },
+            queues,
+        )
     }
 
-    /// Sends each entry to its writer, waiting while that writer's queue is full; `false` once
-    /// the writers are gone.
+    /// Sends each entry to its writer once the read-ahead budget has room for them; `false` once
+    /// the writers are gone. A read holds at most `BATCH_SIZE` entries, within the budget.
     async fn send(&self, entries: Vec<Entry>) -> bool {
+        let Ok(room) = self.budget.acquire_many(entries.len() as u32).await else {
+            return false;
+        };
+        room.forget();
         if let [writer] = self.writers.as_slice() {
-            return writer.send(entries).await.is_ok();
+            return writer.send(entries).is_ok();
         }
         let mut pieces: Vec<Vec<Entry>> = self.writers.iter().map(|_| Vec::new()).collect();
         for entry in entries {
             pieces[writer_of(&entry, self.writers.len())].push(entry);
         }
-        for (writer, piece) in self.writers.iter().zip(pieces) {
-            if !piece.is_empty() && writer.send(piece).await.is_err() {
-                return false;
-            }
-        }
-        true
+        self.writers
+            .iter()
+            .zip(pieces)
+            .all(|(writer, piece)| piece.is_empty() || writer.send(piece).is_ok())
     }
 }
 
@@ -459,47 +494,50 @@ fn writer_of(entry: &Entry, writers: usize) -> usize {
     (hasher.finish() % writers as u64) as usize
 }
 
-/// The next batch of a writer: the first piece queued (waiting for one), then whatever else is
-/// queued, up to `limit` entries; the part of a piece beyond `limit` is kept in `carry` for the
-/// batch after. `None` when the queue is closed and empty.
-async fn next_batch(
-    queue: &mut mpsc::Receiver<Vec<Entry>>,
-    carry: &mut Option<Vec<Entry>>,
-    limit: usize,
-) -> Option<Vec<Entry>> {
-    let mut batch = match carry.take() {
-        Some(batch) => batch,
-        None => queue.recv().await?,
-    };
-    while batch.len() < limit {
-        let Ok(mut more) = queue.try_recv() else {
-            break;
+/// What the router sent one writer, and the part of it left over from its last batch.
+struct Queue {
+    entries: mpsc::UnboundedReceiver<Vec<Entry>>,
+    carry: Option<Vec<Entry>>,
+    budget: Arc<Semaphore>,
+}
+
+impl Queue {
+    /// The next batch: what is left over, or the next piece sent (waiting for one), then whatever
+    /// else was sent meanwhile, up to `limit` entries; the rest is kept for the batch after.
+    /// `None` when the router is gone and nothing is left. Cancel-safe: nothing is taken out of
+    /// the queue across an await.
+    async fn next(&mut self, limit: usize) -> Option<Vec<Entry>> {
+        let mut batch = match self.carry.take() {
+            Some(batch) => batch,
+            None => self.entries.recv().await?,
         };
-        let room = limit - batch.len();
-        if more.len() > room {
-            *carry = Some(more.split_off(room));
+        while batch.len() < limit {
+            let Ok(mut more) = self.entries.try_recv() else {
+                break;
+            };
+            batch.append(&mut more);
         }
-        batch.append(&mut more);
+        if batch.len() > limit {
+            self.carry = Some(batch.split_off(limit));
+        }
+        Some(batch)
     }
-    if batch.len() > limit {
-        *carry = Some(batch.split_off(limit));
+
+    /// `count` entries taken from this queue are finished (stored or dead-lettered, and
+    /// acknowledged): room for as many more in the read-ahead budget.
+    fn done(&self, count: usize) {
+        self.budget.add_permits(count);
     }
-    Some(batch)
 }
 
 /// One of `WRITE_CONCURRENCY` writers, storing the entries of its share of the users. The
 /// writers' transactions run side by side, so one batch's commit (a WAL flush) overlaps the
 /// others' statements. Order across batches does not matter: rows are keyed by uuid and profile
 /// merges do not depend on arrival order.
-async fn write_loop(
-    ctx: Arc<Context>,
-    mut queue: mpsc::Receiver<Vec<Entry>>,
-    hard_stop: CancellationToken,
-) {
-    let mut carry = None;
+async fn write_loop(ctx: Arc<Context>, mut queue: Queue, hard_stop: CancellationToken) {
     loop {
         let batch = tokio::select! {
-            batch = next_batch(&mut queue, &mut carry, ctx.config.batch_size) => batch,
+            batch = queue.next(ctx.config.batch_size) => batch,
             _ = hard_stop.cancelled() => None,
         };
         let Some(batch) = batch else { return };
@@ -513,6 +551,7 @@ async fn write_loop(
             return;
         }
         ctx.held.release(&ids);
+        queue.done(ids.len());
     }
 }
 
@@ -769,16 +808,13 @@ where
 mod tests {
     use super::*;
 
-    fn entry(i: usize, user: Option<&str>) -> Entry {
-        let fields = match user {
-            Some(user) => vec![
+    /// An entry as read from the stream: `event` is its envelope JSON; `None`: no fields at all
+    /// (a pending entry deleted from the stream).
+    fn entry(i: usize, event: Option<String>) -> Entry {
+        let fields = match event {
+            Some(event) => vec![
                 ("v".to_string(), b"1".to_vec()),
-                (
-                    FIELD_EVENT.to_string(),
-                    serde_json::json!({"uuid": uuid::Uuid::now_v7(), "distinct_id": user, "event": "e"})
-                        .to_string()
-                        .into_bytes(),
-                ),
+                (FIELD_EVENT.to_string(), event.into_bytes()),
             ],
             None => Vec::new(),
         };
@@ -789,87 +825,101 @@ mod tests {
         }
     }
 
-    fn ids(batch: &[Entry]) -> Vec<String> {
-        batch.iter().map(|e| e.id.clone()).collect()
+    fn of_user(i: usize, user: &str) -> Entry {
+        let event =
+            serde_json::json!({"uuid": uuid::Uuid::now_v7(), "distinct_id": user, "event": "e"});
+        entry(i, Some(event.to_string()))
     }
 
-    fn expected(range: std::ops::Range<usize>) -> Vec<String> {
-        range.map(|i| format!("{i}-0")).collect()
+    fn position(entry: &Entry) -> usize {
+        entry.id.trim_end_matches("-0").parse().unwrap()
+    }
+
+    fn ids(batch: &[Entry]) -> Vec<usize> {
+        batch.iter().map(position).collect()
+    }
+
+    /// A queue fed directly, as the router would.
+    fn queue() -> (mpsc::UnboundedSender<Vec<Entry>>, Queue) {
+        let (tx, entries) = mpsc::unbounded_channel();
+        let queue = Queue {
+            entries,
+            carry: None,
+            budget: Arc::new(Semaphore::new(0)),
+        };
+        (tx, queue)
     }
 
     #[tokio::test]
     async fn a_writer_merges_what_is_queued_up_to_the_batch_size() {
-        let (tx, mut queue) = mpsc::channel(8);
-        for range in [0..3, 3..7, 7..9, 9..21] {
-            tx.send(range.map(|i| entry(i, None)).collect())
-                .await
-                .unwrap();
+        let (tx, mut queue) = queue();
+        for range in [0..3, 3..7, 7..9, 9..14, 14..16] {
+            tx.send(range.map(|i| entry(i, None)).collect()).unwrap();
         }
         drop(tx);
-        let mut carry = None;
         let mut batches = Vec::new();
-        while let Some(batch) = next_batch(&mut queue, &mut carry, 5).await {
+        while let Some(batch) = queue.next(5).await {
             batches.push(ids(&batch));
         }
         assert_eq!(
             batches,
             vec![
-                expected(0..5),
-                expected(5..10),
-                expected(10..15),
-                expected(15..20),
-                expected(20..21)
+                (0..5).collect::<Vec<_>>(),
+                (5..10).collect(),
+                (10..15).collect(),
+                (15..16).collect()
             ],
             "full batches while entries are queued, in order, none lost or repeated"
         );
     }
 
     #[tokio::test]
-    async fn a_writer_does_not_wait_for_a_full_batch() {
-        let (tx, mut queue) = mpsc::channel(8);
-        tx.send(vec![entry(0, None)]).await.unwrap();
-        let mut carry = None;
-        let batch = next_batch(&mut queue, &mut carry, 50).await.unwrap();
-        assert_eq!(ids(&batch), expected(0..1));
-        assert!(carry.is_none());
+    async fn a_writer_takes_what_is_there_without_waiting_for_a_full_batch() {
+        let (tx, mut queue) = queue();
+        tx.send(vec![entry(0, None)]).unwrap();
+        let batch = tokio::time::timeout(Duration::from_secs(5), queue.next(50))
+            .await
+            .expect("a batch at once");
+        assert_eq!(ids(&batch.unwrap()), vec![0]);
+        assert!(queue.carry.is_none());
     }
 
     #[tokio::test]
     async fn each_user_goes_to_one_writer_in_the_order_read() {
-        let (router, queues) = Router::new(3);
+        let (router, queues) = Router::new(3, 200);
         let users: Vec<String> = (0..12).map(|u| format!("user_{u}")).collect();
+        let poison = |i: usize| match i % 50 {
+            46 => Some(None),                                      // no fields
+            47 => Some(Some("not json".to_string())),              // undecodable
+            48 => Some(Some(r#"{"distinct_id": 7}"#.to_string())), // not a string
+            _ => None,
+        };
         let batch: Vec<Entry> = (0..200)
-            .map(|i| match i % 50 {
-                // Unreadable entries (no fields, as a deleted pending entry) go to the first writer.
-                49 => entry(i, None),
-                _ => entry(i, Some(&users[i % users.len()])),
+            .map(|i| match poison(i) {
+                Some(event) => entry(i, event),
+                None => of_user(i, &users[i % users.len()]),
             })
             .collect();
         assert!(router.send(batch).await);
         drop(router);
         let mut seen = Vec::new();
-        let mut writer_of_user: HashMap<String, usize> = HashMap::new();
+        let mut writer_of_user: HashMap<&str, usize> = HashMap::new();
         for (writer, mut queue) in queues.into_iter().enumerate() {
             let mut got = Vec::new();
-            while let Some(piece) = queue.recv().await {
-                got.extend(piece);
+            while let Some(batch) = queue.next(1000).await {
+                got.extend(ids(&batch));
             }
-            let positions: Vec<usize> = got
-                .iter()
-                .map(|e| e.id.trim_end_matches("-0").parse().unwrap())
-                .collect();
-            assert!(positions.is_sorted(), "writer {writer} got {positions:?}");
-            for (e, i) in got.iter().zip(&positions) {
-                if i % 50 == 49 {
-                    assert_eq!(writer, 0, "unreadable entry {i}");
+            assert!(got.is_sorted(), "writer {writer} got {got:?}");
+            for &i in &got {
+                if poison(i).is_some() {
+                    assert_eq!(writer, 0, "an entry without a readable user: {i}");
                     continue;
                 }
-                let user = users[i % users.len()].clone();
-                let first = *writer_of_user.entry(user.clone()).or_insert(writer);
+                let user = users[i % users.len()].as_str();
+                let first = *writer_of_user.entry(user).or_insert(writer);
                 assert_eq!(first, writer, "{user} went to two writers");
-                assert_eq!(e.id, format!("{i}-0"));
             }
-            seen.extend(positions);
+            seen.extend(got);
         }
         seen.sort();
         assert_eq!(
@@ -880,6 +930,36 @@ mod tests {
         assert!(
             writer_of_user.values().collect::<HashSet<_>>().len() > 1,
             "the users are spread over the writers"
+        );
+    }
+
+    #[tokio::test]
+    async fn read_ahead_waits_for_the_writers_to_finish_entries() {
+        // One writer, batches of 2: room for 2 × 1 × 2 = 4 entries.
+        let (router, mut queues) = Router::new(1, 2);
+        let mut queue = queues.pop().unwrap();
+        assert!(router.send(vec![of_user(0, "a"), of_user(1, "a")]).await);
+        assert!(router.send(vec![of_user(2, "a"), of_user(3, "a")]).await);
+        let blocked = tokio::time::timeout(
+            Duration::from_millis(200),
+            router.send(vec![of_user(4, "a")]),
+        )
+        .await;
+        assert!(
+            blocked.is_err(),
+            "a fifth entry waits while four are unfinished"
+        );
+        let batch = queue.next(2).await.unwrap();
+        assert_eq!(ids(&batch), vec![0, 1]);
+        queue.done(batch.len());
+        let sent = tokio::time::timeout(Duration::from_secs(5), router.send(vec![of_user(4, "a")]))
+            .await
+            .expect("room once two entries are finished");
+        assert!(sent);
+        drop(queue);
+        assert!(
+            !router.send(vec![of_user(5, "a")]).await,
+            "the writers are gone"
         );
     }
 }
