@@ -166,6 +166,8 @@ mod tests {
         assert_eq!(config.flush_interval, Duration::from_secs(2));
         assert_eq!(config.claim_idle, Duration::from_secs(30));
         assert_eq!(config.max_deliveries, 5);
+        assert_eq!(config.write_concurrency, 4);
+        assert_eq!(config.database_pool_size, 5);
         assert!(config.migrate_on_start);
         assert_eq!(
             config.metrics_bind,
