@@ -240,8 +240,10 @@ async fn consume(
     });
 
     let early = tokio::select! {
-        _ = shutdown.cancelled() => None,
+        // A writer that ended early counts even if shutdown came at the same time.
+        biased;
         result = &mut writer => Some(result),
+        _ = shutdown.cancelled() => None,
     };
     if let Some(result) = early {
         feeders.abort_all();
@@ -527,6 +529,15 @@ impl Queue {
     /// acknowledged): room for as many more in the read-ahead budget.
     fn done(&self, count: usize) {
         self.budget.add_permits(count);
+    }
+}
+
+impl Drop for Queue {
+    /// A writer that is gone gives back no more room: close the budget, so that a reader or
+    /// claimer waiting for room stops at once (`Router::send` answers `false`) instead of waiting
+    /// for entries that will never be finished. In a normal shutdown they have already stopped.
+    fn drop(&mut self) {
+        self.budget.close();
     }
 }
 
@@ -956,10 +967,19 @@ mod tests {
             .await
             .expect("room once two entries are finished");
         assert!(sent);
+        // The budget is spent (entries 2, 3, 4 unfinished, one permit left): a read of two waits.
+        let waiting = tokio::spawn({
+            let router = router.clone();
+            async move { router.send(vec![of_user(5, "a"), of_user(6, "a")]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "waits for room");
         drop(queue);
-        assert!(
-            !router.send(vec![of_user(5, "a")]).await,
-            "the writers are gone"
-        );
+        let answer = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("a waiting read stops once the writer is gone")
+            .unwrap();
+        assert!(!answer, "the writers are gone");
+        assert!(!router.send(vec![of_user(7, "a")]).await);
     }
 }
