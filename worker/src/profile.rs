@@ -89,21 +89,29 @@ pub struct ProfileRow {
 }
 
 impl ProfileRow {
-    /// The profile of a user seen for the first time.
-    pub fn from_delta(delta: &ProfileDelta) -> Self {
+    /// The columns `delta` writes, given the stored intents and person properties (empty for a
+    /// new user): its own counts and times (the store adds those to the stored ones in SQL) and
+    /// the details merged.
+    pub fn merged(
+        delta: &ProfileDelta,
+        intents: Intents,
+        person_properties: Option<Map<String, Value>>,
+    ) -> Self {
         let mut row = Self {
             first_seen: delta.first_seen,
             last_seen: delta.last_seen,
-            event_count: 0,
-            session_count: 0,
-            intents: Intents::new(),
-            person_properties: None,
+            event_count: delta.events,
+            session_count: delta.new_sessions,
+            intents,
+            person_properties,
         };
-        row.apply(delta);
+        row.apply_details(delta);
         row
     }
 
-    /// Adds a batch's delta to the stored profile.
+    /// Adds a later delta to the whole row: what the store's SQL does with the counts and times,
+    /// plus [`Self::apply_details`].
+    #[cfg(test)]
     pub fn apply(&mut self, delta: &ProfileDelta) {
         self.first_seen = self.first_seen.min(delta.first_seen);
         self.last_seen = self.last_seen.max(delta.last_seen);
@@ -233,7 +241,7 @@ mod tests {
         delta.add_event(at(10), &[], "a", Some(set("plan", "free")));
         delta.add_event(at(5), &[hit(1.0)], "b", None);
         delta.new_sessions = 1;
-        let mut row = ProfileRow::from_delta(&delta);
+        let mut row = ProfileRow::merged(&delta, Intents::new(), None);
         assert_eq!(
             (
                 row.first_seen,

@@ -205,7 +205,7 @@ pub async fn write_batch(
             delta.add_event(e.timestamp, &e.intents, &e.description, e.person.clone());
         }
         let mut deltas: Vec<ProfileDelta> = deltas.into_values().collect();
-        let new_sessions = insert_sessions(&mut txn, &new, &deltas).await?;
+        let new_sessions = insert_sessions_and_new_profiles(&mut txn, &new, &deltas).await?;
         sessions_done = started.elapsed();
         for delta in &mut deltas {
             delta.new_sessions = new_sessions.get(&delta.distinct_id).copied().unwrap_or(0);
@@ -318,9 +318,9 @@ const INSERT_SESSIONS_AND_NEW_PROFILES: &str = "WITH new_profiles AS ( \
      SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[]) \
      ON CONFLICT (distinct_id, session_id) DO NOTHING RETURNING distinct_id";
 
-/// Records sessions of newly stored events and creates the missing profiles of `deltas` bare;
-/// returns per user how many sessions were new.
-async fn insert_sessions(
+/// Records sessions of newly stored events (if any) and creates the missing profiles of `deltas`
+/// bare; returns per user how many sessions were new.
+async fn insert_sessions_and_new_profiles(
     txn: &mut Txn,
     events: &[&StoredEvent],
     deltas: &[ProfileDelta],
@@ -335,11 +335,6 @@ async fn insert_sessions(
         }
     }
     let mut counts = HashMap::new();
-    if sessions.is_empty() {
-        let deltas: Vec<&ProfileDelta> = deltas.iter().collect();
-        insert_new_profiles(txn, &deltas).await?;
-        return Ok(counts);
-    }
     let (mut users, mut ids, mut firsts) = (Vec::new(), Vec::new(), Vec::new());
     for ((user, session), first) in sessions {
         users.push(user);
@@ -413,34 +408,23 @@ struct StoredDetails {
 }
 
 impl StoredDetails {
-    /// Columns 1 and 2 of a `LOCK_PROFILES` row: `intents` and `person_properties`.
-    fn read(row: &sqlx::postgres::PgRow, distinct_id: &str) -> Result<Self, StoreError> {
-        let intents = row
-            .try_get::<SqlJson<Intents>, _>(1)
-            .map(|j| j.0)
-            .unwrap_or_else(|err| {
+    /// Columns 1 and 2 of a `LOCK_PROFILES` row: `intents` and `person_properties`, or `None`
+    /// when the batch carries no details for this user (the lock then reads them as NULL;
+    /// `intents` is never NULL in the table).
+    fn read(row: &sqlx::postgres::PgRow, distinct_id: &str) -> Result<Option<Self>, StoreError> {
+        let intents = match row.try_get::<Option<SqlJson<Intents>>, _>(1) {
+            Ok(None) => return Ok(None),
+            Ok(Some(SqlJson(intents))) => intents,
+            Err(err) => {
                 tracing::warn!(%distinct_id, error = %err, "stored intents unreadable: starting them afresh");
                 Intents::new()
-            });
+            }
+        };
         let person = match row.try_get::<Option<SqlJson<Json>>, _>(2)? {
             Some(SqlJson(Json::Object(map))) => Some(map),
             _ => None,
         };
-        Ok(Self { intents, person })
-    }
-
-    /// The profile columns once `delta` is added to these details.
-    fn merged(self, delta: &ProfileDelta) -> ProfileRow {
-        let mut row = ProfileRow {
-            first_seen: delta.first_seen,
-            last_seen: delta.last_seen,
-            event_count: delta.events,
-            session_count: delta.new_sessions,
-            intents: self.intents,
-            person_properties: self.person,
-        };
-        row.apply_details(delta);
-        row
+        Ok(Some(Self { intents, person }))
     }
 }
 
@@ -496,7 +480,7 @@ async fn insert_new_profiles(txn: &mut Txn, deltas: &[&ProfileDelta]) -> Result<
 
 /// Adds the deltas (sorted by distinct_id) to their users' profiles, each row written once:
 /// 1. create the missing profiles bare (`ON CONFLICT DO NOTHING`: existing ones are not locked).
-///    [`insert_sessions`] has done this, in the same statement as the sessions; it is repeated
+///    [`insert_sessions_and_new_profiles`] has done this, in the same statement as the sessions; it is repeated
 ///    here only for profiles deleted in between;
 /// 2. lock all the batch's profiles and read the details of those whose delta carries intents or
 ///    person properties;
@@ -508,12 +492,7 @@ async fn insert_new_profiles(txn: &mut Txn, deltas: &[&ProfileDelta]) -> Result<
 /// another transaction's new rows, never for rows locked in step 2, so concurrent replicas wait
 /// for each other without deadlocking.
 async fn upsert_profiles(txn: &mut Txn, deltas: &[ProfileDelta]) -> Result<(), StoreError> {
-    let wanted: HashSet<&str> = deltas
-        .iter()
-        .filter(|d| d.has_details())
-        .map(|d| d.distinct_id.as_str())
-        .collect();
-    if wanted.is_empty() {
+    if !deltas.iter().any(ProfileDelta::has_details) {
         sqlx::query(UPSERT_COUNTS)
             .bind(column(deltas, |d| d.distinct_id.as_str()))
             .bind(column(deltas, |d| d.first_seen))
@@ -537,10 +516,7 @@ async fn upsert_profiles(txn: &mut Txn, deltas: &[ProfileDelta]) -> Result<(), S
             .await?;
         for row in rows {
             let distinct_id: String = row.try_get(0)?;
-            let details = match wanted.contains(distinct_id.as_str()) {
-                true => Some(StoredDetails::read(&row, &distinct_id)?),
-                false => None,
-            };
+            let details = StoredDetails::read(&row, &distinct_id)?;
             locked.insert(distinct_id, details);
         }
         missing.retain(|d| !locked.contains_key(&d.distinct_id));
@@ -557,7 +533,10 @@ async fn upsert_profiles(txn: &mut Txn, deltas: &[ProfileDelta]) -> Result<(), S
     let updates: Vec<ProfileParams> = deltas
         .iter()
         .map(|delta| match locked.remove(&delta.distinct_id).flatten() {
-            Some(stored) => ProfileParams::with_details(delta, &stored.merged(delta)),
+            Some(stored) => ProfileParams::with_details(
+                delta,
+                &ProfileRow::merged(delta, stored.intents, stored.person),
+            ),
             None => ProfileParams::counts_only(delta),
         })
         .collect();
