@@ -724,6 +724,65 @@ async fn database_connections_disable_nagle() {
     );
 }
 
+/// The profile lock and update probe `user_profiles` by key however the plan was made: planned
+/// (generic, as sqlx's prepared statements soon are) while the table was small, the join was a
+/// hash join over a full scan of the table, kept as it grew. The worker's connections rule it out;
+/// a plain connection shows the plan they avoid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profile_statements_probe_by_key_whatever_the_table_size_when_planned() {
+    use sea_orm::sqlx::{self, Row};
+    let db = TestDb::create().await;
+    db.conn
+        .execute_unprepared(
+            "INSERT INTO user_profiles (distinct_id, first_seen, last_seen) \
+             SELECT 'u' || g, now(), now() FROM generate_series(1, 300) AS g; \
+             ANALYZE user_profiles",
+        )
+        .await
+        .unwrap();
+    async fn plans(pool: &sea_orm::DatabaseConnection) -> Vec<String> {
+        let mut conn = pool.get_postgres_connection_pool().acquire().await.unwrap();
+        sqlx::query("SET plan_cache_mode = force_generic_plan")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let mut plans = Vec::new();
+        for (name, statement, args) in [
+            ("lock", worker::store::LOCK_PROFILES, "('{u1}', '{t}')"),
+            (
+                "upd",
+                worker::store::UPDATE_PROFILES,
+                "('{u1}', '{2026-01-01}', '{2026-01-01}', '{1}', '{0}', '{f}', '{NULL}', '{NULL}')",
+            ),
+        ] {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "PREPARE {name} AS {statement}"
+            )))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+            let lines = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("EXPLAIN EXECUTE {name}{args}")))
+                .fetch_all(&mut *conn)
+                .await
+                .unwrap();
+            let plan: Vec<String> = lines.iter().map(|r| r.get::<String, _>(0)).collect();
+            plans.push(plan.join("\n"));
+        }
+        plans
+    }
+    for plan in plans(&db.worker_pool().await).await {
+        assert!(
+            plan.contains("Index Scan using user_profiles_pkey") && !plan.contains("Seq Scan"),
+            "{plan}"
+        );
+    }
+    // Without the worker's settings the same statements scan the whole table.
+    let plain = sea_orm::Database::connect(&db.url).await.unwrap();
+    for plan in plans(&plain).await {
+        assert!(plan.contains("Seq Scan on user_profiles"), "{plan}");
+    }
+}
+
 /// A batch holding an event stored before stores only the others: each event once, counted once,
 /// and every byte of text and JSON kept as sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
