@@ -470,6 +470,27 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// `psql \copy` of `csv` into `table_columns` (an empty table); prints and returns rows/s.
+fn copy_rate(db_url: &str, csv: &std::path::Path, rows: usize, table_columns: &str) -> f64 {
+    let copy = format!(
+        "\\copy {table_columns} FROM '{}' WITH (FORMAT csv)",
+        csv.display()
+    );
+    let started = Instant::now();
+    let status = std::process::Command::new("psql")
+        .arg(db_url)
+        .arg("-q")
+        .arg("-c")
+        .arg(&copy)
+        .status()
+        .expect("run psql");
+    let secs = started.elapsed().as_secs_f64();
+    assert!(status.success(), "psql \\copy failed");
+    let rate = rows as f64 / secs;
+    println!("COPY (psql \\copy, same rows, identical table): {secs:.2}s = {rate:.0} rows/s");
+    rate
+}
+
 #[tokio::main]
 async fn main() {
     let s = settings();
@@ -519,28 +540,18 @@ async fn main() {
         rules.version()
     );
     std::fs::write(&csv_path, copy_file(&events, rules.as_ref())).unwrap();
-    let copy = format!(
-        "\\copy events_copy (rules_version, uuid, distinct_id, event, description, rule_id, intents, properties, url, path, session_id, elements_chain, \"timestamp\", received_at) FROM '{}' WITH (FORMAT csv)",
-        csv_path.display()
-    );
-    let started = Instant::now();
-    let status = std::process::Command::new("psql")
-        .arg(&db_url)
-        .arg("-q")
-        .arg("-c")
-        .arg(&copy)
-        .status()
-        .expect("run psql");
-    let copy_secs = started.elapsed().as_secs_f64();
-    assert!(status.success(), "psql \\copy failed");
-    std::fs::remove_file(&csv_path).ok();
+    let copy = |db_url: &str| {
+        copy_rate(
+            db_url,
+            &csv_path,
+            events.len(),
+            "events_copy (rules_version, uuid, distinct_id, event, description, rule_id, intents, properties, url, path, session_id, elements_chain, \"timestamp\", received_at)",
+        )
+    };
+    let first_copy = copy(&db_url);
     assert_eq!(
         scalar(&db, "SELECT count(*) FROM events_copy").await as usize,
         events.len()
-    );
-    let copy_rate = events.len() as f64 / copy_secs;
-    println!(
-        "COPY (psql \\copy, same rows, identical table): {copy_secs:.2}s = {copy_rate:.0} rows/s"
     );
 
     // 2. Drains.
@@ -551,6 +562,9 @@ async fn main() {
         &s.batch_sizes[..]
     } {
         for replicas in [1, 2] {
+            // The machine's speed drifts: each drain is set beside a COPY run just before it.
+            sql(&db, "TRUNCATE events_copy").await;
+            let copy_rate = copy(&db_url);
             println!("drain: {replicas} worker(s), BATCH_SIZE={batch_size}");
             let d = drain(&s, &db, &db_url, &mut redis, &events, replicas, batch_size).await;
             let rate = events.len() as f64 / d.secs;
@@ -561,7 +575,14 @@ async fn main() {
                 d.peak_rss_mib,
                 d.exits
             );
-            results.push((replicas, batch_size, d.secs, rate, d.peak_rss_mib));
+            results.push((
+                replicas,
+                batch_size,
+                d.secs,
+                rate,
+                copy_rate,
+                d.peak_rss_mib,
+            ));
         }
     }
 
@@ -581,10 +602,10 @@ async fn main() {
     );
 
     println!("\nsummary");
-    println!("  COPY baseline            {copy_rate:>9.0} rows/s");
-    for (replicas, batch, secs, rate, rss) in &results {
+    println!("  COPY baseline            {first_copy:>9.0} rows/s (first run)");
+    for (replicas, batch, secs, rate, copy_rate, rss) in &results {
         println!(
-            "  {replicas} worker(s) BATCH_SIZE={batch:<4} {rate:>9.0} events/s  {:.2}x COPY  {secs:.1}s  peak RSS {rss:.1} MiB",
+            "  {replicas} worker(s) BATCH_SIZE={batch:<4} {rate:>9.0} events/s  {:.2}x COPY ({copy_rate:.0} rows/s just before)  {secs:.1}s  peak RSS {rss:.1} MiB",
             rate / copy_rate
         );
     }
@@ -594,6 +615,7 @@ async fn main() {
         pct(&lat, 0.99)
     );
 
+    std::fs::remove_file(&csv_path).ok();
     db.close().await.ok();
     sql(
         &admin,
