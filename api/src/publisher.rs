@@ -264,16 +264,6 @@ impl Publisher {
             .map_err(Into::into)
     }
 
-    /// Whether Redis answers a PING in time.
-    pub async fn ping(&self) -> Result<(), PublishError> {
-        let mut conn = self.conn.clone();
-        let _: String =
-            tokio::time::timeout(self.timeout, redis::cmd("PING").query_async(&mut conn))
-                .await
-                .map_err(|_| PublishError::Timeout(self.timeout))??;
-        Ok(())
-    }
-
     /// Samples the stream length every [`BACKLOG_POLL`] until `cancel` fires. Ingest compares
     /// the last sample with `STREAM_MAX_BACKLOG`: one read per tick instead of one per request.
     pub fn spawn_backlog_monitor(&self, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {

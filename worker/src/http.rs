@@ -93,25 +93,47 @@ fn health() -> Response {
     json_response(StatusCode::OK, json!({"status": "ok"}))
 }
 
-#[handler]
-async fn ready(probe: Data<&Probe>) -> Response {
+/// Pings Redis and Postgres at once, each within [`CHECK_TIMEOUT`]: `(redis, postgres)`, an
+/// error naming what went wrong for each one that did not answer. The api's `/ready` and the
+/// worker's both report these.
+pub async fn ping_dependencies(
+    redis: &ConnectionManager,
+    db: &DatabaseConnection,
+) -> (Result<(), String>, Result<(), String>) {
     let redis = async {
-        let mut conn = probe.redis.clone();
+        let mut conn = redis.clone();
         let ping = redis::cmd("PING");
         match tokio::time::timeout(CHECK_TIMEOUT, ping.query_async::<String>(&mut conn)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("timed out".to_string()),
+            Err(_) => Err(format!("timed out after {CHECK_TIMEOUT:?}")),
         }
     };
     let postgres = async {
-        match tokio::time::timeout(CHECK_TIMEOUT, probe.db.ping()).await {
+        match tokio::time::timeout(CHECK_TIMEOUT, db.ping()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("timed out".to_string()),
+            Err(_) => Err(format!("timed out after {CHECK_TIMEOUT:?}")),
         }
     };
-    let (redis, postgres) = tokio::join!(redis, postgres);
+    tokio::join!(redis, postgres)
+}
+
+/// A `/ready` status: `shutting_down` once shutdown began, else `ready` when every check
+/// passed, else `not_ready`. Only `ready` is answered with 200.
+pub fn readiness(shutting_down: bool, all_ok: bool) -> &'static str {
+    if shutting_down {
+        "shutting_down"
+    } else if all_ok {
+        "ready"
+    } else {
+        "not_ready"
+    }
+}
+
+#[handler]
+async fn ready(probe: Data<&Probe>) -> Response {
+    let (redis, postgres) = ping_dependencies(&probe.redis, &probe.db).await;
     let check = |name: &str, result: Result<(), String>| json!({"name": name, "ok": result.is_ok(), "error": result.err()});
     let mut checks = vec![check("redis", redis), check("postgres", postgres)];
     if let Some(rules) = &probe.rules {
@@ -126,12 +148,11 @@ async fn ready(probe: Data<&Probe>) -> Response {
         }));
     }
     let all_ok = checks.iter().all(|c| c["ok"] == Value::Bool(true));
-    let (code, status) = if probe.shutdown.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting_down")
-    } else if all_ok {
-        (StatusCode::OK, "ready")
+    let status = readiness(probe.shutdown.is_cancelled(), all_ok);
+    let code = if status == "ready" {
+        StatusCode::OK
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
+        StatusCode::SERVICE_UNAVAILABLE
     };
     json_response(code, json!({"status": status, "checks": checks}))
 }

@@ -83,17 +83,13 @@ impl HealthApi {
     /// Readiness: Redis and Postgres answer
     #[oai(path = "/ready", method = "get")]
     async fn ready(&self, state: Data<&AppState>) -> ReadyResponse {
-        let (redis, postgres) = tokio::join!(state.publisher.ping(), async {
-            tokio::time::timeout(std::time::Duration::from_secs(2), state.db.ping())
-                .await
-                .map_err(|_| "timed out".to_string())?
-                .map_err(|e| e.to_string())
-        });
+        let (redis, postgres) =
+            worker::http::ping_dependencies(&state.publisher.connection(), &state.db).await;
         let checks = vec![
             Check {
                 name: "redis".into(),
                 ok: redis.is_ok(),
-                error: redis.err().map(|e| e.to_string()),
+                error: redis.err(),
             },
             Check {
                 name: "postgres".into(),
@@ -101,22 +97,16 @@ impl HealthApi {
                 error: postgres.err(),
             },
         ];
-        let all_ok = checks.iter().all(|c| c.ok);
-        if state.shutdown.is_cancelled() {
-            ReadyResponse::NotReady(Json(Readiness {
-                status: "shutting_down".into(),
-                checks,
-            }))
-        } else if all_ok {
-            ReadyResponse::Ready(Json(Readiness {
-                status: "ready".into(),
-                checks,
-            }))
+        let status =
+            worker::http::readiness(state.shutdown.is_cancelled(), checks.iter().all(|c| c.ok));
+        let body = Json(Readiness {
+            status: status.into(),
+            checks,
+        });
+        if status == "ready" {
+            ReadyResponse::Ready(body)
         } else {
-            ReadyResponse::NotReady(Json(Readiness {
-                status: "not_ready".into(),
-                checks,
-            }))
+            ReadyResponse::NotReady(body)
         }
     }
 }
