@@ -64,12 +64,14 @@ impl UnmatchedReport {
         }
     }
 
-    /// Adds counts (and, for shapes not seen before, their description and example).
+    /// Adds counts (and, for shapes not seen before, their description and example), all or
+    /// none (MULTI/EXEC), so counts that failed can be added again without counting twice.
     pub async fn add(&self, shapes: &[UnmatchedShape]) -> Result<(), redis::RedisError> {
         if shapes.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
+        pipe.atomic();
         for shape in shapes {
             let id = shape_id(shape);
             pipe.cmd("ZINCRBY")
@@ -190,7 +192,8 @@ fn describes(rules: &RuleSet, example: &Value) -> bool {
         .is_some_and(|input| rules.enrich_inner(&input, false).matched)
 }
 
-/// Adds this replica's unmatched counts to the report every [`FLUSH_INTERVAL`]; after each
+/// Adds this replica's unmatched counts to the report every [`FLUSH_INTERVAL`] (counts that
+/// cannot be written while Redis is down are kept for the next flush); after each
 /// reload, records it in the metrics and drops the shapes the new rules describe. Ends when
 /// `shutdown` fires, after a last flush.
 pub async fn report_loop(
@@ -225,7 +228,8 @@ pub async fn report_loop(
         };
         let shapes = rules.unmatched().take();
         if let Err(error) = report.add(&shapes).await {
-            tracing::warn!(%error, shapes = shapes.len(), "could not add to the unmatched-events report");
+            tracing::warn!(%error, shapes = shapes.len(), "could not add to the unmatched-events report: kept for the next flush");
+            rules.unmatched().restore(shapes);
         }
         let current = rules.current();
         if pruned_version.as_deref() != Some(current.version()) {

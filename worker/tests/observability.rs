@@ -222,3 +222,68 @@ async fn a_taken_metrics_port_stops_the_worker_with_the_variable_named() {
     assert!(!worker.task.is_finished(), "worker keeps running");
     worker.stop().await.unwrap();
 }
+
+/// Unmatched counts taken while Redis is away are kept and reach the report once it is back,
+/// each counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_counts_survive_a_redis_outage() {
+    use worker::{metrics::WorkerMetrics, rules::RulesHandle, unmatched};
+    let rules_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        rules_dir.path().join("r.yaml"),
+        "rules:\n  - id: signup\n    when:\n      event: signup\n    say: \"Signed up\"\n",
+    )
+    .unwrap();
+    let rules = RulesHandle::load_dir(rules_dir.path()).unwrap();
+    let proxy = PgProxy::start_to(true, "127.0.0.1:6379").await;
+    let via_proxy = redis::Client::open(format!("redis://{}", proxy.addr))
+        .unwrap()
+        .get_connection_manager()
+        .await
+        .unwrap();
+    let keys = Keys::new();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let report_loop = tokio::spawn(unmatched::report_loop(
+        rules.clone(),
+        UnmatchedReport::new(via_proxy, &keys.stream),
+        std::sync::Arc::new(WorkerMetrics::new()),
+        shutdown.clone(),
+    ));
+    let unmatched = |n: usize| {
+        let event = json!({"event": "team_invite_sent", "distinct_id": "u1", "properties": {"$pathname": "/team"}});
+        let event = event.as_object().unwrap();
+        for _ in 0..n {
+            let input = worker::rules::EventInput::from_json(event).unwrap();
+            assert!(!rules.current().enrich(&input).matched);
+        }
+    };
+
+    proxy.set_up(false);
+    unmatched(3);
+    // Two flushes fail meanwhile (one per second).
+    tokio::time::sleep(unmatched::FLUSH_INTERVAL * 5 / 2).await;
+    unmatched(2);
+    proxy.set_up(true);
+
+    let report = UnmatchedReport::new(redis().await, &keys.stream);
+    wait_until(WAIT, "the counts of the outage reported", || async {
+        report
+            .top(10)
+            .await
+            .unwrap()
+            .0
+            .iter()
+            .map(|s| s.count)
+            .sum::<u64>()
+            == 5
+    })
+    .await;
+    // Nothing is added twice later.
+    tokio::time::sleep(unmatched::FLUSH_INTERVAL * 2).await;
+    let (shapes, total) = report.top(10).await.unwrap();
+    assert_eq!(total, 1, "{shapes:?}");
+    assert_eq!(shapes[0].count, 5);
+    shutdown.cancel();
+    report_loop.await.unwrap();
+    report.clear().await.unwrap();
+}

@@ -628,6 +628,35 @@ impl UnmatchedCounter {
         v
     }
 
+    /// Puts back counts taken for the shared report that could not be written (Redis down), so
+    /// they go out with the next flush instead of being lost. A shape put back several times keeps
+    /// one entry; it may sit beside an entry of new counts of the same shape, which the report
+    /// adds together. Counts that find the table full go to [`Self::overflow`].
+    pub fn restore(&self, shapes: Vec<UnmatchedShape>) {
+        let Ok(mut map) = self.shapes.lock() else {
+            return;
+        };
+        for shape in shapes {
+            let mut h = std::hash::DefaultHasher::new();
+            (
+                "restored",
+                &shape.event,
+                &shape.path,
+                &shape.element_text,
+                &shape.element_classes,
+            )
+                .hash(&mut h);
+            let key = h.finish();
+            if let Some(kept) = map.get_mut(&key) {
+                kept.count += shape.count;
+            } else if map.len() < MAX_UNMATCHED_SHAPES {
+                map.insert(key, shape);
+            } else {
+                self.overflow.fetch_add(shape.count, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Unmatched events not kept by shape because the table was full.
     pub fn overflow(&self) -> u64 {
         self.overflow.load(Ordering::Relaxed)

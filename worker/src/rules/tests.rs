@@ -124,6 +124,20 @@ fn unmatched_events_fall_back_and_are_counted() {
     assert_eq!(set.unmatched().take().len(), 2);
     assert!(set.unmatched().snapshot().is_empty());
 
+    // Counts that could not be reported are put back, once per shape however often.
+    for _ in 0..2 {
+        enrich(&set, "signup_completed", &p, None);
+    }
+    let taken = set.unmatched().take();
+    set.unmatched().restore(taken.clone());
+    let again = set.unmatched().take();
+    assert_eq!(again, taken);
+    set.unmatched().restore(again.clone());
+    set.unmatched().restore(again);
+    let restored = set.unmatched().snapshot();
+    assert_eq!(restored.len(), 1);
+    assert_eq!(restored[0].count, 4);
+
     // An unknown event on a pricing page still carries the intent.
     let p = props(json!({"$pathname": "/checkout"}));
     let e = enrich(&set, "custom_thing", &p, None);

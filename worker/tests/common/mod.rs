@@ -397,7 +397,8 @@ pub fn counting(fail_on_boom: bool) -> (Arc<Counting>, Arc<dyn Enricher>) {
     (counter.clone(), Arc::new(CountingEnricher(counter)))
 }
 
-/// A TCP proxy in front of Postgres that can refuse and cut connections ("Postgres down").
+/// A TCP proxy in front of Postgres (or, with [`PgProxy::start_to`], another service) that can
+/// refuse and cut connections ("Postgres down").
 pub struct PgProxy {
     pub addr: SocketAddr,
     up: Arc<AtomicBool>,
@@ -407,6 +408,11 @@ pub struct PgProxy {
 
 impl PgProxy {
     pub async fn start(up: bool) -> Self {
+        Self::start_to(up, "127.0.0.1:5432").await
+    }
+
+    /// A proxy in front of `target` (`host:port`).
+    pub async fn start_to(up: bool, target: &'static str) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let up = Arc::new(AtomicBool::new(up));
@@ -422,7 +428,7 @@ impl PgProxy {
                     continue;
                 }
                 let link = tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                     }
                 });
