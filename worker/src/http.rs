@@ -119,15 +119,33 @@ pub async fn ping_dependencies(
     tokio::join!(redis, postgres)
 }
 
-/// A `/ready` status: `shutting_down` once shutdown began, else `ready` when every check
-/// passed, else `not_ready`. Only `ready` is answered with 200.
-pub fn readiness(shutting_down: bool, all_ok: bool) -> &'static str {
-    if shutting_down {
-        "shutting_down"
-    } else if all_ok {
-        "ready"
-    } else {
-        "not_ready"
+/// A `/ready` answer: only `Ready` is answered with 200.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    NotReady,
+    ShuttingDown,
+}
+
+impl Readiness {
+    /// `ShuttingDown` once shutdown began, else `Ready` when every check passed.
+    pub fn of(shutting_down: bool, all_ok: bool) -> Self {
+        if shutting_down {
+            Self::ShuttingDown
+        } else if all_ok {
+            Self::Ready
+        } else {
+            Self::NotReady
+        }
+    }
+
+    /// The `status` field: `ready`, `not_ready` or `shutting_down`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::NotReady => "not_ready",
+            Self::ShuttingDown => "shutting_down",
+        }
     }
 }
 
@@ -148,13 +166,13 @@ async fn ready(probe: Data<&Probe>) -> Response {
         }));
     }
     let all_ok = checks.iter().all(|c| c["ok"] == Value::Bool(true));
-    let status = readiness(probe.shutdown.is_cancelled(), all_ok);
-    let code = if status == "ready" {
+    let status = Readiness::of(probe.shutdown.is_cancelled(), all_ok);
+    let code = if status == Readiness::Ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    json_response(code, json!({"status": status, "checks": checks}))
+    json_response(code, json!({"status": status.as_str(), "checks": checks}))
 }
 
 fn json_response(status: StatusCode, body: Value) -> Response {

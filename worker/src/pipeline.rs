@@ -182,14 +182,16 @@ async fn consume(
     streams: Streams,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    if config.migrate_on_start
-        && retry_until("apply database migrations", &shutdown, || {
-            migration::apply(&db)
+    if config.migrate_on_start {
+        let schema = store::connect_for_migrations(&config).await?;
+        let applied = retry_until("apply database migrations", &shutdown, || {
+            migration::apply(&schema)
         })
-        .await
-        .is_none()
-    {
-        return Ok(());
+        .await;
+        schema.close().await.ok();
+        if applied.is_none() {
+            return Ok(());
+        }
     }
     if retry_until("create the consumer group", &shutdown, || {
         streams.ensure_group()

@@ -156,9 +156,11 @@ impl StoredEvent {
 /// key, which must be an index probe per key. sqlx keeps the statements prepared, and Postgres
 /// soon plans them once for any batch (a generic plan, guessing 10 keys), from the table's size
 /// at that moment: planned while the table was small (a new deployment, the first minutes after
-/// a start), the join became a hash join over a full scan of `user_profiles`, kept as the table
-/// grew, and each batch read the whole table twice (lock, update): at 5,000 users, 3–5 ms a
-/// statement. Without hash and merge joins the only plan left is the index probe per key.
+/// a start), the join became a hash join over a full scan of `user_profiles`, kept while the table
+/// grew until an ANALYZE of it replanned (autovacuum's, a minute or more apart), and each batch
+/// read the whole table twice (lock, update): at 5,000 users, 3–5 ms a statement. Without hash
+/// and merge joins the only plan left is the index probe per key. Migrations run on a
+/// connection of their own ([`connect_for_migrations`]), with the server's planner settings.
 const KEYED_PLANS: [(&str, &str); 2] = [("enable_hashjoin", "off"), ("enable_mergejoin", "off")];
 
 /// A lazily connecting pool: the worker starts (and retries) while Postgres is down.
@@ -176,6 +178,20 @@ pub async fn connect(config: &Config) -> Result<DatabaseConnection, StoreError> 
         .sqlx_logging(false)
         .map_sqlx_postgres_opts(|pg| pg.options(KEYED_PLANS));
     crate::pg::no_delay_on_connect(&mut options);
+    Ok(Database::connect(options).await?)
+}
+
+/// One lazily opened connection with the server's own planner settings, for applying migrations
+/// (the pool of [`connect`] turns some plans off, see [`KEYED_PLANS`]).
+pub async fn connect_for_migrations(config: &Config) -> Result<DatabaseConnection, StoreError> {
+    let mut options = ConnectOptions::new(config.database_url.clone());
+    options
+        .max_connections(1)
+        .min_connections(0)
+        .connect_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy(true)
+        .sqlx_logging(false);
     Ok(Database::connect(options).await?)
 }
 

@@ -65,7 +65,9 @@ impl UnmatchedReport {
     }
 
     /// Adds counts (and, for shapes not seen before, their description and example), all or
-    /// none (MULTI/EXEC), so counts that failed can be added again without counting twice.
+    /// none (MULTI/EXEC): an error means nothing was added, so the caller may add the same counts
+    /// again (unless Redis applied them and only its answer was lost: then they count twice).
+    /// Trimming the report to [`MAX_SHAPES`] afterwards is best effort and never an error.
     pub async fn add(&self, shapes: &[UnmatchedShape]) -> Result<(), redis::RedisError> {
         if shapes.is_empty() {
             return Ok(());
@@ -91,16 +93,23 @@ impl UnmatchedReport {
         }
         pipe.cmd("ZCARD").arg(&self.counts_key);
         let (len,): (usize,) = pipe.query_async(&mut self.conn.clone()).await?;
-        if len > MAX_SHAPES + MAX_SHAPES / 10 {
-            let dropped: Vec<String> = redis::cmd("ZRANGE")
-                .arg(&self.counts_key)
-                .arg(0)
-                .arg(len - MAX_SHAPES - 1)
-                .query_async(&mut self.conn.clone())
-                .await?;
-            self.remove(&dropped).await?;
+        if len > MAX_SHAPES + MAX_SHAPES / 10
+            && let Err(error) = self.trim(len).await
+        {
+            tracing::warn!(%error, "could not trim the unmatched-events report (next flush tries again)");
         }
         Ok(())
+    }
+
+    /// Drops the least frequent shapes beyond [`MAX_SHAPES`] of the `len` there are.
+    async fn trim(&self, len: usize) -> Result<(), redis::RedisError> {
+        let dropped: Vec<String> = redis::cmd("ZRANGE")
+            .arg(&self.counts_key)
+            .arg(0)
+            .arg(len - MAX_SHAPES - 1)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        self.remove(&dropped).await
     }
 
     async fn remove(&self, ids: &[String]) -> Result<(), redis::RedisError> {

@@ -98,12 +98,12 @@ impl HealthApi {
             },
         ];
         let status =
-            worker::http::readiness(state.shutdown.is_cancelled(), checks.iter().all(|c| c.ok));
+            worker::http::Readiness::of(state.shutdown.is_cancelled(), checks.iter().all(|c| c.ok));
         let body = Json(Readiness {
-            status: status.into(),
+            status: status.as_str().into(),
             checks,
         });
-        if status == "ready" {
+        if status == worker::http::Readiness::Ready {
             ReadyResponse::Ready(body)
         } else {
             ReadyResponse::NotReady(body)
