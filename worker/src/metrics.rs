@@ -186,6 +186,9 @@ pub struct WorkerMetrics {
     pub rules_matched: IntCounterVec,
     /// Events no rule described (they get a fallback sentence).
     pub rules_unmatched: IntCounter,
+    /// Unmatched events left out of the shared report: this replica already held the most shapes
+    /// it keeps between flushes.
+    pub rules_unmatched_unreported: IntCounter,
     /// Rule reloads by result (`ok`, `failed`).
     pub rules_reloads: IntCounterVec,
     /// 1 for the ruleset version in force.
@@ -255,6 +258,11 @@ impl WorkerMetrics {
                 r,
                 "rules_unmatched_total",
                 "Events no rule described (fallback sentence)",
+            ),
+            rules_unmatched_unreported: counter(
+                r,
+                "rules_unmatched_unreported_total",
+                "Unmatched events left out of the shared report (too many shapes held between flushes)",
             ),
             rules_reloads: counter_vec(
                 r,

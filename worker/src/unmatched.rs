@@ -202,7 +202,8 @@ fn describes(rules: &RuleSet, example: &Value) -> bool {
 }
 
 /// Adds this replica's unmatched counts to the report every [`FLUSH_INTERVAL`] (counts that
-/// cannot be written while Redis is down are kept for the next flush); after each
+/// cannot be written while Redis is down are kept for the next flush; events beyond the shapes a
+/// replica holds are counted in `rules_unmatched_unreported_total`); after each
 /// reload, records it in the metrics and drops the shapes the new rules describe. Ends when
 /// `shutdown` fires, after a last flush.
 pub async fn report_loop(
@@ -215,6 +216,7 @@ pub async fn report_loop(
     let mut seen_attempts = reloads.borrow_and_update().attempts;
     metrics.set_rules_version(rules.current().version());
     let mut pruned_version = None;
+    let mut overflow_seen = 0;
     let mut ticker = tokio::time::interval(FLUSH_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -235,6 +237,11 @@ pub async fn report_loop(
             }
             _ = shutdown.cancelled() => true,
         };
+        let overflow = rules.unmatched().overflow();
+        metrics
+            .rules_unmatched_unreported
+            .inc_by(overflow.saturating_sub(overflow_seen));
+        overflow_seen = overflow;
         let shapes = rules.unmatched().take();
         if let Err(error) = report.add(&shapes).await {
             tracing::warn!(%error, shapes = shapes.len(), "could not add to the unmatched-events report: kept for the next flush");

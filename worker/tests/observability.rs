@@ -302,3 +302,45 @@ async fn unmatched_counts_survive_a_redis_outage() {
     report_loop.await.unwrap();
     report.clear().await.unwrap();
 }
+
+/// Unmatched events beyond the shapes a replica holds between flushes are not lost silently: they
+/// are counted in `rules_unmatched_unreported_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_events_beyond_the_held_shapes_are_counted() {
+    use worker::{
+        metrics::WorkerMetrics,
+        rules::{EventInput, MAX_UNMATCHED_SHAPES, RulesHandle},
+        unmatched,
+    };
+    let rules_dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        rules_dir.path().join("r.yaml"),
+        "rules:\n  - id: signup\n    when:\n      event: signup\n    say: \"Signed up\"\n",
+    )
+    .unwrap();
+    let rules = RulesHandle::load_dir(rules_dir.path()).unwrap();
+    for i in 0..MAX_UNMATCHED_SHAPES + 3 {
+        let event = json!({"event": format!("custom_{i}"), "distinct_id": "u1", "properties": {}});
+        let input = EventInput::from_json(event.as_object().unwrap()).unwrap();
+        assert!(!rules.current().enrich(&input).matched);
+    }
+    let keys = Keys::new();
+    let metrics = std::sync::Arc::new(WorkerMetrics::new());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let report = UnmatchedReport::new(redis().await, &keys.stream);
+    let report_loop = tokio::spawn(unmatched::report_loop(
+        rules.clone(),
+        report.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    wait_until(WAIT, "the held shapes reported", || async {
+        report.top(1).await.unwrap().1 > 0
+    })
+    .await;
+    shutdown.cancel();
+    report_loop.await.unwrap();
+    assert_eq!(metrics.rules_unmatched_unreported.get(), 3);
+    assert!(rules.unmatched().snapshot().is_empty());
+    report.clear().await.unwrap();
+}
