@@ -223,18 +223,25 @@ async fn a_taken_metrics_port_stops_the_worker_with_the_variable_named() {
     worker.stop().await.unwrap();
 }
 
+/// Rules describing only `signup` (every other event is unmatched), loaded from a folder that
+/// lives as long as the returned guard.
+fn signup_rules() -> (tempfile::TempDir, worker::rules::RulesHandle) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("r.yaml"),
+        "rules:\n  - id: signup\n    when:\n      event: signup\n    say: \"Signed up\"\n",
+    )
+    .unwrap();
+    let rules = worker::rules::RulesHandle::load_dir(dir.path()).unwrap();
+    (dir, rules)
+}
+
 /// Unmatched counts taken while Redis is away are kept and reach the report once it is back,
 /// each counted once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmatched_counts_survive_a_redis_outage() {
-    use worker::{metrics::WorkerMetrics, rules::RulesHandle, unmatched};
-    let rules_dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        rules_dir.path().join("r.yaml"),
-        "rules:\n  - id: signup\n    when:\n      event: signup\n    say: \"Signed up\"\n",
-    )
-    .unwrap();
-    let rules = RulesHandle::load_dir(rules_dir.path()).unwrap();
+    use worker::{metrics::WorkerMetrics, unmatched};
+    let (_rules_dir, rules) = signup_rules();
     let proxy = PgProxy::start_to(true, "127.0.0.1:6379").await;
     // Connected as a worker connects (few, short reconnect attempts), so a flush fails while
     // Redis is away instead of waiting for it.
@@ -309,16 +316,10 @@ async fn unmatched_counts_survive_a_redis_outage() {
 async fn unmatched_events_beyond_the_held_shapes_are_counted() {
     use worker::{
         metrics::WorkerMetrics,
-        rules::{EventInput, MAX_UNMATCHED_SHAPES, RulesHandle},
+        rules::{EventInput, MAX_UNMATCHED_SHAPES},
         unmatched,
     };
-    let rules_dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        rules_dir.path().join("r.yaml"),
-        "rules:\n  - id: signup\n    when:\n      event: signup\n    say: \"Signed up\"\n",
-    )
-    .unwrap();
-    let rules = RulesHandle::load_dir(rules_dir.path()).unwrap();
+    let (_rules_dir, rules) = signup_rules();
     for i in 0..MAX_UNMATCHED_SHAPES + 3 {
         let event = json!({"event": format!("custom_{i}"), "distinct_id": "u1", "properties": {}});
         let input = EventInput::from_json(event.as_object().unwrap()).unwrap();
