@@ -578,31 +578,41 @@ impl UnmatchedCounter {
         let classes = element(super::condition::ElementField::Classes);
         let mut h = std::hash::DefaultHasher::new();
         (ctx.event, path, text.as_deref(), classes.as_deref()).hash(&mut h);
-        let key = h.finish();
         let Ok(mut shapes) = self.shapes.lock() else {
             return;
         };
-        if let Some(s) = shapes.get_mut(&key) {
-            s.count += 1;
-        } else if shapes.len() < MAX_UNMATCHED_SHAPES {
+        self.count(&mut shapes, h.finish(), 1, || {
             let clean = |v: &str| {
                 let mut s = String::new();
                 push_clean(&mut s, v);
                 s
             };
-            shapes.insert(
-                key,
-                UnmatchedShape {
-                    event: clean(ctx.event),
-                    path: path.map(clean),
-                    element_text: text.as_deref().map(clean),
-                    element_classes: classes.as_deref().map(clean),
-                    count: 1,
-                    example: Some(example_of(ctx)),
-                },
-            );
+            UnmatchedShape {
+                event: clean(ctx.event),
+                path: path.map(clean),
+                element_text: text.as_deref().map(clean),
+                element_classes: classes.as_deref().map(clean),
+                count: 1,
+                example: Some(example_of(ctx)),
+            }
+        });
+    }
+
+    /// Adds `n` events to the shape kept under `key`, or keeps the shape `new` makes (with its
+    /// count set to `n`) while the table has room; beyond it they go to [`Self::overflow`].
+    fn count(
+        &self,
+        shapes: &mut HashMap<u64, UnmatchedShape>,
+        key: u64,
+        n: u64,
+        new: impl FnOnce() -> UnmatchedShape,
+    ) {
+        if let Some(kept) = shapes.get_mut(&key) {
+            kept.count += n;
+        } else if shapes.len() < MAX_UNMATCHED_SHAPES {
+            shapes.insert(key, UnmatchedShape { count: n, ..new() });
         } else {
-            self.overflow.fetch_add(1, Ordering::Relaxed);
+            self.overflow.fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -646,14 +656,7 @@ impl UnmatchedCounter {
                 &shape.element_classes,
             )
                 .hash(&mut h);
-            let key = h.finish();
-            if let Some(kept) = map.get_mut(&key) {
-                kept.count += shape.count;
-            } else if map.len() < MAX_UNMATCHED_SHAPES {
-                map.insert(key, shape);
-            } else {
-                self.overflow.fetch_add(shape.count, Ordering::Relaxed);
-            }
+            self.count(&mut map, h.finish(), shape.count, || shape);
         }
     }
 
