@@ -165,34 +165,35 @@ const KEYED_PLANS: [(&str, &str); 2] = [("enable_hashjoin", "off"), ("enable_mer
 
 /// A lazily connecting pool: the worker starts (and retries) while Postgres is down.
 pub async fn connect(config: &Config) -> Result<DatabaseConnection, StoreError> {
-    let mut options = ConnectOptions::new(config.database_url.clone());
+    let mut options = options(config);
     options
         .max_connections(config.database_pool_size)
         .min_connections(config.write_concurrency as u32)
-        .connect_timeout(Duration::from_secs(5))
-        .acquire_timeout(Duration::from_secs(5))
-        .statement_timeout(Duration::from_secs(30))
         // No ping round trip before each batch; connections idle for a while are still checked.
         .test_before_acquire_if_idle_for(crate::pg::CHECK_IF_IDLE_FOR)
-        .connect_lazy(true)
-        .sqlx_logging(false)
         .map_sqlx_postgres_opts(|pg| pg.options(KEYED_PLANS));
-    crate::pg::no_delay_on_connect(&mut options);
     Ok(Database::connect(options).await?)
 }
 
-/// One lazily opened connection with the server's own planner settings, for applying migrations
-/// (the pool of [`connect`] turns some plans off, see [`KEYED_PLANS`]).
+/// One lazily opened connection, as the pool's but with the server's own planner settings, for
+/// applying migrations (the pool of [`connect`] turns some plans off, see [`KEYED_PLANS`]).
 pub async fn connect_for_migrations(config: &Config) -> Result<DatabaseConnection, StoreError> {
+    let mut options = options(config);
+    options.max_connections(1).min_connections(0);
+    Ok(Database::connect(options).await?)
+}
+
+/// What every worker connection to Postgres shares: timeouts, opened lazily, Nagle's algorithm off.
+fn options(config: &Config) -> ConnectOptions {
     let mut options = ConnectOptions::new(config.database_url.clone());
     options
-        .max_connections(1)
-        .min_connections(0)
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(5))
+        .statement_timeout(Duration::from_secs(30))
         .connect_lazy(true)
         .sqlx_logging(false);
-    Ok(Database::connect(options).await?)
+    crate::pg::no_delay_on_connect(&mut options);
+    options
 }
 
 /// Stores a batch in one transaction; returns how many events were new.
@@ -335,15 +336,29 @@ async fn insert_event_rows(
         .await?)
 }
 
+/// The text of [`INSERT_NEW_PROFILES`], which [`INSERT_SESSIONS_AND_NEW_PROFILES`] embeds.
+macro_rules! insert_new_profiles {
+    () => {
+        "INSERT INTO user_profiles (distinct_id, first_seen, last_seen) \
+         SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) \
+         ON CONFLICT (distinct_id) DO NOTHING"
+    };
+}
+
+/// Creates a bare profile (no events counted yet) for each user that has none; existing ones are
+/// neither changed nor locked. Rows go in distinct_id order, as `unnest` yields them.
+const INSERT_NEW_PROFILES: &str = insert_new_profiles!();
+
 /// Sessions of new events, in (distinct_id, session_id) order, with the missing profiles created
-/// bare in the same round trip (see [`INSERT_NEW_PROFILES`] and [`upsert_profiles`]).
-const INSERT_SESSIONS_AND_NEW_PROFILES: &str = "WITH new_profiles AS ( \
-       INSERT INTO user_profiles (distinct_id, first_seen, last_seen) \
-       SELECT * FROM unnest($4::text[], $5::timestamptz[], $6::timestamptz[]) \
-       ON CONFLICT (distinct_id) DO NOTHING) \
-     INSERT INTO user_sessions (distinct_id, session_id, first_seen) \
-     SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[]) \
-     ON CONFLICT (distinct_id, session_id) DO NOTHING RETURNING distinct_id";
+/// bare in the same round trip (see [`INSERT_NEW_PROFILES`], its parameters first, and
+/// [`upsert_profiles`]).
+const INSERT_SESSIONS_AND_NEW_PROFILES: &str = concat!(
+    "WITH new_profiles AS (",
+    insert_new_profiles!(),
+    ") INSERT INTO user_sessions (distinct_id, session_id, first_seen) \
+     SELECT * FROM unnest($4::text[], $5::text[], $6::timestamptz[]) \
+     ON CONFLICT (distinct_id, session_id) DO NOTHING RETURNING distinct_id"
+);
 
 /// Records sessions of newly stored events (if any) and creates the missing profiles of `deltas`
 /// bare; returns per user how many sessions were new.
@@ -369,12 +384,12 @@ async fn insert_sessions_and_new_profiles(
         firsts.push(first);
     }
     let created: Vec<String> = sqlx::query_scalar(INSERT_SESSIONS_AND_NEW_PROFILES)
-        .bind(users)
-        .bind(ids)
-        .bind(firsts)
         .bind(column(deltas, |d| d.distinct_id.as_str()))
         .bind(column(deltas, |d| d.first_seen))
         .bind(column(deltas, |d| d.last_seen))
+        .bind(users)
+        .bind(ids)
+        .bind(firsts)
         .fetch_all(&mut **txn)
         .await?;
     for user in created {
@@ -454,12 +469,6 @@ impl StoredDetails {
         Ok(Some(Self { intents, person }))
     }
 }
-
-/// Creates a bare profile (no events counted yet) for each user that has none; existing ones are
-/// neither changed nor locked. Rows go in distinct_id order, as `unnest` yields them.
-const INSERT_NEW_PROFILES: &str = "INSERT INTO user_profiles (distinct_id, first_seen, last_seen) \
-     SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) \
-     ON CONFLICT (distinct_id) DO NOTHING";
 
 /// Locks the batch's profiles in distinct_id byte order (as Rust sorts; `COLLATE "C"`) and reads
 /// the details of those whose delta carries some.
