@@ -246,7 +246,14 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn spawn_worker(s: &Settings, db_url: &str, stream: &str, name: &str, batch_size: usize) -> Child {
+/// Starts a worker; `batch_size` `None` leaves its default.
+fn spawn_worker(
+    s: &Settings,
+    db_url: &str,
+    stream: &str,
+    name: &str,
+    batch_size: Option<usize>,
+) -> Child {
     let mut command = Command::new(&s.worker_bin);
     command.env_clear();
     // Worker settings to try (the defaults otherwise).
@@ -254,6 +261,9 @@ fn spawn_worker(s: &Settings, db_url: &str, stream: &str, name: &str, batch_size
         if let Ok(value) = std::env::var(var) {
             command.env(var, value);
         }
+    }
+    if let Some(batch_size) = batch_size {
+        command.env("BATCH_SIZE", batch_size.to_string());
     }
     command
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -263,7 +273,6 @@ fn spawn_worker(s: &Settings, db_url: &str, stream: &str, name: &str, batch_size
         .env("DLQ_NAME", format!("{stream}:dlq"))
         .env("CONSUMER_GROUP", "bench")
         .env("WORKER_NAME", name)
-        .env("BATCH_SIZE", batch_size.to_string())
         .env("MIGRATE_ON_START", "false")
         .env("RULES_DIR", &s.rules_dir)
         .env("WORKER_METRICS_BIND", "127.0.0.1:0")
@@ -337,7 +346,7 @@ async fn drain(
     );
     let started = Instant::now();
     let mut children: Vec<Child> = (0..replicas)
-        .map(|i| spawn_worker(s, db_url, &stream, &format!("bench-{i}"), batch_size))
+        .map(|i| spawn_worker(s, db_url, &stream, &format!("bench-{i}"), Some(batch_size)))
         .collect();
     let pids: Vec<u32> = children.iter().filter_map(|c| c.id()).collect();
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -379,7 +388,7 @@ async fn latency(
 ) -> (Vec<f64>, f64, usize) {
     sql(db, "TRUNCATE events, user_profiles, user_sessions").await;
     let stream = format!("bench:{}:events", Uuid::new_v4().simple());
-    let mut child = spawn_worker(s, db_url, &stream, "bench-latency", 50);
+    let mut child = spawn_worker(s, db_url, &stream, "bench-latency", None);
     let pid = child.id().unwrap_or(0);
     // Wait until the worker has joined its group.
     let deadline = Instant::now() + Duration::from_secs(30);

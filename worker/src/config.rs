@@ -49,7 +49,7 @@ pub struct Config {
 impl Config {
     /// Reads and validates every variable; the error names the variable at fault.
     pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
-        let batch_size = vars.parse::<usize>("BATCH_SIZE", 50)?;
+        let batch_size = vars.parse::<usize>("BATCH_SIZE", 500)?;
         if !(1..=10_000).contains(&batch_size) {
             return Err(ConfigError::new(
                 "BATCH_SIZE",
@@ -162,7 +162,7 @@ mod tests {
         assert_eq!(config.queue_name, "event_stream");
         assert_eq!(config.dlq_name, "dlq_event_stream");
         assert_eq!(config.consumer_group, "enrichers");
-        assert_eq!(config.batch_size, 50);
+        assert_eq!(config.batch_size, 500);
         assert_eq!(config.flush_interval, Duration::from_secs(2));
         assert_eq!(config.claim_idle, Duration::from_secs(30));
         assert_eq!(config.max_deliveries, 5);

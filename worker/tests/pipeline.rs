@@ -846,6 +846,44 @@ async fn batches_store_each_event_once_and_text_exactly() {
     assert_eq!(timestamp.timestamp_micros(), a.timestamp.timestamp_micros());
 }
 
+/// An event another replica is storing at the same moment (its transaction still open) is
+/// stored once: this batch's insert, which takes every event for new, waits for the other,
+/// fails on the stored one once the other commits, and is written again without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stored_concurrently_by_another_replica_is_stored_and_counted_once() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    use worker::store::write_batch;
+    let db = TestDb::create().await;
+    let pool = db.worker_pool().await;
+    let shared = envelope("u1", "$pageview", json!({}));
+    let mine = envelope("u2", "$pageview", json!({}));
+    let other = db.conn.begin().await.unwrap();
+    other
+        .execute_unprepared(&format!(
+            "INSERT INTO events (uuid, distinct_id, event, description, \"timestamp\", received_at, rules_version) \
+             VALUES ('{}', 'u1', '$pageview', 'Viewed page', now(), now(), 'v1')",
+            shared.uuid
+        ))
+        .await
+        .unwrap();
+    let batch = vec![stored(&shared), stored(&mine)];
+    let write = tokio::spawn(async move { write_batch(&pool, &batch, "v1").await });
+    common::wait_until(Duration::from_secs(10), "the batch to wait on the event", || async {
+        db.count("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'").await > 0
+    })
+    .await;
+    other.commit().await.unwrap();
+    assert_eq!(write.await.unwrap().unwrap(), 1, "only u2's event was new");
+    assert_eq!(db.events().await, 2);
+    assert_eq!(
+        db.count("SELECT count(*) FROM user_profiles WHERE distinct_id = 'u1'")
+            .await,
+        0,
+        "the other replica's event is not counted by this batch"
+    );
+    assert_eq!(profile(&db, "u2").await.0, 1);
+}
+
 /// A batch too large for one statement (Postgres takes at most 1 GiB per message; the worker
 /// sends at most 32 MiB of column data per statement) is stored whole, in one transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1003,7 +1041,9 @@ async fn concurrent_batches_over_the_same_users_do_not_deadlock() {
                             if i % 2 == 0 {
                                 e.session_id = Some(format!("s{}", (b + i) % 3));
                             }
-                            if (w + b) % 2 == 0 {
+                            // Half the batches carry intents (on two events in three), the
+                            // others none at all.
+                            if (w + b) % 2 == 0 && i % 3 != 0 {
                                 with_intent(&e, 1.0)
                             } else {
                                 stored(&e)
@@ -1032,5 +1072,16 @@ async fn concurrent_batches_over_the_same_users_do_not_deadlock() {
         db.count("SELECT sum(session_count)::bigint FROM user_profiles")
             .await,
         db.count("SELECT count(*) FROM user_sessions").await
+    );
+    // Each intent hit counted once.
+    let hits = (0..writers)
+        .flat_map(|w| (0..batches).map(move |b| (w, b)))
+        .filter(|(w, b)| (w + b) % 2 == 0)
+        .count()
+        * (0..per_batch).filter(|i| i % 3 != 0).count();
+    assert_eq!(
+        db.count("SELECT sum((intents->'purchase'->>'count')::bigint)::bigint FROM user_profiles")
+            .await,
+        hits as i64
     );
 }
