@@ -3,7 +3,8 @@
 //! 1. `COPY` baseline: the rows one worker would write, loaded with psql `\copy` into a table
 //!    identical to `events` (same columns, primary key and index).
 //! 2. One worker process (release build) draining a pre-filled stream of `EVENTS` events, then two.
-//!    Peak RSS of the worker process from `/proc/<pid>/status`.
+//!    Peak RSS of the worker process from `/proc/<pid>/status`; the machine's busy CPU time per
+//!    event, from `/proc/stat` (all processes: worker, Postgres, Redis, this program).
 //! 3. Ingest → queryable latency at `RATE` events/s: each event is appended like the api does; a
 //!    poller finds it in `events` (poll period 2 ms) and records the time since it was appended.
 //!
@@ -324,6 +325,42 @@ struct Drain {
     secs: f64,
     peak_rss_mib: f64,
     exits: Vec<(Option<i32>, f64)>,
+    cpu: Cpu,
+}
+
+/// The whole machine's CPU time, from the first line of `/proc/stat` (clock ticks of 1/100 s).
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    /// Seconds busy: user, nice, system, irq, softirq, summed over the cores.
+    busy: f64,
+    /// Seconds the hypervisor gave to others while this machine wanted to run.
+    stolen: f64,
+}
+
+impl Cpu {
+    fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let ticks: Vec<f64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        let tick = |i: usize| ticks.get(i).copied().unwrap_or(0.0) / 100.0;
+        Cpu {
+            busy: tick(0) + tick(1) + tick(2) + tick(5) + tick(6),
+            stolen: tick(7),
+        }
+    }
+
+    fn since(self, start: Cpu) -> Cpu {
+        Cpu {
+            busy: self.busy - start.busy,
+            stolen: self.stolen - start.stolen,
+        }
+    }
 }
 
 async fn drain(
@@ -345,6 +382,7 @@ async fn drain(
         filled.elapsed().as_secs_f64()
     );
     let started = Instant::now();
+    let cpu = Cpu::now();
     let mut children: Vec<Child> = (0..replicas)
         .map(|i| spawn_worker(s, db_url, &stream, &format!("bench-{i}"), Some(batch_size)))
         .collect();
@@ -358,6 +396,7 @@ async fn drain(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secs = started.elapsed().as_secs_f64();
+    let cpu = Cpu::now().since(cpu);
     let peak_rss_mib = pids
         .iter()
         .map(|p| rss_kib(*p, "VmHWM:"))
@@ -377,6 +416,7 @@ async fn drain(
         secs,
         peak_rss_mib,
         exits,
+        cpu,
     }
 }
 
@@ -584,6 +624,13 @@ async fn main() {
                 d.peak_rss_mib,
                 d.exits
             );
+            // Machine-wide CPU per event (worker, Postgres, Redis and this program): steadier
+            // than the rate for comparing builds when other tenants slow the machine down.
+            let cpu_us = d.cpu.busy * 1e6 / events.len() as f64;
+            println!(
+                "  machine CPU {:.1} s busy = {cpu_us:.0} µs/event; {:.1} s stolen",
+                d.cpu.busy, d.cpu.stolen
+            );
             results.push((
                 replicas,
                 batch_size,
@@ -591,6 +638,7 @@ async fn main() {
                 rate,
                 copy_rate,
                 d.peak_rss_mib,
+                cpu_us,
             ));
         }
     }
@@ -611,9 +659,9 @@ async fn main() {
     );
 
     println!("\nsummary");
-    for (replicas, batch, secs, rate, copy_rate, rss) in &results {
+    for (replicas, batch, secs, rate, copy_rate, rss, cpu_us) in &results {
         println!(
-            "  {replicas} worker(s) BATCH_SIZE={batch:<4} {rate:>9.0} events/s  {:.2}x COPY ({copy_rate:.0} rows/s just before)  {secs:.1}s  peak RSS {rss:.1} MiB",
+            "  {replicas} worker(s) BATCH_SIZE={batch:<4} {rate:>9.0} events/s  {:.2}x COPY ({copy_rate:.0} rows/s just before)  {secs:.1}s  peak RSS {rss:.1} MiB  CPU {cpu_us:.0} µs/event",
             rate / copy_rate
         );
     }

@@ -720,34 +720,38 @@ impl Poison {
     }
 }
 
-/// Stores events; on a data error, stores them one by one to find the ones Postgres rejects.
-/// Returns how many were new, and the rejected ones by index with the error.
+/// Stores events; on a data error, stores each half on its own, and so on down to the events
+/// Postgres rejects alone (a few bad events among `BATCH_SIZE` take a few dozen transactions,
+/// not one per event). Returns how many were new, and the rejected ones by index with the error.
 async fn store(
     ctx: &Context,
     events: &[StoredEvent],
     rules_version: &str,
     hard_stop: &CancellationToken,
 ) -> Result<(usize, Vec<(usize, String)>), Aborted> {
-    if events.is_empty() {
-        return Ok((0, Vec::new()));
-    }
-    match write_retrying(ctx, events, rules_version, hard_stop).await? {
-        Ok(inserted) => Ok((inserted, Vec::new())),
-        Err(error) => {
-            tracing::warn!(%error, count = events.len(), "batch rejected by Postgres: storing its events one by one");
-            let mut inserted = 0;
-            let mut rejected = Vec::new();
-            for (i, event) in events.iter().enumerate() {
-                match write_retrying(ctx, std::slice::from_ref(event), rules_version, hard_stop)
-                    .await?
-                {
-                    Ok(n) => inserted += n,
-                    Err(error) => rejected.push((i, error.to_string())),
+    let mut inserted = 0;
+    let mut rejected = Vec::new();
+    // Ranges of `events` still to store, the next one last.
+    let mut ranges = Vec::new();
+    ranges.push(0..events.len());
+    while let Some(range) = ranges.pop() {
+        if range.is_empty() {
+            continue;
+        }
+        match write_retrying(ctx, &events[range.clone()], rules_version, hard_stop).await? {
+            Ok(n) => inserted += n,
+            Err(error) if range.len() == 1 => rejected.push((range.start, error.to_string())),
+            Err(error) => {
+                if range.len() == events.len() {
+                    tracing::warn!(%error, count = events.len(), "batch rejected by Postgres: storing it in parts to find the events it rejects");
                 }
+                let middle = range.start + range.len() / 2;
+                ranges.push(middle..range.end);
+                ranges.push(range.start..middle);
             }
-            Ok((inserted, rejected))
         }
     }
+    Ok((inserted, rejected))
 }
 
 /// Retries transient failures (Postgres down, timeouts, deadlocks) with capped exponential backoff

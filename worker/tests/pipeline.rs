@@ -649,8 +649,10 @@ async fn nul_characters_are_removed_and_do_not_fail_the_batch() {
     assert_eq!(xlen(&mut redis, &keys.dlq).await, 0);
 }
 
+/// A worker creates the schema of an empty database; events Postgres rejects for their data go to
+/// the DLQ, found by storing their batch in halves, and the rest of the batch is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrates_on_start_and_event_postgres_rejects_goes_to_the_dlq() {
+async fn migrates_on_start_and_events_postgres_rejects_go_to_the_dlq() {
     // An empty database: the worker creates the schema itself.
     let fresh = TestDb::create().await;
     sea_orm::ConnectionTrait::execute_unprepared(
@@ -668,35 +670,49 @@ async fn migrates_on_start_and_event_postgres_rejects_goes_to_the_dlq() {
         .and_hms_opt(0, 0, 0)
         .unwrap()
         .and_utc();
-    publish(
-        &mut redis,
-        &keys.stream,
-        &[envelope("u1", "click", json!({})), ancient.clone()],
-    )
-    .await;
+    // One batch of 20 (the test batch size is 50) with two events Postgres rejects among them.
+    let batch: Vec<_> = (0..20)
+        .map(|i| match i {
+            3 | 16 => {
+                let mut bad = ancient.clone();
+                bad.uuid = uuid::Uuid::now_v7();
+                bad
+            }
+            _ => envelope(&format!("u{i}"), "click", json!({})),
+        })
+        .collect();
+    publish(&mut redis, &keys.stream, &batch).await;
     let mut cfg = config(&fresh.url, &keys, "w");
     cfg.migrate_on_start = true;
     let worker = RunningWorker::start(cfg);
-    wait_until(WAIT, "one stored, one dead-lettered", || async {
+    wait_until(WAIT, "18 stored, 2 dead-lettered", || async {
         let mut r = redis.clone();
-        fresh.events().await == 1
-            && xlen(&mut r, &keys.dlq).await == 1
+        fresh.events().await == 18
+            && xlen(&mut r, &keys.dlq).await == 2
             && pending(&mut r, &keys).await == 0
     })
     .await;
     worker.stop().await.unwrap();
-    let letter = DeadLetters::new(redis.clone(), &keys.dlq, &keys.stream)
-        .list(1)
+    let letters = DeadLetters::new(redis.clone(), &keys.dlq, &keys.stream)
+        .list(10)
         .await
-        .unwrap()
-        .remove(0);
-    assert!(
-        letter
-            .field(dlq::FIELD_ERROR)
-            .unwrap()
-            .contains("rejected by Postgres"),
-        "{:?}",
-        letter.field(dlq::FIELD_ERROR)
+        .unwrap();
+    assert_eq!(letters.len(), 2);
+    for letter in letters {
+        assert!(
+            letter
+                .field(dlq::FIELD_ERROR)
+                .unwrap()
+                .contains("rejected by Postgres"),
+            "{:?}",
+            letter.field(dlq::FIELD_ERROR)
+        );
+    }
+    assert_eq!(
+        fresh
+            .count("SELECT sum(event_count)::bigint FROM user_profiles")
+            .await,
+        18
     );
 }
 
