@@ -329,7 +329,7 @@ struct Drain {
 }
 
 /// The whole machine's CPU time, from the first line of `/proc/stat` (clock ticks of 1/100 s).
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Cpu {
     /// Seconds busy: user, nice, system, irq, softirq, summed over the cores.
     busy: f64,

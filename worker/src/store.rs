@@ -3,8 +3,9 @@
 //! One transaction per batch: the events insert, then sessions and profile writes for the rows
 //! that insert actually created, so a redelivered event is neither stored nor counted twice. The
 //! insert assumes every event is new and fails if one is stored already; the batch is then
-//! written again with `INSERT … ON CONFLICT (uuid) DO NOTHING RETURNING uuid`. Rows are written in key order (events by uuid,
-//! profiles by distinct_id) so concurrent replicas lock in the same order and do not deadlock.
+//! written again with `INSERT … ON CONFLICT (uuid) DO NOTHING RETURNING uuid`. Rows are written
+//! in key order (events by uuid, profiles by distinct_id) so concurrent replicas lock in the same
+//! order and do not deadlock.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -315,7 +316,8 @@ const INSERT_NEW_EVENTS: &str = concat!(
 /// How a batch's events are inserted.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Inserts {
-    /// All are new ([`INSERT_EVENTS`]), or the transaction fails with [`StoreError::is_stored_event`].
+    /// All are new ([`INSERT_EVENTS`]), or the transaction fails with
+    /// [`StoreError::is_stored_event`].
     AllNew,
     /// Some may be stored already ([`INSERT_NEW_EVENTS`]).
     SkipStored,
