@@ -24,7 +24,13 @@ use entity::{
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use redis::aio::ConnectionManager;
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
+use sea_orm::{
+    ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement,
+    sqlx::{
+        self, Connection,
+        postgres::{PgConnectOptions, PgConnection},
+    },
+};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
@@ -446,6 +452,22 @@ async fn latency(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // The poller (below) has a connection of its own, ready before the first event is sent, on
+    // which Postgres never plans a sequential scan: its statement is prepared once and planned
+    // for any bound, and a plan made while `events` was small would read the whole table on
+    // every poll (500 times a second) as it grows.
+    let poll_options: PgConnectOptions = db_url.parse().unwrap();
+    let mut poller = PgConnection::connect_with(&poll_options.options([("enable_seqscan", "off")]))
+        .await
+        .unwrap();
+    async fn poll(poller: &mut PgConnection, from: Uuid) -> Vec<Uuid> {
+        sqlx::query_scalar("SELECT uuid FROM events WHERE uuid >= $1")
+            .bind(from)
+            .fetch_all(poller)
+            .await
+            .unwrap()
+    }
+    poll(&mut poller, Uuid::max()).await;
     let total = s.rate * s.latency_secs as usize;
     let events = generate(total, 7);
     let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<(Uuid, Instant)>();
@@ -486,17 +508,9 @@ async fn latency(
             sent.insert(uuid, at);
         }
         if let Some((&oldest, _)) = sent.first_key_value() {
-            let rows = db
-                .query_all_raw(Statement::from_sql_and_values(
-                    DbBackend::Postgres,
-                    "SELECT uuid::text FROM events WHERE uuid >= $1::uuid",
-                    [oldest.to_string().into()],
-                ))
-                .await
-                .unwrap();
+            let rows = poll(&mut poller, oldest).await;
             let seen = Instant::now();
-            for row in rows {
-                let id: Uuid = row.try_get_by_index::<String>(0).unwrap().parse().unwrap();
+            for id in rows {
                 if let Some(at) = sent.remove(&id) {
                     latencies.push((seen - at).as_secs_f64() * 1000.0);
                 }
