@@ -16,7 +16,7 @@
 //! pending for other replicas.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, hash_map},
     hash::{DefaultHasher, Hash, Hasher},
     panic::AssertUnwindSafe,
     sync::{Arc, Mutex},
@@ -90,12 +90,23 @@ impl Held {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn hold(&self, entries: &[Entry]) {
+    /// Holds the entries not held yet and returns them. One this replica holds already is in
+    /// flight and is dropped: its pending entries can come back while it works on them, from a
+    /// claim of idle entries (its own, once idle) and from the re-read of its own pending
+    /// entries at start, and one entry must not be stored (or dead-lettered) twice at once.
+    fn hold_new(&self, entries: Vec<Entry>) -> Vec<Entry> {
         let now = Instant::now();
         let mut held = self.lock();
-        for e in entries {
-            held.entry(e.id.clone()).or_insert(now);
-        }
+        entries
+            .into_iter()
+            .filter(|e| match held.entry(e.id.clone()) {
+                hash_map::Entry::Vacant(slot) => {
+                    slot.insert(now);
+                    true
+                }
+                hash_map::Entry::Occupied(_) => false,
+            })
+            .collect()
     }
 
     fn release(&self, ids: &[String]) {
@@ -103,10 +114,6 @@ impl Held {
         for id in ids {
             held.remove(id);
         }
-    }
-
-    fn contains(&self, id: &str) -> bool {
-        self.lock().contains_key(id)
     }
 
     fn older_than(&self, age: Duration) -> Vec<String> {
@@ -201,6 +208,20 @@ async fn consume(
     {
         return Ok(());
     }
+    // Connections opened before the first entry is read, within a bound: a replica starting
+    // while Postgres is down reads anyway (its writers retry until Postgres is back).
+    let warm_up = tokio::time::timeout(
+        WARM_UP_LIMIT,
+        store::warm_up(&db, config.database_pool_size),
+    );
+    tokio::select! {
+        warmed = warm_up => match warmed {
+            Ok(Ok(())) => tracing::debug!(connections = config.database_pool_size, "Postgres connections ready"),
+            Ok(Err(error)) => tracing::info!(%error, "Postgres connections not opened ahead: the first batches open them"),
+            Err(_) => tracing::info!(limit = ?WARM_UP_LIMIT, "Postgres connections not open within the limit: the first batches open them"),
+        },
+        _ = shutdown.cancelled() => return Ok(()),
+    }
     tracing::info!(
         stream = %config.queue_name,
         group = %config.consumer_group,
@@ -274,6 +295,9 @@ async fn consume(
     Ok(())
 }
 
+/// Longest a worker waits at start for its Postgres connections to open before it reads.
+const WARM_UP_LIMIT: Duration = Duration::from_secs(2);
+
 /// Retries `op` with backoff until it succeeds; `None` if shutdown came first.
 async fn retry_until<T, E, F, Fut>(what: &str, shutdown: &CancellationToken, mut op: F) -> Option<T>
 where
@@ -326,10 +350,10 @@ async fn read_loop(ctx: Arc<Context>, router: Router, shutdown: CancellationToke
                         None => history = None,
                     }
                 }
+                let entries = ctx.held.hold_new(entries);
                 if entries.is_empty() {
                     continue;
                 }
-                ctx.held.hold(&entries);
                 if !router.send(entries).await {
                     tracing::error!("writers stopped: reading stops");
                     break;
@@ -371,17 +395,13 @@ async fn claim_loop(ctx: Arc<Context>, router: Router, shutdown: CancellationTok
                 .await
             {
                 Ok((entries, next)) => {
-                    let entries: Vec<Entry> = entries
-                        .into_iter()
-                        .filter(|e| !ctx.held.contains(&e.id))
-                        .collect();
+                    let entries = ctx.held.hold_new(entries);
                     if !entries.is_empty() {
                         tracing::info!(
                             count = entries.len(),
                             "claimed idle entries of other consumers"
                         );
                         ctx.metrics.claimed.inc_by(entries.len() as u64);
-                        ctx.held.hold(&entries);
                         if !router.send(entries).await {
                             tracing::error!("writers stopped: claiming stops");
                             return;
@@ -854,6 +874,20 @@ mod tests {
 
     fn ids(batch: &[Entry]) -> Vec<usize> {
         batch.iter().map(position).collect()
+    }
+
+    #[test]
+    fn an_entry_held_already_is_not_taken_again_until_released() {
+        let held = Held::default();
+        let taken = held.hold_new(vec![entry(1, None), entry(2, None)]);
+        assert_eq!(ids(&taken), [1, 2]);
+        // Claimed, then re-read as this consumer's own pending entry: in flight once.
+        assert_eq!(
+            ids(&held.hold_new(vec![entry(2, None), entry(3, None)])),
+            [3]
+        );
+        held.release(&["2-0".to_string()]);
+        assert_eq!(ids(&held.hold_new(vec![entry(2, None)])), [2]);
     }
 
     /// A queue fed directly, as the router would.

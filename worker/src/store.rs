@@ -166,15 +166,39 @@ impl StoredEvent {
 
 /// Planner settings of the worker's connections (sent at connect, no round trip): every statement
 /// here joins a batch's keys (`unnest` of one array per column) to `user_profiles` by its primary
-/// key, which must be an index probe per key. sqlx keeps the statements prepared, and Postgres
-/// soon plans them once for any batch (a generic plan, guessing 10 keys), from the table's size
-/// at that moment: planned while the table was small (a new deployment, the first minutes after
-/// a start), the join became a hash join over a full scan of `user_profiles`, kept while the table
-/// grew until an ANALYZE of it replanned (autovacuum's, a minute or more apart), and each batch
-/// read the whole table twice (lock, update): at 5,000 users, 3–5 ms a statement. Without hash
-/// and merge joins the only plan left is the index probe per key. Migrations run on a
-/// connection of their own ([`connect_for_migrations`]), with the server's planner settings.
-const KEYED_PLANS: [(&str, &str); 2] = [("enable_hashjoin", "off"), ("enable_mergejoin", "off")];
+/// key, which must be an index probe per key.
+///
+/// - Hash and merge joins off. sqlx keeps the statements prepared, and Postgres plans each once
+///   for any batch (a generic plan, guessing 10 keys), from the table's size at that moment:
+///   planned while the table was small (a new deployment, the first minutes after a start), the
+///   join became a hash join over a full scan of `user_profiles`, kept while the table grew until
+///   an ANALYZE of it replanned (autovacuum's, a minute or more apart), and each batch read the
+///   whole table twice (lock, update): at 5,000 users, 3–5 ms a statement. Without hash and merge
+///   joins the only plan left is the index probe per key.
+/// - Generic plans always (`plan_cache_mode`). Postgres otherwise plans a statement again for
+///   each execution as long as that looks cheaper than its generic plan, which for the small
+///   batches of a quiet stream (a few events each) is always: at 1,000 events/s, planning took
+///   about an eighth of Postgres' time. With the joins above the generic plan is the one a
+///   custom plan would choose.
+///
+/// Migrations run on a connection of their own ([`connect_for_migrations`]), with the server's
+/// planner settings.
+const KEYED_PLANS: [(&str, &str); 3] = [
+    ("enable_hashjoin", "off"),
+    ("enable_mergejoin", "off"),
+    ("plan_cache_mode", "force_generic_plan"),
+];
+
+/// Every statement a batch may run, for [`warm_up`].
+const STATEMENTS: [&str; 7] = [
+    INSERT_EVENTS,
+    INSERT_NEW_EVENTS,
+    INSERT_SESSIONS_AND_NEW_PROFILES,
+    INSERT_NEW_PROFILES,
+    LOCK_PROFILES,
+    UPDATE_PROFILES,
+    UPSERT_COUNTS,
+];
 
 /// A lazily connecting pool: the worker starts (and retries) while Postgres is down.
 pub async fn connect(config: &Config) -> Result<DatabaseConnection, StoreError> {
@@ -194,6 +218,34 @@ pub async fn connect_for_migrations(config: &Config) -> Result<DatabaseConnectio
     let mut options = options(config);
     options.max_connections(1).min_connections(0);
     Ok(Database::connect(options).await?)
+}
+
+/// Opens the pool's `connections` (all of them: writers finishing and starting transactions
+/// overlap, and the pool opens another connection rather than wait for one being given back)
+/// and prepares every batch statement on each, so that the first batches after a start do not
+/// wait for a connection to open (about 90 ms here, most of it the TLS handshake) or for
+/// Postgres to load its catalogs. At 1,000 events/s that cold start delayed the first events by
+/// 100–200 ms. Best effort: the caller goes on without it when Postgres is not there yet.
+pub async fn warm_up(db: &DatabaseConnection, connections: u32) -> Result<(), StoreError> {
+    use sqlx::{Executor, SqlSafeStr};
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        let pool = db.get_postgres_connection_pool().clone();
+        tasks.spawn(async move {
+            let mut conn = pool.acquire().await?;
+            for sql in STATEMENTS {
+                (&mut *conn).prepare(sql.into_sql_str()).await?;
+            }
+            // Returned, not dropped: held until all are open, so each task has its own.
+            Ok::<_, sqlx::Error>(conn)
+        });
+    }
+    let mut held = Vec::with_capacity(connections as usize);
+    while let Some(result) = tasks.join_next().await {
+        let conn = result.map_err(|e| StoreError::Db(DbErr::Custom(e.to_string())))??;
+        held.push(conn);
+    }
+    Ok(())
 }
 
 /// What every worker connection to Postgres shares: timeouts, opened lazily, Nagle's algorithm off.

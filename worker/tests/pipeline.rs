@@ -539,6 +539,42 @@ async fn graceful_shutdown_stores_the_batch_in_flight_and_leaves_nothing_pending
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_opens_its_postgres_connections_and_prepares_its_statements_before_reading() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let mut redis = redis().await;
+    let cfg = config(&db.url, &keys, "w");
+    let pool_size = i64::from(cfg.database_pool_size);
+    let worker = RunningWorker::start(cfg);
+    wait_until(WAIT, "consumer joined", || async {
+        let mut r = redis.clone();
+        let joined: Result<redis::Value, _> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&keys.stream)
+            .arg(&keys.group)
+            .query_async(&mut r)
+            .await;
+        matches!(joined, Ok(redis::Value::Array(c)) if !c.is_empty())
+    })
+    .await;
+    // Joined means it has read: by then each of the pool's connections has prepared the
+    // statements (the last one prepared is the counts upsert), none is left to open on a batch.
+    let prepared = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND query LIKE 'INSERT INTO user_profiles AS p (distinct_id, first_seen, last_seen, event_count%'",
+        db.name
+    );
+    assert_eq!(db.count(&prepared).await, pool_size);
+    publish(
+        &mut redis,
+        &keys.stream,
+        &[envelope("u1", "click", json!({}))],
+    )
+    .await;
+    wait_until(WAIT, "stored", || async { db.events().await == 1 }).await;
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_worker_rereads_its_own_pending_entries_first() {
     let db = TestDb::create().await;
     let keys = Keys::new();
