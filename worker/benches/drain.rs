@@ -1,7 +1,8 @@
 //! Drain benchmark (run through `worker/benches/drain.sh`): prints figures, asserts nothing.
 //!
 //! 1. `COPY` baseline: the rows one worker would write, loaded with psql `\copy` into a table
-//!    identical to `events` (same columns, primary key and index).
+//!    identical to `events` (same columns, primary key and index), just before each drain and
+//!    just after it; the drain's ratio is to the mean of the two.
 //! 2. One worker process (release build) draining a pre-filled stream of `EVENTS` events, then two.
 //!    Peak RSS of the worker process from `/proc/<pid>/status`; the machine's busy CPU time per
 //!    event, from `/proc/stat` (all processes: worker, Postgres, Redis, this program).
@@ -618,21 +619,29 @@ async fn main() {
     } else {
         &s.batch_sizes[..]
     } {
-        for replicas in [1, 2] {
-            // The machine's speed drifts: each drain is set beside a COPY run just before it,
-            // whose rows and dirty pages are gone before the drain starts.
-            let copy_rate = copy(&db_url);
+        // One COPY run: its rows and dirty pages are gone before the next run starts.
+        let copied = async || {
+            sql(&db, "CHECKPOINT").await;
+            let rate = copy(&db_url);
             assert_eq!(
                 scalar(&db, "SELECT count(*) FROM events_copy").await as usize,
                 events.len()
             );
             sql(&db, "TRUNCATE events_copy").await;
             sql(&db, "CHECKPOINT").await;
+            rate
+        };
+        for replicas in [1, 2] {
+            // The machine's speed drifts (other tenants): each drain is set beside the mean of
+            // a COPY run just before it and one just after.
+            let copy_before = copied().await;
             println!("drain: {replicas} worker(s), BATCH_SIZE={batch_size}");
             let d = drain(&s, &db, &db_url, &mut redis, &events, replicas, batch_size).await;
+            let copy_after = copied().await;
+            let copy_rate = (copy_before + copy_after) / 2.0;
             let rate = events.len() as f64 / d.secs;
             println!(
-                "  {:.2}s = {rate:.0} events/s = {:.2}x COPY; peak RSS per worker {:.1} MiB; exits {:?}",
+                "  {:.2}s = {rate:.0} events/s = {:.2}x COPY ({copy_before:.0} rows/s before, {copy_after:.0} after); peak RSS per worker {:.1} MiB; exits {:?}",
                 d.secs,
                 rate / copy_rate,
                 d.peak_rss_mib,
@@ -650,7 +659,7 @@ async fn main() {
                 batch_size,
                 d.secs,
                 rate,
-                copy_rate,
+                (copy_before, copy_after),
                 d.peak_rss_mib,
                 cpu_us,
             ));
@@ -673,10 +682,10 @@ async fn main() {
     );
 
     println!("\nsummary");
-    for (replicas, batch, secs, rate, copy_rate, rss, cpu_us) in &results {
+    for (replicas, batch, secs, rate, (before, after), rss, cpu_us) in &results {
         println!(
-            "  {replicas} worker(s) BATCH_SIZE={batch:<4} {rate:>9.0} events/s  {:.2}x COPY ({copy_rate:.0} rows/s just before)  {secs:.1}s  peak RSS {rss:.1} MiB  CPU {cpu_us:.0} µs/event",
-            rate / copy_rate
+            "  {replicas} worker(s) BATCH_SIZE={batch:<4} {rate:>9.0} events/s  {:.2}x COPY ({before:.0} rows/s before, {after:.0} after)  {secs:.1}s  peak RSS {rss:.1} MiB  CPU {cpu_us:.0} µs/event",
+            rate * 2.0 / (before + after)
         );
     }
     println!(

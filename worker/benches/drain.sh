@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Drain benchmark: one and two worker processes (release build) draining 200,000 pre-filled events
-# into Postgres, each next to a psql \copy of the same rows run just before it (the machine's speed
-# drifts between runs, so each ratio compares like with like); worker RSS; ingest->queryable latency at
-# 1,000 events/s. Uses only 127.0.0.1 (Redis :6379, Postgres :5432 as user postgres), creates and
-# drops its own database and stream keys, and stops by itself. Prints figures.
+# into Postgres, each set beside the mean of a psql \copy of the same rows run just before it and one
+# just after (the machine's speed drifts between runs, so each ratio compares like with like); worker
+# RSS; ingest->queryable latency at 1,000 events/s. Uses only 127.0.0.1 (Redis :6379, Postgres :5432
+# as user postgres), creates and drops its own database and stream keys, and stops by itself. Prints
+# figures.
 #
 #   worker/benches/drain.sh                 # defaults
 #   EVENTS=50000 BATCH_SIZES=50 RATE=1000 LATENCY_SECS=10 worker/benches/drain.sh
