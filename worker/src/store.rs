@@ -295,17 +295,17 @@ async fn write_sorted(
 ) -> Result<usize, StoreError> {
     let started = std::time::Instant::now();
     let mut txn = db.get_postgres_connection_pool().begin().await?;
-    let inserted: HashSet<Uuid> = insert_events(&mut txn, sorted, rules_version, inserts)
-        .await?
-        .into_iter()
-        .collect();
+    let new: Vec<&StoredEvent> =
+        match insert_events(&mut txn, sorted, rules_version, inserts).await? {
+            None => sorted.to_vec(),
+            Some(created) => sorted
+                .iter()
+                .copied()
+                .filter(|e| created.contains(&e.uuid))
+                .collect(),
+        };
     let events_done = started.elapsed();
     let mut sessions_done = events_done;
-    let new: Vec<&StoredEvent> = sorted
-        .iter()
-        .copied()
-        .filter(|e| inserted.contains(&e.uuid))
-        .collect();
     if !new.is_empty() {
         let mut deltas: BTreeMap<&str, ProfileDelta> = BTreeMap::new();
         for e in &new {
@@ -375,13 +375,14 @@ enum Inserts {
     SkipStored,
 }
 
-/// Inserts the events (sorted by uuid, distinct); returns the uuids the insert created.
+/// Inserts the events (sorted by uuid, distinct); returns the uuids the insert created, or
+/// `None` for all of them ([`Inserts::AllNew`]).
 async fn insert_events(
     txn: &mut Txn,
     events: &[&StoredEvent],
     rules_version: &str,
     inserts: Inserts,
-) -> Result<Vec<Uuid>, StoreError> {
+) -> Result<Option<HashSet<Uuid>>, StoreError> {
     // JSON columns encoded once: (intents, properties).
     let json: Vec<(String, String)> = events
         .iter()
@@ -404,7 +405,10 @@ async fn insert_events(
             + text(&e.session_id)
             + text(&e.elements_chain)
     };
-    let mut inserted = Vec::with_capacity(events.len());
+    let mut created = match inserts {
+        Inserts::AllNew => None,
+        Inserts::SkipStored => Some(HashSet::with_capacity(events.len())),
+    };
     let mut start = 0;
     while start < events.len() {
         let (mut end, mut bytes) = (start + 1, size(start));
@@ -413,25 +417,24 @@ async fn insert_events(
             end += 1;
         }
         let (rows, json) = (&events[start..end], &json[start..end]);
-        match inserts {
-            Inserts::AllNew => {
+        match created.as_mut() {
+            None => {
                 insert_event_rows(INSERT_EVENTS, rows, json, rules_version)
                     .execute(&mut **txn)
                     .await?;
-                inserted.extend(rows.iter().map(|e| e.uuid));
             }
-            Inserts::SkipStored => {
+            Some(created) => {
                 for row in insert_event_rows(INSERT_NEW_EVENTS, rows, json, rules_version)
                     .fetch_all(&mut **txn)
                     .await?
                 {
-                    inserted.push(row.try_get(0)?);
+                    created.insert(row.try_get(0)?);
                 }
             }
         }
         start = end;
     }
-    Ok(inserted)
+    Ok(created)
 }
 
 /// The events statement `sql` for `events`, whose JSON columns are `json`.
