@@ -122,13 +122,7 @@ async fn two_workers_share_one_group_without_duplicates() {
     let b = RunningWorker::start_with(config_b, enricher_b);
     wait_until(WAIT, "both consumers joined", || async {
         let mut r = redis.clone();
-        redis::cmd("EXISTS")
-            .arg(&keys.stream)
-            .query_async::<i64>(&mut r)
-            .await
-            .unwrap()
-            == 1
-            && consumers(&mut r, &keys).await.len() == 2
+        group_created(&mut r, &keys).await && consumers(&mut r, &keys).await.len() == 2
     })
     .await;
     for chunk in 0..20 {
@@ -178,13 +172,7 @@ async fn crashed_worker_entries_are_claimed_and_stored_once() {
         "crashing",
     ));
     wait_until(WAIT, "group created", || async {
-        let mut r = redis.clone();
-        redis::cmd("EXISTS")
-            .arg(&keys.stream)
-            .query_async::<i64>(&mut r)
-            .await
-            .unwrap()
-            == 1
+        group_created(&mut redis.clone(), &keys).await
     })
     .await;
     let events: Vec<_> = (0..25)
@@ -548,13 +536,7 @@ async fn a_worker_opens_its_postgres_connections_and_prepares_its_statements_bef
     let worker = RunningWorker::start(cfg);
     wait_until(WAIT, "consumer joined", || async {
         let mut r = redis.clone();
-        let joined: Result<redis::Value, _> = redis::cmd("XINFO")
-            .arg("CONSUMERS")
-            .arg(&keys.stream)
-            .arg(&keys.group)
-            .query_async(&mut r)
-            .await;
-        matches!(joined, Ok(redis::Value::Array(c)) if !c.is_empty())
+        group_created(&mut r, &keys).await && consumers(&mut r, &keys).await == ["w"]
     })
     .await;
     // Joined means it has read: by then each of the pool's connections has prepared the

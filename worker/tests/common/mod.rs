@@ -285,6 +285,17 @@ pub async fn xlen(redis: &mut ConnectionManager, key: &str) -> i64 {
         .unwrap()
 }
 
+/// Whether the stream exists: a worker creates it with its group (`XGROUP CREATE … MKSTREAM`).
+pub async fn group_created(redis: &mut ConnectionManager, keys: &Keys) -> bool {
+    redis::cmd("EXISTS")
+        .arg(&keys.stream)
+        .query_async::<i64>(redis)
+        .await
+        .unwrap()
+        == 1
+}
+
+/// The group's consumers; the group must exist ([`group_created`]).
 pub async fn consumers(redis: &mut ConnectionManager, keys: &Keys) -> Vec<String> {
     let reply: Vec<std::collections::HashMap<String, Value>> = redis::cmd("XINFO")
         .arg("CONSUMERS")
