@@ -91,9 +91,10 @@ impl Held {
     }
 
     /// Holds the entries not held yet and returns them. One this replica holds already is in
-    /// flight and is dropped: its pending entries can come back while it works on them, from a
-    /// claim of idle entries (its own, once idle) and from the re-read of its own pending
-    /// entries at start, and one entry must not be stored (or dead-lettered) twice at once.
+    /// flight and is dropped: one entry must not be stored (or dead-lettered) twice at once, and
+    /// the reader and the claimer can both return an entry this consumer has pending (a claim
+    /// takes entries idle long enough, its own too, while the reader re-reads them after a
+    /// restart).
     fn hold_new(&self, entries: Vec<Entry>) -> Vec<Entry> {
         let now = Instant::now();
         let mut held = self.lock();
@@ -241,8 +242,21 @@ async fn consume(
     let hard_stop = CancellationToken::new();
 
     let mut feeders = JoinSet::new();
-    feeders.spawn(read_loop(ctx.clone(), router.clone(), shutdown.clone()));
-    feeders.spawn(claim_loop(ctx.clone(), router, shutdown.clone()));
+    // The claimer starts once this consumer's own pending entries have been re-read: a claim
+    // can make them this consumer's, and reading them then counted a delivery of its own.
+    let own_pending_read = CancellationToken::new();
+    feeders.spawn(read_loop(
+        ctx.clone(),
+        router.clone(),
+        own_pending_read.clone(),
+        shutdown.clone(),
+    ));
+    feeders.spawn(claim_loop(
+        ctx.clone(),
+        router,
+        own_pending_read,
+        shutdown.clone(),
+    ));
     let keep_alive = tokio::spawn(keep_alive_loop(ctx.clone(), hard_stop.clone()));
     let mut writers = JoinSet::new();
     for queue in queues {
@@ -329,8 +343,15 @@ where
     }
 }
 
-/// Re-reads this consumer's own pending entries (a restart), then reads new ones.
-async fn read_loop(ctx: Arc<Context>, router: Router, shutdown: CancellationToken) {
+/// Re-reads this consumer's own pending entries (a restart), then cancels `own_pending_read`
+/// (as it does when it ends) and reads new ones.
+async fn read_loop(
+    ctx: Arc<Context>,
+    router: Router,
+    own_pending_read: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    let _own_pending_read = own_pending_read.clone().drop_guard();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut history = Some("0".to_string());
     while !shutdown.is_cancelled() {
@@ -347,7 +368,10 @@ async fn read_loop(ctx: Arc<Context>, router: Router, shutdown: CancellationToke
                             tracing::info!(count = entries.len(), "re-reading own pending entries");
                             after.clone_from(&last.id);
                         }
-                        None => history = None,
+                        None => {
+                            history = None;
+                            own_pending_read.cancel();
+                        }
                     }
                 }
                 let entries = ctx.held.hold_new(entries);
@@ -376,9 +400,19 @@ async fn read_loop(ctx: Arc<Context>, router: Router, shutdown: CancellationToke
     }
 }
 
-/// Every `CLAIM_INTERVAL`: takes over entries idle longer than `CLAIM_IDLE_MS` (a crashed or stuck
-/// replica's), then removes consumers that are gone and own nothing.
-async fn claim_loop(ctx: Arc<Context>, router: Router, shutdown: CancellationToken) {
+/// Every `CLAIM_INTERVAL`, from when `own_pending_read`: takes over entries idle longer than
+/// `CLAIM_IDLE_MS` (a crashed or stuck replica's), then removes consumers that are gone and own
+/// nothing.
+async fn claim_loop(
+    ctx: Arc<Context>,
+    router: Router,
+    own_pending_read: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    tokio::select! {
+        _ = own_pending_read.cancelled() => {}
+        _ = shutdown.cancelled() => return,
+    }
     let mut ticker = tokio::time::interval(ctx.config.claim_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let consumer_idle = ctx.config.claim_idle.max(ctx.config.flush_interval * 4);
