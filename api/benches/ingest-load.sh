@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Ingest load benchmark (issue 2): the api under wrk versus raw redis-benchmark XADD, one run,
-# same machine, 600-byte events. Only 127.0.0.1 is touched; every phase stops by itself.
+# Ingest load benchmark: the api under wrk versus raw redis-benchmark XADD, one run, same
+# machine, 600-byte events; each api phase is compared with the mean of a raw run just before it
+# and one just after. Only 127.0.0.1 is touched; every phase stops by itself.
 #
 #   api/benches/ingest-load.sh            # defaults: 10 s per phase, 50 connections
 #   DURATION=20 CONNECTIONS=100 api/benches/ingest-load.sh
@@ -91,26 +92,31 @@ run_wrk() { # $1 = kind
 }
 field() { echo "$1" | tr ' ' '\n' | grep "^$2=" | cut -d= -f2; }
 
-echo "== raw XADD (redis-benchmark, 600-byte value, -c $CONNECTIONS)"
-XADD_P1=$(raw_xadd 1 300000); echo "XADD -P 1:   ${XADD_P1} ops/s"
-XADD_P100=$(raw_xadd 100 2000000); echo "XADD -P 100: ${XADD_P100} ops/s"
-
-echo "== api single-event POST /capture (wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s)"
+# Each api phase runs between two raw redis-benchmark runs of its kind, and its ratio is to their
+# mean: raw XADD alone moved by a third and more between runs minutes apart on a busy 2-core
+# machine, so only neighbouring runs compare like with like.
+echo "== single-event POST /capture (wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s) between raw XADD -P 1 runs"
+P1_BEFORE=$(raw_xadd 1 300000); echo "XADD -P 1 before: ${P1_BEFORE} ops/s"
 SINGLE=$(run_wrk single capture); echo "$SINGLE"
 redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" DEL "$STREAM" >/dev/null
-echo "== api batch POST /batch, 100 events per request"
+P1_AFTER=$(raw_xadd 1 300000); echo "XADD -P 1 after:  ${P1_AFTER} ops/s"
+echo "== POST /batch, 100 events per request, between raw XADD -P 100 runs"
+P100_BEFORE=$(raw_xadd 100 2000000); echo "XADD -P 100 before: ${P100_BEFORE} ops/s"
 BATCH=$(run_wrk batch batch); echo "$BATCH"
+redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" DEL "$STREAM" >/dev/null
+P100_AFTER=$(raw_xadd 100 2000000); echo "XADD -P 100 after:  ${P100_AFTER} ops/s"
 RSS_KB=$(awk '/VmHWM/ {print $2}' /proc/$API_PID/status)
 
 S_RPS=$(field "$SINGLE" rps); S_P99=$(field "$SINGLE" p99_ms); B_RPS=$(field "$BATCH" rps)
-python3 - "$XADD_P1" "$XADD_P100" "$S_RPS" "$S_P99" "$B_RPS" "$RSS_KB" <<'PY'
+python3 - "$P1_BEFORE" "$P1_AFTER" "$P100_BEFORE" "$P100_AFTER" "$S_RPS" "$S_P99" "$B_RPS" "$RSS_KB" <<'PY'
 import sys
-p1, p100, s_rps, s_p99, b_rps, rss_kb = map(float, sys.argv[1:])
+p1a, p1b, p100a, p100b, s_rps, s_p99, b_rps, rss_kb = map(float, sys.argv[1:])
+p1, p100 = (p1a + p1b) / 2, (p100a + p100b) / 2
 b_eps = b_rps * 100
 print()
-print(f"{'measure':<42}{'api':>14}{'raw redis':>14}{'ratio':>8}{'target':>9}")
-print(f"{'single-event /capture, requests/s':<42}{s_rps:>14.0f}{p1:>14.0f}{s_rps/p1:>8.2f}{'>=0.50':>9}")
+print(f"{'measure':<42}{'api':>14}{'raw redis':>14}{'ratio':>8}{'target':>9}   raw before / after")
+print(f"{'single-event /capture, requests/s':<42}{s_rps:>14.0f}{p1:>14.0f}{s_rps/p1:>8.2f}{'>=0.50':>9}   {p1a:.0f} / {p1b:.0f}")
 print(f"{'single-event /capture, p99 ms':<42}{s_p99:>14.2f}")
-print(f"{'/batch x100, events/s':<42}{b_eps:>14.0f}{p100:>14.0f}{b_eps/p100:>8.2f}{'>=0.70':>9}")
+print(f"{'/batch x100, events/s':<42}{b_eps:>14.0f}{p100:>14.0f}{b_eps/p100:>8.2f}{'>=0.70':>9}   {p100a:.0f} / {p100b:.0f}")
 print(f"{'api peak RSS, MiB':<42}{rss_kb/1024:>14.1f}{'':>14}{'':>8}{'<64':>9}")
 PY
