@@ -79,22 +79,29 @@ pub fn xadd_pipeline(
     events: &[Queued],
     traceparent: Option<&str>,
 ) -> redis::Pipeline {
-    let mut pipe = redis::pipe();
+    let mut pipe = redis::Pipeline::with_capacity(events.len());
     if events.len() > 1 {
         pipe.atomic();
     }
+    let fixed = [
+        "XADD",
+        stream,
+        "*",
+        FIELD_VERSION,
+        ENVELOPE_VERSION,
+        FIELD_EVENT,
+    ];
+    let fixed_len: usize = fixed.iter().map(|a| a.len()).sum();
+    let trace = traceparent.map(|t| [FIELD_TRACEPARENT, t]);
+    let trace_len: usize = trace.iter().flatten().map(|a| a.len()).sum();
     for event in events {
-        let cmd = pipe
-            .cmd("XADD")
-            .arg(stream)
-            .arg("*")
-            .arg(FIELD_VERSION)
-            .arg(ENVELOPE_VERSION)
-            .arg(FIELD_EVENT)
-            .arg(&event.json);
-        if let Some(traceparent) = traceparent {
-            cmd.arg(FIELD_TRACEPARENT).arg(traceparent);
+        // Sized once: growing each command's buffer arg by arg cost a third of packing.
+        let mut cmd = redis::Cmd::with_capacity(9, fixed_len + event.json.len() + trace_len);
+        cmd.arg(&fixed[..]).arg(&event.json);
+        if let Some(trace) = &trace {
+            cmd.arg(&trace[..]);
         }
+        pipe.add_command(cmd);
     }
     pipe
 }
@@ -152,11 +159,11 @@ impl Publisher {
     }
 
     /// Appends a request's events in one round trip (MULTI/EXEC when there are several, so a
-    /// request is queued whole or not at all). Returns the entry ids.
+    /// request is queued whole or not at all).
     ///
     /// While spans are exported, the append has its own span and every entry carries that span's
     /// `traceparent`, so the worker continues the trace.
-    pub async fn publish(&self, events: &[Queued]) -> Result<Vec<String>, PublishError> {
+    pub async fn publish(&self, events: &[Queued]) -> Result<(), PublishError> {
         let backlog = self.backlog.load(Ordering::Relaxed);
         if backlog != UNKNOWN && backlog > self.max_backlog {
             return Err(PublishError::Backlog {
@@ -178,7 +185,8 @@ impl Publisher {
         let pipe = xadd_pipeline(&self.stream, events, traceparent.as_deref());
         let mut conn = self.conn.clone();
         let started = std::time::Instant::now();
-        let ids: Vec<String> = tokio::time::timeout(self.timeout, pipe.query_async(&mut conn))
+        // The entry ids are not needed: `()` skips turning each into a `String`.
+        let () = tokio::time::timeout(self.timeout, pipe.query_async(&mut conn))
             .instrument(span)
             .await
             .map_err(|_| PublishError::Timeout(self.timeout))??;
@@ -189,9 +197,9 @@ impl Publisher {
         let _ = self
             .backlog
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                (b != UNKNOWN).then(|| b.saturating_add(ids.len() as u64))
+                (b != UNKNOWN).then(|| b.saturating_add(events.len() as u64))
             });
-        Ok(ids)
+        Ok(())
     }
 
     /// Length of the stream, straight from Redis.

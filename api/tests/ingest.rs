@@ -488,6 +488,44 @@ async fn redis_down_answers_503_with_retry_after() {
     assert_eq!(body["checks"][0]["ok"], false);
 }
 
+/// Redis answering the append with an error (here: the stream key holds a string) is a 503 like
+/// an outage, for one event (a lone XADD) and for several (each XADD's error inside EXEC's reply).
+#[tokio::test]
+async fn an_append_redis_refuses_answers_503() {
+    let app = TestApp::spawn().await;
+    let client = redis::Client::open(app.config.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("SET")
+        .arg(&app.config.queue_name)
+        .arg("not a stream")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let event = json!({"event": "a", "distinct_id": "u"});
+    for (path, body) in [
+        ("/capture", event.clone()),
+        ("/batch", json!([event, event])),
+    ] {
+        let resp = app
+            .http
+            .post(app.url(path))
+            .header("X-API-Key", SECRET)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.headers().get("retry-after").is_some(), "{path}");
+        let e = error_of(resp, StatusCode::SERVICE_UNAVAILABLE).await;
+        assert_eq!(e["code"], "queue_unavailable", "{path}");
+    }
+    let value: String = redis::cmd("GETDEL")
+        .arg(&app.config.queue_name)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(value, "not a stream");
+}
+
 #[tokio::test]
 async fn backlog_over_the_bound_answers_503_and_queues_nothing() {
     let mut config = test_config();
