@@ -91,26 +91,30 @@ run_wrk() { # $1 = kind
   wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/$1.lua" "http://127.0.0.1:$PORT/$2" | grep RESULT
 }
 field() { echo "$1" | tr ' ' '\n' | grep "^$2=" | cut -d= -f2; }
+# The api's CPU time so far (user + system), in clock ticks.
+api_ticks() { awk '{print $14 + $15}' "/proc/$API_PID/stat"; }
 
 # Each api phase runs between two raw redis-benchmark runs of its kind, and its ratio is to their
 # mean: raw XADD alone moved by a third and more between runs minutes apart on a busy 2-core
 # machine, so only neighbouring runs compare like with like.
 echo "== single-event POST /capture (wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s) between raw XADD -P 1 runs"
 P1_BEFORE=$(raw_xadd 1 300000); echo "XADD -P 1 before: ${P1_BEFORE} ops/s"
-SINGLE=$(run_wrk single capture); echo "$SINGLE"
+T0=$(api_ticks); SINGLE=$(run_wrk single capture); S_TICKS=$(( $(api_ticks) - T0 )); echo "$SINGLE"
 redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" DEL "$STREAM" >/dev/null
 P1_AFTER=$(raw_xadd 1 300000); echo "XADD -P 1 after:  ${P1_AFTER} ops/s"
 echo "== POST /batch, 100 events per request, between raw XADD -P 100 runs"
 P100_BEFORE=$(raw_xadd 100 2000000); echo "XADD -P 100 before: ${P100_BEFORE} ops/s"
-BATCH=$(run_wrk batch batch); echo "$BATCH"
+T0=$(api_ticks); BATCH=$(run_wrk batch batch); B_TICKS=$(( $(api_ticks) - T0 )); echo "$BATCH"
 redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" DEL "$STREAM" >/dev/null
 P100_AFTER=$(raw_xadd 100 2000000); echo "XADD -P 100 after:  ${P100_AFTER} ops/s"
 RSS_KB=$(awk '/VmHWM/ {print $2}' /proc/$API_PID/status)
 
 S_RPS=$(field "$SINGLE" rps); S_P99=$(field "$SINGLE" p99_ms); B_RPS=$(field "$BATCH" rps)
-python3 - "$P1_BEFORE" "$P1_AFTER" "$P100_BEFORE" "$P100_AFTER" "$S_RPS" "$S_P99" "$B_RPS" "$RSS_KB" <<'PY'
+python3 - "$P1_BEFORE" "$P1_AFTER" "$P100_BEFORE" "$P100_AFTER" "$S_RPS" "$S_P99" "$B_RPS" "$RSS_KB" \
+  "$S_TICKS" "$B_TICKS" "$(getconf CLK_TCK)" "$DURATION" <<'PY'
 import sys
-p1a, p1b, p100a, p100b, s_rps, s_p99, b_rps, rss_kb = map(float, sys.argv[1:])
+p1a, p1b, p100a, p100b, s_rps, s_p99, b_rps, rss_kb, s_ticks, b_ticks, hz, secs = map(float, sys.argv[1:])
+cpu_us = lambda ticks, per_s: ticks / hz * 1e6 / (per_s * secs)
 p1, p100 = (p1a + p1b) / 2, (p100a + p100b) / 2
 b_eps = b_rps * 100
 print()
@@ -119,4 +123,6 @@ print(f"{'single-event /capture, requests/s':<42}{s_rps:>14.0f}{p1:>14.0f}{s_rps
 print(f"{'single-event /capture, p99 ms':<42}{s_p99:>14.2f}")
 print(f"{'/batch x100, events/s':<42}{b_eps:>14.0f}{p100:>14.0f}{b_eps/p100:>8.2f}{'>=0.70':>9}   {p100a:.0f} / {p100b:.0f}")
 print(f"{'api peak RSS, MiB':<42}{rss_kb/1024:>14.1f}{'':>14}{'':>8}{'<64':>9}")
+print(f"{'api CPU per single-event request, us':<42}{cpu_us(s_ticks, s_rps):>14.1f}")
+print(f"{'api CPU per /batch event, us':<42}{cpu_us(b_ticks, b_eps):>14.2f}")
 PY
