@@ -91,8 +91,9 @@ run_wrk() { # $1 = kind
   wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/$1.lua" "http://127.0.0.1:$PORT/$2" | grep RESULT
 }
 field() { echo "$1" | tr ' ' '\n' | grep "^$2=" | cut -d= -f2; }
-# The api's CPU time so far (user + system), in clock ticks.
-api_ticks() { awk '{print $14 + $15}' "/proc/$API_PID/stat"; }
+# The api's CPU time so far (user + system), in clock ticks: fields 14 and 15 of its stat line,
+# counted after the command name (which may hold spaces) as 12 and 13.
+api_ticks() { sed 's/.*) //' "/proc/$API_PID/stat" | awk '{print $12 + $13}'; }
 
 # Each api phase runs between two raw redis-benchmark runs of its kind, and its ratio is to their
 # mean: raw XADD alone moved by a third and more between runs minutes apart on a busy 2-core

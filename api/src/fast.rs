@@ -389,8 +389,13 @@ pub fn queue(
 pub fn normalize(json: &[u8], now: DateTime<Utc>) -> Option<FastBatch> {
     let first = *json.iter().find(|b| !b.is_ascii_whitespace())?;
     // Checked as UTF-8 once, whole: parsed from bytes, serde_json checks every string and raw
-    // value it borrows on its own.
+    // value it borrows on its own, and none of those it skips.
     let json = std::str::from_utf8(json).ok()?;
+    // serde_json skips the strings it copies as raw text without decoding their escapes, so a
+    // lone surrogate (`"\ud800"`) would reach the stream, where no JSON parser takes it.
+    if has_lone_surrogate(json.as_bytes()) {
+        return None;
+    }
     match first {
         b'[' => {
             let items: Vec<RawEvent> = serde_json::from_str(json).ok()?;
@@ -425,6 +430,29 @@ pub fn normalize(json: &[u8], now: DateTime<Utc>) -> Option<FastBatch> {
         }
         _ => None,
     }
+}
+
+/// Whether a `\u` escape in `json` is half of a UTF-16 surrogate pair without its other half:
+/// text that is not Unicode, which the full path rejects. Looks only at backslashes.
+fn has_lone_surrogate(json: &[u8]) -> bool {
+    let unit = |at: usize| -> Option<u16> {
+        let hex = json.get(at..at + 6)?.strip_prefix(b"\\u")?;
+        u16::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+    };
+    let mut pos = 0;
+    while let Some(found) = memchr::memchr(b'\\', &json[pos..]) {
+        let at = pos + found;
+        pos = at + 2; // the backslash and the character it escapes
+        match unit(at) {
+            Some(0xD800..=0xDBFF) => match unit(at + 6) {
+                Some(0xDC00..=0xDFFF) => pos = at + 12,
+                _ => return true,
+            },
+            Some(0xDC00..=0xDFFF) => return true,
+            _ => {}
+        }
+    }
+    false
 }
 
 /// The events of `items`, plus the key the first one carries.
@@ -606,6 +634,28 @@ mod tests {
             (f.distinct_id.as_str(), f.lib.as_deref()),
             ("p", Some("web"))
         );
+    }
+
+    #[test]
+    fn text_the_full_path_rejects_is_declined() {
+        let cases: [&[u8]; 4] = [
+            b"{\"event\": \"a\", \"distinct_id\": \"u\", \"ignored\": \"\xff\"}",
+            br#"{"event": "a", "distinct_id": "u", "properties": {"x": "\ud800"}}"#,
+            br#"{"event": "a", "distinct_id": "u", "properties": {"x": "\udc00\ud83d"}}"#,
+            br#"{"event": "a", "distinct_id": "u", "ignored": ["\uD83D x"]}"#,
+        ];
+        for body in cases {
+            assert!(normalize(body, now()).is_none(), "{}", body.escape_ascii());
+            assert!(parse_json(body).is_err(), "{}", body.escape_ascii());
+        }
+        // Pairs, and backslashes that only look like the start of an escape, are fine.
+        let body = br#"{"event": "a", "distinct_id": "u", "properties": {"emoji": "\ud83d\ude00", "path": "C:\\udata", "end": "\\"}}"#;
+        let fast = normalize(body, now()).expect("fast path");
+        let props = decode(&fast.events[0]).properties;
+        assert_eq!(props["emoji"], "😀");
+        assert_eq!(props["path"], "C:\\udata");
+        assert!(!has_lone_surrogate(br#""\ud83d\ude00\\ud800""#));
+        assert!(has_lone_surrogate(br#""\ud83d""#));
     }
 
     #[test]

@@ -339,6 +339,8 @@ async fn validation_errors_name_the_field_and_queue_nothing() {
         ("NUL in distinct_id", b"{\"event\": \"a\", \"distinct_id\": \"u\\u0000\"}".to_vec(), "invalid_value", Some("distinct_id")),
         ("truncated JSON", br#"{"event": "a", "distinct_id": "#.to_vec(), "invalid_json", None),
         ("invalid UTF-8", b"{\"event\": \"a\xff\xfe\", \"distinct_id\": \"u\"}".to_vec(), "invalid_json", None),
+        ("invalid UTF-8 in a field ingest ignores", b"{\"event\": \"a\", \"distinct_id\": \"u\", \"x\": \"\xff\"}".to_vec(), "invalid_json", None),
+        ("lone surrogate in properties", br#"{"event": "a", "distinct_id": "u", "properties": {"x": "\ud800"}}"#.to_vec(), "invalid_json", None),
         ("not JSON at all", b"hello there".to_vec(), "invalid_json", None),
         ("broken gzip", vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 1, 2, 3], "invalid_gzip", None),
         ("empty body", Vec::new(), "empty_body", None),
