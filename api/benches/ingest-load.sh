@@ -80,6 +80,8 @@ API_SECRET_KEY=$KEY API_BIND=127.0.0.1:$PORT QUEUE_NAME=$STREAM STREAM_MAX_BACKL
   MIGRATE_ON_START=false RUST_LOG=warn REDIS_URL="redis://$REDIS_HOST:$REDIS_PORT" "$API_BIN" &
 API_PID=$!
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 0.1; done
+curl -sf "http://127.0.0.1:$PORT/health" >/dev/null \
+  || { echo "the api ($API_BIN) did not come up on 127.0.0.1:$PORT" >&2; exit 1; }
 
 VALUE=$(cat "$WORK/value.txt")
 raw_xadd() { # $1 = pipeline depth
@@ -88,7 +90,8 @@ raw_xadd() { # $1 = pipeline depth
   redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" DEL "$RAW_STREAM" >/dev/null
 }
 run_wrk() { # $1 = kind
-  wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/$1.lua" "http://127.0.0.1:$PORT/$2" | grep RESULT
+  wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/$1.lua" "http://127.0.0.1:$PORT/$2" | grep RESULT \
+    || { echo "wrk printed no result for POST /$2 (is the api up on port $PORT?)" >&2; return 1; }
 }
 field() { echo "$1" | tr ' ' '\n' | grep "^$2=" | cut -d= -f2; }
 # The api's CPU time so far (user + system), in clock ticks: fields 14 and 15 of its stat line,
