@@ -19,8 +19,8 @@ use uuid::Uuid;
 use crate::decode::parse_json;
 use crate::error::ApiError;
 use crate::normalize::{
-    body_key, corrected_timestamp, first_distinct_id, normalize as full_normalize, parse_time,
-    scalar_string, validate_distinct_id, validate_event_name,
+    Nullable, body_key, check_distinct_id, corrected_timestamp, first_distinct_id,
+    normalize as full_normalize, parse_time, parse_time_text, scalar_string, validate_event_name,
 };
 
 /// One event ready for the stream.
@@ -55,16 +55,16 @@ struct RawEvent<'a> {
     #[serde(default, borrow)]
     #[serde(deserialize_with = "present")]
     batch: Option<Option<Vec<RawEvent<'a>>>>,
-    #[serde(default)]
-    distinct_id: Option<Value>,
-    #[serde(default, rename = "$distinct_id")]
-    dollar_distinct_id: Option<Value>,
+    #[serde(default, borrow)]
+    distinct_id: Option<&'a RawValue>,
+    #[serde(default, borrow, rename = "$distinct_id")]
+    dollar_distinct_id: Option<&'a RawValue>,
     #[serde(default, borrow)]
     properties: Option<&'a RawValue>,
-    #[serde(default)]
-    timestamp: Option<Value>,
-    #[serde(default)]
-    sent_at: Option<Value>,
+    #[serde(default, borrow)]
+    timestamp: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    sent_at: Option<&'a RawValue>,
     #[serde(default)]
     offset: Option<Value>,
     #[serde(default, borrow)]
@@ -110,19 +110,73 @@ where
 
 /// The few properties the envelope lifts out, each `None` when absent.
 #[derive(Default)]
-struct Peek {
-    distinct_id: Option<Value>,
-    token: Option<Value>,
-    session_id: Option<Value>,
-    lib: Option<Value>,
+struct Peek<'a> {
+    distinct_id: Option<Lifted<'a>>,
+    token: Option<Lifted<'a>>,
+    session_id: Option<Lifted<'a>>,
+    lib: Option<Lifted<'a>>,
 }
 
-impl Peek {
+/// A lifted property: a string (borrowed from the body when written without escapes, as
+/// `$session_id` and `$lib` always are), or any other value.
+enum Lifted<'a> {
+    Str(Cow<'a, str>),
+    Other(Value),
+}
+
+impl<'a> Lifted<'a> {
+    /// The value whose JSON text is `raw`; `None` when it does not parse.
+    fn parse(raw: &'a [u8]) -> Option<Self> {
+        if let [b'"', inner @ .., b'"'] = raw
+            && !inner.contains(&b'\\')
+        {
+            return std::str::from_utf8(inner)
+                .ok()
+                .map(|s| Lifted::Str(Cow::Borrowed(s)));
+        }
+        Some(match serde_json::from_slice(raw).ok()? {
+            Value::String(s) => Lifted::Str(Cow::Owned(s)),
+            other => Lifted::Other(other),
+        })
+    }
+
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Lifted::Str(s) => Some(s),
+            Lifted::Other(_) => None,
+        }
+    }
+
+    /// A string or a number, not empty, as [`scalar_string`] reads one.
+    fn scalar(&self) -> Option<Cow<'_, str>> {
+        match self {
+            Lifted::Str(s) if !s.is_empty() => Some(Cow::Borrowed(s)),
+            Lifted::Str(_) => None,
+            Lifted::Other(v) => scalar_string(v).map(Cow::Owned),
+        }
+    }
+
+    /// The value whose JSON text `raw` is, if any.
+    fn of(raw: Option<&'a RawValue>) -> Option<Option<Self>> {
+        match raw {
+            None => Some(None),
+            Some(raw) => Self::parse(raw.get().as_bytes()).map(Some),
+        }
+    }
+}
+
+impl Nullable for Lifted<'_> {
+    fn is_null(&self) -> bool {
+        matches!(self, Lifted::Other(Value::Null))
+    }
+}
+
+impl<'a> Peek<'a> {
     /// Looks into `properties`, JSON object text serde_json has already validated, with one
     /// scan of its top-level members; only the values lifted out are parsed. (Parsing all of it
     /// again with serde cost a tenth of the api's CPU under batch load.) `None` declines: one
     /// of the four given twice is left to the full path.
-    fn of(properties: &str) -> Option<Peek> {
+    fn of(properties: &'a str) -> Option<Peek<'a>> {
         let mut peek = Peek::default();
         let mut members = Members::new(properties.as_bytes())?;
         while let Some((quoted_key, value)) = members.next_member()? {
@@ -142,7 +196,7 @@ impl Peek {
             if slot.is_some() {
                 return None;
             }
-            *slot = Some(serde_json::from_slice(value).ok()?);
+            *slot = Some(Lifted::parse(value)?);
         }
         Some(peek)
     }
@@ -265,7 +319,7 @@ struct EnvelopeOut<'a> {
     #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
     sent_at: Option<DateTime<Utc>>,
     #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
-    session_id: Option<String>,
+    session_id: Option<&'a str>,
     #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
     lib: Option<&'a str>,
 }
@@ -419,7 +473,7 @@ pub fn normalize(json: &[u8], now: DateTime<Utc>) -> Option<FastBatch> {
             if body.event.is_some() {
                 return None;
             }
-            let sent_at = optional_time(&body.sent_at)?;
+            let sent_at = optional_time(body.sent_at)?;
             let (events, first_key) = events(items, sent_at, now)?;
             let body_key = body
                 .api_key
@@ -477,10 +531,11 @@ fn events(
 }
 
 /// A time field: `Some(None)` when absent, `None` (decline) when it does not parse.
-fn optional_time(v: &Option<Value>) -> Option<Option<DateTime<Utc>>> {
-    match v {
+fn optional_time(raw: Option<&RawValue>) -> Option<Option<DateTime<Utc>>> {
+    match Lifted::of(raw)? {
         None => Some(None),
-        Some(v) => parse_time(v).ok().map(Some),
+        Some(Lifted::Str(s)) => parse_time_text(&s).map(Some),
+        Some(Lifted::Other(v)) => parse_time(&v).ok().map(Some),
     }
 }
 
@@ -514,22 +569,28 @@ fn event(
     };
     let peek = Peek::of(properties.get())?;
     let (attr, id) = first_distinct_id([
-        ("distinct_id", ev.distinct_id.as_ref()),
-        ("$distinct_id", ev.dollar_distinct_id.as_ref()),
-        ("properties.distinct_id", peek.distinct_id.as_ref()),
+        ("distinct_id", Lifted::of(ev.distinct_id)?),
+        ("$distinct_id", Lifted::of(ev.dollar_distinct_id)?),
+        ("properties.distinct_id", peek.distinct_id),
     ])
     .ok()?;
-    let distinct_id = validate_distinct_id(attr, id).ok()?;
+    let distinct_id = match id {
+        Lifted::Str(s) => s,
+        Lifted::Other(Value::Number(n)) => Cow::Owned(n.to_string()),
+        Lifted::Other(_) => return None,
+    };
+    check_distinct_id(attr, &distinct_id).ok()?;
     let uuid = match ev.uuid {
         None => Uuid::now_v7(),
         Some(s) => Uuid::parse_str(s.0.trim()).ok()?,
     };
-    let timestamp = optional_time(&ev.timestamp)?;
-    let sent_at = optional_time(&ev.sent_at)?.or(batch_sent_at);
+    let timestamp = optional_time(ev.timestamp)?;
+    let sent_at = optional_time(ev.sent_at)?.or(batch_sent_at);
     let offset = match &ev.offset {
         None => None,
         Some(v) => Some(v.as_i64()?),
     };
+    let session_id = peek.session_id.as_ref().and_then(Lifted::scalar);
     let out = EnvelopeOut {
         uuid,
         distinct_id: &distinct_id,
@@ -538,11 +599,11 @@ fn event(
         timestamp: corrected_timestamp(timestamp, sent_at, offset, now),
         received_at: now,
         sent_at,
-        session_id: peek.session_id.as_ref().and_then(scalar_string),
-        lib: peek.lib.as_ref().and_then(Value::as_str),
+        session_id: session_id.as_deref(),
+        lib: peek.lib.as_ref().and_then(Lifted::as_str),
     };
     let properties_token = match peek.token {
-        Some(Value::String(s)) => Some(s),
+        Some(Lifted::Str(s)) => Some(s.into_owned()),
         _ => None,
     };
     let key = ev
@@ -616,6 +677,17 @@ mod tests {
         agrees(
             json!({"event": "a", "distinct_id": "u", "properties": {"x\"}": {"n": [1, 2.5, "]}\\"]}, "distinct_id": null, "$lib": 3, "$session_id": true}}),
         );
+        agrees(
+            json!({"event": "a", "distinct_id": null, "$distinct_id": null, "timestamp": null, "properties": {"distinct_id": 7}}),
+        );
+        // Escaped text in the fields read without serde's own strings.
+        let body = br#"{"event": "a", "distinct_id": "u\u0031", "timestamp": "2026-11-28T10:00:00\u005a", "sent_at": "2026-11-28T10:00:01Z"}"#;
+        let fast = normalize(body, now()).expect("fast path");
+        let slow = full(serde_json::from_slice(body).unwrap(), now()).unwrap();
+        let mut f = decode(&fast.events[0]);
+        f.uuid = slow[0].uuid;
+        assert_eq!(f, slow[0]);
+        assert_eq!(f.distinct_id, "u1");
         // Whitespace in the body's properties: the envelope holds the same values.
         let body = br#"{ "event" : "a", "properties" : { "distinct_id" : "p" , "caf\u00e9" : [ 1 , { } ] , "$session_id": "s" } }"#;
         let fast = normalize(body, now()).expect("fast path");
@@ -725,7 +797,7 @@ mod tests {
                     timestamp: time,
                     received_at: times[(i + 1) % times.len()],
                     sent_at: (j % 2 == 0).then_some(time),
-                    session_id: (j % 3 != 0).then(|| text.to_string()),
+                    session_id: (j % 3 != 0).then_some(*text),
                     lib: (i % 2 == 0).then_some(*text),
                 };
                 assert_eq!(out.to_json(), serde_json::to_string(&out).unwrap());
@@ -794,6 +866,15 @@ mod tests {
             .is_none(),
             "duplicate key"
         );
+        for body in [
+            json!({"event": "a", "distinct_id": true}),
+            json!({"event": "a", "distinct_id": "u", "timestamp": "last tuesday"}),
+            json!({"event": "a", "distinct_id": "u", "sent_at": false}),
+            json!({"event": "a", "distinct_id": " "}),
+        ] {
+            assert!(declines(body.clone()), "{body}");
+            assert!(full(body.clone(), now()).is_err(), "{body}");
+        }
         for key in ["distinct_id", "$session_id", "$lib", "token"] {
             let body = format!(
                 r#"{{"event": "a", "distinct_id": "u", "properties": {{"{key}": "x", "{key}": "y"}}}}"#

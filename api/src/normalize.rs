@@ -235,10 +235,21 @@ fn distinct_id(
     validate_distinct_id(attr, value)
 }
 
+/// A value that may be JSON `null`.
+pub(crate) trait Nullable {
+    fn is_null(&self) -> bool;
+}
+
+impl Nullable for &Value {
+    fn is_null(&self) -> bool {
+        Value::is_null(self)
+    }
+}
+
 /// The first non-null candidate, with the field it came from.
-pub(crate) fn first_distinct_id<'v>(
-    candidates: [(&'static str, Option<&'v Value>); 3],
-) -> Result<(&'static str, &'v Value), ApiError> {
+pub(crate) fn first_distinct_id<V: Nullable>(
+    candidates: [(&'static str, Option<V>); 3],
+) -> Result<(&'static str, V), ApiError> {
     candidates
         .into_iter()
         .find_map(|(attr, v)| v.filter(|v| !v.is_null()).map(|v| (attr, v)))
@@ -250,14 +261,18 @@ pub(crate) fn validate_distinct_id(attr: &str, value: &Value) -> Result<String, 
     let id = match value {
         Value::String(s) => s.clone(),
         Value::Number(n) => n.to_string(),
-        _ => {
-            return Err(ApiError::invalid(
-                "invalid_value",
-                "distinct_id must be a string or a number",
-            )
-            .at(attr));
-        }
+        _ => return Err(distinct_id_not_scalar(attr)),
     };
+    check_distinct_id(attr, &id)?;
+    Ok(id)
+}
+
+fn distinct_id_not_scalar(attr: &str) -> ApiError {
+    ApiError::invalid("invalid_value", "distinct_id must be a string or a number").at(attr)
+}
+
+/// A distinct_id's text: not blank, no NUL, at most [`MAX_DISTINCT_ID_CHARS`] characters.
+pub(crate) fn check_distinct_id(attr: &str, id: &str) -> Result<(), ApiError> {
     if id.trim().is_empty() {
         return Err(ApiError::invalid("blank", "distinct_id must not be empty").at(attr));
     }
@@ -275,7 +290,7 @@ pub(crate) fn validate_distinct_id(attr: &str, value: &Value) -> Result<String, 
         )
         .at(attr));
     }
-    Ok(id)
+    Ok(())
 }
 
 /// An event name: not blank, no NUL.
@@ -317,23 +332,25 @@ pub(crate) fn parse_time(v: &Value) -> Result<DateTime<Utc>, ApiError> {
         )
     };
     match v {
-        Value::String(s) => {
-            let s = s.trim();
-            if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-                return Ok(t.with_timezone(&Utc));
-            }
-            ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
-                .iter()
-                .find_map(|fmt| NaiveDateTime::parse_from_str(s, fmt).ok())
-                .map(|t| Utc.from_utc_datetime(&t))
-                .ok_or_else(bad)
-        }
+        Value::String(s) => parse_time_text(s).ok_or_else(bad),
         Value::Number(n) => n
             .as_i64()
             .and_then(DateTime::from_timestamp_millis)
             .ok_or_else(bad),
         _ => Err(bad()),
     }
+}
+
+/// A timestamp's text: RFC 3339, or the same without an offset (taken as UTC).
+pub(crate) fn parse_time_text(s: &str) -> Option<DateTime<Utc>> {
+    let s = s.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+        .iter()
+        .find_map(|fmt| NaiveDateTime::parse_from_str(s, fmt).ok())
+        .map(|t| Utc.from_utc_datetime(&t))
 }
 
 /// PostHog's clock-skew correction: the client's clock may be wrong, but the gap between its
