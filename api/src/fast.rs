@@ -653,6 +653,16 @@ mod tests {
         }
     }
 
+    /// [`agrees`] for a body given as text (whitespace and escapes as written); its one event.
+    fn agrees_text(body: &[u8]) -> Envelope {
+        let fast = normalize(body, now()).expect("fast path");
+        let slow = full(serde_json::from_slice(body).unwrap(), now()).unwrap();
+        let mut f = decode(&fast.events[0]);
+        f.uuid = slow[0].uuid;
+        assert_eq!(f, slow[0]);
+        f
+    }
+
     #[test]
     fn agrees_with_the_full_path() {
         agrees(
@@ -681,20 +691,10 @@ mod tests {
             json!({"event": "a", "distinct_id": null, "$distinct_id": null, "timestamp": null, "properties": {"distinct_id": 7}}),
         );
         // Escaped text in the fields read without serde's own strings.
-        let body = br#"{"event": "a", "distinct_id": "u\u0031", "timestamp": "2026-11-28T10:00:00\u005a", "sent_at": "2026-11-28T10:00:01Z"}"#;
-        let fast = normalize(body, now()).expect("fast path");
-        let slow = full(serde_json::from_slice(body).unwrap(), now()).unwrap();
-        let mut f = decode(&fast.events[0]);
-        f.uuid = slow[0].uuid;
-        assert_eq!(f, slow[0]);
+        let f = agrees_text(br#"{"event": "a", "distinct_id": "u\u0031", "timestamp": "2026-11-28T10:00:00\u005a", "sent_at": "2026-11-28T10:00:01Z"}"#);
         assert_eq!(f.distinct_id, "u1");
         // Whitespace in the body's properties: the envelope holds the same values.
-        let body = br#"{ "event" : "a", "properties" : { "distinct_id" : "p" , "caf\u00e9" : [ 1 , { } ] , "$session_id": "s" } }"#;
-        let fast = normalize(body, now()).expect("fast path");
-        let slow = full(serde_json::from_slice(body).unwrap(), now()).unwrap();
-        let mut f = decode(&fast.events[0]);
-        f.uuid = slow[0].uuid;
-        assert_eq!(f, slow[0]);
+        let f = agrees_text(br#"{ "event" : "a", "properties" : { "distinct_id" : "p" , "caf\u00e9" : [ 1 , { } ] , "$session_id": "s" } }"#);
         assert_eq!(f.distinct_id, "p");
         assert_eq!(f.session_id.as_deref(), Some("s"));
         // A lifted key written with escapes is still found.
