@@ -574,11 +574,7 @@ fn event(
         ("properties.distinct_id", peek.distinct_id),
     ])
     .ok()?;
-    let distinct_id = match id {
-        Lifted::Str(s) => s,
-        Lifted::Other(Value::Number(n)) => Cow::Owned(n.to_string()),
-        Lifted::Other(_) => return None,
-    };
+    let distinct_id = id.scalar()?;
     check_distinct_id(attr, &distinct_id).ok()?;
     let uuid = match ev.uuid {
         None => Uuid::now_v7(),

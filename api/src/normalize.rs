@@ -261,14 +261,16 @@ pub(crate) fn validate_distinct_id(attr: &str, value: &Value) -> Result<String, 
     let id = match value {
         Value::String(s) => s.clone(),
         Value::Number(n) => n.to_string(),
-        _ => return Err(distinct_id_not_scalar(attr)),
+        _ => {
+            return Err(ApiError::invalid(
+                "invalid_value",
+                "distinct_id must be a string or a number",
+            )
+            .at(attr));
+        }
     };
     check_distinct_id(attr, &id)?;
     Ok(id)
-}
-
-fn distinct_id_not_scalar(attr: &str) -> ApiError {
-    ApiError::invalid("invalid_value", "distinct_id must be a string or a number").at(attr)
 }
 
 /// A distinct_id's text: not blank, no NUL, at most [`MAX_DISTINCT_ID_CHARS`] characters.
