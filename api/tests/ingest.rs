@@ -463,6 +463,21 @@ async fn oversized_bodies_and_gzip_bombs_get_413() {
     assert!(app.stream_envelopes().await.is_empty());
 }
 
+/// Posts `body` to `path` and expects 503 `queue_unavailable` with `Retry-After`.
+async fn assert_queue_unavailable(app: &TestApp, path: &str, body: &Value) {
+    let resp = app
+        .http
+        .post(app.url(path))
+        .header("X-API-Key", SECRET)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.headers().get("retry-after").is_some(), "{path}");
+    let e = error_of(resp, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(e["code"], "queue_unavailable", "{path}");
+}
+
 #[tokio::test]
 async fn redis_down_answers_503_with_retry_after() {
     let mut config = test_config();
@@ -471,17 +486,7 @@ async fn redis_down_answers_503_with_retry_after() {
     let app = TestApp::spawn_with(config).await;
     let event = json!({"event": "a", "distinct_id": "u"});
     for path in ["/capture", "/ingest"] {
-        let resp = app
-            .http
-            .post(app.url(path))
-            .header("X-API-Key", SECRET)
-            .json(&event)
-            .send()
-            .await
-            .unwrap();
-        assert!(resp.headers().get("retry-after").is_some());
-        let e = error_of(resp, StatusCode::SERVICE_UNAVAILABLE).await;
-        assert_eq!(e["code"], "queue_unavailable");
+        assert_queue_unavailable(&app, path, &event).await;
     }
     let ready = app.http.get(app.url("/ready")).send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -508,17 +513,7 @@ async fn an_append_redis_refuses_answers_503() {
         ("/capture", event.clone()),
         ("/batch", json!([event, event])),
     ] {
-        let resp = app
-            .http
-            .post(app.url(path))
-            .header("X-API-Key", SECRET)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert!(resp.headers().get("retry-after").is_some(), "{path}");
-        let e = error_of(resp, StatusCode::SERVICE_UNAVAILABLE).await;
-        assert_eq!(e["code"], "queue_unavailable", "{path}");
+        assert_queue_unavailable(&app, path, &body).await;
     }
     let value: String = redis::cmd("GETDEL")
         .arg(&app.config.queue_name)
