@@ -9,7 +9,10 @@
 use std::borrow::Cow;
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
-use entity::Envelope;
+use entity::{
+    Envelope,
+    members::{self, Members, has_lone_surrogate},
+};
 #[cfg(test)]
 use serde::Serialize;
 use serde::{Deserialize, de::IgnoredAny};
@@ -180,13 +183,7 @@ impl<'a> Peek<'a> {
         let mut peek = Peek::default();
         let mut members = Members::new(properties.as_bytes())?;
         while let Some((quoted_key, value)) = members.next_member()? {
-            let unescaped: String;
-            let mut key = &quoted_key[1..quoted_key.len() - 1];
-            if key.contains(&b'\\') {
-                unescaped = serde_json::from_slice(quoted_key).ok()?;
-                key = unescaped.as_bytes();
-            }
-            let slot = match key {
+            let slot = match &*members::key(quoted_key)? {
                 b"distinct_id" => &mut peek.distinct_id,
                 b"token" => &mut peek.token,
                 b"$session_id" => &mut peek.session_id,
@@ -199,111 +196,6 @@ impl<'a> Peek<'a> {
             *slot = Some(Lifted::parse(value)?);
         }
         Some(peek)
-    }
-}
-
-/// The top-level members of a valid JSON object's text, as (key with its quotes, value) byte
-/// slices. Malformed text ends the walk with `None` rather than a wrong answer.
-struct Members<'a> {
-    text: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Members<'a> {
-    fn new(text: &'a [u8]) -> Option<Self> {
-        let mut members = Members { text, pos: 0 };
-        members.skip_whitespace();
-        (members.byte()? == b'{').then(|| {
-            members.pos += 1;
-            members
-        })
-    }
-
-    /// The next member; `Some(None)` after the last.
-    fn next_member(&mut self) -> Option<Option<(&'a [u8], &'a [u8])>> {
-        self.skip_whitespace();
-        match self.byte()? {
-            b'}' => return Some(None),
-            b',' => {
-                self.pos += 1;
-                self.skip_whitespace();
-            }
-            _ => {}
-        }
-        if self.byte()? != b'"' {
-            return None;
-        }
-        let key_start = self.pos;
-        self.skip_string()?;
-        let key = self.text.get(key_start..self.pos)?;
-        self.skip_whitespace();
-        if self.byte()? != b':' {
-            return None;
-        }
-        self.pos += 1;
-        self.skip_whitespace();
-        let value_start = self.pos;
-        self.skip_value()?;
-        Some(Some((key, self.text.get(value_start..self.pos)?)))
-    }
-
-    fn byte(&self) -> Option<u8> {
-        self.text.get(self.pos).copied()
-    }
-
-    fn skip_whitespace(&mut self) {
-        while self.byte().is_some_and(|b| b.is_ascii_whitespace()) {
-            self.pos += 1;
-        }
-    }
-
-    /// From an opening quote to just past its closing one.
-    fn skip_string(&mut self) -> Option<()> {
-        self.pos += 1;
-        loop {
-            let rest = self.text.get(self.pos..)?;
-            let at = memchr::memchr2(b'"', b'\\', rest)?;
-            self.pos += at + 1;
-            if rest[at] == b'"' {
-                return Some(());
-            }
-            self.pos += 1; // the escaped character
-        }
-    }
-
-    fn skip_value(&mut self) -> Option<()> {
-        match self.byte()? {
-            b'"' => self.skip_string(),
-            b'{' | b'[' => {
-                let mut depth = 0usize;
-                loop {
-                    match self.byte()? {
-                        b'"' => {
-                            self.skip_string()?;
-                            continue;
-                        }
-                        b'{' | b'[' => depth += 1,
-                        b'}' | b']' => {
-                            depth -= 1;
-                            if depth == 0 {
-                                self.pos += 1;
-                                return Some(());
-                            }
-                        }
-                        _ => {}
-                    }
-                    self.pos += 1;
-                }
-            }
-            _ => {
-                while !matches!(self.byte()?, b',' | b'}' | b']')
-                    && !self.byte()?.is_ascii_whitespace()
-                {
-                    self.pos += 1;
-                }
-                Some(())
-            }
-        }
     }
 }
 
@@ -484,29 +376,6 @@ pub fn normalize(json: &[u8], now: DateTime<Utc>) -> Option<FastBatch> {
         }
         _ => None,
     }
-}
-
-/// Whether a `\u` escape in `json` is half of a UTF-16 surrogate pair without its other half:
-/// text that is not Unicode, which the full path rejects. Looks only at backslashes.
-fn has_lone_surrogate(json: &[u8]) -> bool {
-    let unit = |at: usize| -> Option<u16> {
-        let hex = json.get(at..at + 6)?.strip_prefix(b"\\u")?;
-        u16::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
-    };
-    let mut pos = 0;
-    while let Some(found) = memchr::memchr(b'\\', &json[pos..]) {
-        let at = pos + found;
-        pos = at + 2; // the backslash and the character it escapes
-        match unit(at) {
-            Some(0xD800..=0xDBFF) => match unit(at + 6) {
-                Some(0xDC00..=0xDFFF) => pos = at + 12,
-                _ => return true,
-            },
-            Some(0xDC00..=0xDFFF) => return true,
-            _ => {}
-        }
-    }
-    false
 }
 
 /// The events of `items`, plus the key the first one carries.
@@ -724,38 +593,6 @@ mod tests {
         assert_eq!(props["path"], "C:\\udata");
         assert!(!has_lone_surrogate(br#""\ud83d\ude00\\ud800""#));
         assert!(has_lone_surrogate(br#""\ud83d""#));
-    }
-
-    #[test]
-    fn members_are_the_objects_top_level_members() {
-        let texts = [
-            r#"{}"#,
-            r#" { } "#,
-            r#"{"a":1}"#,
-            "{ \"a\" :\t-1.5e3 ,\n\"b\":[ ] , \"c\" : { } }",
-            r#"{"s":"q\"}],{[","n":null,"t":true,"f":false,"o":{"x":[{"y":"}"}],"z":"\\"},"e":""}"#,
-            r#"{"k\"ey":"v","\\":[1,[2,[3]]],"last":"\u00e9"}"#,
-        ];
-        for text in texts {
-            let expected: serde_json::Map<String, Value> = serde_json::from_str(text).unwrap();
-            let mut members = Members::new(text.as_bytes()).unwrap();
-            let mut seen = Vec::new();
-            while let Some((key, value)) = members.next_member().unwrap() {
-                let key: String = serde_json::from_slice(key).unwrap();
-                let value: Value = serde_json::from_slice(value).unwrap();
-                seen.push((key, value));
-            }
-            seen.sort_by(|a, b| a.0.cmp(&b.0));
-            let expected: Vec<(String, Value)> = expected.into_iter().collect();
-            assert_eq!(seen, expected, "{text}");
-        }
-        for broken in ["", "[1]", "{\"a\"", "{\"a\":", "{\"a\":\"x", "{\"a\":[1,"] {
-            let walk = Members::new(broken.as_bytes()).and_then(|mut m| {
-                while m.next_member()?.is_some() {}
-                Some(())
-            });
-            assert!(walk.is_none(), "{broken:?}");
-        }
     }
 
     #[test]

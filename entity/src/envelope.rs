@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::members;
+
 /// Version written in the `v` field of every stream entry.
 pub const ENVELOPE_VERSION: &str = "1";
 /// Stream entry field holding [`ENVELOPE_VERSION`].
@@ -20,9 +22,15 @@ pub const FIELD_EVENT: &str = "event";
 /// Optional stream entry field holding a W3C `traceparent`.
 pub const FIELD_TRACEPARENT: &str = "traceparent";
 
-/// One normalised event, as the api accepted it.
+/// One normalised event, as the api accepted it. `P` is how `properties` are held: decoded as a
+/// map (the default), or as the JSON text the entry carries (`Option<&RawValue>`, for a reader
+/// that decodes only some of them).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Envelope {
+#[serde(bound(
+    serialize = "P: Serialize",
+    deserialize = "P: Deserialize<'de> + Default"
+))]
+pub struct Envelope<P = Map<String, Value>> {
     /// Idempotency key: client-sent or a UUIDv7 generated at ingest. Primary key of the stored event.
     pub uuid: Uuid,
     /// The user the event belongs to (at most 200 characters).
@@ -31,7 +39,7 @@ pub struct Envelope {
     pub event: String,
     /// Event properties as sent (PostHog `$`-prefixed ones included).
     #[serde(default)]
-    pub properties: Map<String, Value>,
+    pub properties: P,
     /// When the event happened, after PostHog clock-skew correction.
     pub timestamp: DateTime<Utc>,
     /// When the api accepted it.
@@ -75,17 +83,15 @@ pub enum EnvelopeError {
     Json(#[from] serde_json::Error),
 }
 
-impl Envelope {
-    /// Encodes the envelope as the JSON stored in the `event` field.
-    pub fn to_json(&self) -> String {
-        // Serialising plain data (strings, maps of JSON values, timestamps) cannot fail.
-        serde_json::to_string(self).expect("envelope serialises")
-    }
-
-    /// Decodes an entry from its fields, checking the envelope version.
+impl<P> Envelope<P> {
+    /// Decodes an entry from its fields, checking the envelope version. `P` may borrow from the
+    /// entry (`Option<&RawValue>`: the properties as written, not decoded).
     pub fn from_fields<'a>(
         mut field: impl FnMut(&str) -> Option<&'a [u8]>,
-    ) -> Result<Self, EnvelopeError> {
+    ) -> Result<Self, EnvelopeError>
+    where
+        P: Deserialize<'a> + Default,
+    {
         let version = field(FIELD_VERSION).ok_or(EnvelopeError::MissingField(FIELD_VERSION))?;
         if version != ENVELOPE_VERSION.as_bytes() {
             return Err(EnvelopeError::UnsupportedVersion(
@@ -96,18 +102,41 @@ impl Envelope {
         Ok(serde_json::from_slice(event)?)
     }
 
-    /// The `distinct_id` of an encoded envelope (the `event` field), read without building the
-    /// rest: the worker routes entries by user before decoding them. `None` if it is not JSON
-    /// or has no string `distinct_id`.
-    pub fn distinct_id_of(event: &[u8]) -> Option<Cow<'_, str>> {
-        #[derive(Deserialize)]
-        struct User<'a> {
-            #[serde(borrow)]
-            distinct_id: Cow<'a, str>,
+    /// The same envelope holding `properties` instead.
+    pub fn with_properties<Q>(self, properties: Q) -> Envelope<Q> {
+        Envelope {
+            uuid: self.uuid,
+            distinct_id: self.distinct_id,
+            event: self.event,
+            properties,
+            timestamp: self.timestamp,
+            received_at: self.received_at,
+            sent_at: self.sent_at,
+            session_id: self.session_id,
+            lib: self.lib,
+            elements_chain: self.elements_chain,
+            person: self.person,
         }
-        serde_json::from_slice::<User>(event)
-            .ok()
-            .map(|u| u.distinct_id)
+    }
+}
+
+impl Envelope {
+    /// Encodes the envelope as the JSON stored in the `event` field.
+    pub fn to_json(&self) -> String {
+        // Serialising plain data (strings, maps of JSON values, timestamps) cannot fail.
+        serde_json::to_string(self).expect("envelope serialises")
+    }
+
+    /// The `distinct_id` of an encoded envelope (the `event` field), read without building the
+    /// rest: the worker routes entries by user before decoding them. Only the members before it
+    /// are walked over, not decoded ([`members::first`]); the rest of the text is not looked at.
+    /// `None` if it is not a JSON object or has no string `distinct_id`.
+    pub fn distinct_id_of(event: &[u8]) -> Option<Cow<'_, str>> {
+        let value = members::first(event, "distinct_id")?;
+        match serde_json::from_slice::<&str>(value) {
+            Ok(text) => Some(Cow::Borrowed(text)),
+            Err(_) => serde_json::from_slice::<String>(value).ok().map(Cow::Owned),
+        }
     }
 }
 
@@ -174,7 +203,7 @@ mod tests {
 
     #[test]
     fn rejects_unknown_version() {
-        let err = Envelope::from_fields(|f| match f {
+        let err = <Envelope>::from_fields(|f| match f {
             "v" => Some(b"9".as_slice()),
             _ => Some(b"{}".as_slice()),
         })

@@ -3,6 +3,7 @@
 
 pub mod envelope;
 pub mod event;
+pub mod members;
 pub mod settings;
 pub mod user_profile;
 pub mod user_session;

@@ -5,7 +5,8 @@
 //!    just after it; the drain's ratio is to the mean of the two.
 //! 2. One worker process (release build) draining a pre-filled stream of `EVENTS` events, then two.
 //!    Peak RSS of the worker process from `/proc/<pid>/status`; the machine's busy CPU time per
-//!    event, from `/proc/stat` (all processes: worker, Postgres, Redis, this program).
+//!    event, from `/proc/stat` (all processes: worker, Postgres, Redis, this program), and the
+//!    workers' own, from `/proc/<pid>/stat`.
 //! 3. Ingest → queryable latency at `RATE` events/s: each event is appended like the api does; a
 //!    poller finds it in `events` (poll period 2 ms) and records the time since it was appended.
 //!
@@ -32,7 +33,7 @@ use sea_orm::{
         postgres::{PgConnectOptions, PgConnection},
     },
 };
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
@@ -171,8 +172,8 @@ fn copy_file(events: &[Envelope], rules: &dyn worker::enrich::Ruleset) -> String
         let enrichment = rules
             .enrich(e)
             .unwrap_or_else(|_| worker::enrich::fallback(e));
-        let row = worker::store::StoredEvent::new(e.clone(), enrichment);
-        let properties = Value::Object(row.properties.clone()).to_string();
+        let row = worker::store::StoredEvent::new(e.clone(), enrichment, None);
+        let properties = &row.properties;
         let intents = row.intents_json().to_string();
         let (ts, rx) = (row.timestamp.to_rfc3339(), row.received_at.to_rfc3339());
         let fields = [
@@ -254,6 +255,20 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) process `pid` has used, from `/proc/<pid>/stat` (fields 14 and 15,
+/// counted after the command name, which may hold spaces).
+fn process_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: f64 = after_comm
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|t| t.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0
+}
+
 /// Starts a worker; `batch_size` `None` leaves its default.
 fn spawn_worker(
     s: &Settings,
@@ -333,6 +348,8 @@ struct Drain {
     peak_rss_mib: f64,
     exits: Vec<(Option<i32>, f64)>,
     cpu: Cpu,
+    /// Seconds of CPU the worker processes used (user + system), start-up included.
+    worker_cpu: f64,
 }
 
 /// The whole machine's CPU time, from the first line of `/proc/stat` (clock ticks of 1/100 s).
@@ -404,6 +421,7 @@ async fn drain(
     }
     let secs = started.elapsed().as_secs_f64();
     let cpu = Cpu::now().since(cpu);
+    let worker_cpu = pids.iter().map(|p| process_cpu_secs(*p)).sum();
     let peak_rss_mib = pids
         .iter()
         .map(|p| rss_kib(*p, "VmHWM:"))
@@ -424,6 +442,7 @@ async fn drain(
         peak_rss_mib,
         exits,
         cpu,
+        worker_cpu,
     }
 }
 
@@ -647,8 +666,9 @@ async fn main() {
             // Machine-wide CPU per event (worker, Postgres, Redis and this program): steadier
             // than the rate for comparing builds when other tenants slow the machine down.
             let cpu_us = d.cpu.busy * 1e6 / events.len() as f64;
+            let worker_us = d.worker_cpu * 1e6 / events.len() as f64;
             println!(
-                "  machine CPU {:.1} s busy = {cpu_us:.0} µs/event; {:.1} s stolen",
+                "  machine CPU {:.1} s busy = {cpu_us:.0} µs/event, of which the worker(s) {worker_us:.0} µs/event; {:.1} s stolen",
                 d.cpu.busy, d.cpu.stolen
             );
             results.push((
@@ -660,6 +680,7 @@ async fn main() {
                 (copy_before, copy_after),
                 d.peak_rss_mib,
                 cpu_us,
+                worker_us,
             ));
         }
     }
@@ -680,9 +701,9 @@ async fn main() {
     );
 
     println!("\nsummary");
-    for (replicas, batch, secs, rate, ratio, (before, after), rss, cpu_us) in &results {
+    for (replicas, batch, secs, rate, ratio, (before, after), rss, cpu_us, worker_us) in &results {
         println!(
-            "  {replicas} worker(s) BATCH_SIZE={batch:<4} {rate:>9.0} events/s  {ratio:.2}x COPY ({before:.0} rows/s before, {after:.0} after)  {secs:.1}s  peak RSS {rss:.1} MiB  CPU {cpu_us:.0} µs/event"
+            "  {replicas} worker(s) BATCH_SIZE={batch:<4} {rate:>9.0} events/s  {ratio:.2}x COPY ({before:.0} rows/s before, {after:.0} after)  {secs:.1}s  peak RSS {rss:.1} MiB  CPU {cpu_us:.0} µs/event (worker {worker_us:.0})"
         );
     }
     println!(

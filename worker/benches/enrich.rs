@@ -15,6 +15,9 @@ use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 
 use worker::rules::{EventInput, RuleSet};
 
+mod support;
+use support::thread_cpu_ns;
+
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
@@ -212,6 +215,7 @@ fn input(e: &Event) -> EventInput<'_> {
         event: &e.name,
         distinct_id: "user_1",
         properties: &e.props,
+        properties_text: None,
         elements_chain: None,
         person_properties: None,
     }
@@ -273,12 +277,6 @@ fn report_allocations() {
         s.reallocations as f64 / n,
         s.bytes_allocated as f64 / n
     );
-}
-
-/// Nanoseconds this thread has spent on a CPU (Linux), so a busy machine does not skew the figure.
-fn thread_cpu_ns() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    s.split_whitespace().next()?.parse().ok()
 }
 
 /// Events per second of on-CPU time of one thread, over about two seconds.

@@ -24,6 +24,23 @@ pub trait Ruleset: Send + Sync {
     fn version(&self) -> &str;
     /// Describes one event.
     fn enrich(&self, event: &Envelope) -> Result<Enrichment, EnrichError>;
+
+    /// Whether describing an event may read its top-level property `key`. The worker decodes
+    /// only the properties this accepts (and those it stores itself); all of them by default.
+    fn reads_property(&self, _key: &str) -> bool {
+        true
+    }
+
+    /// Describes one event whose `properties` may hold only the keys [`Self::reads_property`]
+    /// accepts, `written` being all of them as JSON text, for what keeps whole events (the
+    /// examples of unmatched ones).
+    fn enrich_written(
+        &self,
+        event: &Envelope,
+        _written: Option<&str>,
+    ) -> Result<Enrichment, EnrichError> {
+        self.enrich(event)
+    }
 }
 
 /// The source of the current ruleset (the rule engine swaps it on reload).
@@ -100,10 +117,23 @@ impl Ruleset for RuleSet {
     }
 
     fn enrich(&self, event: &Envelope) -> Result<Enrichment, EnrichError> {
+        self.enrich_written(event, None)
+    }
+
+    fn reads_property(&self, key: &str) -> bool {
+        RuleSet::reads_property(self, key)
+    }
+
+    fn enrich_written(
+        &self,
+        event: &Envelope,
+        written: Option<&str>,
+    ) -> Result<Enrichment, EnrichError> {
         let input = EventInput {
             event: &event.event,
             distinct_id: &event.distinct_id,
             properties: &event.properties,
+            properties_text: written,
             elements_chain: event.elements_chain.as_deref(),
             person_properties: event.person.as_ref().map(|p| &p.properties),
         };

@@ -683,11 +683,12 @@ async fn process(
             poison.push((entry, Poison::new("max_deliveries", error)));
             continue;
         }
-        let described = Envelope::from_fields(|name| entry.field(name))
+        let described = store::decode(|name| entry.field(name), ruleset.as_ref())
             .map_err(|e| Poison::new("undecodable", format!("undecodable entry: {e}")))
-            .and_then(|envelope| {
-                match std::panic::catch_unwind(AssertUnwindSafe(|| ruleset.enrich(&envelope))) {
-                    Ok(Ok(enrichment)) => Ok(StoredEvent::new(envelope, enrichment)),
+            .and_then(|(envelope, written)| {
+                let enrich = || ruleset.enrich_written(&envelope, written);
+                match std::panic::catch_unwind(AssertUnwindSafe(enrich)) {
+                    Ok(Ok(enrichment)) => Ok(StoredEvent::new(envelope, enrichment, written)),
                     Ok(Err(e)) => Err(Poison::new(
                         "enrichment_failed",
                         format!("enrichment failed: {e}"),

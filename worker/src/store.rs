@@ -13,17 +13,21 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use entity::{Envelope, user_profile::Intents};
+use entity::{
+    Envelope, EnvelopeError,
+    members::{decode_some, has_lone_surrogate},
+    user_profile::Intents,
+};
 use sea_orm::{
     ConnectOptions, Database, DatabaseConnection, DbErr, RuntimeErr,
     sqlx::{self, Row, types::Json as SqlJson},
 };
-use serde_json::{Map, Value as Json};
+use serde_json::{Map, Value as Json, value::RawValue};
 use uuid::Uuid;
 
 use crate::{
     config::Config,
-    enrich::{Enrichment, IntentHit, url_path},
+    enrich::{Enrichment, IntentHit, Ruleset, url_path},
     profile::{PersonUpdate, ProfileDelta, ProfileRow},
     sanitize,
 };
@@ -68,6 +72,47 @@ impl StoreError {
     }
 }
 
+/// The properties a row is built from (beside those the rules read): page URL and path, session,
+/// elements chain, and the person properties an event sets.
+pub const STORED_PROPERTIES: [&str; 6] = [
+    "$current_url",
+    "$pathname",
+    "$session_id",
+    "elements_chain",
+    "$set",
+    "$set_once",
+];
+
+/// Decodes a stream entry (its fields by name) for [`StoredEvent::new`]: the envelope with only
+/// the properties `ruleset` reads and the row is built from ([`STORED_PROPERTIES`]) decoded, and
+/// all of them as the entry carries them (stored as they are). Decoding every property (a
+/// posthog-js event carries 30 or more), encoding them again and dropping them was about a third
+/// of the worker's CPU. Text with an escaped NUL has all of them decoded, to be cleaned.
+///
+/// Undecodable as before: not UTF-8, not JSON, a field of the wrong type, properties that are not
+/// an object or hold a lone UTF-16 surrogate (not Unicode: Postgres would refuse the whole batch).
+/// What changed: `"properties": null` is no properties (was undecodable), and a property no rule
+/// reads may hold a number beyond a double (`1e400`, was undecodable): Postgres stores it.
+pub fn decode<'e>(
+    field: impl FnMut(&str) -> Option<&'e [u8]>,
+    ruleset: &dyn Ruleset,
+) -> Result<(Envelope, Option<&'e str>), EnvelopeError> {
+    let envelope: Envelope<Option<&RawValue>> = Envelope::from_fields(field)?;
+    let Some(written) = envelope.properties.map(RawValue::get) else {
+        return Ok((envelope.with_properties(Map::new()), None));
+    };
+    if has_lone_surrogate(written.as_bytes()) {
+        return Err(EnvelopeError::Json(serde::de::Error::custom(
+            "`properties` hold a lone UTF-16 surrogate escape (not Unicode)",
+        )));
+    }
+    let all = written.contains("\\u0000");
+    let properties = decode_some(written, |key| {
+        all || STORED_PROPERTIES.contains(&key) || ruleset.reads_property(key)
+    })?;
+    Ok((envelope.with_properties(properties), Some(written)))
+}
+
 /// An event ready to be written: enriched, with NUL characters removed.
 #[derive(Debug, Clone)]
 pub struct StoredEvent {
@@ -77,7 +122,8 @@ pub struct StoredEvent {
     pub description: String,
     pub rule_id: Option<String>,
     pub intents: Vec<IntentHit>,
-    pub properties: Map<String, Json>,
+    /// The `properties` column: JSON text without NUL characters.
+    pub properties: String,
     pub url: Option<String>,
     pub path: Option<String>,
     pub session_id: Option<String>,
@@ -88,10 +134,21 @@ pub struct StoredEvent {
 }
 
 impl StoredEvent {
-    /// Builds the row for an enriched envelope.
-    pub fn new(envelope: Envelope, enrichment: Enrichment) -> Self {
+    /// Builds the row for an enriched envelope. `written` is the envelope's `properties` as the
+    /// stream entry carries them ([`decode`]), when the caller has them:
+    /// - that text is stored as it is, unless it holds an escaped NUL character (encoding the
+    ///   decoded map again took about a tenth of the worker's CPU), and `envelope.properties`
+    ///   need only hold [`STORED_PROPERTIES`];
+    /// - with a NUL, `envelope.properties` must hold them all: they are cleaned and encoded, as
+    ///   they are without `written`.
+    pub fn new(envelope: Envelope, enrichment: Enrichment, written: Option<&str>) -> Self {
+        // JSON text can only carry a NUL as the escape `\u0000` (control characters must be
+        // escaped), so text without one decodes to strings without any.
+        let written = written.filter(|text| !text.contains("\\u0000"));
         let mut properties = envelope.properties;
-        sanitize::object(&mut properties);
+        if written.is_none() {
+            sanitize::object(&mut properties);
+        }
         let prop_str = |key: &str| {
             properties
                 .get(key)
@@ -135,6 +192,10 @@ impl StoredEvent {
                 hit
             })
             .collect();
+        let properties = match written {
+            Some(text) => text.to_string(),
+            None => serde_json::to_string(&properties).unwrap_or_else(|_| "{}".into()),
+        };
         Self {
             uuid: envelope.uuid,
             distinct_id: sanitize::text(envelope.distinct_id),
@@ -383,19 +444,16 @@ async fn insert_events(
     rules_version: &str,
     inserts: Inserts,
 ) -> Result<Option<HashSet<Uuid>>, StoreError> {
-    // JSON columns encoded once: (intents, properties).
-    let json: Vec<(String, String)> = events
+    // The intents column encoded once.
+    let intents: Vec<String> = events
         .iter()
-        .map(|e| {
-            let properties = serde_json::to_string(&e.properties).unwrap_or_else(|_| "{}".into());
-            (e.intents_json().to_string(), properties)
-        })
+        .map(|e| e.intents_json().to_string())
         .collect();
     let size = |i: usize| {
         let e = events[i];
         let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
-        64 + json[i].0.len()
-            + json[i].1.len()
+        64 + intents[i].len()
+            + e.properties.len()
             + e.distinct_id.len()
             + e.event.len()
             + e.description.len()
@@ -416,15 +474,15 @@ async fn insert_events(
             bytes += size(end);
             end += 1;
         }
-        let (rows, json) = (&events[start..end], &json[start..end]);
+        let (rows, intents) = (&events[start..end], &intents[start..end]);
         match created.as_mut() {
             None => {
-                insert_event_rows(INSERT_EVENTS, rows, json, rules_version)
+                insert_event_rows(INSERT_EVENTS, rows, intents, rules_version)
                     .execute(&mut **txn)
                     .await?;
             }
             Some(created) => {
-                for row in insert_event_rows(INSERT_NEW_EVENTS, rows, json, rules_version)
+                for row in insert_event_rows(INSERT_NEW_EVENTS, rows, intents, rules_version)
                     .fetch_all(&mut **txn)
                     .await?
                 {
@@ -437,11 +495,11 @@ async fn insert_events(
     Ok(created)
 }
 
-/// The events statement `sql` for `events`, whose JSON columns are `json`.
+/// The events statement `sql` for `events`, whose intents columns are `intents`.
 fn insert_event_rows<'q>(
     sql: &'static str,
     events: &'q [&StoredEvent],
-    json: &'q [(String, String)],
+    intents: &'q [String],
     rules_version: &'q str,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     sqlx::query(sql)
@@ -451,8 +509,8 @@ fn insert_event_rows<'q>(
         .bind(column(events, |e| e.event.as_str()))
         .bind(column(events, |e| e.description.as_str()))
         .bind(column(events, |e| e.rule_id.as_deref()))
-        .bind(column(json, |j| j.0.as_str()))
-        .bind(column(json, |j| j.1.as_str()))
+        .bind(column(intents, String::as_str))
+        .bind(column(events, |e| e.properties.as_str()))
         .bind(column(events, |e| e.url.as_deref()))
         .bind(column(events, |e| e.path.as_deref()))
         .bind(column(events, |e| e.session_id.as_deref()))
@@ -719,7 +777,7 @@ async fn upsert_profiles(txn: &mut Txn, deltas: &[ProfileDelta]) -> Result<(), S
 mod tests {
 
     use super::*;
-    use crate::enrich::fallback;
+    use crate::enrich::{Fallback, fallback};
 
     #[test]
     fn row_fields_come_from_the_envelope_and_are_sanitised() {
@@ -739,15 +797,102 @@ mod tests {
         }))
         .unwrap();
         let enrichment = fallback(&envelope);
-        let row = StoredEvent::new(envelope, enrichment);
+        let row = StoredEvent::new(envelope, enrichment, None);
         assert_eq!(row.distinct_id, "u1");
         assert_eq!(row.path.as_deref(), Some("/pricing"));
         assert_eq!(row.url.as_deref(), Some("https://x.test/pricing?x=1"));
         assert_eq!(row.session_id.as_deref(), Some("s1"));
         assert_eq!(row.description, "Viewed page: /pricing");
-        assert_eq!(row.properties["badkey"], "v");
+        let properties: Json = serde_json::from_str(&row.properties).unwrap();
+        assert_eq!(properties["badkey"], "v");
         let person = row.person.unwrap();
         assert_eq!(person.set["plan"], "pro");
         assert_eq!(person.set["email"], "a@x.test");
+    }
+
+    /// Decoding skips the properties neither the rules nor the row read, and refuses entries that
+    /// are not Unicode JSON, whether or not the rules read the offending property.
+    #[test]
+    fn decoding_skips_unread_properties_and_refuses_what_is_not_unicode_json() {
+        struct Reads(&'static str);
+        impl Ruleset for Reads {
+            fn version(&self) -> &str {
+                "test"
+            }
+            fn enrich(&self, event: &Envelope) -> Result<Enrichment, crate::enrich::EnrichError> {
+                Ok(fallback(event))
+            }
+            fn reads_property(&self, key: &str) -> bool {
+                key == self.0
+            }
+        }
+        let decode_with = |properties: &[u8]| {
+            let mut entry = format!(
+                r#"{{"uuid":"{}","distinct_id":"u","event":"e","timestamp":"2026-11-28T10:00:00Z","received_at":"2026-11-28T10:00:01Z","properties":"#,
+                Uuid::now_v7()
+            )
+            .into_bytes();
+            entry.extend_from_slice(properties);
+            entry.push(b'}');
+            let fields = |name: &str| match name {
+                "v" => Some(&b"1"[..]),
+                _ => Some(&entry[..]),
+            };
+            decode(fields, &Reads("plan"))
+                .map(|(envelope, written)| (envelope.properties, written.map(str::to_owned)))
+        };
+        let text =
+            r#"{"plan": "pro", "big": 1e400, "$pathname": "/p", "other": [{"x": "\ud83d\ude00"}]}"#;
+        let (properties, written) = decode_with(text.as_bytes()).unwrap();
+        assert_eq!(
+            Json::Object(properties),
+            serde_json::json!({"plan": "pro", "$pathname": "/p"})
+        );
+        assert_eq!(written.as_deref(), Some(text));
+        assert_eq!(decode_with(b"{}").unwrap().0, Map::new());
+        // `null` is no properties, as a missing `properties` is.
+        assert_eq!(decode_with(b"null").unwrap(), (Map::new(), None));
+        let refused: [&[u8]; 5] = [
+            br#"{"other": "\ud800"}"#,
+            b"{\"other\": \"\xff\"}",
+            b"[1]",
+            br#"{"plan": 1e400}"#,
+            br#"{"other": "x"#,
+        ];
+        for bad in refused {
+            assert!(decode_with(bad).is_err(), "{}", bad.escape_ascii());
+        }
+    }
+
+    /// The properties text an entry carries is stored as written (numbers beyond f64, escapes,
+    /// spacing), unless it holds an escaped NUL: then the decoded properties are cleaned and
+    /// encoded, as without it.
+    #[test]
+    fn properties_are_stored_as_written_unless_they_hold_a_nul() {
+        let row = |text: &str| {
+            let entry = format!(
+                r#"{{"uuid":"{}","distinct_id":"u","event":"e","properties":{text},"timestamp":"2026-11-28T10:00:00Z","received_at":"2026-11-28T10:00:01Z"}}"#,
+                Uuid::now_v7()
+            );
+            let fields = |name: &str| match name {
+                "v" => Some(&b"1"[..]),
+                _ => Some(entry.as_bytes()),
+            };
+            let (envelope, written) = decode(fields, &Fallback).unwrap();
+            assert_eq!(written, Some(text));
+            let enrichment = fallback(&envelope);
+            StoredEvent::new(envelope, enrichment, written)
+        };
+        let text =
+            r#"{ "n": 12345678901234567890, "s": "\u00e9\ud83d\ude00", "$session_id": "s1" }"#;
+        let stored = row(text);
+        assert_eq!(stored.properties, text);
+        assert_eq!(stored.session_id.as_deref(), Some("s1"));
+
+        let stored = row(r#"{"a\u0000": "b\u0000c", "k": 1}"#);
+        assert_eq!(stored.properties, r#"{"a":"bc","k":1}"#);
+        // An escaped backslash before `u0000` is no NUL, but is taken the careful way: same text.
+        let stored = row(r#"{"a": "\\u0000"}"#);
+        assert_eq!(stored.properties, r#"{"a":"\\u0000"}"#);
     }
 }

@@ -667,6 +667,55 @@ async fn nul_characters_are_removed_and_do_not_fail_the_batch() {
     assert_eq!(xlen(&mut redis, &keys.dlq).await, 0);
 }
 
+/// An entry's properties are stored as the api wrote them (the text is not decoded and encoded
+/// again): integers beyond a double, escapes and spacing keep their meaning. Properties the worker
+/// cannot decode (a lone UTF-16 surrogate) still go to the DLQ, before Postgres sees them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn properties_are_stored_as_written_and_undecodable_ones_are_dead_lettered() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let mut redis = redis().await;
+    let entry = |properties: &str| {
+        format!(
+            r#"{{"uuid":"{}","distinct_id":"u1","event":"click","properties":{properties},"timestamp":"2026-11-28T10:00:00Z","received_at":"2026-11-28T10:00:01Z"}}"#,
+            uuid::Uuid::now_v7()
+        )
+    };
+    let written = entry(
+        r#"{ "n": 12345678901234567890, "s": "\u00e9 \ud83d\ude00",
+            "nested": {"k": [1, "x"]}, "$current_url": "https://x.test/pricing?a=1" }"#,
+    );
+    let lone = entry(r#"{"s": "\ud800"}"#);
+    publish_raw(&mut redis, &keys.stream, &[("v", "1"), ("event", &written)]).await;
+    publish_raw(&mut redis, &keys.stream, &[("v", "1"), ("event", &lone)]).await;
+    let worker = RunningWorker::start(config(&db.url, &keys, "w"));
+    wait_until(WAIT, "1 stored, 1 dead-lettered", || async {
+        let mut r = redis.clone();
+        db.events().await == 1 && xlen(&mut r, &keys.dlq).await == 1
+    })
+    .await;
+    worker.stop().await.unwrap();
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM events WHERE properties->>'n' = '12345678901234567890' \
+             AND properties->>'s' = 'é 😀' AND properties->'nested' = '{\"k\": [1, \"x\"]}' \
+             AND path = '/pricing'"
+        )
+        .await,
+        1
+    );
+    let letters = DeadLetters::new(redis.clone(), &keys.dlq, &keys.stream)
+        .list(10)
+        .await
+        .unwrap();
+    let error = letters[0].field(dlq::FIELD_ERROR).unwrap();
+    assert!(
+        error.contains("undecodable") && error.contains("surrogate"),
+        "{error}"
+    );
+    assert_eq!(letters[0].field("event"), Some(lone));
+}
+
 /// A worker creates the schema of an empty database; events Postgres rejects for their data go to
 /// the DLQ, found by storing their batch in halves, and the rest of the batch is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -218,6 +218,7 @@ pub(crate) fn enrich_example(set: &RuleSet, ex: &ExampleSpec) -> Enrichment {
         event: &ex.event,
         distinct_id: ex.distinct_id.as_deref().unwrap_or("example-user"),
         properties: &ex.properties,
+        properties_text: None,
         elements_chain: ex.elements_chain.as_deref(),
         person_properties: ex.person_properties.as_ref(),
     };

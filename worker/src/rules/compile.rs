@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use super::condition::{
     Condition, ElementCondition, ElementField, Matcher, PROP_SLOTS, PropPath, PropSlots,
-    REGEX_SIZE_LIMIT, Subject, for_each_subject_mut,
+    PropertyKeys, REGEX_SIZE_LIMIT, Subject, for_each_subject_mut,
 };
 use super::engine::{
     CandidateList, Candidates, Dispatch, EventKey, IntentDef, MAX_DISPATCH, MAX_PREFIX_LENGTHS,
@@ -332,11 +332,20 @@ pub(crate) fn compile(sources: &[Source]) -> Result<RuleSet, RulesError> {
     }
 
     let prop_slots = assign_property_slots(&mut pending);
+    let mut property_keys = PropertyKeys::default();
+    for p in pending.iter_mut() {
+        visit_rule_subjects(&mut p.rule, &mut |s| {
+            if let Subject::Property(path) = s {
+                property_keys.insert(path);
+            }
+        });
+    }
     pending.sort_by_key(|p| p.order);
     let keys: Vec<EventKey> = pending.iter().map(|p| p.key.clone()).collect();
     let rules: Vec<Rule> = pending.into_iter().map(|p| p.rule).collect();
     let mut set = build_index(sources, rules, keys, intents)?;
     set.prop_slots = prop_slots;
+    set.property_keys = property_keys;
     Ok(set)
 }
 
@@ -433,6 +442,7 @@ fn build_index(
         regex_rules: regex_rules.into(),
         unmatched: Arc::new(UnmatchedCounter::default()),
         prop_slots: PropSlots::default(),
+        property_keys: PropertyKeys::default(),
     })
 }
 

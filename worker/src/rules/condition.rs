@@ -2,13 +2,16 @@
 
 use std::borrow::Cow;
 use std::cell::OnceCell;
+use std::collections::HashSet;
 use std::fmt;
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
 use regex::{Regex, RegexBuilder};
 use serde_json::{Map, Value};
 
 use super::elements::{Element, Elements};
+use super::engine::FxHasher;
 use super::model::{MatcherOps, MatcherSpec, Scalar};
 
 /// Compiled size limit of one regex (bytes of program).
@@ -43,6 +46,11 @@ impl PropPath {
     /// Looks the path up; a key that literally contains dots wins over nesting.
     pub fn full(&self) -> &str {
         &self.full
+    }
+
+    /// The top-level key the path starts with.
+    pub fn first_key(&self) -> &str {
+        self.segments.first().map_or(&self.full, |k| k)
     }
 
     /// Whether the path is one key (no nesting).
@@ -180,6 +188,41 @@ pub fn json_text(v: &Value) -> Option<Cow<'_, str>> {
     }
 }
 
+/// Every top-level property key a rule set can read: the keys its rules name (a path's whole
+/// text, which [`PropPath::lookup`] tries first as one key, and its first key) and the ones the
+/// engine reads itself ([`ENGINE_KEYS`], `attr__*`). The worker decodes only these of an event.
+#[derive(Debug, Clone, Default)]
+pub struct PropertyKeys {
+    named: HashSet<Box<str>, BuildHasherDefault<FxHasher>>,
+}
+
+/// Property keys the engine reads whatever the rules say: the page (`$pathname`,
+/// `$current_url`, `$host`), the elements (`$elements_chain`, `$elements`) and the clicked
+/// element's own properties (`$el_text`, `$el_tag_name`, `tag_name`; its attributes are the
+/// `attr__NAME` keys).
+pub const ENGINE_KEYS: [&str; 8] = [
+    "$pathname",
+    "$current_url",
+    "$host",
+    "$elements_chain",
+    "$elements",
+    "$el_text",
+    "$el_tag_name",
+    "tag_name",
+];
+
+impl PropertyKeys {
+    pub fn insert(&mut self, path: &PropPath) {
+        self.named.insert(path.full().into());
+        self.named.insert(path.first_key().into());
+    }
+
+    /// Whether describing an event may read its property `key`.
+    pub fn reads(&self, key: &str) -> bool {
+        key.starts_with("attr__") || ENGINE_KEYS.contains(&key) || self.named.contains(key)
+    }
+}
+
 /// The property keys a rule set reads most; each is looked up at most once per event.
 #[derive(Debug, Clone, Default)]
 pub struct PropSlots {
@@ -200,6 +243,8 @@ pub struct EventCtx<'a> {
     pub event: &'a str,
     pub distinct_id: &'a str,
     pub props: &'a Map<String, Value>,
+    /// All the properties as JSON text, when `props` holds only the keys the rules read.
+    pub props_text: Option<&'a str>,
     pub person: Option<&'a Map<String, Value>>,
     chain: Option<&'a str>,
     slots: &'a PropSlots,
@@ -235,6 +280,7 @@ impl<'a> EventCtx<'a> {
             event,
             distinct_id,
             props,
+            props_text: None,
             person,
             chain,
             slots,

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use regex::RegexSet;
 use serde_json::{Map, Value};
 
-use super::condition::{Condition, EventCtx, PropSlots, Subject, Val, all};
+use super::condition::{Condition, EventCtx, PropSlots, PropertyKeys, Subject, Val, all};
 use super::model::ExampleSpec;
 use super::template::{CaptureSource, Template, push_clean};
 
@@ -20,6 +20,10 @@ pub struct EventInput<'a> {
     pub event: &'a str,
     pub distinct_id: &'a str,
     pub properties: &'a Map<String, Value>,
+    /// `properties` as JSON text, when `properties` holds only the keys the rule set reads
+    /// ([`RuleSet::reads_property`]): the example kept of an unmatched event is decoded from it,
+    /// with all of its properties.
+    pub properties_text: Option<&'a str>,
     /// PostHog's `elements_chain`; when `None`, `properties["$elements_chain"]` is used.
     pub elements_chain: Option<&'a str>,
     pub person_properties: Option<&'a Map<String, Value>>,
@@ -43,6 +47,7 @@ impl<'a> EventInput<'a> {
                 .get("properties")
                 .and_then(Value::as_object)
                 .unwrap_or(&NO_PROPERTIES),
+            properties_text: None,
             elements_chain: event.get("elements_chain").and_then(Value::as_str),
             person_properties: event
                 .get("person_properties")
@@ -267,6 +272,7 @@ pub struct RuleSet {
     pub(crate) regex_rules: Box<[u32]>,
     pub(crate) unmatched: Arc<UnmatchedCounter>,
     pub(crate) prop_slots: PropSlots,
+    pub(crate) property_keys: PropertyKeys,
 }
 
 /// Most intents one event can hit before extra ones are dropped.
@@ -290,6 +296,12 @@ impl RuleSet {
 
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// Whether describing an event may read its top-level property `key`: one the rules name,
+    /// or one the engine reads itself (page, elements). Events may be given with only these.
+    pub fn reads_property(&self, key: &str) -> bool {
+        self.property_keys.reads(key)
     }
 
     /// The files the set was loaded from.
@@ -439,14 +451,16 @@ impl RuleSet {
 }
 
 fn ctx_of<'a>(ev: &EventInput<'a>, slots: &'a PropSlots) -> EventCtx<'a> {
-    EventCtx::with_slots(
+    let mut ctx = EventCtx::with_slots(
         ev.event,
         ev.distinct_id,
         ev.properties,
         ev.elements_chain,
         ev.person_properties,
         slots,
-    )
+    );
+    ctx.props_text = ev.properties_text;
+    ctx
 }
 
 /// The sentence for an event no rule describes: `Triggered 'signup_completed'`.
@@ -668,11 +682,14 @@ impl UnmatchedCounter {
 
 /// An event as `worker rules explain` reads it; oversized properties keep only `$` keys.
 fn example_of(ctx: &EventCtx<'_>) -> Value {
-    let size = serde_json::to_vec(ctx.props).map_or(usize::MAX, |v| v.len());
+    // All the properties, not only those the rules read.
+    let all: Option<Map<String, Value>> = ctx.props_text.and_then(|t| serde_json::from_str(t).ok());
+    let props = all.as_ref().unwrap_or(ctx.props);
+    let size = serde_json::to_vec(props).map_or(usize::MAX, |v| v.len());
     let properties: Map<String, Value> = if size <= MAX_EXAMPLE_PROPERTIES {
-        ctx.props.clone()
+        props.clone()
     } else {
-        ctx.props
+        props
             .iter()
             .filter(|(k, v)| k.starts_with('$') && v.to_string().len() <= 1024)
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -701,7 +718,8 @@ fn sort_shapes(v: &mut [UnmatchedShape]) {
     });
 }
 
-/// FxHash: a fast hasher for the event-name index (keys come from rule files, not users).
+/// FxHash: a fast hasher for the rule set's own tables (their keys come from rule files; events
+/// only look keys up).
 #[derive(Default, Clone, Copy)]
 pub(crate) struct FxHasher(u64);
 

@@ -35,6 +35,7 @@ fn enrich(set: &RuleSet, event: &str, p: &Map<String, Value>, chain: Option<&str
         event,
         distinct_id: "u1",
         properties: p,
+        properties_text: None,
         elements_chain: chain,
         person_properties: None,
     })
@@ -196,9 +197,8 @@ rules:
     assert_eq!(order, ["b-high", "a-generic", "a-specific"]);
 }
 
-#[test]
-fn conditions_of_every_kind() {
-    let rules = r#"
+/// Rules with conditions and templates of every kind.
+const EVERY_KIND: &str = r#"
 rules:
   - id: big-order
     when:
@@ -238,6 +238,10 @@ rules:
         properties: { internal: true }
     say: "Left negative feedback"
 "#;
+
+#[test]
+fn conditions_of_every_kind() {
+    let rules = EVERY_KIND;
     let set = set_of(&[("r.yaml", rules)]);
     let person = props(json!({"plan": "team"}));
     let order = props(json!({"total": "250", "items": [{"sku": "SKU-9"}]}));
@@ -245,6 +249,7 @@ rules:
         event: "order_paid",
         distinct_id: "u",
         properties: &order,
+        properties_text: None,
         elements_chain: None,
         person_properties: Some(&person),
     });
@@ -255,6 +260,7 @@ rules:
         event: "order_paid",
         distinct_id: "u",
         properties: &coupon,
+        properties_text: None,
         elements_chain: None,
         person_properties: Some(&person),
     });
@@ -277,6 +283,155 @@ rules:
     assert!(f(json!({"angry": true, "score": 9})));
     assert!(!f(json!({"score": 2, "internal": true})));
     assert!(!f(json!({"score": 5})));
+}
+
+/// The worker decodes only the properties a rule set reads ([`RuleSet::reads_property`]): each
+/// event is described from those exactly as from all of them, for the shipped rules and for
+/// rules of every kind (nested and dotted paths, `exists: false`, elements described by
+/// properties, templates, captures); and the example kept of an unmatched event has them all.
+#[test]
+fn events_are_described_alike_from_the_properties_the_rules_read() {
+    let sets = [
+        shipped(),
+        set_of(&[("r.yaml", EVERY_KIND)]),
+        set_of(&[(
+            "p.yaml",
+            r#"
+rules:
+  - id: dotted
+    when:
+      event: dotted
+      properties: { "a.b": 1 }
+    say: "Dotted {{ properties.a.b }}"
+  - id: captured
+    when:
+      event: plan_changed
+      properties: { plan: { regex: "^(?P<tier>[a-z]+)-" } }
+    say: "Moved to {{ tier }} from {{ properties.previous.name | default: \"nothing\" }}"
+  - id: clicked
+    when:
+      event: $autocapture
+      element: { text: Buy, attributes: { data-attr: buy } }
+    say: "Clicked {{ element.text }} ({{ element.classes }})"
+"#,
+        )]),
+    ];
+    let page = |url: &str| json!({"$current_url": url, "$host": "x.test", "utm_source": "mail", "$browser": "Chrome"});
+    let mut events: Vec<(&str, Value, Option<&str>)> = vec![
+        ("$pageview", page("https://x.test/pricing?a=1"), None),
+        (
+            "$pageview",
+            json!({"$pathname": "/docs/billing/x", "$current_url": "https://example.com/docs/billing/x"}),
+            None,
+        ),
+        ("$pageview", page("https://x.test/checkout"), None),
+        ("$pageleave", page("https://x.test/pricing"), None),
+        (
+            "$autocapture",
+            json!({"$el_text": "Buy", "attr__data-attr": "buy", "attr__class": "btn big", "$event_type": "click"}),
+            None,
+        ),
+        (
+            "$autocapture",
+            json!({"$elements": [{"tag_name": "button", "$el_text": "Upgrade Plan", "attr__class": "btn"}], "other": 1}),
+            None,
+        ),
+        (
+            "$autocapture",
+            json!({"$elements_chain": UPGRADE_CHAIN, "$current_url": "https://x.test/pricing"}),
+            None,
+        ),
+        (
+            "$autocapture",
+            json!({"$current_url": "https://x.test/pricing"}),
+            Some(UPGRADE_CHAIN),
+        ),
+        (
+            "$rageclick",
+            json!({"$el_text": "Docs", "$el_tag_name": "a", "attr__href": "/docs", "attr__data-attr": "nav"}),
+            None,
+        ),
+        (
+            "order_paid",
+            json!({"total": 250, "items": [{"sku": "SKU-9"}], "junk": [1, 2]}),
+            None,
+        ),
+        (
+            "order_paid",
+            json!({"total": "250", "items": [{"sku": "SKU-9"}], "coupon": "X"}),
+            None,
+        ),
+        ("order_placed", json!({"total": 5000, "items": []}), None),
+        (
+            "feedback",
+            json!({"score": 2, "internal": false, "comment": "meh"}),
+            None,
+        ),
+        ("feedback", json!({"angry": true, "internal": true}), None),
+        ("dotted", json!({"a.b": 1, "a": {"b": 2}}), None),
+        ("dotted", json!({"a": {"b": 1}}), None),
+        (
+            "plan_changed",
+            json!({"plan": "pro-yearly", "previous": {"name": "free"}, "seats": 3}),
+            None,
+        ),
+        ("plan_changed", json!({"plan": "team-monthly"}), None),
+        (
+            "signup_completed",
+            json!({"$current_url": "https://x.test/welcome", "$set": {"email": "a@x.test"}}),
+            None,
+        ),
+        (
+            "unknown_thing",
+            json!({"$pathname": "/checkout", "x": {"y": [1]}}),
+            None,
+        ),
+    ];
+    for (name, _, _) in events.clone() {
+        events.push((name, json!({}), None));
+    }
+    for set in &sets {
+        for (name, all, chain) in &events {
+            let all = props(all.clone());
+            let read: Map<String, Value> = all
+                .iter()
+                .filter(|(k, _)| set.reads_property(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let text = Value::Object(all.clone()).to_string();
+            let input = |properties, properties_text| EventInput {
+                event: name,
+                distinct_id: "u1",
+                properties,
+                properties_text,
+                elements_chain: *chain,
+                person_properties: None,
+            };
+            assert_eq!(
+                set.enrich_inner(&input(&read, Some(&text)), false),
+                set.enrich_inner(&input(&all, None), false),
+                "{name} {all:?} (read {read:?})"
+            );
+        }
+    }
+    assert!(!sets[0].reads_property("utm_source"));
+    assert!(sets[1].reads_property("items") && sets[1].reads_property("items.0.sku"));
+
+    // An unmatched event's example keeps every property, not only those read.
+    let set = &sets[0];
+    let all = props(json!({"$current_url": "https://x.test/welcome", "utm_source": "mail"}));
+    let read = props(json!({"$current_url": "https://x.test/welcome"}));
+    let text = Value::Object(all.clone()).to_string();
+    set.enrich(&EventInput {
+        event: "signup_completed",
+        distinct_id: "u1",
+        properties: &read,
+        properties_text: Some(&text),
+        elements_chain: None,
+        person_properties: None,
+    });
+    let example = set.unmatched().snapshot()[0].example.clone().unwrap();
+    assert_eq!(example["properties"], Value::Object(all));
 }
 
 #[test]
@@ -327,6 +482,7 @@ rules:
                 event: name,
                 distinct_id: "u",
                 properties: &p,
+                properties_text: None,
                 elements_chain: *chain,
                 person_properties: None,
             };
@@ -683,6 +839,7 @@ fn dispatch_agrees_with_full_evaluation() {
                         event: name,
                         distinct_id: "u",
                         properties: &p,
+                        properties_text: None,
                         elements_chain: chain.as_deref(),
                         person_properties: None,
                     };

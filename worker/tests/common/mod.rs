@@ -220,7 +220,7 @@ pub fn envelope(distinct_id: &str, event: &str, properties: serde_json::Value) -
 
 /// `envelope` ready to store, described by the fallback sentence (no rules).
 pub fn stored(envelope: &Envelope) -> worker::store::StoredEvent {
-    worker::store::StoredEvent::new(envelope.clone(), worker::enrich::fallback(envelope))
+    worker::store::StoredEvent::new(envelope.clone(), worker::enrich::fallback(envelope), None)
 }
 
 /// Appends envelopes the way the api does (`v`, `event`); returns the entry ids.
