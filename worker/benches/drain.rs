@@ -6,7 +6,8 @@
 //! 2. One worker process (release build) draining a pre-filled stream of `EVENTS` events, then two.
 //!    Peak RSS of the worker process from `/proc/<pid>/status`; the machine's busy CPU time per
 //!    event, from `/proc/stat` (all processes: worker, Postgres, Redis, this program), and the
-//!    workers' own, from `/proc/<pid>/stat`.
+//!    workers' own, from `/proc/<pid>/stat`; COPY's machine CPU per row, and the drain's rows per
+//!    CPU-second against COPY's.
 //! 3. Ingest → queryable latency at `RATE` events/s: each event is appended like the api does; a
 //!    poller finds it in `events` (poll period 2 ms) and records the time since it was appended.
 //!
@@ -554,11 +555,13 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// `psql \copy` of `csv` into `table_columns` (an empty table); prints and returns rows/s.
-fn copy_rate(db_url: &str, csv: &std::path::Path, rows: usize, table_columns: &str) -> f64 {
+/// One COPY run: rows per second, and the machine's busy CPU time per row (µs).
+fn copy_rate(db_url: &str, csv: &std::path::Path, rows: usize, table_columns: &str) -> (f64, f64) {
     let copy = format!(
         "\\copy {table_columns} FROM '{}' WITH (FORMAT csv)",
         csv.display()
     );
+    let cpu = Cpu::now();
     let started = Instant::now();
     let status = std::process::Command::new("psql")
         .arg(db_url)
@@ -568,10 +571,13 @@ fn copy_rate(db_url: &str, csv: &std::path::Path, rows: usize, table_columns: &s
         .status()
         .expect("run psql");
     let secs = started.elapsed().as_secs_f64();
+    let cpu_us = Cpu::now().since(cpu).busy * 1e6 / rows as f64;
     assert!(status.success(), "psql \\copy failed");
     let rate = rows as f64 / secs;
-    println!("COPY (psql \\copy, same rows, identical table): {secs:.2}s = {rate:.0} rows/s");
-    rate
+    println!(
+        "COPY (psql \\copy, same rows, identical table): {secs:.2}s = {rate:.0} rows/s; machine CPU {cpu_us:.0} µs/row"
+    );
+    (rate, cpu_us)
 }
 
 #[tokio::main]
@@ -653,10 +659,10 @@ async fn main() {
         for replicas in [1, 2] {
             // The machine's speed drifts (other tenants): each drain is set beside the mean of
             // a COPY run just before it and one just after.
-            let copy_before = copied().await;
+            let (copy_before, copy_cpu_before) = copied().await;
             println!("drain: {replicas} worker(s), BATCH_SIZE={batch_size}");
             let d = drain(&s, &db, &db_url, &mut redis, &events, replicas, batch_size).await;
-            let copy_after = copied().await;
+            let (copy_after, copy_cpu_after) = copied().await;
             let rate = events.len() as f64 / d.secs;
             let ratio = rate / ((copy_before + copy_after) / 2.0);
             println!(
@@ -667,8 +673,11 @@ async fn main() {
             // than the rate for comparing builds when other tenants slow the machine down.
             let cpu_us = d.cpu.busy * 1e6 / events.len() as f64;
             let worker_us = d.worker_cpu * 1e6 / events.len() as f64;
+            // Rows per CPU-second against COPY's: steadier than the rate when other tenants
+            // slow the machine down, and it counts that COPY does not keep both cores busy.
+            let cpu_ratio = (copy_cpu_before + copy_cpu_after) / 2.0 / cpu_us;
             println!(
-                "  machine CPU {:.1} s busy = {cpu_us:.0} µs/event, of which the worker(s) {worker_us:.0} µs/event; {:.1} s stolen",
+                "  machine CPU {:.1} s busy = {cpu_us:.0} µs/event, of which the worker(s) {worker_us:.0} µs/event; {:.1} s stolen; per CPU-second {cpu_ratio:.2}x COPY ({copy_cpu_before:.0} µs/row before, {copy_cpu_after:.0} after)",
                 d.cpu.busy, d.cpu.stolen
             );
             results.push((
@@ -681,6 +690,7 @@ async fn main() {
                 d.peak_rss_mib,
                 cpu_us,
                 worker_us,
+                cpu_ratio,
             ));
         }
     }
@@ -701,9 +711,11 @@ async fn main() {
     );
 
     println!("\nsummary");
-    for (replicas, batch, secs, rate, ratio, (before, after), rss, cpu_us, worker_us) in &results {
+    for (replicas, batch, secs, rate, ratio, (before, after), rss, cpu_us, worker_us, cpu_ratio) in
+        &results
+    {
         println!(
-            "  {replicas} worker(s) BATCH_SIZE={batch:<4} {rate:>9.0} events/s  {ratio:.2}x COPY ({before:.0} rows/s before, {after:.0} after)  {secs:.1}s  peak RSS {rss:.1} MiB  CPU {cpu_us:.0} µs/event (worker {worker_us:.0})"
+            "  {replicas} worker(s) BATCH_SIZE={batch:<4} {rate:>9.0} events/s  {ratio:.2}x COPY ({before:.0} rows/s before, {after:.0} after)  {secs:.1}s  peak RSS {rss:.1} MiB  CPU {cpu_us:.0} µs/event (worker {worker_us:.0}; {cpu_ratio:.2}x COPY per CPU-second)"
         );
     }
     println!(
