@@ -155,14 +155,16 @@ pub fn decode_some(
 }
 
 /// Whether a `\u` escape in `json` is half of a UTF-16 surrogate pair without its other half:
-/// text that is not Unicode, which serde_json refuses to decode and Postgres to store. Looks only at backslashes.
+/// text that is not Unicode, which serde_json refuses to decode and Postgres to store. Looks only
+/// at backslashes.
 pub fn has_lone_surrogate(json: &[u8]) -> bool {
     let unit = |at: usize| -> Option<u16> {
         let hex = json.get(at..at + 6)?.strip_prefix(b"\\u")?;
         u16::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
     };
     let mut pos = 0;
-    while let Some(found) = memchr::memchr(b'\\', &json[pos..]) {
+    // `get`: a backslash ending the text (not valid JSON) leaves `pos` past its end.
+    while let Some(found) = json.get(pos..).and_then(|rest| memchr::memchr(b'\\', rest)) {
         let at = pos + found;
         pos = at + 2; // the backslash and the character it escapes
         match unit(at) {
@@ -230,6 +232,13 @@ mod tests {
         }
         assert!(decode_some(r#"{"n": 1e400}"#, |_| true).is_err());
         assert!(decode_some(r#"{"n": 1e400}"#, |_| false).is_ok());
+    }
+
+    #[test]
+    fn a_backslash_ending_the_text_is_no_surrogate() {
+        assert!(!has_lone_surrogate(b"\\"));
+        assert!(!has_lone_surrogate(b"\"x\\"));
+        assert!(has_lone_surrogate(b"\"\\ud800\""));
     }
 
     #[test]

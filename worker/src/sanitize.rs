@@ -20,6 +20,13 @@ pub fn shared_text(s: std::sync::Arc<str>) -> std::sync::Arc<str> {
     }
 }
 
+/// Whether JSON text may decode to a string or key holding a NUL character. JSON can only carry
+/// one as the escape `\u0000` (control characters must be escaped), so text without that
+/// sequence cannot; an escaped backslash followed by `u0000` also answers yes, harmlessly.
+pub fn may_hold_nul(json: &str) -> bool {
+    json.contains("\\u0000")
+}
+
 /// Removes NUL characters from every string and key of a JSON value, in place.
 pub fn json(value: &mut Value) {
     match value {

@@ -106,7 +106,7 @@ pub fn decode<'e>(
             "`properties` hold a lone UTF-16 surrogate escape (not Unicode)",
         )));
     }
-    let all = written.contains("\\u0000");
+    let all = sanitize::may_hold_nul(written);
     let properties = decode_some(written, |key| {
         all || STORED_PROPERTIES.contains(&key) || ruleset.reads_property(key)
     })?;
@@ -142,9 +142,7 @@ impl StoredEvent {
     /// - with a NUL, `envelope.properties` must hold them all: they are cleaned and encoded, as
     ///   they are without `written`.
     pub fn new(envelope: Envelope, enrichment: Enrichment, written: Option<&str>) -> Self {
-        // JSON text can only carry a NUL as the escape `\u0000` (control characters must be
-        // escaped), so text without one decodes to strings without any.
-        let written = written.filter(|text| !text.contains("\\u0000"));
+        let written = written.filter(|text| !sanitize::may_hold_nul(text));
         let mut properties = envelope.properties;
         if written.is_none() {
             sanitize::object(&mut properties);
