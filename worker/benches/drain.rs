@@ -43,6 +43,7 @@ struct Settings {
     rate: usize,
     latency_secs: u64,
     batch_sizes: Vec<usize>,
+    replicas: Vec<usize>,
     redis_url: String,
     admin_url: String,
     worker_bin: PathBuf,
@@ -67,6 +68,11 @@ fn settings() -> Settings {
         latency_secs: env_or("LATENCY_SECS", 15),
         batch_sizes: std::env::var("BATCH_SIZES")
             .unwrap_or_else(|_| "50,500".into())
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect(),
+        replicas: std::env::var("REPLICAS")
+            .unwrap_or_else(|_| "1,2".into())
             .split(',')
             .filter_map(|s| s.trim().parse().ok())
             .collect(),
@@ -656,7 +662,7 @@ async fn main() {
             sql(&db, "CHECKPOINT").await;
             rate
         };
-        for replicas in [1, 2] {
+        for &replicas in &s.replicas {
             // The machine's speed drifts (other tenants): each drain is set beside the mean of
             // a COPY run just before it and one just after.
             let (copy_before, copy_cpu_before) = copied().await;

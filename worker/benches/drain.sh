@@ -9,6 +9,7 @@
 #   worker/benches/drain.sh                 # defaults
 #   EVENTS=50000 BATCH_SIZES=50 RATE=1000 LATENCY_SECS=10 worker/benches/drain.sh
 #   WRITE_CONCURRENCY=2 worker/benches/drain.sh          # passed to the workers (else their default)
+#   REPLICAS=1 BATCH_SIZES=500 worker/benches/drain.sh    # only the one-worker drain, one batch size
 #   BENCH_WORKER_LOG=worker::store=trace BENCH_WORKER_STDOUT=1 worker/benches/drain.sh  # per-batch timings
 #   WORKER_BIN=/path/to/other/worker worker/benches/drain.sh   # measure another build (e.g. a baseline)
 set -euo pipefail

@@ -132,6 +132,8 @@ struct Context {
     config: Config,
     streams: Streams,
     db: DatabaseConnection,
+    /// Users whose profiles this replica has seen stored (their batches skip creating them).
+    known_profiles: store::KnownProfiles,
     enricher: Arc<dyn Enricher>,
     held: Held,
     metrics: Arc<WorkerMetrics>,
@@ -234,6 +236,7 @@ async fn consume(
         config,
         streams,
         db,
+        known_profiles: store::KnownProfiles::default(),
         enricher,
         held: Held::default(),
         metrics,
@@ -822,7 +825,7 @@ async fn write_retrying(
     loop {
         let attempt = tokio::time::timeout(
             STORE_TIMEOUT,
-            store::write_batch(&ctx.db, events, rules_version),
+            store::write_batch(&ctx.db, &ctx.known_profiles, events, rules_version),
         );
         let result = tokio::select! {
             result = attempt => result.unwrap_or(Err(StoreError::Timeout(STORE_TIMEOUT))),

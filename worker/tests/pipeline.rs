@@ -250,7 +250,7 @@ async fn redelivery_after_commit_is_neither_stored_nor_counted_twice() {
         .unwrap();
     let rows: Vec<_> = events.iter().map(stored).collect();
     assert_eq!(
-        worker::store::write_batch(&db.conn, &rows, "v0")
+        worker::store::write_batch(&db.conn, &Default::default(), &rows, "v0")
             .await
             .unwrap(),
         10
@@ -884,19 +884,24 @@ async fn batches_store_each_event_once_and_text_exactly() {
     let c = envelope("u2", "$pageview", json!({}));
 
     assert_eq!(
-        write_batch(&pool, &[stored(&a), stored(&b)], "v1")
+        write_batch(&pool, &Default::default(), &[stored(&a), stored(&b)], "v1")
             .await
             .unwrap(),
         2
     );
     // b again (a redelivery) with c: only c is new
     assert_eq!(
-        write_batch(&pool, &[stored(&b), stored(&c)], "v1")
+        write_batch(&pool, &Default::default(), &[stored(&b), stored(&c)], "v1")
             .await
             .unwrap(),
         1
     );
-    assert_eq!(write_batch(&pool, &[stored(&c)], "v1").await.unwrap(), 0);
+    assert_eq!(
+        write_batch(&pool, &Default::default(), &[stored(&c)], "v1")
+            .await
+            .unwrap(),
+        0
+    );
     assert_eq!(db.events().await, 3);
     assert_eq!(
         db.count("SELECT event_count FROM user_profiles WHERE distinct_id = 'u1'")
@@ -950,7 +955,8 @@ async fn an_event_stored_concurrently_by_another_replica_is_stored_and_counted_o
         .await
         .unwrap();
     let batch = vec![stored(&shared), stored(&mine)];
-    let write = tokio::spawn(async move { write_batch(&pool, &batch, "v1").await });
+    let write =
+        tokio::spawn(async move { write_batch(&pool, &Default::default(), &batch, "v1").await });
     common::wait_until(Duration::from_secs(10), "the batch to wait on the event", || async {
         db.count("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'").await > 0
     })
@@ -967,15 +973,17 @@ async fn an_event_stored_concurrently_by_another_replica_is_stored_and_counted_o
     assert_eq!(profile(&db, "u2").await.0, 1);
 }
 
-/// A batch too large for one statement (Postgres takes at most 1 GiB per message; the worker
-/// sends at most 32 MiB of column data per statement) is stored whole, in one transaction.
+/// A batch of large events is stored whole, in one transaction: sent to Postgres' `COPY` in
+/// parts, and, when it holds an event stored before, written again as several statements
+/// (Postgres takes at most 1 GiB per message; the worker sends at most 32 MiB of column data per
+/// statement).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_larger_than_one_statement_is_stored_whole() {
     use worker::store::{StoredEvent, write_batch};
     let db = TestDb::create().await;
     let pool = db.worker_pool().await;
     let big = "x".repeat(12 << 20);
-    let events: Vec<StoredEvent> = (0..3)
+    let events: Vec<StoredEvent> = (0..4)
         .map(|i| {
             stored(&envelope(
                 &format!("u{i}"),
@@ -984,12 +992,72 @@ async fn a_batch_larger_than_one_statement_is_stored_whole() {
             ))
         })
         .collect();
-    assert_eq!(write_batch(&pool, &events, "v1").await.unwrap(), 3);
-    assert_eq!(
+    let stored_blobs = async || {
         db.count("SELECT count(*) FROM events WHERE length(properties->>'blob') = 12582912")
-            .await,
+            .await
+    };
+    assert_eq!(
+        write_batch(&pool, &Default::default(), &events[..3], "v1")
+            .await
+            .unwrap(),
         3
     );
+    assert_eq!(stored_blobs().await, 3);
+    // The same three again with a fourth: only the fourth is new.
+    assert_eq!(
+        write_batch(&pool, &Default::default(), &events, "v1")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(stored_blobs().await, 4);
+    assert_eq!(
+        db.count("SELECT sum(event_count)::bigint FROM user_profiles")
+            .await,
+        4
+    );
+}
+
+/// A batch dropped while its `COPY` is under way (its transaction timed out, or the worker is
+/// stopping) does not leave its connection to the next batch, out of step with the server (sqlx
+/// tests a connection given back to the pool, and closes it): the next batch stores its events on
+/// a fresh connection, though the pool holds only one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_dropped_during_its_copy_leaves_no_broken_connection() {
+    use sea_orm::TransactionTrait;
+    use worker::store::write_batch;
+    let db = TestDb::create().await;
+    let mut config = config(&db.url, &Keys::new(), "store");
+    (config.database_pool_size, config.write_concurrency) = (1, 1);
+    let pool = worker::store::connect(&config).await.unwrap();
+    // The COPY waits for this lock, after Postgres has taken the statement.
+    let blocker = db.conn.begin().await.unwrap();
+    blocker
+        .execute_unprepared("LOCK TABLE events IN SHARE MODE")
+        .await
+        .unwrap();
+    let dropped = {
+        let pool = pool.clone();
+        let batch = vec![stored(&envelope("u1", "$pageview", json!({})))];
+        tokio::spawn(async move { write_batch(&pool, &Default::default(), &batch, "v1").await })
+    };
+    wait_until(Duration::from_secs(10), "the COPY to wait on the lock", || async {
+        db.count("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE 'COPY events%'").await > 0
+    })
+    .await;
+    dropped.abort();
+    assert!(dropped.await.unwrap_err().is_cancelled());
+    blocker.rollback().await.unwrap();
+
+    let next = vec![stored(&envelope("u2", "$pageview", json!({})))];
+    assert_eq!(
+        write_batch(&pool, &Default::default(), &next, "v1")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(db.events().await, 1);
+    assert_eq!(profile(&db, "u2").await.0, 1);
 }
 
 /// `envelope` ready to store, with one "purchase" intent hit of `weight`.
@@ -1026,15 +1094,22 @@ async fn profile(
 /// without any keeps them; counts add up for users with and without details alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn profiles_merge_details_batch_after_batch() {
-    use worker::store::write_batch;
+    use worker::store::{KnownProfiles, write_batch};
     let db = TestDb::create().await;
     let pool = db.worker_pool().await;
+    // One replica's memory of the profiles it stored: the later batches skip creating them.
+    let known = KnownProfiles::default();
     let mut first = envelope("u1", "$pageview", json!({"$set": {"plan": "free"}}));
     first.session_id = Some("s1".into());
     let plain = envelope("u2", "$pageview", json!({}));
-    write_batch(&pool, &[with_intent(&first, 2.0), stored(&plain)], "v1")
-        .await
-        .unwrap();
+    write_batch(
+        &pool,
+        &known,
+        &[with_intent(&first, 2.0), stored(&plain)],
+        "v1",
+    )
+    .await
+    .unwrap();
 
     let second = envelope(
         "u1",
@@ -1042,12 +1117,19 @@ async fn profiles_merge_details_batch_after_batch() {
         json!({"$set": {"plan": "pro"}, "$set_once": {"plan": "x", "source": "ad"}}),
     );
     let again = envelope("u2", "$pageleave", json!({}));
-    write_batch(&pool, &[with_intent(&second, 1.0), stored(&again)], "v1")
-        .await
-        .unwrap();
+    write_batch(
+        &pool,
+        &known,
+        &[with_intent(&second, 1.0), stored(&again)],
+        "v1",
+    )
+    .await
+    .unwrap();
     // No details in this batch at all: the stored ones stay.
     let third = envelope("u1", "$pageleave", json!({}));
-    write_batch(&pool, &[stored(&third)], "v1").await.unwrap();
+    write_batch(&pool, &known, &[stored(&third)], "v1")
+        .await
+        .unwrap();
 
     let (events, sessions, intents, person) = profile(&db, "u1").await;
     assert_eq!((events, sessions), (3, 1));
@@ -1056,6 +1138,56 @@ async fn profiles_merge_details_batch_after_batch() {
     assert_eq!(person, Some(json!({"plan": "pro", "source": "ad"})));
     let (events, _, intents, person) = profile(&db, "u2").await;
     assert_eq!((events, intents, person), (2, json!({}), None));
+}
+
+/// Profiles erased (by the api) after a replica stored them are created again by its next
+/// batches, though it remembers them as stored: with details and without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_erased_after_a_replica_stored_them_are_created_again() {
+    use sea_orm::ConnectionTrait;
+    use worker::store::{KnownProfiles, write_batch};
+    let db = TestDb::create().await;
+    let pool = db.worker_pool().await;
+    let known = KnownProfiles::default();
+    let mut first = envelope("u1", "$pageview", json!({"$set": {"plan": "free"}}));
+    first.session_id = Some("s1".into());
+    let mut other = envelope("u2", "$pageview", json!({}));
+    other.session_id = Some("s2".into());
+    write_batch(
+        &pool,
+        &known,
+        &[with_intent(&first, 2.0), stored(&other)],
+        "v1",
+    )
+    .await
+    .unwrap();
+    for table in ["events", "user_sessions", "user_profiles"] {
+        db.conn
+            .execute_unprepared(&format!("DELETE FROM {table}"))
+            .await
+            .unwrap();
+    }
+
+    // u1 again with details (locked, found missing, created); u2 in a batch without any
+    // (created by the upsert of the counts). Their sessions are new again.
+    let mut again = envelope("u1", "$pageview", json!({}));
+    again.session_id = Some("s1".into());
+    write_batch(&pool, &known, &[with_intent(&again, 1.0)], "v1")
+        .await
+        .unwrap();
+    let mut other_again = envelope("u2", "$pageleave", json!({}));
+    other_again.session_id = Some("s2".into());
+    write_batch(&pool, &known, &[stored(&other_again)], "v1")
+        .await
+        .unwrap();
+
+    let (events, sessions, intents, person) = profile(&db, "u1").await;
+    assert_eq!((events, sessions), (1, 1));
+    assert_eq!(intents["purchase"]["score"], 1.0, "{intents}");
+    assert_eq!(intents["purchase"]["count"], 1, "{intents}");
+    assert_eq!(person, None);
+    let (events, sessions, intents, _) = profile(&db, "u2").await;
+    assert_eq!((events, sessions, intents), (1, 1, json!({})));
 }
 
 /// A profile another replica creates after this batch looked for it (so this batch inserts
@@ -1085,7 +1217,8 @@ async fn a_profile_created_concurrently_by_another_replica_merges_both() {
         with_intent(&mine, 1.0),
         stored(&envelope("u2", "$pageview", json!({}))),
     ];
-    let write = tokio::spawn(async move { write_batch(&pool, &batch, "v1").await });
+    let write =
+        tokio::spawn(async move { write_batch(&pool, &Default::default(), &batch, "v1").await });
     // This batch's insert of u1's profile now waits for the other transaction.
     common::wait_until(Duration::from_secs(10), "the batch to wait on u1", || async {
         db.count("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'").await > 0
@@ -1115,6 +1248,8 @@ async fn concurrent_batches_over_the_same_users_do_not_deadlock() {
         .map(|w| {
             let pool = pool.clone();
             tokio::spawn(async move {
+                // Each writer a replica, remembering the profiles it stored.
+                let known = worker::store::KnownProfiles::default();
                 for b in 0..batches {
                     let events: Vec<_> = (0..per_batch)
                         .map(|i| {
@@ -1133,7 +1268,7 @@ async fn concurrent_batches_over_the_same_users_do_not_deadlock() {
                             }
                         })
                         .collect();
-                    write_batch(&pool, &events, "v1")
+                    write_batch(&pool, &known, &events, "v1")
                         .await
                         .unwrap_or_else(|e| panic!("writer {w} batch {b}: {e}"));
                 }
