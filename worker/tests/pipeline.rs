@@ -1140,6 +1140,56 @@ async fn profiles_merge_details_batch_after_batch() {
     assert_eq!((events, intents, person), (2, json!({}), None));
 }
 
+/// A batch merges the intents it hits into the stored ones: the user's other intents stay as they
+/// were, and a batch that only sets person properties keeps them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_merges_the_intents_it_hits_and_keeps_the_others() {
+    use worker::store::{KnownProfiles, write_batch};
+    let db = TestDb::create().await;
+    let pool = db.worker_pool().await;
+    let known = KnownProfiles::default();
+    let hits = |envelope: &entity::Envelope, names: &[(&str, f64)]| {
+        let mut event = stored(envelope);
+        event.intents = names
+            .iter()
+            .map(|&(name, weight)| worker::enrich::IntentHit {
+                name: name.into(),
+                weight,
+                summary: format!("User showing {name} intent.").into(),
+                half_life_secs: 0.0,
+            })
+            .collect();
+        event
+    };
+    let first = envelope("u1", "$pageview", json!({}));
+    write_batch(
+        &pool,
+        &known,
+        &[hits(&first, &[("purchase", 2.0), ("churn", 1.0)])],
+        "v1",
+    )
+    .await
+    .unwrap();
+    let churn_before = profile(&db, "u1").await.2["churn"].clone();
+
+    let second = envelope("u1", "$pageview", json!({}));
+    write_batch(&pool, &known, &[hits(&second, &[("purchase", 1.0)])], "v1")
+        .await
+        .unwrap();
+    let third = envelope("u1", "$pageview", json!({"$set": {"plan": "pro"}}));
+    write_batch(&pool, &known, &[stored(&third)], "v1")
+        .await
+        .unwrap();
+
+    let (events, _, intents, person) = profile(&db, "u1").await;
+    assert_eq!(events, 3);
+    assert_eq!(intents["purchase"]["score"], 3.0, "{intents}");
+    assert_eq!(intents["purchase"]["count"], 2, "{intents}");
+    assert_eq!(intents["churn"], churn_before, "{intents}");
+    assert_eq!(intents["churn"]["count"], 1, "{intents}");
+    assert_eq!(person, Some(json!({"plan": "pro"})));
+}
+
 /// Profiles erased (by the api) after a replica stored them are created again by its next
 /// batches, though it remembers them as stored: with details and without.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
