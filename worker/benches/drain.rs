@@ -57,6 +57,15 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// The comma-separated numbers in variable `name`, else in `default`.
+fn list_or(name: &str, default: &str) -> Vec<usize> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
 fn settings() -> Settings {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let target = std::env::var("CARGO_TARGET_DIR")
@@ -66,16 +75,8 @@ fn settings() -> Settings {
         events: env_or("EVENTS", 200_000),
         rate: env_or("RATE", 1_000),
         latency_secs: env_or("LATENCY_SECS", 15),
-        batch_sizes: std::env::var("BATCH_SIZES")
-            .unwrap_or_else(|_| "50,500".into())
-            .split(',')
-            .filter_map(|s| s.trim().parse().ok())
-            .collect(),
-        replicas: std::env::var("REPLICAS")
-            .unwrap_or_else(|_| "1,2".into())
-            .split(',')
-            .filter_map(|s| s.trim().parse().ok())
-            .collect(),
+        batch_sizes: list_or("BATCH_SIZES", "50,500"),
+        replicas: list_or("REPLICAS", "1,2"),
         redis_url: std::env::var("BENCH_REDIS_URL")
             .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
         admin_url: std::env::var("BENCH_ADMIN_URL")

@@ -10,7 +10,7 @@ pub mod enrich;
 pub mod http;
 pub mod metrics;
 pub mod pg;
-pub mod pgcopy;
+mod pgcopy;
 pub mod pipeline;
 pub mod profile;
 pub mod rules;

@@ -26,10 +26,6 @@ impl CopyBinary {
         self.0.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// The bytes held, leaving the buffer empty (with its capacity) for what follows.
     pub fn take(&mut self) -> Vec<u8> {
         let capacity = self.0.capacity();

@@ -374,7 +374,7 @@ impl KnownProfiles {
     }
 
     /// Records that these users' profiles are committed.
-    fn remember<'u>(&self, users: impl IntoIterator<Item = &'u str>) {
+    fn remember(&self, users: Vec<String>) {
         let mut known = self
             .0
             .lock()
@@ -383,7 +383,7 @@ impl KnownProfiles {
             if known.len() >= KNOWN_PROFILES_MAX {
                 known.clear();
             }
-            known.insert(user.to_string());
+            known.insert(user);
         }
     }
 }
@@ -432,7 +432,7 @@ async fn write_sorted(
     }
     let profiles_done = started.elapsed();
     txn.commit().await?;
-    known.remember(created.iter().map(String::as_str));
+    known.remember(created);
     tracing::trace!(events = ?events_done, sessions = ?sessions_done, profiles = ?profiles_done, total = ?started.elapsed(), "batch transaction");
     Ok(new.len())
 }
@@ -449,15 +449,26 @@ impl From<sqlx::Error> for StoreError {
 /// statements, as Postgres refuses a message over 1 GiB.
 const STATEMENT_BYTES: usize = 32 << 20;
 
-/// Like [`COPY_EVENTS`] (same columns in the same order), skipping the events already stored;
-/// returns the uuids it created.
-const INSERT_NEW_EVENTS: &str = r#"INSERT INTO events (rules_version, uuid, distinct_id, event, description, rule_id,
-    intents, properties, url, path, session_id, elements_chain, "timestamp", received_at)
+/// The columns of `events` a batch writes, in the order [`COPY_EVENTS`] and [`INSERT_NEW_EVENTS`]
+/// take them (and [`copy_events`] and [`insert_event_rows`] give them).
+macro_rules! event_columns {
+    () => {
+        r#"events (rules_version, uuid, distinct_id, event, description, rule_id, intents,
+    properties, url, path, session_id, elements_chain, "timestamp", received_at)"#
+    };
+}
+
+/// Like [`COPY_EVENTS`], skipping the events already stored; returns the uuids it created.
+const INSERT_NEW_EVENTS: &str = concat!(
+    "INSERT INTO ",
+    event_columns!(),
+    r#"
 SELECT $1, u, d, e, ds, r, i::jsonb, p::jsonb, url, path, s, ec, t, ra
   FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
               $9::text[], $10::text[], $11::text[], $12::text[], $13::timestamptz[], $14::timestamptz[])
        AS x(u, d, e, ds, r, i, p, url, path, s, ec, t, ra)
-ON CONFLICT (uuid) DO NOTHING RETURNING uuid"#;
+ON CONFLICT (uuid) DO NOTHING RETURNING uuid"#
+);
 
 /// Rows in `uuid` order (the order they are sent in, so concurrent replicas lock alike), all
 /// new: `COPY` fails on the first one already stored (`23505` on `events_pkey`), and the batch
@@ -466,9 +477,7 @@ ON CONFLICT (uuid) DO NOTHING RETURNING uuid"#;
 /// rows (no arrays to build and expand, rows written to the table in groups): in a one-worker
 /// drain, the events of a 500-event batch took 11.7 ms against 15.1 ms with
 /// `INSERT … SELECT FROM unnest(…)`.
-const COPY_EVENTS: &str = r#"COPY events (rules_version, uuid, distinct_id, event, description, rule_id,
-    intents, properties, url, path, session_id, elements_chain, "timestamp", received_at)
-FROM STDIN (FORMAT binary)"#;
+const COPY_EVENTS: &str = concat!("COPY ", event_columns!(), " FROM STDIN (FORMAT binary)");
 
 /// How a batch's events are inserted.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -520,7 +529,7 @@ async fn insert_events(
             end += 1;
         }
         let (rows, intents) = (&events[start..end], &intents[start..end]);
-        for row in insert_event_rows(INSERT_NEW_EVENTS, rows, intents, rules_version)
+        for row in insert_event_rows(rows, intents, rules_version)
             .fetch_all(&mut **txn)
             .await?
         {
@@ -570,14 +579,13 @@ async fn copy_events(
     Ok(())
 }
 
-/// The events statement `sql` for `events`, whose intents columns are `intents`.
+/// [`INSERT_NEW_EVENTS`] for `events`, whose intents columns are `intents`.
 fn insert_event_rows<'q>(
-    sql: &'static str,
     events: &'q [&StoredEvent],
     intents: &'q [String],
     rules_version: &'q str,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    sqlx::query(sql)
+    sqlx::query(INSERT_NEW_EVENTS)
         .bind(rules_version)
         .bind(column(events, |e| e.uuid))
         .bind(column(events, |e| e.distinct_id.as_str()))
