@@ -5,6 +5,9 @@ use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
 
+/// The header that carries the API key.
+pub const API_KEY_HEADER: &str = "X-API-Key";
+
 /// `X-API-Key` header.
 #[derive(SecurityScheme)]
 #[oai(

@@ -66,7 +66,7 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
             .nest("/docs", docs)
             .at("/openapi.json", spec)
             .nest("/", api)
-            .data(state)
+            .data(state.clone())
             .map_to_response(),
     );
     // Browsers post to the capture routes from any origin; nothing else is cross-origin.
@@ -79,11 +79,17 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
     let app = poem::endpoint::make(move |req: poem::Request| {
         let routes = routes.clone();
         let with_cors = with_cors.clone();
+        let state = state.clone();
         async move {
-            if CAPTURE_PATHS.contains(&req.uri().path()) {
-                with_cors.call(req).await
-            } else {
+            if !CAPTURE_PATHS.contains(&req.uri().path()) {
                 routes.call(req).await
+            } else if req.method() == poem::http::Method::POST
+                && !req.headers().contains_key(poem::http::header::ORIGIN)
+            {
+                // An SDK posting events (no browser, so no CORS): straight to the handler.
+                Ok(routes::capture::post_direct(&state, req).await)
+            } else {
+                with_cors.call(req).await
             }
         }
     })

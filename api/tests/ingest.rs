@@ -585,6 +585,110 @@ async fn cors_is_open_on_capture_routes_only() {
     assert!(resp.headers().get("access-control-allow-origin").is_none());
 }
 
+/// A capture `POST` without an `Origin` header (an SDK, not a browser) skips the OpenAPI router;
+/// with one it goes through the router and CORS. Both answer the same, and queue the same.
+#[tokio::test]
+async fn capture_posts_answer_the_same_with_and_without_a_browser_origin() {
+    let mut config = test_config();
+    config.max_body_bytes = 4096;
+    let app = TestApp::spawn_with(config).await;
+    let event = json!({"event": "$pageview", "distinct_id": "u1", "uuid": "0190b5d6-0000-7000-8000-0000000000a1",
+        "timestamp": "2026-11-28T10:00:00Z", "properties": {"$pathname": "/pricing"}});
+    let json_body = |v: &Value| v.to_string().into_bytes();
+    type Case = (&'static str, Option<&'static str>, Vec<u8>);
+    let cases: Vec<Case> = vec![
+        ("/capture", Some(SECRET), json_body(&event)),
+        ("/batch/", None, json_body(&sample_batch())),
+        (
+            "/e?compression=gzip-js&ver=1",
+            Some(INGEST_KEY),
+            gzip(&json_body(&event)),
+        ),
+        (
+            "/i/v0/e?compression=base64",
+            Some(SECRET),
+            STANDARD.encode(json_body(&event)).into_bytes(),
+        ),
+        ("/track?compression=zstd", Some(SECRET), json_body(&event)),
+        ("/capture", None, json_body(&event)),
+        ("/capture", Some("wrong"), json_body(&event)),
+        (
+            "/batch",
+            None,
+            json_body(&json!({"api_key": "wrong", "batch": [event]})),
+        ),
+        (
+            "/batch",
+            Some(SECRET),
+            json_body(&json!({"batch": [event, {"event": "x"}]})),
+        ),
+        ("/capture", Some(SECRET), b"{\"event\": ".to_vec()),
+        ("/capture", Some(SECRET), vec![b' '; 5000]),
+    ];
+    let send = |path: &'static str, key: Option<&'static str>, body: Vec<u8>, origin: bool| {
+        let mut req = app.http.post(app.url(path)).body(body);
+        if let Some(key) = key {
+            req = req.header("X-API-Key", key);
+        }
+        if origin {
+            req = req.header("Origin", "https://shop.test");
+        }
+        req.send()
+    };
+    // Less the times taken from the server's clock (`sent_at` skew correction moves `timestamp`).
+    let without_server_times = |envelopes: Vec<entity::Envelope>| {
+        envelopes
+            .iter()
+            .map(|e| {
+                let mut v = serde_json::to_value(e).unwrap();
+                let fields = v.as_object_mut().unwrap();
+                fields.remove("received_at");
+                if fields.contains_key("sent_at") {
+                    fields.remove("timestamp");
+                }
+                v
+            })
+            .collect::<Vec<_>>()
+    };
+    for (path, key, body) in cases {
+        let before = app.stream_envelopes().await.len();
+        let direct = send(path, key, body.clone(), false).await.unwrap();
+        let (status, retry) = (
+            direct.status(),
+            direct.headers().get("retry-after").cloned(),
+        );
+        assert!(
+            direct
+                .headers()
+                .get("access-control-allow-origin")
+                .is_none()
+        );
+        let direct_body = direct.text().await.unwrap();
+        let queued = without_server_times(app.stream_envelopes().await.split_off(before));
+        let routed = send(path, key, body, true).await.unwrap();
+        assert_eq!(routed.status(), status, "{path} {key:?}: {direct_body}");
+        assert_eq!(
+            routed.headers().get("retry-after").cloned(),
+            retry,
+            "{path}"
+        );
+        assert_eq!(
+            routed.headers()["access-control-allow-origin"],
+            "https://shop.test",
+            "{path}"
+        );
+        assert_eq!(routed.text().await.unwrap(), direct_body, "{path} {key:?}");
+        let both = app.stream_envelopes().await.split_off(before);
+        let routed_queued = without_server_times(both).split_off(queued.len());
+        if status == StatusCode::OK {
+            assert!(!queued.is_empty(), "{path}");
+        } else {
+            assert!(queued.is_empty(), "{path}: {direct_body}");
+        }
+        assert_eq!(routed_queued, queued, "{path}");
+    }
+}
+
 #[tokio::test]
 async fn health_ready_docs_and_json_errors_for_unknown_routes() {
     let app = TestApp::spawn().await;

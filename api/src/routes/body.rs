@@ -85,25 +85,28 @@ impl<'a, D: BodyDoc> ApiExtractor<'a> for RawBody<D> {
             .data::<AppState>()
             .map(|s| s.config.max_body_bytes)
             .unwrap_or(usize::MAX);
+        Ok(Self::read(req, body.take()?, limit).await?)
+    }
+}
+
+impl<D> RawBody<D> {
+    /// Reads the body of `req`, refusing more than `limit` bytes (declared or sent).
+    pub async fn read(req: &Request, body: poem::Body, limit: usize) -> Result<Self, ApiError> {
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
         if declared.is_some_and(|len| len > limit) {
-            return Err(ApiError::too_large(limit, "request body").into());
+            return Err(ApiError::too_large(limit, "request body"));
         }
-        let bytes = body
-            .take()?
-            .into_bytes_limit(limit)
-            .await
-            .map_err(|e| match e {
-                ReadBodyError::PayloadTooLarge => ApiError::too_large(limit, "request body"),
-                other => ApiError::invalid(
-                    "unreadable_body",
-                    format!("request body could not be read: {other}"),
-                ),
-            })?;
+        let bytes = body.into_bytes_limit(limit).await.map_err(|e| match e {
+            ReadBodyError::PayloadTooLarge => ApiError::too_large(limit, "request body"),
+            other => ApiError::invalid(
+                "unreadable_body",
+                format!("request body could not be read: {other}"),
+            ),
+        })?;
         Ok(Self {
             bytes,
             content_type: req.content_type().map(str::to_string),

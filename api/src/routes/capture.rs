@@ -4,7 +4,9 @@
 use std::{borrow::Cow, collections::HashMap};
 
 use poem::web::Data;
-use poem_openapi::{ApiResponse, Object, OpenApi, Union, param::Query, payload::Json};
+use poem_openapi::{
+    ApiResponse, Object, OpenApi, Union, auth::ApiKey, param::Query, payload::Json,
+};
 use serde_json::Value;
 
 use super::{
@@ -12,7 +14,7 @@ use super::{
     body::{BodyDoc, RawBody},
 };
 use crate::{
-    auth::{Access, CaptureAuth},
+    auth::{API_KEY_HEADER, Access, ApiKeyHeader, CaptureAuth},
     decode::{Compression, decode_body_bytes, decode_query_data},
     error::{ApiError, ErrorBody, error_responses},
     fast,
@@ -173,6 +175,45 @@ impl CaptureApi {
         };
         respond(state, accept(state, auth, Some("data"), decoded)).await
     }
+}
+
+/// A `POST` to a capture path, answered without the OpenAPI router: the request every SDK sends
+/// all day. The documented operations below run the same [`CaptureApi::post`] with the same
+/// extractors' results; this only skips the routing layers between (a tenth to a fifth of the api's
+/// CPU per single-event request). Query parameters other than `compression` are ignored, as
+/// there.
+pub async fn post_direct(state: &AppState, mut req: poem::Request) -> poem::Response {
+    use poem::{IntoResponse, error::ResponseError};
+    let auth = match req
+        .headers()
+        .get(API_KEY_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(key) => CaptureAuth::Header(ApiKeyHeader(ApiKey {
+            key: key.to_string(),
+        })),
+        None => CaptureAuth::InBody,
+    };
+    let compression = match req.uri().query() {
+        None => None,
+        Some(_) => req
+            .params::<Vec<(String, String)>>()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|(name, _)| name == "compression")
+            .map(|(_, value)| value),
+    };
+    let body = req.take_body();
+    let mut response = match Body::read(&req, body, state.config.max_body_bytes).await {
+        Ok(body) => CaptureApi
+            .post(state, auth, body, compression)
+            .await
+            .into_response(),
+        Err(err) => err.as_response(),
+    };
+    // The route label of metrics and spans, as the router would set it.
+    response.set_data(poem::PathPattern(req.uri().path().into()));
+    response
 }
 
 async fn respond(
