@@ -179,9 +179,9 @@ impl CaptureApi {
 
 /// A `POST` to a capture path, answered without the OpenAPI router: the request every SDK sends
 /// all day. The documented operations below run the same [`CaptureApi::post`] with the same
-/// extractors' results; this only skips the routing layers between (a tenth to a fifth of the api's
-/// CPU per single-event request). Query parameters other than `compression` are ignored, as
-/// there.
+/// extractors' results; this only skips the routing layers between, which took a quarter to a
+/// third of the api's CPU per single-event request (`api/benches/ingest-load.sh`). Query
+/// parameters other than `compression` are ignored, as there.
 pub async fn post_direct(state: &AppState, mut req: poem::Request) -> poem::Response {
     use poem::{IntoResponse, error::ResponseError};
     let auth = match req
