@@ -45,7 +45,7 @@ fn bodies() -> [(&'static str, Vec<u8>, u64); 2] {
 }
 
 fn queue(body: &[u8]) -> Vec<fast::Queued> {
-    fast::queue(body, Utc::now(), None, |_| Ok(())).expect("valid body")
+    fast::queue(body, Utc::now(), None, usize::MAX, |_| Ok(())).expect("valid body")
 }
 
 fn bench(c: &mut Criterion) {

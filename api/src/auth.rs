@@ -1,6 +1,7 @@
 //! API keys: the secret key opens every route, ingest keys only the ingest routes.
 
 use poem_openapi::{SecurityScheme, auth::ApiKey};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
@@ -52,33 +53,61 @@ pub enum Principal {
     Ingest,
 }
 
-/// The configured keys.
+/// Where a key was sent. The secret key is taken from the `X-API-Key` header only: bodies and
+/// query strings are logged by proxies and SDK debug output, and a body key is what web pages ship.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    Header,
+    Body,
+}
+
+/// The configured keys, kept as SHA-256 digests: a presented key is hashed once and compared
+/// with each digest in constant time, so neither its content nor its length shows in timing.
 pub struct Keys {
-    secret: Vec<u8>,
-    ingest: Vec<Vec<u8>>,
+    secret: [u8; 32],
+    ingest: Vec<[u8; 32]>,
+}
+
+fn digest(key: &[u8]) -> [u8; 32] {
+    Sha256::digest(key).into()
 }
 
 impl Keys {
     pub fn new(secret: &str, ingest: &[String]) -> Self {
         Self {
-            secret: secret.as_bytes().to_vec(),
-            ingest: ingest.iter().map(|k| k.as_bytes().to_vec()).collect(),
+            secret: digest(secret.as_bytes()),
+            ingest: ingest.iter().map(|k| digest(k.as_bytes())).collect(),
         }
     }
 
-    /// Checks `key` for `access`: missing → 401, unknown or not allowed here → 403.
-    /// Every configured key is compared in constant time, whichever matches.
+    /// Checks `key`, sent in the `X-API-Key` header, for `access`: missing → 401, unknown or not
+    /// allowed here → 403.
     pub fn authorize(&self, key: Option<&str>, access: Access) -> Result<Principal, ApiError> {
+        self.authorize_from(key, access, KeySource::Header)
+    }
+
+    /// [`Keys::authorize`] for a key sent from `source`. Every configured key is compared in
+    /// constant time, whichever matches.
+    pub fn authorize_from(
+        &self,
+        key: Option<&str>,
+        access: Access,
+        source: KeySource,
+    ) -> Result<Principal, ApiError> {
         let key = key
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or_else(ApiError::unauthenticated)?;
-        let key = key.as_bytes();
-        let is_secret = bool::from(self.secret.as_slice().ct_eq(key));
-        let is_ingest = self.ingest.iter().fold(false, |found, k| {
-            found | bool::from(k.as_slice().ct_eq(key))
-        });
+        let key = digest(key.as_bytes());
+        let is_secret = bool::from(self.secret.ct_eq(&key));
+        let is_ingest = self
+            .ingest
+            .iter()
+            .fold(false, |found, k| found | bool::from(k.ct_eq(&key)));
         match (is_secret, is_ingest, access) {
+            (true, _, _) if source == KeySource::Body => Err(ApiError::forbidden(
+                "the secret key (API_SECRET_KEY) is accepted only in the X-API-Key header;                  bodies and query strings take ingest keys (INGEST_API_KEYS)",
+            )),
             (true, _, _) => Ok(Principal::Secret),
             (false, true, Access::Ingest) => Ok(Principal::Ingest),
             (false, true, Access::Read) => Err(ApiError::forbidden(
@@ -132,5 +161,30 @@ mod tests {
                 .as_u16(),
             401
         );
+    }
+
+    #[test]
+    fn the_secret_key_is_refused_outside_the_header() {
+        let keys = Keys::new("secret", &["phc_public".to_string()]);
+        let err = keys
+            .authorize_from(Some("secret"), Access::Ingest, KeySource::Body)
+            .unwrap_err();
+        assert_eq!(err.status.as_u16(), 403);
+        assert!(err.body.detail.contains("X-API-Key header"), "{err}");
+        assert_eq!(
+            keys.authorize_from(Some("phc_public"), Access::Ingest, KeySource::Body)
+                .unwrap(),
+            Principal::Ingest
+        );
+        // Keys of any length are compared as digests.
+        for key in ["s", "secre", "secretX", &"x".repeat(10_000)] {
+            assert_eq!(
+                keys.authorize(Some(key), Access::Ingest)
+                    .unwrap_err()
+                    .status
+                    .as_u16(),
+                403
+            );
+        }
     }
 }

@@ -8,6 +8,10 @@ use entity::settings::{ConfigError, Vars};
 /// the value in `.env.example`, so a fresh clone runs with no `.env`. Public, hence never used
 /// in any other environment.
 pub const DEVELOPMENT_SECRET_KEY: &str = "local_dev_secret_key_12345";
+/// The ingest key used when `ENVIRONMENT` is `development` and `INGEST_API_KEYS` is unset: what
+/// the simulator and the README's examples put in bodies (the secret key is only taken from the
+/// `X-API-Key` header). Public, hence never used in any other environment.
+pub const DEVELOPMENT_INGEST_KEY: &str = "local_dev_ingest_key_12345";
 
 /// Everything the api needs to run. Tests build it as a value.
 #[derive(Debug, Clone)]
@@ -30,6 +34,11 @@ pub struct Config {
     pub bind: SocketAddr,
     /// Largest accepted request body, compressed or decompressed.
     pub max_body_bytes: usize,
+    /// Largest accepted event: its envelope's JSON, as queued.
+    pub max_event_bytes: usize,
+    /// Request bytes (bodies as read, decoded, and their envelopes) that ingest holds at once
+    /// across all requests; past it, ingest answers 503 with `Retry-After`.
+    pub ingest_max_inflight_bytes: usize,
     /// Stream length past which ingest answers 503 instead of accepting more.
     pub stream_max_backlog: u64,
     /// Longest a Redis command may take before the request answers 503.
@@ -45,9 +54,17 @@ impl Config {
         let bind = bind_raw.parse().map_err(|e| {
             ConfigError::new("API_BIND", format!("invalid address {bind_raw:?}: {e}"))
         })?;
-        let max_body_bytes = vars.parse("MAX_BODY_BYTES", 20 * 1024 * 1024)?;
-        if max_body_bytes == 0 {
-            return Err(ConfigError::new("MAX_BODY_BYTES", "must be greater than 0"));
+        let max_body_bytes = positive(vars, "MAX_BODY_BYTES", 20 * 1024 * 1024)?;
+        let max_event_bytes = positive(vars, "MAX_EVENT_BYTES", 1024 * 1024)?;
+        let ingest_max_inflight_bytes =
+            positive(vars, "INGEST_MAX_INFLIGHT_BYTES", 256 * 1024 * 1024)?;
+        if ingest_max_inflight_bytes < max_body_bytes {
+            return Err(ConfigError::new(
+                "INGEST_MAX_INFLIGHT_BYTES",
+                format!(
+                    "must be at least MAX_BODY_BYTES ({max_body_bytes}), or no body of the largest size could be taken"
+                ),
+            ));
         }
         let environment = vars.string("ENVIRONMENT", "development");
         let api_secret_key = match vars.get("API_SECRET_KEY") {
@@ -62,7 +79,27 @@ impl Config {
             }
             None => vars.required("API_SECRET_KEY")?,
         };
-        let ingest_api_keys = vars.list("INGEST_API_KEYS");
+        let development = environment == "development";
+        if !development && api_secret_key == DEVELOPMENT_SECRET_KEY {
+            return Err(ConfigError::new(
+                "API_SECRET_KEY",
+                format!(
+                    "is the public development key, refused when ENVIRONMENT is {environment:?}: use a long random value"
+                ),
+            ));
+        }
+        let mut ingest_api_keys = vars.list("INGEST_API_KEYS");
+        if ingest_api_keys.is_empty() && development && vars.get("INGEST_API_KEYS").is_none() {
+            ingest_api_keys.push(DEVELOPMENT_INGEST_KEY.to_string());
+        }
+        if !development && ingest_api_keys.iter().any(|k| k == DEVELOPMENT_INGEST_KEY) {
+            return Err(ConfigError::new(
+                "INGEST_API_KEYS",
+                format!(
+                    "holds the public development ingest key, refused when ENVIRONMENT is {environment:?}"
+                ),
+            ));
+        }
         if ingest_api_keys.contains(&api_secret_key) {
             return Err(ConfigError::new(
                 "INGEST_API_KEYS",
@@ -83,6 +120,8 @@ impl Config {
             dlq_name: vars.string("DLQ_NAME", "dlq_event_stream"),
             bind,
             max_body_bytes,
+            max_event_bytes,
+            ingest_max_inflight_bytes,
             stream_max_backlog: vars.parse("STREAM_MAX_BACKLOG", 1_000_000)?,
             redis_timeout: vars.millis("REDIS_TIMEOUT_MS", Duration::from_millis(2000))?,
             migrate_on_start: vars.flag("MIGRATE_ON_START", true)?,
@@ -93,6 +132,14 @@ impl Config {
     pub fn for_local(api_secret_key: &str) -> Self {
         Self::from_vars(&Vars::from_map([("API_SECRET_KEY", api_secret_key)]))
             .expect("defaults are valid")
+    }
+}
+
+/// A number of bytes (or anything countable) above zero.
+fn positive(vars: &Vars, name: &str, default: usize) -> Result<usize, ConfigError> {
+    match vars.parse(name, default)? {
+        0 => Err(ConfigError::new(name, "must be greater than 0")),
+        n => Ok(n),
     }
 }
 

@@ -94,6 +94,18 @@ impl ApiError {
         )
     }
 
+    /// 413: one event's envelope over `MAX_EVENT_BYTES`.
+    pub fn event_too_large(limit: usize, size: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "validation_error",
+            "event_too_large",
+            format!(
+                "the event is {size} bytes once queued, more than the {limit} bytes allowed for one event (MAX_EVENT_BYTES)"
+            ),
+        )
+    }
+
     /// 503 with `Retry-After`: the caller should send the same request again later.
     pub fn unavailable(code: &str, detail: impl Into<String>, retry_after: u32) -> Self {
         let mut err = Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", code, detail);

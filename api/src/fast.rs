@@ -21,9 +21,11 @@ use uuid::Uuid;
 
 use crate::decode::parse_json;
 use crate::error::ApiError;
+use crate::limits::properties_text_within_limits;
 use crate::normalize::{
-    Nullable, body_key, check_distinct_id, corrected_timestamp, first_distinct_id,
-    normalize as full_normalize, parse_time, parse_time_text, scalar_string, validate_event_name,
+    Nullable, body_key, check_distinct_id, check_session_id, corrected_timestamp,
+    first_distinct_id, normalize as full_normalize, parse_time, parse_time_text, scalar_string,
+    validate_event_name,
 };
 
 /// One event ready for the stream.
@@ -308,95 +310,172 @@ fn push_json_time(out: &mut String, t: DateTime<Utc>) {
 }
 
 /// Turns decoded JSON text into events for the stream: the fast path when it applies, else the
-/// full path. `check_key` is given the key the body carries before any validation error is
-/// reported; `source` names the parameter the JSON came from, when not the body.
+/// full path. `check_key` is given the key the body carries as soon as the body is tokenised,
+/// before any event is validated or built; `source` names the parameter the JSON came from, when
+/// not the body. An event whose envelope is over `max_event_bytes` is refused (413, naming it).
 pub fn queue(
     json: &[u8],
     now: DateTime<Utc>,
     source: Option<&str>,
+    max_event_bytes: usize,
     check_key: impl FnOnce(Option<&str>) -> Result<(), ApiError>,
 ) -> Result<Vec<Queued>, ApiError> {
-    if let Some(batch) = normalize(json, now) {
-        check_key(batch.body_key.as_deref())?;
-        return Ok(batch.events);
+    let mut check_key = Some(check_key);
+    if let Some(body) = Body::parse(json) {
+        (check_key.take().expect("checked once"))(body.key.as_deref())?;
+        if let Some(events) = body.events(now, max_event_bytes) {
+            return Ok(events);
+        }
     }
     let json = parse_json(json).map_err(|e| match source {
         Some(attr) => e.at(attr),
         None => e,
     })?;
-    check_key(body_key(&json).as_deref())?;
-    Ok(full_normalize(json, now)?
+    if let Some(check_key) = check_key {
+        check_key(body_key(&json).as_deref())?;
+    }
+    let shape = Shape::of(&json);
+    let events: Vec<Queued> = full_normalize(json, now)?
         .iter()
         .map(Queued::from)
-        .collect())
+        .collect();
+    for (i, event) in events.iter().enumerate() {
+        if event.json.len() > max_event_bytes {
+            let err = ApiError::event_too_large(max_event_bytes, event.json.len());
+            return Err(match shape.attr(i) {
+                Some(attr) => err.at(attr),
+                None => err,
+            });
+        }
+    }
+    Ok(events)
 }
 
-/// Normalises `json` (decoded body text) when it is one of the everyday shapes and valid.
-pub fn normalize(json: &[u8], now: DateTime<Utc>) -> Option<FastBatch> {
-    let first = *json.iter().find(|b| !b.is_ascii_whitespace())?;
-    // Checked as UTF-8 once, whole: parsed from bytes, serde_json checks every string and raw
-    // value it borrows on its own, and none of those it skips.
-    let json = std::str::from_utf8(json).ok()?;
-    // serde_json skips the strings it copies as raw text without decoding their escapes, so a
-    // lone surrogate (`"\ud800"`) would reach the stream, where no JSON parser takes it.
-    if has_lone_surrogate(json.as_bytes()) {
-        return None;
-    }
-    match first {
-        b'[' => {
-            let items: Vec<RawEvent> = serde_json::from_str(json).ok()?;
-            let (events, first_key) = events(items, None, now)?;
-            Some(FastBatch {
-                body_key: first_key,
-                events,
-            })
+/// Where a body's events sit, for naming one in an error.
+enum Shape {
+    Single,
+    Array,
+    Batch,
+}
+
+impl Shape {
+    fn of(body: &Value) -> Self {
+        match body {
+            Value::Array(_) => Shape::Array,
+            Value::Object(obj) if obj.contains_key("batch") => Shape::Batch,
+            _ => Shape::Single,
         }
-        b'{' => {
-            let mut body: RawEvent = serde_json::from_str(json).ok()?;
-            let Some(batch) = body.batch.take() else {
-                let (events, key) = events(vec![body], None, now)?;
-                return Some(FastBatch {
-                    body_key: key,
-                    events,
-                });
-            };
-            // `"batch": null` is an error, which the full path reports.
-            let items = batch?;
-            if body.event.is_some() {
+    }
+
+    /// The path of event `i`: `batch[i]`, `[i]`, or none for a single event.
+    fn attr(&self, i: usize) -> Option<String> {
+        match self {
+            Shape::Single => None,
+            Shape::Array => Some(format!("[{i}]")),
+            Shape::Batch => Some(format!("batch[{i}]")),
+        }
+    }
+}
+
+/// A body of one of the everyday shapes, tokenised: its events' fields found (`properties` left
+/// as text), and the key it carries.
+pub struct Body<'a> {
+    items: Vec<RawEvent<'a>>,
+    sent_at: Option<DateTime<Utc>>,
+    /// The key the body carries: top-level `api_key` or `token` of a batch, else the first
+    /// event's `api_key`, `token` or `properties.token` (what [`body_key`] reads).
+    pub key: Option<String>,
+}
+
+impl<'a> Body<'a> {
+    /// `json` (decoded body text) tokenised, when it is one of the everyday shapes.
+    pub fn parse(json: &'a [u8]) -> Option<Self> {
+        let first = *json.iter().find(|b| !b.is_ascii_whitespace())?;
+        // Checked as UTF-8 once, whole: parsed from bytes, serde_json checks every string and raw
+        // value it borrows on its own, and none of those it skips.
+        let json = std::str::from_utf8(json).ok()?;
+        // serde_json skips the strings it copies as raw text without decoding their escapes, so a
+        // lone surrogate (`"\ud800"`) would reach the stream, where no JSON parser takes it.
+        if has_lone_surrogate(json.as_bytes()) {
+            return None;
+        }
+        let (items, sent_at, top_key) = match first {
+            b'[' => (
+                serde_json::from_str::<Vec<RawEvent>>(json).ok()?,
+                None,
+                None,
+            ),
+            b'{' => {
+                let mut body: RawEvent = serde_json::from_str(json).ok()?;
+                match body.batch.take() {
+                    None => (vec![body], None, None),
+                    Some(batch) => {
+                        // `"batch": null` is an error, which the full path reports.
+                        let items = batch?;
+                        if body.event.is_some() {
+                            return None;
+                        }
+                        let sent_at = optional_time(body.sent_at)?;
+                        (
+                            items,
+                            sent_at,
+                            body.api_key.or(body.token).map(Text::into_owned),
+                        )
+                    }
+                }
+            }
+            _ => return None,
+        };
+        let first = items.first()?;
+        let key = match top_key {
+            Some(key) => Some(key),
+            None => first_event_key(first)?,
+        };
+        Some(Body {
+            items,
+            sent_at,
+            key,
+        })
+    }
+
+    /// The events, when every one is valid and within the bounds; `None` leaves the body to the
+    /// full path, which reports what is wrong.
+    pub fn events(self, now: DateTime<Utc>, max_event_bytes: usize) -> Option<Vec<Queued>> {
+        let mut out = Vec::with_capacity(self.items.len());
+        for item in self.items {
+            let queued = event(item, self.sent_at, now)?;
+            if queued.json.len() > max_event_bytes {
                 return None;
             }
-            let sent_at = optional_time(body.sent_at)?;
-            let (events, first_key) = events(items, sent_at, now)?;
-            let body_key = body
-                .api_key
-                .or(body.token)
-                .map(Text::into_owned)
-                .or(first_key);
-            Some(FastBatch { body_key, events })
+            out.push(queued);
         }
-        _ => None,
+        Some(out)
     }
 }
 
-/// The events of `items`, plus the key the first one carries.
-fn events(
-    items: Vec<RawEvent>,
-    sent_at: Option<DateTime<Utc>>,
-    now: DateTime<Utc>,
-) -> Option<(Vec<Queued>, Option<String>)> {
-    if items.is_empty() {
-        return None;
+/// The key an event carries: `api_key`, `token`, or a string `properties.token`. `None` when its
+/// properties cannot be looked into (the full path decides).
+fn first_event_key(ev: &RawEvent) -> Option<Option<String>> {
+    if let Some(key) = ev.api_key.as_ref().or(ev.token.as_ref()) {
+        return Some(Some(key.0.to_string()));
     }
-    let mut first_key = None;
-    let mut out = Vec::with_capacity(items.len());
-    for (i, item) in items.into_iter().enumerate() {
-        let (queued, key) = event(item, sent_at, now)?;
-        if i == 0 {
-            first_key = key;
-        }
-        out.push(queued);
-    }
-    Some((out, first_key))
+    let token = match ev.properties {
+        Some(p) if p.get().starts_with('{') => Peek::of(p.get())?.token,
+        _ => None,
+    };
+    Some(match token {
+        Some(Lifted::Str(s)) => Some(s.into_owned()),
+        _ => None,
+    })
+}
+
+/// Normalises `json` (decoded body text) when it is one of the everyday shapes and valid, with
+/// the key it carries (no limit on an event's size).
+pub fn normalize(json: &[u8], now: DateTime<Utc>) -> Option<FastBatch> {
+    let body = Body::parse(json)?;
+    let body_key = body.key.clone();
+    let events = body.events(now, usize::MAX)?;
+    Some(FastBatch { body_key, events })
 }
 
 /// A time field: `Some(None)` when absent, `None` (decline) when it does not parse.
@@ -410,11 +489,7 @@ fn optional_time(raw: Option<&RawValue>) -> Option<Option<DateTime<Utc>>> {
 
 const EMPTY_OBJECT: &str = "{}";
 
-fn event(
-    ev: RawEvent,
-    batch_sent_at: Option<DateTime<Utc>>,
-    now: DateTime<Utc>,
-) -> Option<(Queued, Option<String>)> {
+fn event(ev: RawEvent, batch_sent_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Option<Queued> {
     if ev.batch.is_some()
         || ev.set.is_some()
         || ev.set_once.is_some()
@@ -436,6 +511,9 @@ fn event(
             &empty
         }
     };
+    if !properties_text_within_limits(properties.get().as_bytes()) {
+        return None;
+    }
     let peek = Peek::of(properties.get())?;
     let (attr, id) = first_distinct_id([
         ("distinct_id", Lifted::of(ev.distinct_id)?),
@@ -456,33 +534,24 @@ fn event(
         Some(v) => Some(v.as_i64()?),
     };
     let session_id = peek.session_id.as_ref().and_then(Lifted::scalar);
+    if let Some(id) = &session_id {
+        check_session_id("properties.$session_id", id).ok()?;
+    }
     let out = EnvelopeOut {
         uuid,
         distinct_id: &distinct_id,
         event: &name,
         properties,
-        timestamp: corrected_timestamp(timestamp, sent_at, offset, now),
+        timestamp: corrected_timestamp(timestamp, sent_at, offset, now).ok()?,
         received_at: now,
         sent_at,
         session_id: session_id.as_deref(),
         lib: peek.lib.as_ref().and_then(Lifted::as_str),
     };
-    let properties_token = match peek.token {
-        Some(Lifted::Str(s)) => Some(s.into_owned()),
-        _ => None,
-    };
-    let key = ev
-        .api_key
-        .or(ev.token)
-        .map(Text::into_owned)
-        .or(properties_token);
-    Some((
-        Queued {
-            uuid,
-            json: out.to_json(),
-        },
-        key,
-    ))
+    Some(Queued {
+        uuid,
+        json: out.to_json(),
+    })
 }
 
 #[cfg(test)]
@@ -725,5 +794,94 @@ mod tests {
             .is_none(),
             "token twice, once written with escapes"
         );
+    }
+
+    /// Bodies over a bound: the fast path leaves each to the full path, which refuses it.
+    #[test]
+    fn bodies_over_a_bound_are_left_to_the_full_path() {
+        use crate::limits::{MAX_PROPERTIES_DEPTH, MAX_PROPERTY_KEY_CHARS};
+        let long = |n: usize| "x".repeat(n);
+        let deep = format!(
+            r#"{{"event": "a", "distinct_id": "u", "properties": {{"d": {}1{}}}}}"#,
+            "[".repeat(MAX_PROPERTIES_DEPTH),
+            "]".repeat(MAX_PROPERTIES_DEPTH)
+        );
+        let bodies = [
+            json!({"event": "a", "distinct_id": "u", "offset": 9_000_000_000_000_000i64}).to_string(),
+            json!({"event": "a", "distinct_id": "u", "timestamp": "1969-01-01T00:00:00Z"}).to_string(),
+            json!({"event": long(201), "distinct_id": "u"}).to_string(),
+            json!({"event": "a", "distinct_id": "u", "properties": {"$session_id": long(201)}}).to_string(),
+            json!({"event": "a", "distinct_id": "u", "properties": {"o": {long(MAX_PROPERTY_KEY_CHARS + 1): 1}}}).to_string(),
+            deep,
+            r#"{"event": "a", "distinct_id": "u", "properties": {"n": 1e400}}"#.to_string(),
+        ];
+        for body in bodies {
+            let shown = &body[..body.len().min(120)];
+            assert!(normalize(body.as_bytes(), now()).is_none(), "{shown}");
+            assert!(
+                queue(body.as_bytes(), now(), None, usize::MAX, |_| Ok(())).is_err(),
+                "{shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_event_over_max_event_bytes_is_named() {
+        let event = |n: usize| json!({"event": "a", "distinct_id": "u", "properties": {"x": "y".repeat(n)}});
+        let small = Queued::from(&full(event(10), now()).unwrap()[0]).json.len();
+        let limit = small + 100;
+        for (body, attr) in [
+            (json!([event(10), event(200)]), Some("[1]")),
+            (
+                json!({"api_key": "k", "batch": [event(10), event(10), event(200)]}),
+                Some("batch[2]"),
+            ),
+            (event(200), None),
+        ] {
+            let bytes = serde_json::to_vec(&body).unwrap();
+            let err = queue(&bytes, now(), None, limit, |_| Ok(())).unwrap_err();
+            assert_eq!(err.status.as_u16(), 413, "{body}");
+            assert_eq!(err.body.code, "event_too_large");
+            assert_eq!(err.body.attr.as_deref(), attr, "{body}");
+        }
+        let ok = serde_json::to_vec(&json!([event(10), event(99)])).unwrap();
+        assert_eq!(queue(&ok, now(), None, limit, |_| Ok(())).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_body_key_is_checked_before_any_event_is_validated() {
+        let refuse = |_: Option<&str>| Err(ApiError::unauthenticated());
+        // A bad event after the first: the key's answer comes first, on either path.
+        for body in [
+            json!({"batch": [{"event": "a", "distinct_id": "u"}, {"event": ""}]}),
+            json!([{"event": "a", "distinct_id": "u"}, {"event": "b", "distinct_id": "u", "offset": 9_000_000_000_000_000i64}]),
+            json!({"event": "a"}),
+        ] {
+            let bytes = serde_json::to_vec(&body).unwrap();
+            let err = queue(&bytes, now(), None, usize::MAX, refuse).unwrap_err();
+            assert_eq!(err.status.as_u16(), 401, "{body}");
+        }
+        // The key the check is given is the one the body carries.
+        for (body, key) in [
+            (
+                json!({"batch": [{"event": "a", "distinct_id": "u", "api_key": "first"}], "token": "top"}),
+                Some("top"),
+            ),
+            (
+                json!([{"event": "a", "distinct_id": "u", "properties": {"token": "p"}}]),
+                Some("p"),
+            ),
+            (json!({"event": "a", "distinct_id": "u"}), None),
+        ] {
+            let bytes = serde_json::to_vec(&body).unwrap();
+            let mut seen = None;
+            queue(&bytes, now(), None, usize::MAX, |k| {
+                seen = Some(k.map(str::to_string));
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(seen, Some(key.map(str::to_string)), "{body}");
+            assert_eq!(Body::parse(&bytes).unwrap().key.as_deref(), key);
+        }
     }
 }

@@ -7,6 +7,8 @@ pub mod context;
 pub mod decode;
 pub mod error;
 pub mod fast;
+pub mod intake;
+pub mod limits;
 pub mod metrics;
 pub mod normalize;
 pub mod payload;
@@ -19,8 +21,10 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use poem::{
-    Endpoint, EndpointExt, Response, Route, Server, error::ResponseError, listener::TcpAcceptor,
-    middleware::Cors,
+    Endpoint, EndpointExt, Response, Route, Server,
+    error::ResponseError,
+    listener::TcpAcceptor,
+    middleware::{CatchPanic, Cors},
 };
 use poem_openapi::OpenApiService;
 use tokio_util::sync::CancellationToken;
@@ -95,12 +99,23 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
     })
     .with(TrimSlashes)
     .catch_all_error(|err| async move { ApiError::from_poem(err).as_response() })
+    .with(catch_panic(metrics.clone()))
     .map_to_response();
     crate::metrics::CountRequests {
         inner: app,
         metrics,
     }
     .with(trace::RequestSpan)
+}
+
+/// Answers a request whose handler panicked with the standard 500 body, logged and counted
+/// (`http_panics_total`), instead of dropping the connection with no answer.
+fn catch_panic(
+    metrics: crate::metrics::ApiMetrics,
+) -> CatchPanic<impl poem::middleware::PanicHandler> {
+    CatchPanic::new().with_handler(move |panic: Box<dyn std::any::Any + Send>| {
+        metrics.panicked(panic.as_ref()).as_response()
+    })
 }
 
 /// Serves the api on `listener` until `shutdown` fires, then lets in-flight requests finish.

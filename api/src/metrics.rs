@@ -2,11 +2,13 @@
 //! latency histograms, events accepted and requests rejected by reason, XADD latency, and the
 //! queue gauges (stream length, consumer-group lag and pending, DLQ length) read at scrape time.
 
-use std::time::Instant;
+use std::{any::Any, time::Instant};
 
-use poem::{Endpoint, IntoResponse, PathPattern, Request, Response};
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, Registry};
-use worker::metrics::{QueueGauges, counter_vec, latency_buckets, register, seconds_histogram};
+use poem::{Endpoint, IntoResponse, PathPattern, Request, Response, http::Method};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Registry};
+use worker::metrics::{
+    QueueGauges, counter, counter_vec, latency_buckets, register, seconds_histogram,
+};
 
 use crate::error::ApiError;
 
@@ -18,6 +20,7 @@ pub struct ApiMetrics {
     request_seconds: HistogramVec,
     events_accepted: IntCounterVec,
     rejected: IntCounterVec,
+    panics: IntCounter,
     /// One request's XADD pipeline round trip.
     pub xadd_seconds: Histogram,
     pub queue: QueueGauges,
@@ -64,6 +67,11 @@ impl ApiMetrics {
                 "Ingest requests rejected whole (nothing of them queued), by error code",
                 &["source", "reason"],
             ),
+            panics: counter(
+                r,
+                "http_panics_total",
+                "Requests whose handling panicked (answered 500)",
+            ),
             xadd_seconds: seconds_histogram(
                 r,
                 "xadd_duration_seconds",
@@ -86,6 +94,18 @@ impl ApiMetrics {
                 .with_label_values(&[source, &e.body.code])
                 .inc(),
         }
+    }
+
+    /// Logs and counts a panic while handling a request; the 500 to answer with.
+    pub fn panicked(&self, panic: &(dyn Any + Send)) -> ApiError {
+        self.panics.inc();
+        let message = panic
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        tracing::error!(panic = message, "request handler panicked");
+        ApiError::internal("request handler panicked")
     }
 
     /// Counts a finished request.
@@ -119,8 +139,45 @@ impl<E: Endpoint> Endpoint for CountRequests<E> {
         let route = response
             .data::<PathPattern>()
             .map_or("other", |PathPattern(route)| &**route);
-        self.metrics
-            .request(route, method.as_str(), response.status().as_str(), started);
+        self.metrics.request(
+            route,
+            method_label(&method),
+            response.status().as_str(),
+            started,
+        );
         Ok(response)
+    }
+}
+
+/// The `method` label: one of the standard methods, else `other` (a client may send any token
+/// as a method; each would be a series of its own).
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_methods_share_one_label() {
+        assert_eq!(method_label(&Method::POST), "POST");
+        for raw in ["FOO", "BREW", "get"] {
+            assert_eq!(
+                method_label(&Method::from_bytes(raw.as_bytes()).unwrap()),
+                "other"
+            );
+        }
     }
 }

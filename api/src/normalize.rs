@@ -9,10 +9,14 @@ use entity::{Envelope, Person};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::error::ApiError;
+use crate::{
+    error::ApiError,
+    limits::{
+        MAX_DISTINCT_ID_CHARS, MAX_EVENT_NAME_CHARS, MAX_SESSION_ID_CHARS, MIN_TIMESTAMP,
+        check_properties, within_chars,
+    },
+};
 
-/// Longest accepted `distinct_id`, in characters.
-pub const MAX_DISTINCT_ID_CHARS: usize = 200;
 /// Events more than this far in the future are moved to the time they were received.
 const MAX_FUTURE: Duration = Duration::hours(23);
 
@@ -115,7 +119,7 @@ fn normalize_event(
         };
         let person = match obj.remove("person") {
             None | Some(Value::Null) => None,
-            Some(Value::Object(p)) => Some(person_from(p)),
+            Some(Value::Object(p)) => Some(person_from(p)?),
             Some(_) => {
                 return Err(
                     ApiError::invalid("invalid_value", "`person` must be an object").at("person"),
@@ -181,13 +185,22 @@ fn normalize_event(
             .at("offset")
         })?),
     };
-    let timestamp = corrected_timestamp(timestamp, sent_at, offset_ms, now);
+    let timestamp = corrected_timestamp(timestamp, sent_at, offset_ms, now)
+        .map_err(|attr| time_out_of_range().at(attr))?;
 
-    let session_id = properties
-        .get("$session_id")
-        .or_else(|| obj.get("$session_id"))
-        .or_else(|| obj.get("session_id"))
-        .and_then(scalar_string);
+    let (session_attr, session_id) = [
+        ("properties.$session_id", properties.get("$session_id")),
+        ("$session_id", obj.get("$session_id")),
+        ("session_id", obj.get("session_id")),
+    ]
+    .into_iter()
+    .find_map(|(attr, v)| v.map(|v| (attr, v)))
+    .unzip();
+    let session_id = session_id.and_then(scalar_string);
+    if let (Some(attr), Some(id)) = (session_attr, &session_id) {
+        check_session_id(attr, id)?;
+    }
+    check_properties(&properties, "properties")?;
     let lib = properties
         .get("$lib")
         .and_then(Value::as_str)
@@ -212,14 +225,16 @@ fn normalize_event(
     })
 }
 
-fn person_from(mut p: Map<String, Value>) -> Person {
-    Person {
+fn person_from(mut p: Map<String, Value>) -> Result<Person, ApiError> {
+    let properties = match p.remove("properties") {
+        Some(Value::Object(props)) => props,
+        _ => Map::new(),
+    };
+    check_properties(&properties, "person.properties")?;
+    Ok(Person {
         id: p.remove("id").as_ref().and_then(scalar_string),
-        properties: match p.remove("properties") {
-            Some(Value::Object(props)) => props,
-            _ => Map::new(),
-        },
-    }
+        properties,
+    })
 }
 
 /// `distinct_id`, `$distinct_id` or `properties.distinct_id`; numbers become strings.
@@ -285,7 +300,7 @@ pub(crate) fn check_distinct_id(attr: &str, id: &str) -> Result<(), ApiError> {
         )
         .at(attr));
     }
-    if id.chars().count() > MAX_DISTINCT_ID_CHARS {
+    if !within_chars(id, MAX_DISTINCT_ID_CHARS) {
         return Err(ApiError::invalid(
             "too_long",
             format!("distinct_id is longer than {MAX_DISTINCT_ID_CHARS} characters"),
@@ -295,8 +310,27 @@ pub(crate) fn check_distinct_id(attr: &str, id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// An event name: not blank, no NUL.
+/// A session id's text: at most [`MAX_SESSION_ID_CHARS`] characters.
+pub(crate) fn check_session_id(attr: &str, id: &str) -> Result<(), ApiError> {
+    if within_chars(id, MAX_SESSION_ID_CHARS) {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        "too_long",
+        format!("session id is longer than {MAX_SESSION_ID_CHARS} characters"),
+    )
+    .at(attr))
+}
+
+/// An event name: not blank, no NUL, at most [`MAX_EVENT_NAME_CHARS`] characters.
 pub(crate) fn validate_event_name(name: &str) -> Result<(), ApiError> {
+    if !within_chars(name, MAX_EVENT_NAME_CHARS) {
+        return Err(ApiError::invalid(
+            "too_long",
+            format!("event name is longer than {MAX_EVENT_NAME_CHARS} characters"),
+        )
+        .at("event"));
+    }
     if name.trim().is_empty() {
         return Err(ApiError::invalid("blank", "event name must not be empty").at("event"));
     }
@@ -357,19 +391,37 @@ pub(crate) fn parse_time_text(s: &str) -> Option<DateTime<Utc>> {
 
 /// PostHog's clock-skew correction: the client's clock may be wrong, but the gap between its
 /// event time and its send time is right, so stored time = now + (timestamp − sent_at).
+/// A time more than [`MAX_FUTURE`] ahead becomes `now`; one before [`MIN_TIMESTAMP`] (or out of
+/// chrono's range on the way) is refused with the field it came from.
 pub(crate) fn corrected_timestamp(
     timestamp: Option<DateTime<Utc>>,
     sent_at: Option<DateTime<Utc>>,
     offset_ms: Option<i64>,
     now: DateTime<Utc>,
-) -> DateTime<Utc> {
-    let ts = match (timestamp, sent_at, offset_ms) {
-        (Some(ts), Some(sent), _) => now + (ts - sent),
-        (_, _, Some(offset)) => now - Duration::milliseconds(offset),
-        (Some(ts), None, None) => ts,
-        (None, _, None) => now,
+) -> Result<DateTime<Utc>, &'static str> {
+    let (ts, attr) = match (timestamp, sent_at, offset_ms) {
+        (Some(ts), Some(sent), _) => (now.checked_add_signed(ts - sent), "timestamp"),
+        (_, _, Some(offset)) => (
+            Duration::try_milliseconds(offset).and_then(|d| now.checked_sub_signed(d)),
+            "offset",
+        ),
+        (Some(ts), None, None) => (Some(ts), "timestamp"),
+        (None, _, None) => (Some(now), "timestamp"),
     };
-    if ts > now + MAX_FUTURE { now } else { ts }
+    match ts {
+        Some(ts) if ts > now + MAX_FUTURE => Ok(now),
+        Some(ts) if ts >= MIN_TIMESTAMP => Ok(ts),
+        _ => Err(attr),
+    }
+}
+
+/// 400 for an event time outside what is stored.
+pub(crate) fn time_out_of_range() -> ApiError {
+    ApiError::invalid(
+        "invalid_timestamp",
+        "the event time, after clock-skew correction, is out of range: it must be on or after \
+         1970-01-01T00:00:00Z (a time more than 23 hours ahead is replaced by the time received)",
+    )
 }
 
 #[cfg(test)]
@@ -505,5 +557,119 @@ mod tests {
         assert_eq!(b[0].timestamp.to_rfc3339(), "2025-12-31T00:00:00+00:00");
         let b = normalize(json!({"event": "a", "distinct_id": "u"}), now()).unwrap();
         assert_eq!((b[0].timestamp, b[0].received_at), (now(), now()));
+    }
+
+    #[test]
+    fn times_out_of_range_are_refused_never_panic() {
+        let code_and_attr = |body: Value| {
+            let err = normalize(body, now()).unwrap_err();
+            (err.body.code, err.body.attr.unwrap_or_default())
+        };
+        let bad_time = |attr: &str| ("invalid_timestamp".to_string(), attr.to_string());
+        for offset in [
+            i64::MAX,
+            i64::MIN,
+            9_000_000_000_000_000,
+            -9_000_000_000_000_000,
+        ] {
+            let body = json!({"event": "x", "distinct_id": "u", "offset": offset});
+            assert_eq!(code_and_attr(body), bad_time("offset"));
+        }
+        // Thirty years ahead: moved to the time received, as any time over 23 h ahead.
+        let body = json!({"event": "x", "distinct_id": "u", "offset": -1_000_000_000_000i64});
+        assert_eq!(normalize(body, now()).unwrap()[0].timestamp, now());
+        // Before 1970, given or after correction.
+        assert_eq!(
+            code_and_attr(
+                json!({"event": "x", "distinct_id": "u", "timestamp": "1969-12-31T23:59:59Z"})
+            ),
+            bad_time("timestamp")
+        );
+        assert_eq!(
+            code_and_attr(json!({"event": "x", "distinct_id": "u", "timestamp": -1})),
+            bad_time("timestamp")
+        );
+        assert_eq!(
+            code_and_attr(json!({"batch": [{"event": "x", "distinct_id": "u",
+                "timestamp": "0001-01-01T00:00:00Z", "sent_at": "9999-12-31T00:00:00Z"}]})),
+            bad_time("batch[0].timestamp")
+        );
+        // The extremes chrono reads, either way round, never panic.
+        for (ts, sent) in [
+            ("+262142-12-31T23:59:59Z", "-262143-01-01T00:00:00Z"),
+            ("-262143-01-01T00:00:00Z", "+262142-12-31T23:59:59Z"),
+        ] {
+            let _ = normalize(
+                json!({"event": "x", "distinct_id": "u", "timestamp": ts, "sent_at": sent}),
+                now(),
+            );
+        }
+        let b = normalize(
+            json!({"event": "x", "distinct_id": "u", "timestamp": "1970-01-01T00:00:00Z"}),
+            now(),
+        )
+        .unwrap();
+        assert_eq!(b[0].timestamp, MIN_TIMESTAMP);
+    }
+
+    #[test]
+    fn texts_and_properties_are_bounded() {
+        use crate::limits::{MAX_PROPERTIES_DEPTH, MAX_PROPERTY_KEY_CHARS};
+        let long = |n: usize| "x".repeat(n);
+        let code_and_attr = |body: Value| {
+            let err = normalize(body, now()).unwrap_err();
+            (err.body.code, err.body.attr.unwrap_or_default())
+        };
+        let too = |code: &str, attr: &str| (code.to_string(), attr.to_string());
+        assert!(normalize(json!({"event": long(200), "distinct_id": "u"}), now()).is_ok());
+        assert_eq!(
+            code_and_attr(json!({"event": long(201), "distinct_id": "u"})),
+            too("too_long", "event")
+        );
+        assert!(
+            normalize(
+                json!({"event": "e", "distinct_id": "u", "properties": {"$session_id": long(200)}}),
+                now()
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            code_and_attr(
+                json!({"batch": [{"event": "e", "distinct_id": "u", "properties": {"$session_id": long(201)}}]})
+            ),
+            too("too_long", "batch[0].properties.$session_id")
+        );
+        assert_eq!(
+            code_and_attr(json!({"event": "e", "distinct_id": "u", "$session_id": long(201)})),
+            too("too_long", "$session_id")
+        );
+        assert_eq!(
+            code_and_attr(
+                json!({"event": "e", "distinct_id": "u", "properties": {"a": {long(MAX_PROPERTY_KEY_CHARS + 1): 1}}})
+            ),
+            too("too_long", "properties")
+        );
+        assert_eq!(
+            code_and_attr(
+                json!({"event": "e", "distinct_id": "u", "$set": {long(MAX_PROPERTY_KEY_CHARS + 1): 1}})
+            ),
+            too("too_long", "properties")
+        );
+        let mut deep = json!(1);
+        for _ in 0..MAX_PROPERTIES_DEPTH {
+            deep = json!([deep]);
+        }
+        assert_eq!(
+            code_and_attr(
+                json!([{"event": "e", "distinct_id": "u", "properties": {"deep": deep}}])
+            ),
+            too("too_deep", "[0].properties")
+        );
+        assert_eq!(
+            code_and_attr(
+                json!({"event": {"event": "e", "distinct_id": "u"}, "person": {"properties": {"deep": deep}}})
+            ),
+            too("too_deep", "person.properties")
+        );
     }
 }

@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::Keys, config::Config, context::conns::ReadConnections, metrics::ApiMetrics,
-    publisher::Publisher,
+    publisher::Publisher, routes::body::InFlight,
 };
 
 /// Most connections to Postgres of each of the two sets: the context reads' and everything else's.
@@ -30,6 +30,8 @@ pub struct Inner {
     /// Fired when shutdown begins: readiness answers 503 from then on.
     pub shutdown: CancellationToken,
     pub metrics: ApiMetrics,
+    /// Bytes ingest requests hold at once (`INGEST_MAX_INFLIGHT_BYTES`).
+    pub inflight: InFlight,
     /// The shared report of events no rule describes (written by the workers).
     pub unmatched: worker::unmatched::UnmatchedReport,
 }
@@ -82,6 +84,7 @@ impl AppState {
         let db = Database::connect(opts).await?;
         Ok(Self(Arc::new(Inner {
             keys: Keys::new(&config.api_secret_key, &config.ingest_api_keys),
+            inflight: InFlight::new(config.ingest_max_inflight_bytes),
             config,
             publisher,
             db,

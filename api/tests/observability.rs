@@ -34,7 +34,7 @@ async fn metrics_move_when_events_flow() {
         0.0
     );
 
-    let batch = json!({"api_key": SECRET, "batch": [
+    let batch = json!({"api_key": INGEST_KEY, "batch": [
         {"event": "$pageview", "distinct_id": "u1"},
         {"event": "$pageview", "distinct_id": "u2"},
         {"event": "signup", "distinct_id": "u3"}]});

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{SECRET, TestApp, TestDb, test_config, worker_config};
+use common::{INGEST_KEY, SECRET, TestApp, TestDb, test_config, worker_config};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -16,7 +16,7 @@ fn journey(user: &str) -> Value {
         json!({"event": "$pageview", "distinct_id": user, "properties": {
             "$current_url": format!("https://shop.example.com{path}"), "$pathname": path, "$session_id": "s-1", "$lib": "web"}})
     };
-    json!({"api_key": SECRET, "batch": [
+    json!({"api_key": INGEST_KEY, "batch": [
         page("/"), page("/pricing"), page("/pricing"), page("/pricing"),
         {"event": "$autocapture", "distinct_id": user, "properties": {
             "$event_type": "click", "$current_url": "https://shop.example.com/pricing", "$pathname": "/pricing",

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::{SECRET, TestApp, TestDb, test_config, worker_config};
+use common::{INGEST_KEY, TestApp, TestDb, test_config, worker_config};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse},
     common::v1::{KeyValue, any_value::Value},
@@ -138,7 +138,7 @@ async fn one_trace_spans_request_xadd_batch_and_transaction() {
         .post(app.url("/capture"))
         .header("traceparent", format!("00-{client_trace}-{client_span}-01"))
         .json(
-            &json!({"api_key": SECRET, "event": "$pageview", "distinct_id": "traced_user",
+            &json!({"api_key": INGEST_KEY, "event": "$pageview", "distinct_id": "traced_user",
             "uuid": uuid, "properties": {"$current_url": "https://shop.example.com/pricing"}}),
         )
         .send()

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{SECRET, TestApp};
+use common::{INGEST_KEY, TestApp};
 use entity::envelope::FIELD_TRACEPARENT;
 use redis::streams::StreamRangeReply;
 use reqwest::StatusCode;
@@ -29,7 +29,7 @@ async fn ingest_answers_while_the_otlp_receiver_is_down() {
         let resp = app
             .http
             .post(app.url("/capture"))
-            .json(&json!({"api_key": SECRET, "event": "$pageview", "distinct_id": format!("user_{i}")}))
+            .json(&json!({"api_key": INGEST_KEY, "event": "$pageview", "distinct_id": format!("user_{i}")}))
             .send()
             .await
             .unwrap();

@@ -27,13 +27,11 @@ struct Args {
     /// http://127.0.0.1:8000.
     #[arg(long, env = "TRAFFIC_URL")]
     url: Option<String>,
-    /// Key sent as the PostHog project key (`api_key` in the body): an ingest key or the secret key.
-    #[arg(
-        long,
-        env = "API_SECRET_KEY",
-        default_value = "local_dev_secret_key_12345"
-    )]
-    key: String,
+    /// Ingest key sent as the PostHog project key (`api_key` in the body, as the SDKs send it;
+    /// the secret key is refused there). Default: the first of the api's `INGEST_API_KEYS`
+    /// (environment or `.env`), else the development ingest key.
+    #[arg(long)]
+    key: Option<String>,
     /// Simulated users (`user_1` … `user_N`).
     #[arg(long, default_value_t = 5)]
     users: u32,
@@ -148,6 +146,15 @@ async fn main() -> anyhow::Result<()> {
     // The api reads `.env`; so does the simulator, so both use the same key.
     let _ = dotenvy::dotenv();
     let mut args = Args::parse();
+    args.key = args.key.or_else(|| {
+        let keys = std::env::var("INGEST_API_KEYS").unwrap_or_default();
+        let first = keys.split(',').map(str::trim).find(|k| !k.is_empty());
+        Some(
+            first
+                .unwrap_or(api::config::DEVELOPMENT_INGEST_KEY)
+                .to_string(),
+        )
+    });
     args.url = args
         .url
         .filter(|url| !url.trim().is_empty())
@@ -232,8 +239,8 @@ async fn story(args: Args, http: reqwest::Client) -> anyhow::Result<()> {
 }
 
 /// What the usual rejections mean, printed when any request failed.
-const HINT: &str = "hint: 401 = no key sent; 403 = the key (--key, or API_SECRET_KEY in the environment \
-or .env) is not one of the api's keys; 503 = Redis is down or the stream backlog is over \
+const HINT: &str = "hint: 401 = no key sent; 403 = the key (--key, or the first of INGEST_API_KEYS in \
+the environment or .env) is not one of the api's ingest keys (the secret key is refused in bodies); 503 = Redis is down or the stream backlog is over \
 STREAM_MAX_BACKLOG (start a worker); connection refused = the api is not listening on --url";
 
 /// Counters shared by the load tasks.

@@ -144,7 +144,7 @@ pub fn relative_time(time: DateTime<Utc>, now: DateTime<Utc>) -> String {
     let (future, secs) = (secs < 0, secs.unsigned_abs());
     let (n, unit) = match secs {
         0..45 => return "just now".into(),
-        45..3_600 => (secs.div_ceil(60).max(1), "minute"),
+        45..3_600 => (((secs + 30) / 60).max(1), "minute"),
         3_600..86_400 => (secs / 3_600, "hour"),
         86_400..2_592_000 => (secs / 86_400, "day"),
         2_592_000..31_536_000 => (secs / 2_592_000, "month"),
@@ -274,6 +274,8 @@ mod tests {
         assert_eq!(ago(10), "just now");
         assert_eq!(ago(300), "5 minutes ago");
         assert_eq!(ago(60), "1 minute ago");
+        assert_eq!(ago(75), "1 minute ago");
+        assert_eq!(ago(95), "2 minutes ago");
         assert_eq!(ago(7_200), "2 hours ago");
         assert_eq!(ago(86_400 * 3), "3 days ago");
         assert_eq!(ago(-600), "in 10 minutes");

@@ -1,7 +1,7 @@
 //! PostHog capture protocol: `/capture`, `/batch`, `/e`, `/i/v0/e`, `/track` (trailing slash
 //! optional), POST with any body encoding PostHog SDKs use, or GET `?data=` (legacy beacon).
 
-use std::{borrow::Cow, collections::HashMap};
+use std::collections::HashMap;
 
 use poem::web::Data;
 use poem_openapi::{
@@ -11,13 +11,13 @@ use serde_json::Value;
 
 use super::{
     ApiTags,
-    body::{BodyDoc, RawBody},
+    body::{BodyDoc, Held, RawBody},
 };
 use crate::{
     auth::{API_KEY_HEADER, Access, ApiKeyHeader, CaptureAuth},
-    decode::{Compression, decode_body_bytes, decode_query_data},
+    decode::Compression,
     error::{ApiError, ErrorBody, error_responses},
-    fast,
+    intake::{self, BodyKey, Encoded},
     state::AppState,
 };
 
@@ -144,17 +144,13 @@ impl CaptureApi {
         body: Body,
         compression: Option<String>,
     ) -> CaptureResponse {
+        let encoded = Encoded::Body {
+            bytes: body.bytes,
+            content_type: body.content_type,
+        };
         respond(
             state,
-            accept(state, auth, None, || {
-                let compression = Compression::parse(compression.as_deref())?;
-                decode_body_bytes(
-                    &body.bytes,
-                    body.content_type.as_deref(),
-                    compression,
-                    state.config.max_body_bytes,
-                )
-            }),
+            accept(state, auth, encoded, compression, None, body.held),
         )
         .await
     }
@@ -166,22 +162,30 @@ impl CaptureApi {
         data: Option<String>,
         compression: Option<String>,
     ) -> CaptureResponse {
-        let decoded = || {
-            let data = data.as_deref().ok_or_else(|| {
+        let result = async {
+            let data = data.ok_or_else(|| {
                 ApiError::invalid("required", "query parameter `data` is required").at("data")
             })?;
-            let compression = Compression::parse(compression.as_deref())?;
-            decode_query_data(data, compression, state.config.max_body_bytes).map(Cow::Owned)
+            let held = state.inflight.hold(data.len())?;
+            accept(
+                state,
+                auth,
+                Encoded::Query(data),
+                compression,
+                Some("data"),
+                held,
+            )
+            .await
         };
-        respond(state, accept(state, auth, Some("data"), decoded)).await
+        respond(state, result).await
     }
 }
 
 /// A `POST` to a capture path, answered without the OpenAPI router: the request every SDK sends
 /// all day. The documented operations below run the same [`CaptureApi::post`] with the same
-/// extractors' results; this only skips the routing layers between, which took a quarter to a
-/// third of the api's CPU per single-event request (`api/benches/ingest-load.sh`). Query
-/// parameters other than `compression` are ignored, as there.
+/// extractors' results; this only skips the routing layers between (a quarter to a third of
+/// the api's CPU per single-event request). Query parameters other than `compression` are
+/// ignored, as there.
 pub async fn post_direct(state: &AppState, mut req: poem::Request) -> poem::Response {
     use poem::{IntoResponse, error::ResponseError};
     let auth = match req
@@ -204,7 +208,8 @@ pub async fn post_direct(state: &AppState, mut req: poem::Request) -> poem::Resp
             .map(|(_, value)| value),
     };
     let body = req.take_body();
-    let mut response = match Body::read(&req, body, state.config.max_body_bytes).await {
+    let read = Body::read(&req, body, state.config.max_body_bytes, &state.inflight).await;
+    let mut response = match read {
         Ok(body) => CaptureApi
             .post(state, auth, body, compression)
             .await
@@ -228,28 +233,27 @@ async fn respond(
 }
 
 /// Authorises, decodes, validates and queues a capture request. A key in the header is checked
-/// before the body is looked at; otherwise the key comes from the decoded body, and is checked
-/// before the events are validated. `source` names the parameter the JSON came from, if not the body.
-async fn accept<'a>(
+/// before the body is looked at; otherwise the key the body carries is checked as soon as the
+/// body is tokenised, before any event is validated or built. `source` names the parameter the
+/// JSON came from, if not the body.
+async fn accept(
     state: &AppState,
     auth: CaptureAuth,
-    source: Option<&str>,
-    decode: impl FnOnce() -> Result<Cow<'a, [u8]>, ApiError>,
+    encoded: Encoded,
+    compression: Option<String>,
+    source: Option<&'static str>,
+    held: Held,
 ) -> Result<(CaptureOk, usize), ApiError> {
-    let header_key = auth.header_key();
-    if header_key.is_some() {
-        state.keys.authorize(header_key, Access::Ingest)?;
-    }
-    let json = decode()?;
-    let events = fast::queue(
-        &json,
-        chrono::Utc::now(),
-        source,
-        |body_key| match header_key {
-            Some(_) => Ok(()),
-            None => state.keys.authorize(body_key, Access::Ingest).map(drop),
-        },
-    )?;
+    let body_key = match auth.header_key() {
+        Some(key) => {
+            state.keys.authorize(Some(key), Access::Ingest)?;
+            BodyKey::Ignored
+        }
+        None => BodyKey::MustBeIngestKey,
+    };
+    let compression = Compression::parse(compression.as_deref())?;
+    let (events, _held) =
+        intake::events(state, encoded, compression, source, body_key, held).await?;
     state.publisher.publish(&events).await?;
     tracing::debug!(events = events.len(), "queued");
     Ok((CaptureOk { status: 1 }, events.len()))

@@ -14,9 +14,9 @@ use super::{
 };
 use crate::{
     auth::{Access, ApiKeyHeader},
-    decode::{Compression, decode_body_bytes},
+    decode::Compression,
     error::{ApiError, ErrorBody, error_responses},
-    fast,
+    intake::{self, BodyKey, Encoded},
     state::AppState,
 };
 
@@ -119,13 +119,19 @@ impl IngestApi {
     ) -> IngestResponse {
         let result = async {
             state.keys.authorize(Some(&auth.0.key), Access::Ingest)?;
-            let json = decode_body_bytes(
-                &body.bytes,
-                None,
+            let encoded = Encoded::Body {
+                bytes: body.bytes,
+                content_type: None,
+            };
+            let (events, _held) = intake::events(
+                &state,
+                encoded,
                 Compression::Auto,
-                state.config.max_body_bytes,
-            )?;
-            let events = fast::queue(&json, chrono::Utc::now(), None, |_| Ok(()))?;
+                None,
+                BodyKey::Ignored,
+                body.held,
+            )
+            .await?;
             state.publisher.publish(&events).await?;
             let ok = IngestOk {
                 status: 1,
