@@ -140,6 +140,12 @@ fn looks_like_json(bytes: &[u8]) -> bool {
 
 pub fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| {
+        if e.to_string().starts_with("recursion limit exceeded") {
+            return ApiError::invalid(
+                "too_deep",
+                format!("JSON nested too deeply to read (more than 127 levels): {e}"),
+            );
+        }
         let what = if e.to_string().contains("unicode") || std::str::from_utf8(bytes).is_err() {
             "body is not valid UTF-8 JSON"
         } else {

@@ -96,11 +96,21 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
                 with_cors.call(req).await
             }
         }
-    })
-    .with(TrimSlashes)
-    .catch_all_error(|err| async move { ApiError::from_poem(err).as_response() })
-    .with(catch_panic(metrics.clone()))
-    .map_to_response();
+    });
+    layered(app, metrics)
+}
+
+/// What every request goes through around `app`: trailing slashes trimmed, every error in the
+/// one JSON shape, a panic answered 500 (logged and counted), then counted and traced.
+fn layered(
+    app: impl Endpoint + 'static,
+    metrics: crate::metrics::ApiMetrics,
+) -> impl Endpoint<Output = Response> {
+    let app = app
+        .with(TrimSlashes)
+        .catch_all_error(|err| async move { ApiError::from_poem(err).as_response() })
+        .with(catch_panic(metrics.clone()))
+        .map_to_response();
     crate::metrics::CountRequests {
         inner: app,
         metrics,
@@ -268,7 +278,38 @@ fn normalized_path(path: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::normalized_path;
+    use super::{layered, normalized_path};
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_in_the_one_error_shape_and_is_counted() {
+        let metrics = crate::metrics::ApiMetrics::new();
+        let app = layered(
+            poem::endpoint::make(|_req: poem::Request| async move {
+                let offset: i64 = "9000000000000000".parse().unwrap();
+                let _ = chrono::Utc::now() - chrono::Duration::milliseconds(offset);
+                Ok::<_, poem::Error>(poem::Response::default())
+            }),
+            metrics.clone(),
+        );
+        let resp = poem::test::TestClient::new(app)
+            .post("/capture")
+            .send()
+            .await;
+        resp.assert_status(poem::http::StatusCode::INTERNAL_SERVER_ERROR);
+        let body: serde_json::Value =
+            serde_json::from_str(&resp.0.into_body().into_string().await.unwrap()).unwrap();
+        assert_eq!(body["type"], "server_error");
+        assert_eq!(body["code"], "internal");
+        assert_eq!(body["detail"], "internal server error");
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&metrics.registry.gather())
+            .unwrap();
+        assert!(text.contains("http_panics_total 1"), "{text}");
+        assert!(
+            text.contains(r#"http_requests_total{method="POST",route="other",status="500"} 1"#),
+            "{text}"
+        );
+    }
 
     #[test]
     fn trailing_and_repeated_slashes_are_normalized() {
