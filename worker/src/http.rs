@@ -152,18 +152,20 @@ impl Readiness {
 #[handler]
 async fn ready(probe: Data<&Probe>) -> Response {
     let (redis, postgres) = ping_dependencies(&probe.redis, &probe.db).await;
-    let check = |name: &str, result: Result<(), String>| json!({"name": name, "ok": result.is_ok(), "error": result.err()});
+    // As on the api: a field without a value is left out, never `null`.
+    let check = |name: &str, result: Result<(), String>| match result {
+        Ok(()) => json!({"name": name, "ok": true}),
+        Err(error) => json!({"name": name, "ok": false, "error": error}),
+    };
     let mut checks = vec![check("redis", redis), check("postgres", postgres)];
     if let Some(rules) = &probe.rules {
         // Rules are loaded once the worker runs; a failed reload keeps the previous set in force.
         let status = rules.status();
-        checks.push(json!({
-            "name": "rules",
-            "ok": true,
-            "error": null,
-            "version": status.version,
-            "last_reload_error": status.error,
-        }));
+        let mut check = json!({"name": "rules", "ok": true, "version": status.version});
+        if let Some(error) = status.error {
+            check["last_reload_error"] = error.into();
+        }
+        checks.push(check);
     }
     let all_ok = checks.iter().all(|c| c["ok"] == Value::Bool(true));
     let status = Readiness::of(probe.shutdown.is_cancelled(), all_ok);

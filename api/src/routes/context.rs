@@ -44,6 +44,7 @@ pub struct IntentView {
 
 /// One stored event.
 #[derive(Object, serde::Serialize)]
+#[oai(skip_serializing_if_is_none)]
 pub struct HistoryView {
     /// When it happened.
     #[serde(serialize_with = "crate::payload::rfc3339")]
@@ -54,8 +55,11 @@ pub struct HistoryView {
     pub description: String,
     /// Event name (`$pageview`, `$autocapture`, …).
     pub event: String,
-    /// Page path (or URL) it happened on.
+    /// Page path (or URL) it happened on; absent when the event had none.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub page: Option<String>,
+    /// The event's `$session_id`; absent when it had none.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
 }
 
@@ -72,14 +76,17 @@ pub struct Stats {
 
 /// How current this context is.
 #[derive(Object, serde::Serialize)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Freshness {
     /// Time of the newest stored event of this user.
     #[serde(serialize_with = "crate::payload::rfc3339")]
     pub newest_event_at: DateTime<Utc>,
-    /// Events of this user accepted but not yet stored (still in the stream). `null` when the
+    /// Events of this user accepted but not yet stored (still in the stream). Absent when the
     /// stream is too long to count quickly or Redis is unavailable.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pending_events: Option<u64>,
-    /// Events of all users waiting in the stream. `null` when Redis is unavailable.
+    /// Events of all users waiting in the stream. Absent when Redis is unavailable.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stream_backlog: Option<u64>,
 }
 
@@ -99,6 +106,7 @@ pub struct UserContext {
 
 /// What an erasure removed.
 #[derive(Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Erasure {
     pub user_id: String,
     /// Stored events deleted.
@@ -108,7 +116,7 @@ pub struct Erasure {
     /// Whether a profile existed and was deleted.
     pub profile_deleted: bool,
     /// Events of this user still in the stream: workers will store them after this erasure, so
-    /// erase again once they are. `null` when they could not be counted.
+    /// erase again once they are. Absent when they could not be counted.
     pub pending_events: Option<u64>,
 }
 

@@ -21,6 +21,7 @@ pub struct Health {
 
 /// One dependency's state.
 #[derive(Object, serde::Deserialize)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Check {
     /// `redis` or `postgres`.
     pub name: String,
