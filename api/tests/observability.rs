@@ -117,20 +117,36 @@ async fn metrics_move_when_events_flow() {
 
 #[tokio::test]
 async fn readiness_names_the_dependency_that_is_down() {
+    let closed_port = || {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        closed.local_addr().unwrap().port()
+    };
+    // credentials in both URLs: the answer must carry neither them nor the URLs
     let mut config = test_config();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    config.redis_url = format!("redis://{}", closed.local_addr().unwrap());
-    drop(closed);
-    let app = TestApp::spawn_with(config).await;
-    let resp = app.http.get(app.url("/ready")).send().await.unwrap();
-    assert_eq!(resp.status(), 503);
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["status"], "not_ready");
-    assert_eq!(body["checks"][0]["name"], "redis");
-    assert_eq!(body["checks"][0]["ok"], false);
-    assert!(body["checks"][0]["error"].is_string(), "{body}");
-    assert_eq!(body["checks"][1]["name"], "postgres");
-    assert_eq!(body["checks"][1]["ok"], true);
+    config.redis_url = format!("redis://:hunter2@127.0.0.1:{}", closed_port());
+    let redis_down = TestApp::spawn_with(config).await;
+    let mut config = test_config();
+    config.database_url = format!("postgres://postgres:hunter2@127.0.0.1:{}/x", closed_port());
+    let postgres_down = TestApp::spawn_with(config).await;
+
+    for (app, down, error) in [
+        (&redis_down, 0, "redis: connection refused"),
+        (&postgres_down, 1, "postgres: connection refused"),
+    ] {
+        let resp = app.http.get(app.url("/ready")).send().await.unwrap();
+        assert_eq!(resp.status(), 503);
+        let text = resp.text().await.unwrap();
+        assert!(!text.contains("://") && !text.contains("hunter2"), "{text}");
+        let body: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(body["status"], "not_ready");
+        assert_eq!(body["checks"][0]["name"], "redis");
+        assert_eq!(body["checks"][1]["name"], "postgres");
+        let (down, up) = (&body["checks"][down], &body["checks"][1 - down]);
+        assert_eq!(down["ok"], false);
+        assert_eq!(down["error"], error, "{body}");
+        assert_eq!(up["ok"], true);
+        assert!(up.get("error").is_none(), "{body}");
+    }
 }
 
 #[tokio::test]

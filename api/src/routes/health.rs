@@ -27,7 +27,8 @@ pub struct Check {
     pub name: String,
     /// Whether it answered in time.
     pub ok: bool,
-    /// The error, when it did not.
+    /// When it did not: the dependency and the kind of failure, e.g. `redis: connection refused`,
+    /// `postgres: timeout`, `redis: authentication failed`.
     pub error: Option<String>,
 }
 
