@@ -25,6 +25,8 @@ use crate::{
 /// Default and largest number of history items.
 const DEFAULT_LIMIT: u32 = 20;
 const MAX_LIMIT: u32 = 500;
+/// Longest description in the JSON `summary`, in characters.
+const SUMMARY_VALUE_CHARS: usize = 2_000;
 
 /// An intent with its score decayed to now.
 #[derive(Object, serde::Serialize)]
@@ -94,7 +96,9 @@ pub struct Freshness {
 #[derive(Object, serde::Serialize)]
 pub struct UserContext {
     pub user_id: String,
-    /// One or two sentences for a prompt: active intents, then recent activity.
+    /// One or two sentences for a prompt: active intents, then recent activity. The descriptions
+    /// in it are cleaned of control, invisible and format characters and line breaks (the other
+    /// fields hold values as stored).
     pub summary: String,
     /// Intents strongest first, scores decayed to now.
     pub intents: Vec<IntentView>,
@@ -312,7 +316,11 @@ impl ContextApi {
                     ContextBody::Text(PlainText(body))
                 });
             }
-            let summary = context::summarize(&intents, &history, now, &|d| d.to_string());
+            // The JSON keeps stored values as they are, but `summary` is text made for a
+            // prompt: the descriptions in it lose invisible characters and line breaks.
+            let summary = context::summarize(&intents, &history, now, &|d| {
+                text::clean(d, SUMMARY_VALUE_CHARS)
+            });
             Ok(ContextBody::Json(SerdeJson(UserContext {
                 user_id: user_id.0.clone(),
                 summary,
