@@ -116,6 +116,37 @@ async fn metrics_move_when_events_flow() {
 }
 
 #[tokio::test]
+async fn redis_settings_are_checked_at_start() {
+    let app = TestApp::spawn().await;
+    let client = redis::Client::open(app.config.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let settings = worker::redis_config::read_settings(&mut conn)
+        .await
+        .unwrap();
+    let expected = worker::redis_config::hazards(&settings, false);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text = metrics(&app).await;
+        if text.contains("redis_config_unsafe{setting=\"persistence\"}") {
+            break text;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    for hazard in [
+        worker::redis_config::Hazard::Eviction,
+        worker::redis_config::Hazard::NoPersistence,
+    ] {
+        let series = format!("redis_config_unsafe{{setting=\"{}\"}}", hazard.setting());
+        assert_eq!(
+            sample(&text, &series),
+            f64::from(u8::from(expected.contains(&hazard))),
+            "{settings:?} {text}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn readiness_names_the_dependency_that_is_down() {
     let closed_port = || {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
