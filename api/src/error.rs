@@ -4,8 +4,10 @@ use poem::{IntoResponse, Response, http::StatusCode};
 use poem_openapi::{Object, payload::Json};
 
 /// Error body returned by every route on every failure.
+// Fields without a value are left out, never `null`: the document is OpenAPI 3.0, where an
+// unmarked field is not nullable, and clients generated from it reject a `null`.
 #[derive(Object, Debug, Clone, PartialEq, serde::Deserialize)]
-#[oai(example)]
+#[oai(example, skip_serializing_if_is_none)]
 pub struct ErrorBody {
     /// Error family: `validation_error`, `authentication_error`, `not_found`, `unavailable` or `server_error`.
     #[oai(rename = "type")]
@@ -15,7 +17,7 @@ pub struct ErrorBody {
     pub code: String,
     /// Human-readable explanation.
     pub detail: String,
-    /// The field at fault, as a path into the request (`batch[3].distinct_id`), when one is.
+    /// The field at fault, as a path into the request (`batch[3].distinct_id`); absent when none is.
     pub attr: Option<String>,
 }
 

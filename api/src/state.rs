@@ -64,6 +64,13 @@ impl AppState {
             config.stream_max_backlog,
         )?
         .with_latency_histogram(metrics.xadd_seconds.clone());
+        // Warns (log and gauge) when Redis could drop stream data; never holds start up.
+        let mut redis = publisher.connection();
+        let production = config.environment == "production";
+        let gauge = metrics.queue.redis_config_unsafe.clone();
+        tokio::spawn(async move {
+            worker::redis_config::check(&mut redis, production, &gauge).await;
+        });
         let unmatched =
             worker::unmatched::UnmatchedReport::new(publisher.connection(), &config.queue_name);
         let reads = ReadConnections::new(

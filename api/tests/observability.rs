@@ -116,21 +116,68 @@ async fn metrics_move_when_events_flow() {
 }
 
 #[tokio::test]
+async fn redis_settings_are_checked_at_start() {
+    let app = TestApp::spawn().await;
+    let client = redis::Client::open(app.config.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let settings = worker::redis_config::read_settings(&mut conn)
+        .await
+        .unwrap();
+    let expected = worker::redis_config::hazards(&settings, false);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text = metrics(&app).await;
+        if text.contains("redis_config_unsafe{setting=\"persistence\"}") {
+            break text;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    for hazard in [
+        worker::redis_config::Hazard::Eviction,
+        worker::redis_config::Hazard::NoPersistence,
+    ] {
+        let series = format!("redis_config_unsafe{{setting=\"{}\"}}", hazard.setting());
+        assert_eq!(
+            sample(&text, &series),
+            f64::from(u8::from(expected.contains(&hazard))),
+            "{settings:?} {text}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn readiness_names_the_dependency_that_is_down() {
+    let closed_port = || {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        closed.local_addr().unwrap().port()
+    };
+    // credentials in both URLs: the answer must carry neither them nor the URLs
     let mut config = test_config();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    config.redis_url = format!("redis://{}", closed.local_addr().unwrap());
-    drop(closed);
-    let app = TestApp::spawn_with(config).await;
-    let resp = app.http.get(app.url("/ready")).send().await.unwrap();
-    assert_eq!(resp.status(), 503);
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["status"], "not_ready");
-    assert_eq!(body["checks"][0]["name"], "redis");
-    assert_eq!(body["checks"][0]["ok"], false);
-    assert!(body["checks"][0]["error"].is_string(), "{body}");
-    assert_eq!(body["checks"][1]["name"], "postgres");
-    assert_eq!(body["checks"][1]["ok"], true);
+    config.redis_url = format!("redis://:hunter2@127.0.0.1:{}", closed_port());
+    let redis_down = TestApp::spawn_with(config).await;
+    let mut config = test_config();
+    config.database_url = format!("postgres://postgres:hunter2@127.0.0.1:{}/x", closed_port());
+    let postgres_down = TestApp::spawn_with(config).await;
+
+    for (app, down, error) in [
+        (&redis_down, 0, "redis: connection refused"),
+        (&postgres_down, 1, "postgres: connection refused"),
+    ] {
+        let resp = app.http.get(app.url("/ready")).send().await.unwrap();
+        assert_eq!(resp.status(), 503);
+        let text = resp.text().await.unwrap();
+        assert!(!text.contains("://") && !text.contains("hunter2"), "{text}");
+        let body: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(body["status"], "not_ready");
+        assert_eq!(body["checks"][0]["name"], "redis");
+        assert_eq!(body["checks"][1]["name"], "postgres");
+        let (down, up) = (&body["checks"][down], &body["checks"][1 - down]);
+        assert_eq!(down["ok"], false);
+        assert_eq!(down["error"], error, "{body}");
+        assert_eq!(up["ok"], true);
+        assert!(up.get("error").is_none(), "{body}");
+    }
 }
 
 #[tokio::test]

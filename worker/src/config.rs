@@ -7,6 +7,9 @@ use entity::settings::{ConfigError, Vars};
 /// Everything a worker replica needs to know, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// `ENVIRONMENT`: `development`, `production`, … (in production, Redis without persistence
+    /// is warned about at start).
+    pub environment: String,
     /// `REDIS_URL`.
     pub redis_url: String,
     /// `DATABASE_URL`.
@@ -104,6 +107,7 @@ impl Config {
             Ok(value)
         };
         Ok(Self {
+            environment: vars.string("ENVIRONMENT", "development"),
             redis_url: vars.string("REDIS_URL", "redis://127.0.0.1:6379"),
             database_url: vars.string(
                 "DATABASE_URL",
@@ -134,6 +138,13 @@ impl Config {
                 })?),
             },
         })
+    }
+}
+
+impl Config {
+    /// `ENVIRONMENT` is `production`.
+    pub fn is_production(&self) -> bool {
+        self.environment == "production"
     }
 }
 

@@ -9,7 +9,7 @@ use poem::{
     web::Data,
 };
 use redis::aio::ConnectionManager;
-use sea_orm::DatabaseConnection;
+use sea_orm::{ConnAcquireErr, DatabaseConnection, DbErr, RuntimeErr};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +18,8 @@ use crate::{Config, WorkerError, metrics::WorkerMetrics, rules::RulesHandle};
 
 /// Longest a readiness check waits for one dependency.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// A Postgres ping slower than this is diagnosed with a connection of its own.
+const DIAGNOSE_AFTER: Duration = Duration::from_millis(300);
 
 /// What the probes look at.
 #[derive(Clone)]
@@ -93,9 +95,11 @@ fn health() -> Response {
     json_response(StatusCode::OK, json!({"status": "ok"}))
 }
 
-/// Pings Redis and Postgres at once, each within [`CHECK_TIMEOUT`]: `(redis, postgres)`, an
-/// error naming what went wrong for each one that did not answer. The api's `/ready` and the
-/// worker's both report these.
+/// Pings Redis and Postgres at once, each within [`CHECK_TIMEOUT`]: `(redis, postgres)`, for
+/// each one that did not answer its name and the kind of failure (`redis: connection refused`,
+/// `postgres: authentication failed`, `postgres: timeout`), never the driver's own text, which
+/// could carry a host or a URL. The api's `/ready` and the worker's both report these; the
+/// driver's error is logged.
 pub async fn ping_dependencies(
     redis: &ConnectionManager,
     db: &DatabaseConnection,
@@ -105,18 +109,124 @@ pub async fn ping_dependencies(
         let ping = redis::cmd("PING");
         match tokio::time::timeout(CHECK_TIMEOUT, ping.query_async::<String>(&mut conn)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("timed out after {CHECK_TIMEOUT:?}")),
+            Ok(Err(error)) => Err(failed("redis", redis_failure(&error), &error)),
+            Err(_) => Err(failed("redis", "timeout", &"no answer in time")),
         }
     };
     let postgres = async {
-        match tokio::time::timeout(CHECK_TIMEOUT, db.ping()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("timed out after {CHECK_TIMEOUT:?}")),
+        let ping = tokio::time::timeout(CHECK_TIMEOUT, db.ping());
+        // The pool retries a refused connection until its deadline and then says only "timed
+        // out": when the ping is slow, one connection of our own tells why, and sooner.
+        let diagnose = async {
+            tokio::time::sleep(DIAGNOSE_AFTER).await;
+            match postgres_connect_failure(db, CHECK_TIMEOUT - DIAGNOSE_AFTER).await {
+                Some(failure) => failure,
+                // it connects (the pool is busy) or is as slow: the ping decides
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            pinged = ping => match pinged {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(failed("postgres", postgres_failure(&error), &error)),
+                Err(_) => Err(failed("postgres", "timeout", &"no answer in time")),
+            },
+            (kind, error) = diagnose => Err(failed("postgres", kind, &error)),
         }
     };
     tokio::join!(redis, postgres)
+}
+
+/// `dependency: kind`, the driver's error logged beside it.
+fn failed(dependency: &str, kind: &str, error: &dyn std::fmt::Display) -> String {
+    tracing::warn!(dependency, failure = kind, %error, "readiness check failed");
+    format!("{dependency}: {kind}")
+}
+
+/// Why a direct connection with the pool's options fails (within `limit`), when it does.
+async fn postgres_connect_failure(
+    db: &DatabaseConnection,
+    limit: Duration,
+) -> Option<(&'static str, sea_orm::sqlx::Error)> {
+    use sea_orm::sqlx::{ConnectOptions, Connection};
+    let options = db.get_postgres_connection_pool().connect_options();
+    match tokio::time::timeout(limit, options.connect()).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            None
+        }
+        Ok(Err(error)) => Some((sqlx_failure(&error), error)),
+        Err(_) => None,
+    }
+}
+
+/// The kind of a Redis failure, in words that never carry a URL or credentials.
+pub fn redis_failure(error: &redis::RedisError) -> &'static str {
+    use redis::{ErrorKind, ServerErrorKind};
+    match (error.kind(), error.code()) {
+        (ErrorKind::AuthenticationFailed, _) | (_, Some("NOAUTH" | "WRONGPASS")) => {
+            "authentication failed"
+        }
+        (ErrorKind::Server(ServerErrorKind::NoPerm), _) => "permission denied",
+        (ErrorKind::Server(ServerErrorKind::BusyLoading), _) => "loading",
+        (ErrorKind::Server(ServerErrorKind::MasterDown | ServerErrorKind::ClusterDown), _) => {
+            "down"
+        }
+        (ErrorKind::InvalidClientConfig, _) => "invalid configuration",
+        _ if error.is_timeout() => "timeout",
+        _ if error.is_connection_refusal() => "connection refused",
+        _ if error.is_connection_dropped() => "connection lost",
+        (ErrorKind::Io, _) => "unreachable",
+        _ => "error",
+    }
+}
+
+/// The kind of a Postgres failure, in words that never carry a URL or credentials.
+pub fn postgres_failure(error: &DbErr) -> &'static str {
+    match error {
+        DbErr::ConnectionAcquire(ConnAcquireErr::Timeout) => "timeout",
+        DbErr::ConnectionAcquire(_) => "connection closed",
+        DbErr::Conn(RuntimeErr::SqlxError(e))
+        | DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e)) => sqlx_failure(e),
+        _ => "error",
+    }
+}
+
+fn sqlx_failure(error: &sea_orm::sqlx::Error) -> &'static str {
+    use sea_orm::sqlx::Error;
+    match error {
+        Error::Io(e) => io_failure(e),
+        Error::Tls(_) => "tls error",
+        Error::PoolTimedOut => "timeout",
+        Error::PoolClosed => "connection closed",
+        Error::Configuration(_) => "invalid configuration",
+        Error::Protocol(_) => "protocol error",
+        Error::Database(e) => match e.code().as_deref() {
+            // invalid_password, invalid_authorization_specification
+            Some("28P01" | "28000") => "authentication failed",
+            Some("3D000") => "database does not exist",
+            Some("57P03") => "starting up",
+            Some("53300") => "too many connections",
+            Some(c) if c.starts_with("57") => "shutting down",
+            _ => "error",
+        },
+        _ => "error",
+    }
+}
+
+fn io_failure(error: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind;
+    match error.kind() {
+        ErrorKind::ConnectionRefused => "connection refused",
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => "timeout",
+        ErrorKind::ConnectionReset
+        | ErrorKind::ConnectionAborted
+        | ErrorKind::BrokenPipe
+        | ErrorKind::UnexpectedEof
+        | ErrorKind::NotConnected => "connection lost",
+        _ => "unreachable",
+    }
 }
 
 /// A `/ready` answer: only `Ready` is answered with 200.
@@ -152,18 +262,20 @@ impl Readiness {
 #[handler]
 async fn ready(probe: Data<&Probe>) -> Response {
     let (redis, postgres) = ping_dependencies(&probe.redis, &probe.db).await;
-    let check = |name: &str, result: Result<(), String>| json!({"name": name, "ok": result.is_ok(), "error": result.err()});
+    // As on the api: a field without a value is left out, never `null`.
+    let check = |name: &str, result: Result<(), String>| match result {
+        Ok(()) => json!({"name": name, "ok": true}),
+        Err(error) => json!({"name": name, "ok": false, "error": error}),
+    };
     let mut checks = vec![check("redis", redis), check("postgres", postgres)];
     if let Some(rules) = &probe.rules {
         // Rules are loaded once the worker runs; a failed reload keeps the previous set in force.
         let status = rules.status();
-        checks.push(json!({
-            "name": "rules",
-            "ok": true,
-            "error": null,
-            "version": status.version,
-            "last_reload_error": status.error,
-        }));
+        let mut check = json!({"name": "rules", "ok": true, "version": status.version});
+        if let Some(error) = status.error {
+            check["last_reload_error"] = error.into();
+        }
+        checks.push(check);
     }
     let all_ok = checks.iter().all(|c| c["ok"] == Value::Bool(true));
     let status = Readiness::of(probe.shutdown.is_cancelled(), all_ok);
@@ -180,4 +292,62 @@ fn json_response(status: StatusCode, body: Value) -> Response {
         .status(status)
         .content_type("application/json")
         .body(body.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{ConnectOptions, Database};
+
+    use super::*;
+
+    fn closed_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    fn redis_at(url: &str) -> ConnectionManager {
+        let client = crate::stream::client(url).unwrap();
+        crate::stream::connection(client, Duration::from_secs(1)).unwrap()
+    }
+
+    async fn postgres_at(url: &str) -> DatabaseConnection {
+        let mut opts = ConnectOptions::new(url);
+        opts.connect_lazy(true)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_timeout(Duration::from_secs(2));
+        Database::connect(opts).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn failures_name_the_dependency_and_kind_never_the_url() {
+        let port = closed_port();
+        let redis = redis_at(&format!("redis://:hunter2@127.0.0.1:{port}"));
+        let db = postgres_at(&format!("postgres://postgres:hunter2@127.0.0.1:{port}/x")).await;
+        let started = std::time::Instant::now();
+        let (redis, postgres) = ping_dependencies(&redis, &db).await;
+        assert_eq!(redis.unwrap_err(), "redis: connection refused");
+        assert_eq!(postgres.unwrap_err(), "postgres: connection refused");
+        assert!(started.elapsed() < CHECK_TIMEOUT, "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn refusals_by_the_server_are_named() {
+        // the local services: a Redis user that does not exist, a database that does not
+        let redis_url = std::env::var("REDIS_URL").unwrap_or("redis://127.0.0.1:6379".into());
+        let host = redis_url
+            .trim_start_matches("redis://")
+            .rsplit('@')
+            .next()
+            .and_then(|rest| rest.split('/').next())
+            .unwrap()
+            .to_string();
+        let redis = redis_at(&format!("redis://nobody:hunter2@{host}"));
+        let database_url = std::env::var("DATABASE_URL")
+            .unwrap_or("postgres://postgres@127.0.0.1:5432/postgres".into());
+        let server = database_url.rsplit_once('/').unwrap().0;
+        let db = postgres_at(&format!("{server}/no_such_database_here")).await;
+        let (redis, postgres) = ping_dependencies(&redis, &db).await;
+        assert_eq!(redis.unwrap_err(), "redis: authentication failed");
+        assert_eq!(postgres.unwrap_err(), "postgres: database does not exist");
+    }
 }

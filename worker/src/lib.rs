@@ -13,6 +13,7 @@ pub mod pg;
 mod pgcopy;
 pub mod pipeline;
 pub mod profile;
+pub mod redis_config;
 pub mod rules;
 pub mod sanitize;
 pub mod store;
@@ -53,11 +54,11 @@ pub async fn run_with(
     enricher: Arc<dyn enrich::Enricher>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    pipeline::run(
-        config,
-        enricher,
-        Arc::new(metrics::WorkerMetrics::new()),
-        shutdown,
-    )
-    .await
+    let metrics = Arc::new(metrics::WorkerMetrics::new());
+    redis_config::spawn_check(
+        &config.redis_url,
+        config.is_production(),
+        metrics.queue.redis_config_unsafe.clone(),
+    );
+    pipeline::run(config, enricher, metrics, shutdown).await
 }

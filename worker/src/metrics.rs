@@ -79,6 +79,9 @@ pub struct QueueGauges {
     group_pending: IntGaugeVec,
     dlq_length: IntGauge,
     scrape_errors: IntCounter,
+    /// 1 for each Redis setting under which stream data can be lost (checked once at start; see
+    /// [`crate::redis_config`]), 0 when it is safe; absent when it could not be checked.
+    pub redis_config_unsafe: IntGaugeVec,
 }
 
 /// Longest a scrape waits for Redis.
@@ -113,6 +116,18 @@ impl QueueGauges {
                 registry,
                 "queue_scrape_errors_total",
                 "Scrapes that could not read the queue state from Redis",
+            ),
+            redis_config_unsafe: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "redis_config_unsafe",
+                        "1 when a Redis setting lets stream data be lost (maxmemory-policy other \
+                         than noeviction; persistence off in production), read at start",
+                    ),
+                    &["setting"],
+                )
+                .expect("valid gauge"),
             ),
         }
     }

@@ -69,7 +69,26 @@ async fn metrics_readiness_and_unmatched_report_follow_the_pipeline() {
     assert_eq!(names, ["redis", "postgres", "rules"], "{ready}");
     assert_eq!(get(addr, "/health").await.0, 200);
 
+    // the Redis settings checked at start, as the real Redis has them
+    let settings = worker::redis_config::read_settings(&mut redis)
+        .await
+        .unwrap();
+    let hazards = worker::redis_config::hazards(&settings, false);
+    wait_until(WAIT, "Redis settings reported", || async {
+        get(addr, "/metrics")
+            .await
+            .1
+            .contains("redis_config_unsafe{setting=\"persistence\"}")
+    })
+    .await;
     let (_, before) = get(addr, "/metrics").await;
+    assert_eq!(
+        sample(&before, "redis_config_unsafe{setting=\"maxmemory-policy\"}"),
+        f64::from(u8::from(
+            hazards.contains(&worker::redis_config::Hazard::Eviction)
+        )),
+        "{settings:?}"
+    );
     assert_eq!(sample(&before, "worker_events_stored_total"), 0.0);
     assert!(before.contains("rules_version_info{version="), "{before}");
 

@@ -25,6 +25,8 @@ use crate::{
 /// Default and largest number of history items.
 const DEFAULT_LIMIT: u32 = 20;
 const MAX_LIMIT: u32 = 500;
+/// Longest description in the JSON `summary`, in characters.
+const SUMMARY_VALUE_CHARS: usize = 2_000;
 
 /// An intent with its score decayed to now.
 #[derive(Object, serde::Serialize)]
@@ -44,6 +46,7 @@ pub struct IntentView {
 
 /// One stored event.
 #[derive(Object, serde::Serialize)]
+#[oai(skip_serializing_if_is_none)]
 pub struct HistoryView {
     /// When it happened.
     #[serde(serialize_with = "crate::payload::rfc3339")]
@@ -54,8 +57,11 @@ pub struct HistoryView {
     pub description: String,
     /// Event name (`$pageview`, `$autocapture`, …).
     pub event: String,
-    /// Page path (or URL) it happened on.
+    /// Page path (or URL) it happened on; absent when the event had none.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub page: Option<String>,
+    /// The event's `$session_id`; absent when it had none.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
 }
 
@@ -72,14 +78,17 @@ pub struct Stats {
 
 /// How current this context is.
 #[derive(Object, serde::Serialize)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Freshness {
     /// Time of the newest stored event of this user.
     #[serde(serialize_with = "crate::payload::rfc3339")]
     pub newest_event_at: DateTime<Utc>,
-    /// Events of this user accepted but not yet stored (still in the stream). `null` when the
+    /// Events of this user accepted but not yet stored (still in the stream). Absent when the
     /// stream is too long to count quickly or Redis is unavailable.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pending_events: Option<u64>,
-    /// Events of all users waiting in the stream. `null` when Redis is unavailable.
+    /// Events of all users waiting in the stream. Absent when Redis is unavailable.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stream_backlog: Option<u64>,
 }
 
@@ -87,7 +96,9 @@ pub struct Freshness {
 #[derive(Object, serde::Serialize)]
 pub struct UserContext {
     pub user_id: String,
-    /// One or two sentences for a prompt: active intents, then recent activity.
+    /// One or two sentences for a prompt: active intents, then recent activity. The descriptions
+    /// in it are cleaned of control, invisible and format characters and line breaks (the other
+    /// fields hold values as stored).
     pub summary: String,
     /// Intents strongest first, scores decayed to now.
     pub intents: Vec<IntentView>,
@@ -99,6 +110,7 @@ pub struct UserContext {
 
 /// What an erasure removed.
 #[derive(Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Erasure {
     pub user_id: String,
     /// Stored events deleted.
@@ -108,7 +120,7 @@ pub struct Erasure {
     /// Whether a profile existed and was deleted.
     pub profile_deleted: bool,
     /// Events of this user still in the stream: workers will store them after this erasure, so
-    /// erase again once they are. `null` when they could not be counted.
+    /// erase again once they are. Absent when they could not be counted.
     pub pending_events: Option<u64>,
 }
 
@@ -304,7 +316,11 @@ impl ContextApi {
                     ContextBody::Text(PlainText(body))
                 });
             }
-            let summary = context::summarize(&intents, &history, now, &|d| d.to_string());
+            // The JSON keeps stored values as they are, but `summary` is text made for a
+            // prompt: the descriptions in it lose invisible characters and line breaks.
+            let summary = context::summarize(&intents, &history, now, &|d| {
+                text::clean(d, SUMMARY_VALUE_CHARS)
+            });
             Ok(ContextBody::Json(SerdeJson(UserContext {
                 user_id: user_id.0.clone(),
                 summary,

@@ -21,12 +21,14 @@ pub struct Health {
 
 /// One dependency's state.
 #[derive(Object, serde::Deserialize)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Check {
     /// `redis` or `postgres`.
     pub name: String,
     /// Whether it answered in time.
     pub ok: bool,
-    /// The error, when it did not.
+    /// When it did not: the dependency and the kind of failure, e.g. `redis: connection refused`,
+    /// `postgres: timeout`, `redis: authentication failed`.
     pub error: Option<String>,
 }
 

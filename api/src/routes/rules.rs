@@ -15,8 +15,9 @@ use crate::{
 /// Most shapes one request returns.
 const MAX_LIMIT: usize = 1000;
 
-/// One kind of event no rule describes.
+/// One kind of event no rule describes. Fields without a value are absent.
 #[derive(Object, serde::Deserialize)]
+#[oai(skip_serializing_if_is_none)]
 pub struct UnmatchedShape {
     /// Event name, e.g. `$autocapture` or `signup_completed`.
     pub event: String,

@@ -181,6 +181,7 @@ pub async fn redis() -> ConnectionManager {
 /// A worker config for tests: short intervals, its own keys and database.
 pub fn config(db_url: &str, keys: &Keys, worker_name: &str) -> Config {
     Config {
+        environment: "test".into(),
         redis_url: redis_url(),
         database_url: db_url.to_string(),
         database_pool_size: 3,
