@@ -166,6 +166,11 @@ impl CaptureApi {
             let data = data.ok_or_else(|| {
                 ApiError::invalid("required", "query parameter `data` is required").at("data")
             })?;
+            if data.len() > state.config.max_body_bytes {
+                let err =
+                    ApiError::too_large(state.config.max_body_bytes, "query parameter `data`");
+                return Err(err.at("data"));
+            }
             let held = state.inflight.hold(data.len())?;
             accept(
                 state,
