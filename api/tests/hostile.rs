@@ -343,52 +343,52 @@ async fn dlq_len(app: &TestApp) -> u64 {
 async fn a_client_still_writing_an_oversized_body_reads_the_413() {
     let app = TestApp::spawn_with(hostile_config()).await;
     let addr = app.addr;
-    for declared in [true, false] {
-        let answer = tokio::task::spawn_blocking(move || {
-            let body = vec![b'x'; 25 * MAX_BODY_BYTES];
-            let mut conn = std::net::TcpStream::connect(addr).unwrap();
-            conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-            let head = if declared {
-                format!(
-                    "POST /capture HTTP/1.1\r\nHost: x\r\nX-API-Key: {INGEST_KEY}\r\nContent-Length: {}\r\n\r\n",
-                    body.len()
-                )
-            } else {
-                format!(
-                    "POST /capture HTTP/1.1\r\nHost: x\r\nX-API-Key: {INGEST_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
-                    body.len()
-                )
-            };
-            conn.write_all(head.as_bytes()).unwrap();
-            conn.write_all(&body).expect("the whole body is written, not refused midway");
-            if !declared {
+    let size = 25 * MAX_BODY_BYTES;
+    let key = format!("X-API-Key: {INGEST_KEY}");
+    for framing in [
+        format!("Content-Length: {size}\r\n\r\n"),
+        format!("Transfer-Encoding: chunked\r\n\r\n{size:x}\r\n"),
+    ] {
+        let head = format!("POST /capture HTTP/1.1\r\nHost: x\r\n{key}\r\n{framing}");
+        let chunked = framing.starts_with("Transfer");
+        let answer = exchange(addr, head, move |conn| {
+            conn.write_all(&vec![b'x'; size])
+                .expect("the whole body is written, not refused midway");
+            if chunked {
                 conn.write_all(b"\r\n0\r\n\r\n").unwrap();
             }
-            let mut answer = vec![0; 4096];
-            let n = conn.read(&mut answer).unwrap();
-            String::from_utf8_lossy(&answer[..n]).to_string()
         })
-        .await
-        .unwrap();
+        .await;
         assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
         assert!(answer.contains("payload_too_large"), "{answer}");
     }
     // Waiting for 100 Continue: answered without sending anything.
-    let answer = tokio::task::spawn_blocking(move || {
+    let head = format!(
+        "POST /capture HTTP/1.1\r\nHost: x\r\n{key}\r\nExpect: 100-continue\r\nContent-Length: {size}\r\n\r\n"
+    );
+    let answer = exchange(addr, head, |_| {}).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+}
+
+/// Over a plain blocking socket, as a simple client does: writes `head`, then what `write`
+/// writes, then reads the beginning of the answer.
+async fn exchange(
+    addr: std::net::SocketAddr,
+    head: String,
+    write: impl FnOnce(&mut std::net::TcpStream) + Send + 'static,
+) -> String {
+    tokio::task::spawn_blocking(move || {
         let mut conn = std::net::TcpStream::connect(addr).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let head = format!(
-            "POST /capture HTTP/1.1\r\nHost: x\r\nX-API-Key: {INGEST_KEY}\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
-            25 * MAX_BODY_BYTES
-        );
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         conn.write_all(head.as_bytes()).unwrap();
+        write(&mut conn);
         let mut answer = vec![0; 4096];
         let n = conn.read(&mut answer).unwrap();
         String::from_utf8_lossy(&answer[..n]).to_string()
     })
     .await
-    .unwrap();
-    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    .unwrap()
 }
 
 /// Past INGEST_MAX_INFLIGHT_BYTES ingest answers 503 with Retry-After, and takes requests again
