@@ -17,6 +17,8 @@ pub struct Config {
     pub queue_name: String,
     /// `DLQ_NAME`: where poison entries go.
     pub dlq_name: String,
+    /// `DLQ_MAXLEN`: most entries the dead-letter stream keeps; the oldest go first.
+    pub dlq_maxlen: u64,
     /// `CONSUMER_GROUP`: shared by all replicas.
     pub consumer_group: String,
     /// `WORKER_NAME`: this replica's consumer name, unique per replica.
@@ -93,6 +95,10 @@ impl Config {
                 "must be at least WRITE_CONCURRENCY",
             ));
         }
+        let dlq_maxlen = vars.parse::<u64>("DLQ_MAXLEN", DEFAULT_DLQ_MAXLEN)?;
+        if dlq_maxlen == 0 {
+            return Err(ConfigError::new("DLQ_MAXLEN", "must be at least 1"));
+        }
         let name = |var: &str, default: &str| -> Result<String, ConfigError> {
             let value = vars.string(var, default);
             if value.chars().any(char::is_whitespace) {
@@ -112,6 +118,7 @@ impl Config {
             database_pool_size,
             queue_name: name("QUEUE_NAME", "event_stream")?,
             dlq_name: name("DLQ_NAME", "dlq_event_stream")?,
+            dlq_maxlen,
             consumer_group: name("CONSUMER_GROUP", "enrichers")?,
             worker_name: name("WORKER_NAME", &default_worker_name())?,
             batch_size,
@@ -136,6 +143,9 @@ impl Config {
         })
     }
 }
+
+/// Default of `DLQ_MAXLEN`.
+pub const DEFAULT_DLQ_MAXLEN: u64 = 100_000;
 
 /// Default of `WORKER_METRICS_BIND`.
 pub const DEFAULT_METRICS_BIND: &str = "127.0.0.1:9100";
@@ -163,6 +173,7 @@ mod tests {
         assert_eq!(config.dlq_name, "dlq_event_stream");
         assert_eq!(config.consumer_group, "enrichers");
         assert_eq!(config.batch_size, 500);
+        assert_eq!(config.dlq_maxlen, 100_000);
         assert_eq!(config.flush_interval, Duration::from_secs(2));
         assert_eq!(config.claim_idle, Duration::from_secs(30));
         assert_eq!(config.max_deliveries, 5);
@@ -191,6 +202,8 @@ mod tests {
             ("MIGRATE_ON_START", "maybe"),
             ("WORKER_NAME", "a b"),
             ("WORKER_METRICS_BIND", "9100"),
+            ("DLQ_MAXLEN", "0"),
+            ("DLQ_MAXLEN", "lots"),
         ] {
             let err = Config::from_vars(&Vars::from_map([(var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{err}");

@@ -178,6 +178,8 @@ pub struct WorkerMetrics {
     pub events_duplicate: IntCounter,
     /// Entries sent to the dead-letter stream, by reason.
     pub dead_lettered: IntCounterVec,
+    /// Dead letters removed from the dead-letter stream to keep it within `DLQ_MAXLEN`.
+    pub dead_letters_trimmed: IntCounter,
     /// Entries read again: this consumer's pending entries after a restart, or claimed ones.
     pub redeliveries: IntCounter,
     /// Entries taken over from other consumers with XAUTOCLAIM.
@@ -237,6 +239,11 @@ impl WorkerMetrics {
                 "worker_dead_lettered_total",
                 "Entries sent to the dead-letter stream, by reason",
                 &["reason"],
+            ),
+            dead_letters_trimmed: counter(
+                r,
+                "worker_dead_letters_trimmed_total",
+                "Oldest dead letters removed to keep the dead-letter stream within DLQ_MAXLEN",
             ),
             redeliveries: counter(
                 r,

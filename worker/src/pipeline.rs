@@ -743,13 +743,22 @@ async fn process(
     if !poison.is_empty() {
         let letters: Vec<(&Entry, String)> =
             poison.iter().map(|(e, p)| (e, p.error.clone())).collect();
-        redis_retrying(hard_stop, "dead-letter entries", || {
+        let trimmed = redis_retrying(hard_stop, "dead-letter entries", || {
             ctx.streams.dead_letter(&letters)
         })
         .await?;
         for (entry, Poison { reason, error }) in &poison {
             metrics.dead_lettered.with_label_values(&[reason]).inc();
             tracing::warn!(id = %entry.id, deliveries = entry.deliveries, %error, dlq = %ctx.config.dlq_name, "entry dead-lettered");
+        }
+        if trimmed > 0 {
+            metrics.dead_letters_trimmed.inc_by(trimmed);
+            tracing::warn!(
+                trimmed,
+                dlq = %ctx.config.dlq_name,
+                max_len = ctx.config.dlq_maxlen,
+                "dead-letter stream full (DLQ_MAXLEN): its oldest entries removed"
+            );
         }
         ack.extend(poison.into_iter().map(|(e, _)| e.id));
     }
@@ -852,20 +861,20 @@ async fn write_retrying(
     }
 }
 
-async fn redis_retrying<F, Fut>(
+async fn redis_retrying<T, F, Fut>(
     hard_stop: &CancellationToken,
     what: &str,
     mut op: F,
-) -> Result<(), Aborted>
+) -> Result<T, Aborted>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), StreamError>>,
+    Fut: Future<Output = Result<T, StreamError>>,
 {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let error = tokio::select! {
             result = op() => match result {
-                Ok(()) => return Ok(()),
+                Ok(value) => return Ok(value),
                 Err(error) => error,
             },
             _ = hard_stop.cancelled() => return Err(Aborted),

@@ -1353,3 +1353,45 @@ async fn concurrent_batches_over_the_same_users_do_not_deadlock() {
         hits as i64
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letter_stream_keeps_its_newest_dlq_maxlen_entries() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let mut redis = redis().await;
+    let mut poison = Vec::new();
+    for i in 0..5 {
+        let event = format!("{{not json {i}");
+        poison.push(publish_raw(&mut redis, &keys.stream, &[("v", "1"), ("event", &event)]).await);
+    }
+    let mut cfg = config(&db.url, &keys, "w");
+    cfg.dlq_maxlen = 3;
+    let (worker, metrics) = RunningWorker::start_observed(cfg);
+    wait_until(WAIT, "5 dead-lettered, nothing pending", || async {
+        let mut r = redis.clone();
+        metrics
+            .dead_lettered
+            .with_label_values(&["undecodable"])
+            .get()
+            == 5
+            && pending(&mut r, &keys).await == 0
+    })
+    .await;
+    worker.stop().await.unwrap();
+
+    assert_eq!(xlen(&mut redis, &keys.dlq).await, 3);
+    assert_eq!(
+        metrics.dead_letters_trimmed.get(),
+        2,
+        "the two oldest removed"
+    );
+    let mut kept: Vec<String> = DeadLetters::new(redis.clone(), &keys.dlq, &keys.stream)
+        .list(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.field(dlq::FIELD_ENTRY_ID).unwrap())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, poison[2..], "the newest three kept");
+}
