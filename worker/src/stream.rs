@@ -52,6 +52,16 @@ impl Entry {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_slice())
     }
+
+    /// What the entry weighs in the read-ahead budget: its id, field names and values.
+    pub fn bytes(&self) -> usize {
+        self.id.len()
+            + self
+                .fields
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
 }
 
 /// The group's view of one stream for one consumer.

@@ -191,6 +191,8 @@ pub fn config(db_url: &str, keys: &Keys, worker_name: &str) -> Config {
         consumer_group: keys.group.clone(),
         worker_name: worker_name.to_string(),
         batch_size: 50,
+        read_ahead_bytes: worker::config::DEFAULT_READ_AHEAD_BYTES,
+        max_event_bytes: worker::config::DEFAULT_MAX_EVENT_BYTES,
         flush_interval: Duration::from_millis(100),
         claim_interval: Duration::from_millis(100),
         claim_idle: Duration::from_secs(60),
