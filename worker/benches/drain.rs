@@ -10,6 +10,10 @@
 //!    CPU-second against COPY's.
 //! 3. Ingest → queryable latency at `RATE` events/s: each event is appended like the api does; a
 //!    poller finds it in `events` (poll period 2 ms) and records the time since it was appended.
+//! 4. Large events: one worker (its defaults, or `READ_AHEAD_BYTES`/`MAX_EVENT_BYTES` as set)
+//!    draining `LARGE_EVENTS` events of `LARGE_EVENT_BYTES` bytes of envelope JSON each (a
+//!    property of random text fills them), and its peak RSS beside its read-ahead budget
+//!    (`LARGE_EVENTS=0` skips it; `LARGE_ONLY=1` runs only it).
 //!
 //! Touches only 127.0.0.1 (its own database and stream keys, removed at the end) and stops by itself.
 
@@ -25,7 +29,7 @@ use entity::{
     Envelope,
     envelope::{FIELD_EVENT, FIELD_VERSION},
 };
-use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand::{Rng, RngCore, SeedableRng, rngs::StdRng};
 use redis::aio::ConnectionManager;
 use sea_orm::{
     ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement,
@@ -40,6 +44,8 @@ use uuid::Uuid;
 
 struct Settings {
     events: usize,
+    large_events: usize,
+    large_event_bytes: usize,
     rate: usize,
     latency_secs: u64,
     batch_sizes: Vec<usize>,
@@ -73,6 +79,8 @@ fn settings() -> Settings {
         .unwrap_or_else(|_| root.join("target"));
     Settings {
         events: env_or("EVENTS", 200_000),
+        large_events: env_or("LARGE_EVENTS", 400),
+        large_event_bytes: env_or("LARGE_EVENT_BYTES", 1_000_000),
         rate: env_or("RATE", 1_000),
         latency_secs: env_or("LATENCY_SECS", 15),
         batch_sizes: list_or("BATCH_SIZES", "50,500"),
@@ -288,7 +296,12 @@ fn spawn_worker(
     let mut command = Command::new(&s.worker_bin);
     command.env_clear();
     // Worker settings to try (the defaults otherwise).
-    for var in ["WRITE_CONCURRENCY", "FLUSH_INTERVAL"] {
+    for var in [
+        "WRITE_CONCURRENCY",
+        "FLUSH_INTERVAL",
+        "READ_AHEAD_BYTES",
+        "MAX_EVENT_BYTES",
+    ] {
         if let Ok(value) = std::env::var(var) {
             command.env(var, value);
         }
@@ -554,6 +567,94 @@ async fn latency(
     (latencies, peak_rss as f64 / 1024.0, total)
 }
 
+/// `n` events of `bytes` bytes of envelope JSON each: the usual mix, each with a `$payload`
+/// property of random letters and digits (which Postgres cannot compress) to fill it.
+fn large_events(n: usize, bytes: usize, seed: u64) -> Vec<Envelope> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut events = generate(n, seed);
+    for e in &mut events {
+        e.properties.insert("$payload".into(), json!(""));
+        let mut payload = vec![0u8; bytes.saturating_sub(e.to_json().len())];
+        rng.fill_bytes(&mut payload);
+        for b in &mut payload {
+            *b = ALPHABET[*b as usize % ALPHABET.len()];
+        }
+        let payload = String::from_utf8(payload).expect("ASCII");
+        e.properties.insert("$payload".into(), json!(payload));
+    }
+    events
+}
+
+/// What the large-event drain showed.
+struct LargeDrain {
+    secs: f64,
+    peak_rss_mib: f64,
+    /// Envelope JSON drained, in bytes.
+    bytes: usize,
+}
+
+/// 4. One worker draining `LARGE_EVENTS` pre-filled events of `LARGE_EVENT_BYTES` each.
+async fn large(
+    s: &Settings,
+    db: &DatabaseConnection,
+    db_url: &str,
+    redis: &mut ConnectionManager,
+) -> LargeDrain {
+    sql(db, "TRUNCATE events, user_profiles, user_sessions").await;
+    let stream = format!("bench:{}:events", Uuid::new_v4().simple());
+    let filled = Instant::now();
+    let mut bytes = 0;
+    // Made and appended 20 at a time: this program never holds them all.
+    for chunk in 0..s.large_events.div_ceil(20) {
+        let n = 20.min(s.large_events - chunk * 20);
+        let events = large_events(n, s.large_event_bytes, 100 + chunk as u64);
+        bytes += events.iter().map(|e| e.to_json().len()).sum::<usize>();
+        publish(redis, &stream, &events).await;
+    }
+    println!(
+        "  pre-filled {} entries ({:.0} MiB) into {stream} in {:.1}s",
+        s.large_events,
+        bytes as f64 / (1 << 20) as f64,
+        filled.elapsed().as_secs_f64()
+    );
+    let started = Instant::now();
+    let mut child = spawn_worker(s, db_url, &stream, "bench-large", None);
+    let pid = child.id().unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !stream_done(redis, &stream).await {
+        assert!(
+            Instant::now() < deadline,
+            "large drain did not finish within 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let peak_rss_mib = rss_kib(pid, "VmHWM:") as f64 / 1024.0;
+    let _ = stop(&mut child).await;
+    let stored = scalar(db, "SELECT count(*) FROM events").await;
+    assert_eq!(stored as usize, s.large_events, "every event stored once");
+    let counted = scalar(db, "SELECT sum(event_count)::bigint FROM user_profiles").await;
+    assert_eq!(counted as usize, s.large_events, "every event counted once");
+    sql(db, "TRUNCATE events, user_profiles, user_sessions").await;
+    delete_keys(redis, &stream).await;
+    LargeDrain {
+        secs,
+        peak_rss_mib,
+        bytes,
+    }
+}
+
+/// The worker's read-ahead budget as this program starts it (`READ_AHEAD_BYTES`, else the
+/// default), in MiB.
+fn read_ahead_mib() -> f64 {
+    let bytes = std::env::var("READ_AHEAD_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(worker::config::DEFAULT_READ_AHEAD_BYTES);
+    bytes as f64 / (1 << 20) as f64
+}
+
 fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -617,7 +718,8 @@ async fn main() {
         s.events,
         s.worker_bin.display()
     );
-    let events = generate(s.events, 42);
+    let large_only = std::env::var("LARGE_ONLY").is_ok();
+    let events = generate(if large_only { 0 } else { s.events }, 42);
     let avg_json = events
         .iter()
         .take(1_000)
@@ -646,7 +748,7 @@ async fn main() {
     };
     // 2. Drains.
     let mut results = Vec::new();
-    for &batch_size in if std::env::var("LATENCY_ONLY").is_ok() {
+    for &batch_size in if std::env::var("LATENCY_ONLY").is_ok() || large_only {
         &[][..]
     } else {
         &s.batch_sizes[..]
@@ -703,19 +805,45 @@ async fn main() {
     }
 
     // 3. Latency at RATE events/s with the default BATCH_SIZE and FLUSH_INTERVAL.
-    println!(
-        "latency: {} events/s for {}s, one worker, defaults",
-        s.rate, s.latency_secs
-    );
-    let (lat, rss, total) = latency(&s, &db, &db_url, &mut redis).await;
-    println!(
-        "  ingest->queryable over {} of {total} events: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms (poll period 2 ms); peak RSS {rss:.1} MiB",
-        lat.len(),
-        pct(&lat, 0.5),
-        pct(&lat, 0.9),
-        pct(&lat, 0.99),
-        lat.last().copied().unwrap_or(f64::NAN),
-    );
+    let lat = if large_only {
+        Vec::new()
+    } else {
+        println!(
+            "latency: {} events/s for {}s, one worker, defaults",
+            s.rate, s.latency_secs
+        );
+        let (lat, rss, total) = latency(&s, &db, &db_url, &mut redis).await;
+        println!(
+            "  ingest->queryable over {} of {total} events: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms (poll period 2 ms); peak RSS {rss:.1} MiB",
+            lat.len(),
+            pct(&lat, 0.5),
+            pct(&lat, 0.9),
+            pct(&lat, 0.99),
+            lat.last().copied().unwrap_or(f64::NAN),
+        );
+        lat
+    };
+
+    // 4. Large events, one worker.
+    let large = if s.large_events > 0 {
+        println!(
+            "large events: {} of {} bytes, one worker, READ_AHEAD_BYTES {:.0} MiB",
+            s.large_events,
+            s.large_event_bytes,
+            read_ahead_mib()
+        );
+        let l = large(&s, &db, &db_url, &mut redis).await;
+        println!(
+            "  {:.2}s = {:.1} events/s = {:.1} MiB/s; peak RSS {:.1} MiB",
+            l.secs,
+            s.large_events as f64 / l.secs,
+            l.bytes as f64 / (1 << 20) as f64 / l.secs,
+            l.peak_rss_mib,
+        );
+        Some(l)
+    } else {
+        None
+    };
 
     println!("\nsummary");
     for (replicas, batch, secs, rate, ratio, (before, after), rss, cpu_us, worker_us, cpu_ratio) in
@@ -725,11 +853,23 @@ async fn main() {
             "  {replicas} worker(s) BATCH_SIZE={batch:<4} {rate:>9.0} events/s  {ratio:.2}x COPY ({before:.0} rows/s before, {after:.0} after)  {secs:.1}s  peak RSS {rss:.1} MiB  CPU {cpu_us:.0} µs/event (worker {worker_us:.0}; {cpu_ratio:.2}x COPY per CPU-second)"
         );
     }
-    println!(
-        "  latency p50 {:.1} ms  p99 {:.1} ms  (target p99 < 100 ms)",
-        pct(&lat, 0.5),
-        pct(&lat, 0.99)
-    );
+    if !large_only {
+        println!(
+            "  latency p50 {:.1} ms  p99 {:.1} ms  (target p99 < 100 ms)",
+            pct(&lat, 0.5),
+            pct(&lat, 0.99)
+        );
+    }
+    if let Some(l) = &large {
+        println!(
+            "  large events: {} × {} bytes, 1 worker  {:.1} events/s  peak RSS {:.1} MiB  beside READ_AHEAD_BYTES {:.0} MiB (a build without it holds up to 2 × WRITE_CONCURRENCY × BATCH_SIZE entries)",
+            s.large_events,
+            s.large_event_bytes,
+            s.large_events as f64 / l.secs,
+            l.peak_rss_mib,
+            read_ahead_mib()
+        );
+    }
 
     std::fs::remove_file(&csv_path).ok();
     db.close().await.ok();

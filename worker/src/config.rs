@@ -20,12 +20,20 @@ pub struct Config {
     pub queue_name: String,
     /// `DLQ_NAME`: where poison entries go.
     pub dlq_name: String,
+    /// `DLQ_MAXLEN`: most entries the dead-letter stream keeps; the oldest go first.
+    pub dlq_maxlen: u64,
     /// `CONSUMER_GROUP`: shared by all replicas.
     pub consumer_group: String,
     /// `WORKER_NAME`: this replica's consumer name, unique per replica.
     pub worker_name: String,
     /// `BATCH_SIZE`: most entries per read and per transaction.
     pub batch_size: usize,
+    /// `READ_AHEAD_BYTES`: most bytes of entries a replica holds read and not yet finished (stored
+    /// or dead-lettered, and acknowledged), queued and being stored together.
+    pub read_ahead_bytes: usize,
+    /// `MAX_EVENT_BYTES`: the largest event the api accepts (keep the two equal); reads ask for no
+    /// more entries than the free read-ahead budget holds at this size each.
+    pub max_event_bytes: usize,
     /// `WRITE_CONCURRENCY`: batches stored at the same time (each in its own transaction).
     pub write_concurrency: usize,
     /// `FLUSH_INTERVAL` (seconds): longest a read waits for entries (`XREADGROUP BLOCK`).
@@ -96,6 +104,26 @@ impl Config {
                 "must be at least WRITE_CONCURRENCY",
             ));
         }
+        let max_event_bytes = vars.parse::<usize>("MAX_EVENT_BYTES", DEFAULT_MAX_EVENT_BYTES)?;
+        if max_event_bytes < 1024 {
+            return Err(ConfigError::new(
+                "MAX_EVENT_BYTES",
+                "must be at least 1024 (bytes)",
+            ));
+        }
+        let read_ahead_bytes = vars.parse::<usize>("READ_AHEAD_BYTES", DEFAULT_READ_AHEAD_BYTES)?;
+        if read_ahead_bytes < max_event_bytes {
+            return Err(ConfigError::new(
+                "READ_AHEAD_BYTES",
+                format!(
+                    "must be at least MAX_EVENT_BYTES ({max_event_bytes}): room for one event of the largest size"
+                ),
+            ));
+        }
+        let dlq_maxlen = vars.parse::<u64>("DLQ_MAXLEN", DEFAULT_DLQ_MAXLEN)?;
+        if dlq_maxlen == 0 {
+            return Err(ConfigError::new("DLQ_MAXLEN", "must be at least 1"));
+        }
         let name = |var: &str, default: &str| -> Result<String, ConfigError> {
             let value = vars.string(var, default);
             if value.chars().any(char::is_whitespace) {
@@ -116,9 +144,12 @@ impl Config {
             database_pool_size,
             queue_name: name("QUEUE_NAME", "event_stream")?,
             dlq_name: name("DLQ_NAME", "dlq_event_stream")?,
+            dlq_maxlen,
             consumer_group: name("CONSUMER_GROUP", "enrichers")?,
             worker_name: name("WORKER_NAME", &default_worker_name())?,
             batch_size,
+            read_ahead_bytes,
+            max_event_bytes,
             write_concurrency,
             flush_interval,
             claim_interval,
@@ -148,6 +179,15 @@ impl Config {
     }
 }
 
+/// Default of `MAX_EVENT_BYTES` (1 MiB), the api's default too.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// Default of `READ_AHEAD_BYTES` (64 MiB): 64 events of the largest size in a replica's hands.
+pub const DEFAULT_READ_AHEAD_BYTES: usize = 64 << 20;
+
+/// Default of `DLQ_MAXLEN`.
+pub const DEFAULT_DLQ_MAXLEN: u64 = 10_000;
+
 /// Default of `WORKER_METRICS_BIND`.
 pub const DEFAULT_METRICS_BIND: &str = "127.0.0.1:9100";
 
@@ -174,6 +214,9 @@ mod tests {
         assert_eq!(config.dlq_name, "dlq_event_stream");
         assert_eq!(config.consumer_group, "enrichers");
         assert_eq!(config.batch_size, 500);
+        assert_eq!(config.read_ahead_bytes, 64 << 20);
+        assert_eq!(config.max_event_bytes, 1 << 20);
+        assert_eq!(config.dlq_maxlen, 10_000);
         assert_eq!(config.flush_interval, Duration::from_secs(2));
         assert_eq!(config.claim_idle, Duration::from_secs(30));
         assert_eq!(config.max_deliveries, 5);
@@ -202,9 +245,32 @@ mod tests {
             ("MIGRATE_ON_START", "maybe"),
             ("WORKER_NAME", "a b"),
             ("WORKER_METRICS_BIND", "9100"),
+            ("READ_AHEAD_BYTES", "64MiB"),
+            ("READ_AHEAD_BYTES", "1048575"),
+            ("MAX_EVENT_BYTES", "-1"),
+            ("MAX_EVENT_BYTES", "100"),
+            ("DLQ_MAXLEN", "0"),
+            ("DLQ_MAXLEN", "lots"),
         ] {
             let err = Config::from_vars(&Vars::from_map([(var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{err}");
         }
+        // The budget is checked against the event size it must hold.
+        let err = Config::from_vars(&Vars::from_map([
+            ("MAX_EVENT_BYTES", "2097152"),
+            ("READ_AHEAD_BYTES", "1048576"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.var, "READ_AHEAD_BYTES", "{err}");
+        assert!(err.message.contains("MAX_EVENT_BYTES"), "{err}");
+        let small = Config::from_vars(&Vars::from_map([
+            ("MAX_EVENT_BYTES", "65536"),
+            ("READ_AHEAD_BYTES", "65536"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (small.max_event_bytes, small.read_ahead_bytes),
+            (65536, 65536)
+        );
     }
 }

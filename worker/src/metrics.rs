@@ -193,6 +193,12 @@ pub struct WorkerMetrics {
     pub events_duplicate: IntCounter,
     /// Entries sent to the dead-letter stream, by reason.
     pub dead_lettered: IntCounterVec,
+    /// Dead letters removed from the dead-letter stream to keep it within `DLQ_MAXLEN`.
+    pub dead_letters_trimmed: IntCounter,
+    /// Bytes of the entries this replica holds: read (or claimed) and not yet finished.
+    pub read_ahead_bytes: IntGauge,
+    /// The most bytes this replica has held at once since it started.
+    pub read_ahead_peak_bytes: IntGauge,
     /// Entries read again: this consumer's pending entries after a restart, or claimed ones.
     pub redeliveries: IntCounter,
     /// Entries taken over from other consumers with XAUTOCLAIM.
@@ -252,6 +258,27 @@ impl WorkerMetrics {
                 "worker_dead_lettered_total",
                 "Entries sent to the dead-letter stream, by reason",
                 &["reason"],
+            ),
+            dead_letters_trimmed: counter(
+                r,
+                "worker_dead_letters_trimmed_total",
+                "Oldest dead letters removed to keep the dead-letter stream within DLQ_MAXLEN",
+            ),
+            read_ahead_bytes: register(
+                r,
+                IntGauge::new(
+                    "worker_read_ahead_bytes",
+                    "Bytes of the entries read or claimed and not yet finished (bounded by READ_AHEAD_BYTES)",
+                )
+                .expect("valid gauge"),
+            ),
+            read_ahead_peak_bytes: register(
+                r,
+                IntGauge::new(
+                    "worker_read_ahead_peak_bytes",
+                    "The most bytes of entries held at once since the worker started",
+                )
+                .expect("valid gauge"),
             ),
             redeliveries: counter(
                 r,

@@ -10,10 +10,11 @@
 //! entry goes to the writer of its user (a hash of `distinct_id`), so the transactions of one
 //! replica never write the same profile or session rows and never wait for each other's row
 //! locks. A writer merges what was queued for it while it was writing into its next batch (at
-//! most `BATCH_SIZE` events). Read-ahead is bounded: at most 2 × `WRITE_CONCURRENCY` ×
-//! `BATCH_SIZE` entries are queued or being stored. On shutdown the reader and claimer stop, the
-//! writers store what was read, and anything still unacknowledged at `SHUTDOWN_TIMEOUT` stays
-//! pending for other replicas.
+//! most `BATCH_SIZE` events, and a share of the read-ahead bytes). Read-ahead is bounded in
+//! entries and in bytes: at most 2 × `WRITE_CONCURRENCY` × `BATCH_SIZE` entries and
+//! `READ_AHEAD_BYTES` bytes are being read, queued or stored (see [`ReadAhead`]). On shutdown
+//! the reader and claimer stop, the writers store what was read, and anything still
+//! unacknowledged at `SHUTDOWN_TIMEOUT` stays pending for other replicas.
 
 use std::{
     collections::{HashMap, HashSet, hash_map},
@@ -27,9 +28,10 @@ use entity::{
     Envelope,
     envelope::{FIELD_EVENT, FIELD_TRACEPARENT},
 };
+use prometheus::IntGauge;
 use sea_orm::DatabaseConnection;
 use tokio::{
-    sync::{Semaphore, mpsc},
+    sync::{Notify, mpsc},
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
@@ -241,7 +243,13 @@ async fn consume(
         held: Held::default(),
         metrics,
     });
-    let (router, queues) = Router::new(ctx.config.write_concurrency, ctx.config.batch_size);
+    let budget = ReadAhead::new(
+        2 * ctx.config.write_concurrency * ctx.config.batch_size,
+        ctx.config.read_ahead_bytes,
+        ctx.config.max_event_bytes,
+        &ctx.metrics,
+    );
+    let (router, queues) = Router::new(ctx.config.write_concurrency, budget);
     let hard_stop = CancellationToken::new();
 
     let mut feeders = JoinSet::new();
@@ -357,14 +365,20 @@ async fn read_loop(
     let _own_pending_read = own_pending_read.clone().drop_guard();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut history = Some("0".to_string());
+    let mut size = ReadSize::new(ctx.config.batch_size, ctx.config.max_event_bytes);
     while !shutdown.is_cancelled() {
-        match ctx
-            .streams
-            .read(history.as_deref(), ctx.config.batch_size)
-            .await
-        {
+        let room = tokio::select! {
+            room = router.room(size.next()) => room,
+            _ = shutdown.cancelled() => break,
+        };
+        let Some(room) = room else {
+            tracing::error!("writers stopped: reading stops");
+            break;
+        };
+        match ctx.streams.read(history.as_deref(), room.count()).await {
             Ok(entries) => {
                 backoff.reset();
+                size.read(&entries);
                 if let Some(after) = history.as_mut() {
                     match entries.last() {
                         Some(last) => {
@@ -378,15 +392,17 @@ async fn read_loop(
                     }
                 }
                 let entries = ctx.held.hold_new(entries);
+                room.hold(&entries);
                 if entries.is_empty() {
                     continue;
                 }
-                if !router.send(entries).await {
+                if !router.send(entries) {
                     tracing::error!("writers stopped: reading stops");
                     break;
                 }
             }
             Err(error) => {
+                drop(room);
                 let delay = backoff.next_delay();
                 tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "reading the stream failed; retrying");
                 if error.is_no_group()
@@ -419,6 +435,7 @@ async fn claim_loop(
     let mut ticker = tokio::time::interval(ctx.config.claim_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let consumer_idle = ctx.config.claim_idle.max(ctx.config.flush_interval * 4);
+    let mut size = ReadSize::new(ctx.config.batch_size, ctx.config.max_event_bytes);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -426,20 +443,30 @@ async fn claim_loop(
         }
         let mut cursor = "0-0".to_string();
         loop {
+            let room = tokio::select! {
+                room = router.room(size.next()) => room,
+                _ = shutdown.cancelled() => return,
+            };
+            let Some(room) = room else {
+                tracing::error!("writers stopped: claiming stops");
+                return;
+            };
             match ctx
                 .streams
-                .claim(ctx.config.claim_idle, &cursor, ctx.config.batch_size)
+                .claim(ctx.config.claim_idle, &cursor, room.count())
                 .await
             {
                 Ok((entries, next)) => {
+                    size.read(&entries);
                     let entries = ctx.held.hold_new(entries);
+                    room.hold(&entries);
                     if !entries.is_empty() {
                         tracing::info!(
                             count = entries.len(),
                             "claimed idle entries of other consumers"
                         );
                         ctx.metrics.claimed.inc_by(entries.len() as u64);
-                        if !router.send(entries).await {
+                        if !router.send(entries) {
                             tracing::error!("writers stopped: claiming stops");
                             return;
                         }
@@ -485,23 +512,232 @@ async fn keep_alive_loop(ctx: Arc<Context>, stop: CancellationToken) {
     }
 }
 
-/// Hands entries to the writers: each user's entries to the same writer, in the order read.
+/// Bytes an entry holds besides its event's JSON (at most `MAX_EVENT_BYTES`): its id and the field
+/// names, the envelope version and the `traceparent`. Reads assume `MAX_EVENT_BYTES` plus this
+/// for each entry they ask for.
+const ENTRY_OVERHEAD_BYTES: usize = 1024;
+
+/// The read-ahead budget of one replica: the entries its reader and claimer have read (or are
+/// reading) and its writers have not finished (stored or dead-lettered, and acknowledged),
+/// bounded twice: in entries (2 × `WRITE_CONCURRENCY` × `BATCH_SIZE`, as many as when every
+/// writer held one batch and had one more waiting) and in bytes (`READ_AHEAD_BYTES`).
 ///
-/// Read-ahead is bounded in entries, whichever writer they are for: at most
-/// 2 × `WRITE_CONCURRENCY` × `BATCH_SIZE` entries are queued or being stored at once (as many as
-/// when every writer held one batch and had one more waiting). A slow writer (a hot user, a
-/// batch being retried) does not hold up the other writers' queues until that budget is spent.
+/// Redis has no byte limit on a read, so a feeder takes room before it reads: for as many entries
+/// as the free bytes hold at the largest size an event can have (`MAX_EVENT_BYTES`), never more
+/// than one read's worth. Once the read is back, the room taken is set to what the entries
+/// actually weigh ([`Entry::bytes`]). An entry larger than `MAX_EVENT_BYTES` (queued before the
+/// api refused such events) is still taken, never left stuck: it may take the budget beyond its
+/// bound by its own size (after one, reads ask for one entry at a time: [`ReadSize`]), and the
+/// next read waits until what is held is back under the bound.
+struct ReadAhead {
+    taken: Mutex<Taken>,
+    /// Wakes the feeder waiting for room when room is given back, or the budget closes.
+    room: Notify,
+    /// Feeders wait for room one at a time, the others queued behind in order: a reader giving
+    /// room back and asking again at once cannot starve the claimer.
+    turn: tokio::sync::Mutex<()>,
+    max_entries: usize,
+    max_bytes: usize,
+    /// Bytes assumed for each entry a read asks for.
+    entry_bytes: usize,
+    held_gauge: IntGauge,
+    peak_gauge: IntGauge,
+}
+
+#[derive(Default)]
+struct Taken {
+    /// Entries held, and asked for by reads in flight.
+    entries: usize,
+    /// Bytes of the entries held, and assumed for reads in flight.
+    bytes: usize,
+    /// Bytes of the entries held only (what `worker_read_ahead_bytes` shows).
+    held: usize,
+    peak: usize,
+    /// A writer is gone: nothing will be given back.
+    closed: bool,
+}
+
+impl ReadAhead {
+    fn new(
+        max_entries: usize,
+        max_bytes: usize,
+        max_event_bytes: usize,
+        metrics: &WorkerMetrics,
+    ) -> Self {
+        Self {
+            taken: Mutex::default(),
+            room: Notify::new(),
+            turn: tokio::sync::Mutex::new(()),
+            max_entries: max_entries.max(1),
+            max_bytes,
+            entry_bytes: max_event_bytes + ENTRY_OVERHEAD_BYTES,
+            held_gauge: metrics.read_ahead_bytes.clone(),
+            peak_gauge: metrics.read_ahead_peak_bytes.clone(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Taken> {
+        self.taken
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits for room for at least one entry of the largest size (or for nothing to be held) and
+    /// takes room for up to `at_most` entries; `None` once the budget is closed.
+    async fn room(&self, at_most: usize) -> Option<Room<'_>> {
+        let _turn = self.turn.lock().await;
+        loop {
+            {
+                let mut taken = self.lock();
+                if taken.closed {
+                    return None;
+                }
+                let free_entries = self.max_entries.saturating_sub(taken.entries);
+                let free_bytes = self.max_bytes.saturating_sub(taken.bytes);
+                if free_entries > 0 && (free_bytes >= self.entry_bytes || taken.bytes == 0) {
+                    let count = at_most
+                        .min(free_entries)
+                        .min(free_bytes / self.entry_bytes)
+                        .max(1);
+                    let bytes = count * self.entry_bytes;
+                    taken.entries += count;
+                    taken.bytes += bytes;
+                    return Some(Room {
+                        budget: self,
+                        count,
+                        bytes,
+                    });
+                }
+            }
+            // A permit stored by a give-back since the check above wakes this at once.
+            self.room.notified().await;
+        }
+    }
+
+    /// `entries` entries weighing `bytes` are finished: room for more.
+    fn give_back(&self, entries: usize, bytes: usize) {
+        let mut taken = self.lock();
+        taken.entries = taken.entries.saturating_sub(entries);
+        taken.bytes = taken.bytes.saturating_sub(bytes);
+        taken.held = taken.held.saturating_sub(bytes);
+        self.held_gauge.set(taken.held as i64);
+        drop(taken);
+        self.room.notify_one();
+    }
+
+    /// Nothing more will be given back (a writer is gone): a feeder waiting for room stops.
+    fn close(&self) {
+        self.lock().closed = true;
+        self.room.notify_one();
+    }
+}
+
+/// Room taken for one read; given back when dropped unless [`Room::hold`] turned it into the
+/// entries read.
+struct Room<'a> {
+    budget: &'a ReadAhead,
+    count: usize,
+    bytes: usize,
+}
+
+impl Room<'_> {
+    /// How many entries the read may ask for.
+    fn count(&self) -> usize {
+        self.count
+    }
+
+    /// The read returned `entries` to hold (at most [`Room::count`]): the room taken becomes
+    /// theirs, at what they weigh.
+    fn hold(mut self, entries: &[Entry]) {
+        let bytes: usize = entries.iter().map(Entry::bytes).sum();
+        let budget = self.budget;
+        let mut taken = budget.lock();
+        taken.entries = (taken.entries + entries.len()).saturating_sub(self.count);
+        taken.bytes = (taken.bytes + bytes).saturating_sub(self.bytes);
+        taken.held += bytes;
+        taken.peak = taken.peak.max(taken.held);
+        budget.held_gauge.set(taken.held as i64);
+        budget.peak_gauge.set(taken.peak as i64);
+        drop(taken);
+        (self.count, self.bytes) = (0, 0);
+        budget.room.notify_one();
+    }
+}
+
+impl Drop for Room<'_> {
+    /// A read that failed (or was not made) gives its room back.
+    fn drop(&mut self) {
+        if self.count > 0 {
+            let mut taken = self.budget.lock();
+            taken.entries = taken.entries.saturating_sub(self.count);
+            taken.bytes = taken.bytes.saturating_sub(self.bytes);
+            drop(taken);
+            self.budget.room.notify_one();
+        }
+    }
+}
+
+/// How many entries one feeder's next read asks for at most: one at first, twice as many after
+/// each read, up to `BATCH_SIZE`; one again after a read brought an entry larger than
+/// `MAX_EVENT_BYTES`. A replica restarting on (or taking over) entries queued before the api
+/// refused large events thus reads them one at a time, not a budget's worth at once.
+struct ReadSize {
+    next: usize,
+    max: usize,
+    largest_expected: usize,
+}
+
+impl ReadSize {
+    fn new(batch_size: usize, max_event_bytes: usize) -> Self {
+        Self {
+            next: 1,
+            max: batch_size.max(1),
+            largest_expected: max_event_bytes + ENTRY_OVERHEAD_BYTES,
+        }
+    }
+
+    fn next(&self) -> usize {
+        self.next
+    }
+
+    /// What the last read brought; logs the entries larger than expected.
+    fn read(&mut self, entries: &[Entry]) {
+        let mut larger = entries
+            .iter()
+            .filter(|e| e.bytes() > self.largest_expected)
+            .peekable();
+        if larger.peek().is_none() {
+            self.next = (self.next * 2).min(self.max);
+            return;
+        }
+        self.next = 1;
+        for entry in larger {
+            tracing::warn!(
+                id = %entry.id,
+                bytes = entry.bytes(),
+                max_event_bytes = self.largest_expected - ENTRY_OVERHEAD_BYTES,
+                "entry larger than MAX_EVENT_BYTES (queued before the api refused such events?): \
+                 taken anyway; reading one entry at a time for now"
+            );
+        }
+    }
+}
+
+/// Hands entries to the writers: each user's entries to the same writer, in the order read,
+/// within the replica's [`ReadAhead`] budget, whichever writer they are for. A slow writer (a hot
+/// user, a batch being retried) does not hold up the other writers' queues until that budget is
+/// spent.
 #[derive(Clone)]
 struct Router {
     writers: Vec<mpsc::UnboundedSender<Vec<Entry>>>,
-    budget: Arc<Semaphore>,
+    budget: Arc<ReadAhead>,
 }
 
 impl Router {
-    /// A router to `writers` writers (at least one) and the queue of each.
-    fn new(writers: usize, batch_size: usize) -> (Self, Vec<Queue>) {
+    /// A router to `writers` writers (at least one) and the queue of each, sharing `budget`.
+    fn new(writers: usize, budget: ReadAhead) -> (Self, Vec<Queue>) {
         let writers = writers.max(1);
-        let budget = Arc::new(Semaphore::new(2 * writers * batch_size.max(1)));
+        let budget = Arc::new(budget);
         let (senders, queues) = (0..writers)
             .map(|_| {
                 let (tx, entries) = mpsc::unbounded_channel();
@@ -522,13 +758,15 @@ impl Router {
         )
     }
 
-    /// Sends each entry to its writer once the read-ahead budget has room for them; `false` once
-    /// the writers are gone. A read holds at most `BATCH_SIZE` entries, within the budget.
-    async fn send(&self, entries: Vec<Entry>) -> bool {
-        let Ok(room) = self.budget.acquire_many(entries.len() as u32).await else {
-            return false;
-        };
-        room.forget();
+    /// Room in the read-ahead budget for a read of up to `at_most` entries (waiting for the
+    /// writers to finish entries); `None` once the writers are gone.
+    async fn room(&self, at_most: usize) -> Option<Room<'_>> {
+        self.budget.room(at_most).await
+    }
+
+    /// Sends each entry to its writer (their room is held already); `false` once the writers are
+    /// gone.
+    fn send(&self, entries: Vec<Entry>) -> bool {
         if let [writer] = self.writers.as_slice() {
             return writer.send(entries).is_ok();
         }
@@ -559,41 +797,53 @@ fn writer_of(entry: &Entry, writers: usize) -> usize {
 struct Queue {
     entries: mpsc::UnboundedReceiver<Vec<Entry>>,
     carry: Option<Vec<Entry>>,
-    budget: Arc<Semaphore>,
+    budget: Arc<ReadAhead>,
 }
 
 impl Queue {
     /// The next batch: what is left over, or the next piece sent (waiting for one), then whatever
-    /// else was sent meanwhile, up to `limit` entries; the rest is kept for the batch after.
-    /// `None` when the router is gone and nothing is left. Cancel-safe: nothing is taken out of
-    /// the queue across an await.
-    async fn next(&mut self, limit: usize) -> Option<Vec<Entry>> {
+    /// else was sent meanwhile, up to `limit` entries and `limit_bytes` bytes (at least one
+    /// entry, whatever it weighs); the rest is kept for the batch after. `None` when the router
+    /// is gone and nothing is left. Cancel-safe: nothing is taken out of the queue across an
+    /// await.
+    async fn next(&mut self, limit: usize, limit_bytes: usize) -> Option<Vec<Entry>> {
         let mut batch = match self.carry.take() {
             Some(batch) => batch,
             None => self.entries.recv().await?,
         };
-        while batch.len() < limit {
+        let mut bytes: usize = batch.iter().map(Entry::bytes).sum();
+        while batch.len() < limit && bytes < limit_bytes {
             let Ok(mut more) = self.entries.try_recv() else {
                 break;
             };
+            bytes += more.iter().map(Entry::bytes).sum::<usize>();
             batch.append(&mut more);
         }
-        if batch.len() > limit {
-            self.carry = Some(batch.split_off(limit));
+        let mut fits = 0;
+        let mut fits_bytes = 0;
+        for entry in batch.iter().take(limit.max(1)) {
+            fits_bytes += entry.bytes();
+            if fits > 0 && fits_bytes > limit_bytes {
+                break;
+            }
+            fits += 1;
+        }
+        if batch.len() > fits {
+            self.carry = Some(batch.split_off(fits));
         }
         Some(batch)
     }
 
-    /// `count` entries taken from this queue are finished (stored or dead-lettered, and
-    /// acknowledged): room for as many more in the read-ahead budget.
-    fn done(&self, count: usize) {
-        self.budget.add_permits(count);
+    /// `entries` entries taken from this queue, weighing `bytes`, are finished (stored or
+    /// dead-lettered, and acknowledged): room for more in the read-ahead budget.
+    fn done(&self, entries: usize, bytes: usize) {
+        self.budget.give_back(entries, bytes);
     }
 }
 
 impl Drop for Queue {
     /// A writer that is gone gives back no more room: close the budget, so that a reader or
-    /// claimer waiting for room stops at once (`Router::send` answers `false`) instead of waiting
+    /// claimer waiting for room stops at once (`Router::room` answers `None`) instead of waiting
     /// for entries that will never be finished. In a normal shutdown they have already stopped.
     fn drop(&mut self) {
         self.budget.close();
@@ -605,13 +855,15 @@ impl Drop for Queue {
 /// others' statements. Order across batches does not matter: rows are keyed by uuid and profile
 /// merges do not depend on arrival order.
 async fn write_loop(ctx: Arc<Context>, mut queue: Queue, hard_stop: CancellationToken) {
+    let batch_bytes = batch_bytes(&ctx.config);
     loop {
         let batch = tokio::select! {
-            batch = queue.next(ctx.config.batch_size) => batch,
+            batch = queue.next(ctx.config.batch_size, batch_bytes) => batch,
             _ = hard_stop.cancelled() => None,
         };
         let Some(batch) = batch else { return };
         let ids: Vec<String> = batch.iter().map(|e| e.id.clone()).collect();
+        let bytes = batch.iter().map(Entry::bytes).sum();
         let span = batch_span(&batch);
         if process(&ctx, batch, &hard_stop)
             .instrument(span)
@@ -621,8 +873,16 @@ async fn write_loop(ctx: Arc<Context>, mut queue: Queue, hard_stop: Cancellation
             return;
         }
         ctx.held.release(&ids);
-        queue.done(ids.len());
+        queue.done(ids.len(), bytes);
     }
+}
+
+/// Most bytes of entries in one writer's batch: its share of `READ_AHEAD_BYTES` when every
+/// writer holds one batch and has one more waiting, as `BATCH_SIZE` is of the entries bound (a
+/// batch and what it is turned into are in memory together while it is stored). A single entry
+/// larger than that is a batch of its own.
+fn batch_bytes(config: &Config) -> usize {
+    config.read_ahead_bytes / (2 * config.write_concurrency.max(1))
 }
 
 /// The span of one batch. When spans are exported it continues the trace of the batch's first
@@ -743,13 +1003,22 @@ async fn process(
     if !poison.is_empty() {
         let letters: Vec<(&Entry, String)> =
             poison.iter().map(|(e, p)| (e, p.error.clone())).collect();
-        redis_retrying(hard_stop, "dead-letter entries", || {
+        let trimmed = redis_retrying(hard_stop, "dead-letter entries", || {
             ctx.streams.dead_letter(&letters)
         })
         .await?;
         for (entry, Poison { reason, error }) in &poison {
             metrics.dead_lettered.with_label_values(&[reason]).inc();
             tracing::warn!(id = %entry.id, deliveries = entry.deliveries, %error, dlq = %ctx.config.dlq_name, "entry dead-lettered");
+        }
+        if trimmed > 0 {
+            metrics.dead_letters_trimmed.inc_by(trimmed);
+            tracing::warn!(
+                trimmed,
+                dlq = %ctx.config.dlq_name,
+                max_len = ctx.config.dlq_maxlen,
+                "dead-letter stream full (DLQ_MAXLEN): its oldest entries removed"
+            );
         }
         ack.extend(poison.into_iter().map(|(e, _)| e.id));
     }
@@ -852,20 +1121,20 @@ async fn write_retrying(
     }
 }
 
-async fn redis_retrying<F, Fut>(
+async fn redis_retrying<T, F, Fut>(
     hard_stop: &CancellationToken,
     what: &str,
     mut op: F,
-) -> Result<(), Aborted>
+) -> Result<T, Aborted>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), StreamError>>,
+    Fut: Future<Output = Result<T, StreamError>>,
 {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let error = tokio::select! {
             result = op() => match result {
-                Ok(()) => return Ok(()),
+                Ok(value) => return Ok(value),
                 Err(error) => error,
             },
             _ = hard_stop.cancelled() => return Err(Aborted),
@@ -928,13 +1197,50 @@ mod tests {
         assert_eq!(ids(&held.hold_new(vec![entry(2, None)])), [2]);
     }
 
+    /// An entry of `bytes` bytes ([`Entry::bytes`]) for user `user`.
+    fn weighing(i: usize, user: &str, bytes: usize) -> Entry {
+        let mut entry = of_user(i, user);
+        let pad = bytes
+            .checked_sub(entry.bytes() + "pad".len())
+            .expect("room for the envelope");
+        entry.fields.push(("pad".to_string(), vec![b'x'; pad]));
+        assert_eq!(entry.bytes(), bytes);
+        entry
+    }
+
+    /// A budget of `entries` entries and `bytes` bytes for events of up to `event` bytes.
+    fn budget(entries: usize, bytes: usize, event: usize) -> (ReadAhead, WorkerMetrics) {
+        let metrics = WorkerMetrics::new();
+        (ReadAhead::new(entries, bytes, event, &metrics), metrics)
+    }
+
+    /// A read asking for more entries than any budget below holds.
+    const ANY: usize = 1_000_000;
+
+    /// The room a feeder gets at once.
+    async fn room_now(budget: &ReadAhead, at_most: usize) -> Room<'_> {
+        tokio::time::timeout(Duration::from_secs(5), budget.room(at_most))
+            .await
+            .expect("room at once")
+            .expect("budget open")
+    }
+
+    /// Whether a feeder asking for room still waits once the other tasks have had their turn.
+    async fn waits<F: Future>(asking: &mut std::pin::Pin<&mut F>) -> bool {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        std::future::poll_fn(|cx| std::task::Poll::Ready(asking.as_mut().poll(cx).is_pending()))
+            .await
+    }
+
     /// A queue fed directly, as the router would.
     fn queue() -> (mpsc::UnboundedSender<Vec<Entry>>, Queue) {
         let (tx, entries) = mpsc::unbounded_channel();
         let queue = Queue {
             entries,
             carry: None,
-            budget: Arc::new(Semaphore::new(0)),
+            budget: Arc::new(budget(1, 1 << 20, 1024).0),
         };
         (tx, queue)
     }
@@ -947,7 +1253,7 @@ mod tests {
         }
         drop(tx);
         let mut batches = Vec::new();
-        while let Some(batch) = queue.next(5).await {
+        while let Some(batch) = queue.next(5, usize::MAX).await {
             batches.push(ids(&batch));
         }
         assert_eq!(
@@ -966,7 +1272,7 @@ mod tests {
     async fn a_writer_takes_what_is_there_without_waiting_for_a_full_batch() {
         let (tx, mut queue) = queue();
         tx.send(vec![entry(0, None)]).unwrap();
-        let batch = tokio::time::timeout(Duration::from_secs(5), queue.next(50))
+        let batch = tokio::time::timeout(Duration::from_secs(5), queue.next(50, usize::MAX))
             .await
             .expect("a batch at once");
         assert_eq!(ids(&batch.unwrap()), vec![0]);
@@ -975,7 +1281,7 @@ mod tests {
 
     #[tokio::test]
     async fn each_user_goes_to_one_writer_in_the_order_read() {
-        let (router, queues) = Router::new(3, 200);
+        let (router, queues) = Router::new(3, budget(1200, 1 << 30, 1024).0);
         let users: Vec<String> = (0..12).map(|u| format!("user_{u}")).collect();
         let poison = |i: usize| match i % 50 {
             46 => Some(None),                                      // no fields
@@ -989,13 +1295,13 @@ mod tests {
                 None => of_user(i, &users[i % users.len()]),
             })
             .collect();
-        assert!(router.send(batch).await);
+        assert!(router.send(batch));
         drop(router);
         let mut seen = Vec::new();
         let mut writer_of_user: HashMap<&str, usize> = HashMap::new();
         for (writer, mut queue) in queues.into_iter().enumerate() {
             let mut got = Vec::new();
-            while let Some(batch) = queue.next(1000).await {
+            while let Some(batch) = queue.next(1000, usize::MAX).await {
                 got.extend(ids(&batch));
             }
             assert!(got.is_sorted(), "writer {writer} got {got:?}");
@@ -1023,41 +1329,187 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn read_ahead_waits_for_the_writers_to_finish_entries() {
-        // One writer, batches of 2: room for 2 × 1 × 2 = 4 entries.
-        let (router, mut queues) = Router::new(1, 2);
-        let mut queue = queues.pop().unwrap();
-        assert!(router.send(vec![of_user(0, "a"), of_user(1, "a")]).await);
-        assert!(router.send(vec![of_user(2, "a"), of_user(3, "a")]).await);
-        let blocked = tokio::time::timeout(
-            Duration::from_millis(200),
-            router.send(vec![of_user(4, "a")]),
-        )
-        .await;
-        assert!(
-            blocked.is_err(),
-            "a fifth entry waits while four are unfinished"
-        );
-        let batch = queue.next(2).await.unwrap();
-        assert_eq!(ids(&batch), vec![0, 1]);
-        queue.done(batch.len());
-        let sent = tokio::time::timeout(Duration::from_secs(5), router.send(vec![of_user(4, "a")]))
-            .await
-            .expect("room once two entries are finished");
-        assert!(sent);
-        // The budget is spent (entries 2, 3, 4 unfinished, one permit left): a read of two waits.
-        let waiting = tokio::spawn({
-            let router = router.clone();
-            async move { router.send(vec![of_user(5, "a"), of_user(6, "a")]).await }
-        });
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!waiting.is_finished(), "waits for room");
-        drop(queue);
-        let answer = tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("a waiting read stops once the writer is gone")
+    async fn a_writer_batch_is_bounded_in_bytes_and_holds_at_least_one_entry() {
+        let (tx, mut queue) = queue();
+        tx.send((0..3).map(|i| weighing(i, "a", 400)).collect())
             .unwrap();
-        assert!(!answer, "the writers are gone");
-        assert!(!router.send(vec![of_user(7, "a")]).await);
+        tx.send(vec![weighing(3, "a", 5_000)]).unwrap();
+        tx.send((4..6).map(|i| weighing(i, "a", 400)).collect())
+            .unwrap();
+        drop(tx);
+        let mut batches = Vec::new();
+        while let Some(batch) = queue.next(100, 1_000).await {
+            batches.push(ids(&batch));
+        }
+        assert_eq!(
+            batches,
+            vec![vec![0, 1], vec![2], vec![3], vec![4, 5]],
+            "at most 1,000 bytes a batch, but an entry larger than that alone"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_read_asks_for_as_many_entries_as_the_free_bytes_hold_at_the_largest_size() {
+        let event = 10_000;
+        let (budget, metrics) = budget(ANY, 4 * (event + ENTRY_OVERHEAD_BYTES) + 100, event);
+        let room = room_now(&budget, ANY).await;
+        assert_eq!(room.count(), 4, "never more than the free bytes hold");
+        // Small entries come back: their weight is held, the rest of the room given back.
+        let read: Vec<Entry> = (0..4).map(|i| weighing(i, "a", 2_000)).collect();
+        room.hold(&read);
+        assert_eq!(metrics.read_ahead_bytes.get(), 8_000);
+        assert_eq!(room_now(&budget, ANY).await.count(), 3);
+        assert_eq!(room_now(&budget, 2).await.count(), 2, "nor more than asked");
+        budget.give_back(4, 8_000);
+        assert_eq!(metrics.read_ahead_bytes.get(), 0);
+        assert_eq!(metrics.read_ahead_peak_bytes.get(), 8_000);
+        assert_eq!(room_now(&budget, ANY).await.count(), 4);
+    }
+
+    #[tokio::test]
+    async fn read_ahead_waits_for_the_writers_to_finish_entries() {
+        let event = 10_000;
+        let (budget, metrics) = budget(ANY, 3 * (event + ENTRY_OVERHEAD_BYTES), event);
+        let room = room_now(&budget, ANY).await;
+        assert_eq!(room.count(), 3);
+        let read: Vec<Entry> = (0..3).map(|i| weighing(i, "a", event)).collect();
+        room.hold(&read);
+        let asking = budget.room(ANY);
+        tokio::pin!(asking);
+        assert!(
+            waits(&mut asking).await,
+            "no room for one more event of the largest size"
+        );
+        budget.give_back(1, event);
+        let room = tokio::time::timeout(Duration::from_secs(5), asking)
+            .await
+            .expect("room once an entry is finished")
+            .unwrap();
+        assert_eq!(room.count(), 1);
+        assert_eq!(metrics.read_ahead_peak_bytes.get(), 3 * event as i64);
+    }
+
+    #[tokio::test]
+    async fn read_ahead_is_bounded_in_entries_too() {
+        let (budget, _) = budget(4, 1 << 30, 1024);
+        let read: Vec<Entry> = (0..4).map(|i| of_user(i, "a")).collect();
+        let room = room_now(&budget, ANY).await;
+        assert_eq!(room.count(), 4);
+        room.hold(&read[..3]);
+        let room = room_now(&budget, ANY).await;
+        assert_eq!(room.count(), 1);
+        room.hold(&read[3..]);
+        let asking = budget.room(ANY);
+        tokio::pin!(asking);
+        assert!(waits(&mut asking).await, "four entries held");
+        budget.give_back(2, read[..2].iter().map(Entry::bytes).sum());
+        let room = tokio::time::timeout(Duration::from_secs(5), asking)
+            .await
+            .expect("room once two entries are finished")
+            .unwrap();
+        assert_eq!(room.count(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_entry_larger_than_the_budget_is_taken_alone_and_finished_before_the_next_read() {
+        let event = 10_000;
+        let max = 2 * (event + ENTRY_OVERHEAD_BYTES);
+        let (budget, metrics) = budget(ANY, max, event);
+        // Queued before the api refused large events: five times the whole budget.
+        let huge = weighing(0, "a", 5 * max);
+        let room = room_now(&budget, 1).await;
+        room.hold(std::slice::from_ref(&huge));
+        assert_eq!(
+            metrics.read_ahead_bytes.get(),
+            5 * max as i64,
+            "taken, not stuck"
+        );
+        let asking = budget.room(ANY);
+        tokio::pin!(asking);
+        assert!(
+            waits(&mut asking).await,
+            "nothing more is read while it is held"
+        );
+        budget.give_back(1, huge.bytes());
+        let room = tokio::time::timeout(Duration::from_secs(5), asking)
+            .await
+            .expect("room once it is finished")
+            .unwrap();
+        assert_eq!(room.count(), 2, "the whole budget again");
+    }
+
+    #[tokio::test]
+    async fn a_budget_smaller_than_one_event_reads_one_entry_when_it_holds_nothing() {
+        let (budget, _) = budget(ANY, 100, 10_000);
+        assert_eq!(room_now(&budget, ANY).await.count(), 1);
+    }
+
+    #[test]
+    fn reads_start_at_one_entry_and_double_up_to_the_batch_size_and_again_after_a_large_one() {
+        let mut size = ReadSize::new(10, 1_000);
+        let small = [of_user(0, "a")];
+        let mut asked = vec![size.next()];
+        for _ in 0..5 {
+            size.read(&small);
+            asked.push(size.next());
+        }
+        assert_eq!(asked, [1, 2, 4, 8, 10, 10]);
+        let largest = 1_000 + ENTRY_OVERHEAD_BYTES;
+        size.read(&[of_user(1, "a"), weighing(2, "a", largest + 1)]);
+        assert_eq!(
+            size.next(),
+            1,
+            "a larger entry than expected: one at a time"
+        );
+        size.read(&[weighing(3, "a", largest)]);
+        assert_eq!(
+            size.next(),
+            2,
+            "one of the largest size expected is no surprise"
+        );
+    }
+
+    #[tokio::test]
+    async fn feeders_get_room_in_the_order_they_asked() {
+        let event = 10_000;
+        let (budget, _) = budget(ANY, event + ENTRY_OVERHEAD_BYTES, event);
+        // The reader's blocking read has the whole budget.
+        let reader = room_now(&budget, ANY).await;
+        let claimer = budget.room(ANY);
+        tokio::pin!(claimer);
+        assert!(waits(&mut claimer).await);
+        // Its read comes back empty, and it asks again at once.
+        drop(reader);
+        let reader_again = budget.room(ANY);
+        tokio::pin!(reader_again);
+        assert!(
+            waits(&mut reader_again).await,
+            "the reader queues behind the claimer"
+        );
+        let claimed = tokio::time::timeout(Duration::from_secs(5), claimer)
+            .await
+            .expect("the claimer first")
+            .unwrap();
+        drop(claimed);
+        tokio::time::timeout(Duration::from_secs(5), reader_again)
+            .await
+            .expect("then the reader")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_feeder_waiting_for_room_stops_once_a_writer_is_gone() {
+        let (router, mut queues) = Router::new(1, budget(1, 1 << 20, 1024).0);
+        let room = room_now(&router.budget, ANY).await;
+        room.hold(&[of_user(0, "a")]);
+        let asking = router.room(ANY);
+        tokio::pin!(asking);
+        assert!(waits(&mut asking).await, "one entry held, room for one");
+        drop(queues.pop());
+        let answer = tokio::time::timeout(Duration::from_secs(5), asking)
+            .await
+            .expect("stops at once");
+        assert!(answer.is_none(), "the writers are gone");
+        assert!(!router.send(vec![of_user(1, "a")]));
     }
 }

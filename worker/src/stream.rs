@@ -52,6 +52,16 @@ impl Entry {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_slice())
     }
+
+    /// What the entry weighs in the read-ahead budget: its id, field names and values.
+    pub fn bytes(&self) -> usize {
+        self.id.len()
+            + self
+                .fields
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
 }
 
 /// The group's view of one stream for one consumer.
@@ -65,6 +75,8 @@ pub struct Streams {
     pub group: String,
     pub consumer: String,
     pub dlq: String,
+    /// `DLQ_MAXLEN`: the dead-letter stream is trimmed to this many entries.
+    dlq_maxlen: u64,
     block: Duration,
 }
 
@@ -102,6 +114,7 @@ impl Streams {
             group: config.consumer_group.clone(),
             consumer: config.worker_name.clone(),
             dlq: config.dlq_name.clone(),
+            dlq_maxlen: config.dlq_maxlen,
             block,
         })
     }
@@ -253,9 +266,11 @@ impl Streams {
     }
 
     /// Appends dead-letter entries to the DLQ; each is the original fields plus `dlq_*` fields.
-    pub async fn dead_letter(&self, letters: &[(&Entry, String)]) -> Result<(), StreamError> {
+    /// Then trims the DLQ to its newest `DLQ_MAXLEN` entries (exactly) and returns how many of
+    /// the oldest it removed.
+    pub async fn dead_letter(&self, letters: &[(&Entry, String)]) -> Result<u64, StreamError> {
         if letters.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let mut pipe = redis::pipe();
@@ -277,10 +292,15 @@ impl Streams {
                 .arg(crate::dlq::FIELD_GROUP)
                 .arg(&self.group)
                 .arg(crate::dlq::FIELD_AT)
-                .arg(&now);
+                .arg(&now)
+                .ignore();
         }
-        let _: Vec<Value> = pipe.query_async(&mut self.commands.clone()).await?;
-        Ok(())
+        pipe.cmd("XTRIM")
+            .arg(&self.dlq)
+            .arg("MAXLEN")
+            .arg(self.dlq_maxlen);
+        let (trimmed,): (u64,) = pipe.query_async(&mut self.commands.clone()).await?;
+        Ok(trimmed)
     }
 
     /// Deletes other consumers idle longer than `min_idle` that own no pending entries

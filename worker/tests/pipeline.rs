@@ -1353,3 +1353,129 @@ async fn concurrent_batches_over_the_same_users_do_not_deadlock() {
         hits as i64
     );
 }
+
+/// Events of `bytes` bytes of envelope JSON each (a `blob` property fills them).
+fn weighing(users: usize, count: usize, bytes: usize) -> Vec<entity::Envelope> {
+    (0..count)
+        .map(|i| {
+            let mut e = envelope(&format!("u{}", i % users), "upload", json!({"blob": ""}));
+            let blob = bytes.saturating_sub(e.to_json().len());
+            e.properties.insert("blob".into(), json!("x".repeat(blob)));
+            e
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_events_are_stored_once_without_holding_more_than_the_read_ahead_budget() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let mut redis = redis().await;
+    // Events just under MAX_EVENT_BYTES (1 MiB); the budget holds three.
+    let events = weighing(3, 16, 1_000_000);
+    assert!(events.iter().all(|e| e.to_json().len() <= 1 << 20));
+    publish(&mut redis, &keys.stream, &events).await;
+    let mut cfg = config(&db.url, &keys, "w");
+    cfg.max_event_bytes = 1 << 20;
+    cfg.read_ahead_bytes = 3 * (1 << 20) + 64 * 1024;
+    let budget = cfg.read_ahead_bytes as i64;
+    let (worker, metrics) = RunningWorker::start_observed(cfg);
+    wait_until(WAIT, "16 events stored, nothing pending", || async {
+        let mut r = redis.clone();
+        db.events().await == 16
+            && xlen(&mut r, &keys.stream).await == 0
+            && pending(&mut r, &keys).await == 0
+    })
+    .await;
+    worker.stop().await.unwrap();
+
+    assert_eq!(
+        db.count("SELECT sum(event_count)::bigint FROM user_profiles")
+            .await,
+        16,
+        "each counted once"
+    );
+    assert_eq!(
+        db.count("SELECT min(length(properties->>'blob'))::bigint FROM events")
+            .await,
+        events[0].properties["blob"].as_str().unwrap().len() as i64,
+        "stored whole"
+    );
+    assert_eq!(xlen(&mut redis, &keys.dlq).await, 0);
+    let peak = metrics.read_ahead_peak_bytes.get();
+    assert!(
+        (1_000_000..=budget).contains(&peak),
+        "held at most READ_AHEAD_BYTES ({budget}) at once: {peak}"
+    );
+    assert_eq!(metrics.read_ahead_bytes.get(), 0, "all finished");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_larger_than_the_whole_read_ahead_budget_is_stored_not_stuck() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let mut redis = redis().await;
+    // Queued before the api refused events over MAX_EVENT_BYTES: 1 MB, with a 64 KiB limit and a
+    // 128 KiB budget, between events of an ordinary size.
+    let mut events = vec![envelope("u1", "click", json!({}))];
+    events.extend(weighing(1, 1, 1_000_000));
+    events.push(envelope("u2", "click", json!({})));
+    publish(&mut redis, &keys.stream, &events).await;
+    let mut cfg = config(&db.url, &keys, "w");
+    cfg.max_event_bytes = 64 * 1024;
+    cfg.read_ahead_bytes = 128 * 1024;
+    let (worker, metrics) = RunningWorker::start_observed(cfg);
+    wait_until(WAIT, "3 events stored, nothing pending", || async {
+        let mut r = redis.clone();
+        db.events().await == 3
+            && xlen(&mut r, &keys.stream).await == 0
+            && pending(&mut r, &keys).await == 0
+    })
+    .await;
+    worker.stop().await.unwrap();
+    assert_eq!(xlen(&mut redis, &keys.dlq).await, 0);
+    assert!(metrics.read_ahead_peak_bytes.get() >= 1_000_000);
+    assert_eq!(metrics.read_ahead_bytes.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letter_stream_keeps_its_newest_dlq_maxlen_entries() {
+    let db = TestDb::create().await;
+    let keys = Keys::new();
+    let mut redis = redis().await;
+    let mut poison = Vec::new();
+    for i in 0..5 {
+        let event = format!("{{not json {i}");
+        poison.push(publish_raw(&mut redis, &keys.stream, &[("v", "1"), ("event", &event)]).await);
+    }
+    let mut cfg = config(&db.url, &keys, "w");
+    cfg.dlq_maxlen = 3;
+    let (worker, metrics) = RunningWorker::start_observed(cfg);
+    wait_until(WAIT, "5 dead-lettered, nothing pending", || async {
+        let mut r = redis.clone();
+        metrics
+            .dead_lettered
+            .with_label_values(&["undecodable"])
+            .get()
+            == 5
+            && pending(&mut r, &keys).await == 0
+    })
+    .await;
+    worker.stop().await.unwrap();
+
+    assert_eq!(xlen(&mut redis, &keys.dlq).await, 3);
+    assert_eq!(
+        metrics.dead_letters_trimmed.get(),
+        2,
+        "the two oldest removed"
+    );
+    let mut kept: Vec<String> = DeadLetters::new(redis.clone(), &keys.dlq, &keys.stream)
+        .list(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.field(dlq::FIELD_ENTRY_ID).unwrap())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, poison[2..], "the newest three kept");
+}

@@ -188,9 +188,12 @@ pub fn config(db_url: &str, keys: &Keys, worker_name: &str) -> Config {
         write_concurrency: 2,
         queue_name: keys.stream.clone(),
         dlq_name: keys.dlq.clone(),
+        dlq_maxlen: worker::config::DEFAULT_DLQ_MAXLEN,
         consumer_group: keys.group.clone(),
         worker_name: worker_name.to_string(),
         batch_size: 50,
+        read_ahead_bytes: worker::config::DEFAULT_READ_AHEAD_BYTES,
+        max_event_bytes: worker::config::DEFAULT_MAX_EVENT_BYTES,
         flush_interval: Duration::from_millis(100),
         claim_interval: Duration::from_millis(100),
         claim_idle: Duration::from_secs(60),
@@ -347,6 +350,19 @@ impl RunningWorker {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(worker::run_with(config, enricher, shutdown.clone()));
         Self { shutdown, task }
+    }
+
+    /// A worker with the counting enricher, and its metrics (what its `/metrics` would show).
+    pub fn start_observed(config: Config) -> (Self, Arc<worker::metrics::WorkerMetrics>) {
+        let metrics = Arc::new(worker::metrics::WorkerMetrics::new());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(worker::pipeline::run(
+            config,
+            counting(false).1,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        (Self { shutdown, task }, metrics)
     }
 
     /// Graceful stop; returns the worker's result.
