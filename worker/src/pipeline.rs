@@ -23,6 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use chrono::{DateTime, Utc};
 use entity::{
     Envelope,
     envelope::{FIELD_EVENT, FIELD_TRACEPARENT},
@@ -39,9 +40,10 @@ use crate::{
     WorkerError,
     config::Config,
     enrich::Enricher,
+    erasure,
     metrics::WorkerMetrics,
-    store::{self, StoreError, StoredEvent},
-    stream::{Entry, StreamError, Streams},
+    store::{self, StoreError, StoredEvent, Written},
+    stream::{Entry, Streams},
     telemetry,
 };
 
@@ -168,7 +170,8 @@ pub async fn run(
     let report = enricher.rules().map(|rules| {
         tokio::spawn(crate::unmatched::report_loop(
             rules,
-            crate::unmatched::UnmatchedReport::new(streams.commands(), &config.queue_name),
+            crate::unmatched::UnmatchedReport::new(streams.commands(), &config.queue_name)
+                .with_erasures(db.clone()),
             metrics.clone(),
             report_stop.clone(),
         ))
@@ -716,16 +719,16 @@ async fn process(
 
     let (good, events): (Vec<Entry>, Vec<StoredEvent>) = good.into_iter().unzip();
     let started = Instant::now();
-    let (inserted, rejected) = store(ctx, &events, ruleset.version(), hard_stop).await?;
+    let (written, rejected) = store(ctx, &events, ruleset.version(), hard_stop).await?;
     if !events.is_empty() {
         metrics
             .db_write_seconds
             .observe(started.elapsed().as_secs_f64());
     }
-    metrics.events_stored.inc_by(inserted as u64);
-    metrics
-        .events_duplicate
-        .inc_by((events.len() - inserted - rejected.len()) as u64);
+    let duplicates = events.len() - written.stored - written.erased - rejected.len();
+    metrics.events_stored.inc_by(written.stored as u64);
+    metrics.events_erased.inc_by(written.erased as u64);
+    metrics.events_duplicate.inc_by(duplicates as u64);
     let mut rejected: HashMap<usize, String> = rejected.into_iter().collect();
     for (i, entry) in good.into_iter().enumerate() {
         match rejected.remove(&i) {
@@ -741,27 +744,69 @@ async fn process(
     }
 
     if !poison.is_empty() {
-        let letters: Vec<(&Entry, String)> =
-            poison.iter().map(|(e, p)| (e, p.error.clone())).collect();
-        redis_retrying(hard_stop, "dead-letter entries", || {
-            ctx.streams.dead_letter(&letters)
+        let erased = retrying(hard_stop, "dead-letter entries", || {
+            dead_letter(ctx, &poison)
         })
         .await?;
-        for (entry, Poison { reason, error }) in &poison {
+        for ((entry, Poison { reason, error }), erased) in poison.iter().zip(&erased) {
+            if *erased {
+                metrics.events_erased.inc();
+                tracing::debug!(id = %entry.id, "entry of an erased user dropped, not dead-lettered");
+                continue;
+            }
             metrics.dead_lettered.with_label_values(&[reason]).inc();
             tracing::warn!(id = %entry.id, deliveries = entry.deliveries, %error, dlq = %ctx.config.dlq_name, "entry dead-lettered");
         }
         ack.extend(poison.into_iter().map(|(e, _)| e.id));
     }
-    redis_retrying(hard_stop, "acknowledge entries", || ctx.streams.ack(&ack)).await?;
+    retrying(hard_stop, "acknowledge entries", || ctx.streams.ack(&ack)).await?;
     tracing::debug!(
         entries,
-        stored = inserted,
-        duplicates = events.len() - inserted,
+        stored = written.stored,
+        erased = written.erased,
+        duplicates,
         "batch done"
     );
     Ok(())
 }
+
+/// Appends the `poison` entries to the dead-letter stream, except those of users erased after
+/// the entry was received (or at an unknown time): those are dropped, as their events are.
+/// Returns which entries were dropped. Entries with a readable user are written under the
+/// erasure locks of their users ([`erasure::guarded`]), so an erasure that scans the
+/// dead-letter stream either finds them or is seen here.
+async fn dead_letter(ctx: &Context, poison: &[(Entry, Poison)]) -> Result<Vec<bool>, BoxError> {
+    let users: Vec<Option<(String, Option<DateTime<Utc>>)>> = poison
+        .iter()
+        .map(|(entry, _)| entry.field(FIELD_EVENT).and_then(erasure::event_user))
+        .collect();
+    let mut ids: Vec<&str> = users.iter().flatten().map(|(id, _)| id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let append = async |tombstones: &erasure::Tombstones| {
+        let erased: Vec<bool> = users
+            .iter()
+            .map(|user| {
+                user.as_ref()
+                    .is_some_and(|(id, at)| tombstones.erases(id, *at))
+            })
+            .collect();
+        let letters: Vec<(&Entry, String)> = poison
+            .iter()
+            .zip(&erased)
+            .filter(|(_, erased)| !**erased)
+            .map(|((entry, p), _)| (entry, p.error.clone()))
+            .collect();
+        ctx.streams.dead_letter(&letters).await.map(|()| erased)
+    };
+    if ids.is_empty() {
+        return Ok(append(&erasure::Tombstones::default()).await?);
+    }
+    Ok(erasure::guarded(&ctx.db, &ids, append).await??)
+}
+
+/// Any error of a step retried as a whole.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Entries decoded and enriched between two yields to the other tasks (about half a millisecond).
 const YIELD_EVERY: usize = 32;
@@ -780,14 +825,15 @@ impl Poison {
 
 /// Stores events; on a data error, stores each half on its own, and so on down to the events
 /// Postgres rejects alone (a few bad events among `BATCH_SIZE` take a few dozen transactions,
-/// not one per event). Returns how many were new, and the rejected ones by index with the error.
+/// not one per event). Returns how many were stored or erased, and the rejected ones by index
+/// with the error.
 async fn store(
     ctx: &Context,
     events: &[StoredEvent],
     rules_version: &str,
     hard_stop: &CancellationToken,
-) -> Result<(usize, Vec<(usize, String)>), Aborted> {
-    let mut inserted = 0;
+) -> Result<(Written, Vec<(usize, String)>), Aborted> {
+    let mut written = Written::default();
     let mut rejected = Vec::new();
     // Ranges of `events` still to store, the next one last.
     let mut ranges = Vec::new();
@@ -797,7 +843,10 @@ async fn store(
             continue;
         }
         match write_retrying(ctx, &events[range.clone()], rules_version, hard_stop).await? {
-            Ok(n) => inserted += n,
+            Ok(part) => {
+                written.stored += part.stored;
+                written.erased += part.erased;
+            }
             Err(error) if range.len() == 1 => rejected.push((range.start, error.to_string())),
             Err(error) => {
                 if range.len() == events.len() {
@@ -809,7 +858,7 @@ async fn store(
             }
         }
     }
-    Ok((inserted, rejected))
+    Ok((written, rejected))
 }
 
 /// Retries transient failures (Postgres down, timeouts, deadlocks) with capped exponential backoff
@@ -819,7 +868,7 @@ async fn write_retrying(
     events: &[StoredEvent],
     rules_version: &str,
     hard_stop: &CancellationToken,
-) -> Result<Result<usize, StoreError>, Aborted> {
+) -> Result<Result<Written, StoreError>, Aborted> {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     let mut failures = 0u32;
     loop {
@@ -832,11 +881,11 @@ async fn write_retrying(
             _ = hard_stop.cancelled() => return Err(Aborted),
         };
         match result {
-            Ok(inserted) => {
+            Ok(written) => {
                 if failures > 0 {
                     tracing::info!(failures, "database reachable again: batch stored");
                 }
-                return Ok(Ok(inserted));
+                return Ok(Ok(written));
             }
             Err(error) if error.is_data_error() => return Ok(Err(error)),
             Err(error) => {
@@ -852,20 +901,23 @@ async fn write_retrying(
     }
 }
 
-async fn redis_retrying<F, Fut>(
+/// Retries `op` (a Redis or Postgres step of a batch) with capped exponential backoff until it
+/// succeeds or the writer is told to give up.
+async fn retrying<T, E, F, Fut>(
     hard_stop: &CancellationToken,
     what: &str,
     mut op: F,
-) -> Result<(), Aborted>
+) -> Result<T, Aborted>
 where
+    E: std::fmt::Display,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), StreamError>>,
+    Fut: Future<Output = Result<T, E>>,
 {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let error = tokio::select! {
             result = op() => match result {
-                Ok(()) => return Ok(()),
+                Ok(value) => return Ok(value),
                 Err(error) => error,
             },
             _ = hard_stop.cancelled() => return Err(Aborted),
