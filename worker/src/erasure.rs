@@ -125,6 +125,18 @@ pub async fn guarded<T>(
     Ok(written)
 }
 
+/// `time` rounded up to the microsecond, Postgres' precision: the time an erasure records, so
+/// that every event received before the erasure was asked for (`received_at` carries
+/// nanoseconds) counts as received at or before it.
+pub fn round_up_to_micros(time: DateTime<Utc>) -> DateTime<Utc> {
+    let below = time.timestamp_subsec_nanos() % 1000;
+    if below == 0 {
+        time
+    } else {
+        time + chrono::Duration::nanoseconds(i64::from(1000 - below))
+    }
+}
+
 /// What an erasure removed from Postgres.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ErasedRows {
@@ -224,6 +236,21 @@ mod tests {
             "500 users spread over every bucket"
         );
         assert!(b.iter().all(|&b| (0..BUCKETS as i32).contains(&b)));
+    }
+
+    #[test]
+    fn erasure_times_round_up_to_the_microsecond() {
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        assert_eq!(
+            round_up_to_micros(at("2026-12-10T10:00:00.123456001Z")),
+            at("2026-12-10T10:00:00.123457Z")
+        );
+        assert_eq!(
+            round_up_to_micros(at("2026-12-10T10:00:00.999999999Z")),
+            at("2026-12-10T10:00:01Z")
+        );
+        let exact = at("2026-12-10T10:00:00.123456Z");
+        assert_eq!(round_up_to_micros(exact), exact);
     }
 
     #[test]

@@ -49,6 +49,7 @@ pub async fn erase(
     ids: &[&str],
     erased_at: DateTime<Utc>,
 ) -> Result<Erased, EraseError> {
+    let erased_at = erasure::round_up_to_micros(erased_at);
     let rows = erasure::erase_stored(&state.db, ids, erased_at).await?;
     let dead_letters = DeadLetters::new(
         state.publisher.connection(),
