@@ -5,6 +5,7 @@ pub use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::{DatabaseConnection, DbBackend, Statement, TransactionTrait};
 
 mod m20261128_000001_events_and_profiles;
+mod m20261210_000001_erasures;
 
 /// Advisory lock key held while migrating (`pg_advisory_xact_lock`), so that replicas starting
 /// together apply each migration once. Arbitrary but fixed: "ctxmigr" in ASCII.
@@ -15,7 +16,10 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261128_000001_events_and_profiles::Migration)]
+        vec![
+            Box::new(m20261128_000001_events_and_profiles::Migration),
+            Box::new(m20261210_000001_erasures::Migration),
+        ]
     }
 }
 

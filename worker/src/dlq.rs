@@ -1,9 +1,14 @@
 //! The dead-letter stream: entries the worker could not store, with why, and the operator's tools
 //! to look at them, put them back on the main stream, or drop them.
 
+use chrono::{DateTime, Utc};
+use entity::envelope::FIELD_EVENT;
 use redis::{Value, aio::ConnectionManager};
 
-use crate::stream::StreamError;
+use crate::{
+    erasure::{self, Tombstones},
+    stream::StreamError,
+};
 
 /// Stream the entry came from.
 pub const FIELD_SOURCE: &str = "dlq_source";
@@ -145,6 +150,45 @@ impl DeadLetters {
                 Ok((deleted, missing))
             }
         }
+    }
+
+    /// Deletes the dead letters of the users `ids` (their original event's `distinct_id`)
+    /// received at or before `erased_at`, or at an unknown time: the dead-letter stream's part of
+    /// an erasure. Scans the whole stream, a page at a time. Returns how many were deleted.
+    pub async fn erase(&self, ids: &[&str], erased_at: DateTime<Utc>) -> Result<u64, StreamError> {
+        let tombstones = Tombstones::of(ids, erased_at);
+        let mut deleted = 0;
+        let mut start = "-".to_string();
+        loop {
+            let page = self.range(&start, "+", PAGE).await?;
+            let Some(last) = page.last() else { break };
+            start = format!("({}", last.id);
+            let done = page.len() < PAGE;
+            let erased: Vec<&str> = page
+                .iter()
+                .filter(|letter| {
+                    letter
+                        .fields
+                        .iter()
+                        .find(|(k, _)| k == FIELD_EVENT)
+                        .and_then(|(_, event)| erasure::event_user(event))
+                        .is_some_and(|(id, at)| tombstones.erases(&id, at))
+                })
+                .map(|letter| letter.id.as_str())
+                .collect();
+            if !erased.is_empty() {
+                let n: u64 = redis::cmd("XDEL")
+                    .arg(&self.dlq)
+                    .arg(&erased)
+                    .query_async(&mut self.conn.clone())
+                    .await?;
+                deleted += n;
+            }
+            if done {
+                break;
+            }
+        }
+        Ok(deleted)
     }
 
     async fn select(

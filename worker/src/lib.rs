@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod dlq;
 pub mod enrich;
+pub mod erasure;
 pub mod http;
 pub mod metrics;
 pub mod pg;

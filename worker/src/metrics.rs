@@ -191,6 +191,8 @@ pub struct WorkerMetrics {
     pub events_stored: IntCounter,
     /// Events already stored (redeliveries after a commit).
     pub events_duplicate: IntCounter,
+    /// Events (and dead letters) dropped because their user was erased after they were received.
+    pub events_erased: IntCounter,
     /// Entries sent to the dead-letter stream, by reason.
     pub dead_lettered: IntCounterVec,
     /// Dead letters removed from the dead-letter stream to keep it within `DLQ_MAXLEN`.
@@ -252,6 +254,11 @@ impl WorkerMetrics {
                 r,
                 "worker_events_duplicate_total",
                 "Events delivered again after they were stored (skipped, not counted twice)",
+            ),
+            events_erased: counter(
+                r,
+                "worker_events_erased_total",
+                "Events dropped because their user was erased after they were received",
             ),
             dead_lettered: counter_vec(
                 r,

@@ -24,6 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use chrono::{DateTime, Utc};
 use entity::{
     Envelope,
     envelope::{FIELD_EVENT, FIELD_TRACEPARENT},
@@ -41,9 +42,10 @@ use crate::{
     WorkerError,
     config::Config,
     enrich::Enricher,
+    erasure,
     metrics::WorkerMetrics,
-    store::{self, StoreError, StoredEvent},
-    stream::{Entry, StreamError, Streams},
+    store::{self, StoreError, StoredEvent, Written},
+    stream::{Entry, Streams},
     telemetry,
 };
 
@@ -170,7 +172,8 @@ pub async fn run(
     let report = enricher.rules().map(|rules| {
         tokio::spawn(crate::unmatched::report_loop(
             rules,
-            crate::unmatched::UnmatchedReport::new(streams.commands(), &config.queue_name),
+            crate::unmatched::UnmatchedReport::new(streams.commands(), &config.queue_name)
+                .with_erasures(db.clone()),
             metrics.clone(),
             report_stop.clone(),
         ))
@@ -277,14 +280,16 @@ async fn consume(
     let mut writer = tokio::spawn(async move {
         // Ends when every writer has (their queues closed, or the grace period ran out), or as
         // soon as one ends before shutdown (a panic): its users' entries could not be stored.
+        // Answers whether one ended before shutdown.
         while let Some(result) = writers.join_next().await {
             if let Err(error) = result {
                 tracing::error!(%error, "writer task failed");
             }
             if !stopping.is_cancelled() {
-                return;
+                return true;
             }
         }
+        false
     });
 
     let early = tokio::select! {
@@ -293,7 +298,10 @@ async fn consume(
         result = &mut writer => Some(result),
         _ = shutdown.cancelled() => None,
     };
-    if let Some(result) = early {
+    // Every writer may also have finished after shutdown began, before this task looked: a
+    // clean stop (it was reported as a writer ending early, an error, on a busy machine).
+    let writers_done = matches!(early, Some(Ok(false)));
+    if let Some(result) = early.filter(|_| !writers_done) {
         feeders.abort_all();
         hard_stop.cancel();
         return Err(WorkerError::Stopped(format!(
@@ -301,9 +309,10 @@ async fn consume(
         )));
     }
     tracing::info!(grace = ?ctx.config.shutdown_timeout, "shutting down: storing what was read");
-    let finished = tokio::time::timeout(ctx.config.shutdown_timeout, &mut writer)
-        .await
-        .is_ok();
+    let finished = writers_done
+        || tokio::time::timeout(ctx.config.shutdown_timeout, &mut writer)
+            .await
+            .is_ok();
     if !finished {
         tracing::warn!(
             "shutdown grace period over: unfinished entries stay pending for other replicas"
@@ -976,16 +985,16 @@ async fn process(
 
     let (good, events): (Vec<Entry>, Vec<StoredEvent>) = good.into_iter().unzip();
     let started = Instant::now();
-    let (inserted, rejected) = store(ctx, &events, ruleset.version(), hard_stop).await?;
+    let (written, rejected) = store(ctx, &events, ruleset.version(), hard_stop).await?;
     if !events.is_empty() {
         metrics
             .db_write_seconds
             .observe(started.elapsed().as_secs_f64());
     }
-    metrics.events_stored.inc_by(inserted as u64);
-    metrics
-        .events_duplicate
-        .inc_by((events.len() - inserted - rejected.len()) as u64);
+    let duplicates = events.len() - written.stored - written.erased - rejected.len();
+    metrics.events_stored.inc_by(written.stored as u64);
+    metrics.events_erased.inc_by(written.erased as u64);
+    metrics.events_duplicate.inc_by(duplicates as u64);
     let mut rejected: HashMap<usize, String> = rejected.into_iter().collect();
     for (i, entry) in good.into_iter().enumerate() {
         match rejected.remove(&i) {
@@ -1001,13 +1010,16 @@ async fn process(
     }
 
     if !poison.is_empty() {
-        let letters: Vec<(&Entry, String)> =
-            poison.iter().map(|(e, p)| (e, p.error.clone())).collect();
-        let trimmed = redis_retrying(hard_stop, "dead-letter entries", || {
-            ctx.streams.dead_letter(&letters)
+        let (erased, trimmed) = retrying(hard_stop, "dead-letter entries", || {
+            dead_letter(ctx, &poison)
         })
         .await?;
-        for (entry, Poison { reason, error }) in &poison {
+        for ((entry, Poison { reason, error }), erased) in poison.iter().zip(&erased) {
+            if *erased {
+                metrics.events_erased.inc();
+                tracing::debug!(id = %entry.id, "entry of an erased user dropped, not dead-lettered");
+                continue;
+            }
             metrics.dead_lettered.with_label_values(&[reason]).inc();
             tracing::warn!(id = %entry.id, deliveries = entry.deliveries, %error, dlq = %ctx.config.dlq_name, "entry dead-lettered");
         }
@@ -1022,15 +1034,60 @@ async fn process(
         }
         ack.extend(poison.into_iter().map(|(e, _)| e.id));
     }
-    redis_retrying(hard_stop, "acknowledge entries", || ctx.streams.ack(&ack)).await?;
+    retrying(hard_stop, "acknowledge entries", || ctx.streams.ack(&ack)).await?;
     tracing::debug!(
         entries,
-        stored = inserted,
-        duplicates = events.len() - inserted,
+        stored = written.stored,
+        erased = written.erased,
+        duplicates,
         "batch done"
     );
     Ok(())
 }
+
+/// Appends the `poison` entries to the dead-letter stream, except those of users erased after
+/// the entry was received (or at an unknown time): those are dropped, as their events are.
+/// Returns which entries were dropped, and how many old dead letters `DLQ_MAXLEN` trimmed. Entries with a readable user are written under the
+/// erasure locks of their users ([`erasure::guarded`]), so an erasure that scans the
+/// dead-letter stream either finds them or is seen here.
+async fn dead_letter(
+    ctx: &Context,
+    poison: &[(Entry, Poison)],
+) -> Result<(Vec<bool>, u64), BoxError> {
+    let users: Vec<Option<(String, Option<DateTime<Utc>>)>> = poison
+        .iter()
+        .map(|(entry, _)| entry.field(FIELD_EVENT).and_then(erasure::event_user))
+        .collect();
+    let mut ids: Vec<&str> = users.iter().flatten().map(|(id, _)| id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let append = async |tombstones: &erasure::Tombstones| {
+        let erased: Vec<bool> = users
+            .iter()
+            .map(|user| {
+                user.as_ref()
+                    .is_some_and(|(id, at)| tombstones.erases(id, *at))
+            })
+            .collect();
+        let letters: Vec<(&Entry, String)> = poison
+            .iter()
+            .zip(&erased)
+            .filter(|(_, erased)| !**erased)
+            .map(|((entry, p), _)| (entry, p.error.clone()))
+            .collect();
+        ctx.streams
+            .dead_letter(&letters)
+            .await
+            .map(|trimmed| (erased, trimmed))
+    };
+    if ids.is_empty() {
+        return Ok(append(&erasure::Tombstones::default()).await?);
+    }
+    Ok(erasure::guarded(&ctx.db, &ids, append).await??)
+}
+
+/// Any error of a step retried as a whole.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Entries decoded and enriched between two yields to the other tasks (about half a millisecond).
 const YIELD_EVERY: usize = 32;
@@ -1049,14 +1106,15 @@ impl Poison {
 
 /// Stores events; on a data error, stores each half on its own, and so on down to the events
 /// Postgres rejects alone (a few bad events among `BATCH_SIZE` take a few dozen transactions,
-/// not one per event). Returns how many were new, and the rejected ones by index with the error.
+/// not one per event). Returns how many were stored or erased, and the rejected ones by index
+/// with the error.
 async fn store(
     ctx: &Context,
     events: &[StoredEvent],
     rules_version: &str,
     hard_stop: &CancellationToken,
-) -> Result<(usize, Vec<(usize, String)>), Aborted> {
-    let mut inserted = 0;
+) -> Result<(Written, Vec<(usize, String)>), Aborted> {
+    let mut written = Written::default();
     let mut rejected = Vec::new();
     // Ranges of `events` still to store, the next one last.
     let mut ranges = Vec::new();
@@ -1066,7 +1124,10 @@ async fn store(
             continue;
         }
         match write_retrying(ctx, &events[range.clone()], rules_version, hard_stop).await? {
-            Ok(n) => inserted += n,
+            Ok(part) => {
+                written.stored += part.stored;
+                written.erased += part.erased;
+            }
             Err(error) if range.len() == 1 => rejected.push((range.start, error.to_string())),
             Err(error) => {
                 if range.len() == events.len() {
@@ -1078,7 +1139,7 @@ async fn store(
             }
         }
     }
-    Ok((inserted, rejected))
+    Ok((written, rejected))
 }
 
 /// Retries transient failures (Postgres down, timeouts, deadlocks) with capped exponential backoff
@@ -1088,7 +1149,7 @@ async fn write_retrying(
     events: &[StoredEvent],
     rules_version: &str,
     hard_stop: &CancellationToken,
-) -> Result<Result<usize, StoreError>, Aborted> {
+) -> Result<Result<Written, StoreError>, Aborted> {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     let mut failures = 0u32;
     loop {
@@ -1101,11 +1162,11 @@ async fn write_retrying(
             _ = hard_stop.cancelled() => return Err(Aborted),
         };
         match result {
-            Ok(inserted) => {
+            Ok(written) => {
                 if failures > 0 {
                     tracing::info!(failures, "database reachable again: batch stored");
                 }
-                return Ok(Ok(inserted));
+                return Ok(Ok(written));
             }
             Err(error) if error.is_data_error() => return Ok(Err(error)),
             Err(error) => {
@@ -1121,14 +1182,17 @@ async fn write_retrying(
     }
 }
 
-async fn redis_retrying<T, F, Fut>(
+/// Retries `op` (a Redis or Postgres step of a batch) with capped exponential backoff until it
+/// succeeds or the writer is told to give up.
+async fn retrying<T, E, F, Fut>(
     hard_stop: &CancellationToken,
     what: &str,
     mut op: F,
 ) -> Result<T, Aborted>
 where
+    E: std::fmt::Display,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, StreamError>>,
+    Fut: Future<Output = Result<T, E>>,
 {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {

@@ -249,7 +249,8 @@ const KEYED_PLANS: [(&str, &str); 3] = [
 ];
 
 /// Every statement a batch may run, for [`warm_up`].
-const STATEMENTS: [&str; 6] = [
+const STATEMENTS: [&str; 7] = [
+    crate::erasure::LOCK_SHARED,
     INSERT_NEW_EVENTS,
     INSERT_SESSIONS_AND_NEW_PROFILES,
     INSERT_NEW_PROFILES,
@@ -319,8 +320,20 @@ fn options(config: &Config) -> ConnectOptions {
     options
 }
 
-/// Stores a batch in one transaction; returns how many events were new.
-/// Events already stored (redeliveries) are skipped and not counted again.
+/// What storing a batch did with its events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Events stored (new rows; the batch's others were stored before, or erased).
+    pub stored: usize,
+    /// Events dropped because their user was erased after they were received (a tombstone in
+    /// `erasures`, see [`crate::erasure`]): done, not lost.
+    pub erased: usize,
+}
+
+/// Stores a batch in one transaction. Events already stored (redeliveries) are skipped and not
+/// counted again; events of users erased after they were received are dropped (the
+/// transaction's first statement waits for any erasure of the batch's users in progress, then
+/// reads their tombstones: [`crate::erasure::lock_shared`]).
 ///
 /// Events are written with `COPY` ([`COPY_EVENTS`]). Every other table is written by one statement
 /// of fixed text whatever the batch size, its rows passed as one array per column and expanded by
@@ -333,7 +346,7 @@ pub async fn write_batch(
     known: &KnownProfiles,
     events: &[StoredEvent],
     rules_version: &str,
-) -> Result<usize, StoreError> {
+) -> Result<Written, StoreError> {
     let mut sorted: Vec<&StoredEvent> = events.iter().collect();
     sorted.sort_by_key(|e| e.uuid);
     sorted.dedup_by_key(|e| e.uuid);
@@ -397,10 +410,29 @@ async fn write_sorted(
     sorted: &[&StoredEvent],
     rules_version: &str,
     inserts: Inserts,
-) -> Result<usize, StoreError> {
+) -> Result<Written, StoreError> {
     let started = std::time::Instant::now();
     let mut txn = db.get_postgres_connection_pool().begin().await?;
-    let new: Vec<&StoredEvent> =
+    let mut users: Vec<&str> = sorted.iter().map(|e| e.distinct_id.as_str()).collect();
+    users.sort_unstable();
+    users.dedup();
+    let tombstones = crate::erasure::lock_shared(&mut txn, &users).await?;
+    let received = sorted.len();
+    let kept: Vec<&StoredEvent>;
+    let sorted = if tombstones.is_empty() {
+        sorted
+    } else {
+        kept = sorted
+            .iter()
+            .copied()
+            .filter(|e| !tombstones.erases(&e.distinct_id, Some(e.received_at)))
+            .collect();
+        &kept[..]
+    };
+    let erased = received - sorted.len();
+    let new: Vec<&StoredEvent> = if sorted.is_empty() {
+        Vec::new()
+    } else {
         match insert_events(&mut txn, sorted, rules_version, inserts).await? {
             None => sorted.to_vec(),
             Some(created) => sorted
@@ -408,7 +440,8 @@ async fn write_sorted(
                 .copied()
                 .filter(|e| created.contains(&e.uuid))
                 .collect(),
-        };
+        }
+    };
     let events_done = started.elapsed();
     let mut sessions_done = events_done;
     let mut created: Vec<String> = Vec::new();
@@ -434,7 +467,10 @@ async fn write_sorted(
     txn.commit().await?;
     known.remember(created);
     tracing::trace!(events = ?events_done, sessions = ?sessions_done, profiles = ?profiles_done, total = ?started.elapsed(), "batch transaction");
-    Ok(new.len())
+    Ok(Written {
+        stored: new.len(),
+        erased,
+    })
 }
 
 type Txn = sqlx::Transaction<'static, sqlx::Postgres>;

@@ -6,15 +6,21 @@
 //! `<QUEUE_NAME>:unmatched:shapes` (hash: shape id → the shape as JSON, with its first example).
 //! Replicas add their in-memory counts every [`FLUSH_INTERVAL`]; after every successful rules
 //! reload each replica drops the shapes the new rules describe.
+//!
+//! Examples are events, so they hold user data: an erasure removes the shapes whose example is
+//! the erased user's ([`UnmatchedReport::erase`]), and a replica's flush leaves out the shapes
+//! whose example belongs to an erased user (see [`UnmatchedReport::with_erasures`]).
 
 use std::{sync::Arc, time::Duration};
 
 use redis::aio::ConnectionManager;
+use sea_orm::DatabaseConnection;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    erasure,
     metrics::WorkerMetrics,
     rules::{EventInput, RuleSet, RulesHandle, UnmatchedShape},
 };
@@ -31,6 +37,22 @@ pub struct UnmatchedReport {
     conn: ConnectionManager,
     counts_key: String,
     shapes_key: String,
+    /// Where erasures are recorded, when [`Self::add`] must leave out erased users' examples.
+    erasures: Option<DatabaseConnection>,
+}
+
+/// Why counts could not be added to the report.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    #[error("redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("reading the erasures: {0}")]
+    Erasures(#[from] crate::store::StoreError),
+}
+
+/// The user of a shape's example.
+fn example_user(shape: &UnmatchedShape) -> Option<&str> {
+    shape.example.as_ref()?.get("distinct_id")?.as_str()
 }
 
 /// The id of a shape: a hash of what makes it distinct.
@@ -61,17 +83,71 @@ impl UnmatchedReport {
             conn,
             counts_key,
             shapes_key,
+            erasures: None,
         }
+    }
+
+    /// This report, whose [`Self::add`] leaves out the shapes whose example belongs to a user
+    /// erased in `db` (at any time: an erased user's events are never shown as examples), and
+    /// writes the others under the erasure locks of their examples' users
+    /// ([`erasure::guarded`]): an erasure either finds the example in the report (and removes it)
+    /// or is seen by the flush. What replicas add; the api only reads and erases.
+    pub fn with_erasures(mut self, db: DatabaseConnection) -> Self {
+        self.erasures = Some(db);
+        self
+    }
+
+    /// Removes the shapes whose example belongs to one of `ids` (their counts go with them: the
+    /// shape comes back, with another example, from the next unmatched event of its kind).
+    /// Returns how many were removed.
+    pub async fn erase(&self, ids: &[&str]) -> Result<u64, redis::RedisError> {
+        let all: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(&self.shapes_key)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let erased: Vec<String> = all
+            .into_iter()
+            .filter(|(_, json)| {
+                serde_json::from_str::<UnmatchedShape>(json)
+                    .ok()
+                    .is_some_and(|shape| example_user(&shape).is_some_and(|u| ids.contains(&u)))
+            })
+            .map(|(id, _)| id)
+            .collect();
+        self.remove(&erased).await?;
+        Ok(erased.len() as u64)
     }
 
     /// Adds counts (and, for shapes not seen before, their description and example), all or
     /// none (MULTI/EXEC): an error means nothing was added, so the caller may add the same counts
     /// again (unless Redis applied them and only its answer was lost: then they count twice).
     /// Trimming the report to [`MAX_SHAPES`] afterwards is best effort and never an error.
-    pub async fn add(&self, shapes: &[UnmatchedShape]) -> Result<(), redis::RedisError> {
+    /// With [`Self::with_erasures`], shapes whose example belongs to an erased user are left out
+    /// (their counts too) and an error may also be Postgres'.
+    pub async fn add(&self, shapes: &[UnmatchedShape]) -> Result<(), AddError> {
         if shapes.is_empty() {
             return Ok(());
         }
+        let mut users: Vec<&str> = shapes.iter().filter_map(example_user).collect();
+        users.sort_unstable();
+        users.dedup();
+        let Some(db) = self.erasures.as_ref().filter(|_| !users.is_empty()) else {
+            return Ok(self.add_shapes(shapes.iter()).await?);
+        };
+        let write = async |tombstones: &erasure::Tombstones| {
+            let kept = shapes.iter().filter(|shape| {
+                example_user(shape).is_none_or(|u| tombstones.erased_at(u).is_none())
+            });
+            self.add_shapes(kept).await
+        };
+        Ok(erasure::guarded(db, &users, write).await??)
+    }
+
+    /// [`Self::add`] without looking at erasures.
+    async fn add_shapes(
+        &self,
+        shapes: impl Iterator<Item = &UnmatchedShape>,
+    ) -> Result<(), redis::RedisError> {
         let mut pipe = redis::pipe();
         pipe.atomic();
         for shape in shapes {

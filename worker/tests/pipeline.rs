@@ -252,7 +252,8 @@ async fn redelivery_after_commit_is_neither_stored_nor_counted_twice() {
     assert_eq!(
         worker::store::write_batch(&db.conn, &Default::default(), &rows, "v0")
             .await
-            .unwrap(),
+            .unwrap()
+            .stored,
         10
     );
 
@@ -724,7 +725,8 @@ async fn migrates_on_start_and_events_postgres_rejects_go_to_the_dlq() {
     let fresh = TestDb::create().await;
     sea_orm::ConnectionTrait::execute_unprepared(
         &fresh.conn,
-        "DROP TABLE events, user_profiles, user_sessions, seaql_migrations",
+        "DROP TABLE events, user_profiles, user_sessions, erasures, seaql_migrations; \
+         DROP FUNCTION erasures_locked",
     )
     .await
     .unwrap();
@@ -886,20 +888,23 @@ async fn batches_store_each_event_once_and_text_exactly() {
     assert_eq!(
         write_batch(&pool, &Default::default(), &[stored(&a), stored(&b)], "v1")
             .await
-            .unwrap(),
+            .unwrap()
+            .stored,
         2
     );
     // b again (a redelivery) with c: only c is new
     assert_eq!(
         write_batch(&pool, &Default::default(), &[stored(&b), stored(&c)], "v1")
             .await
-            .unwrap(),
+            .unwrap()
+            .stored,
         1
     );
     assert_eq!(
         write_batch(&pool, &Default::default(), &[stored(&c)], "v1")
             .await
-            .unwrap(),
+            .unwrap()
+            .stored,
         0
     );
     assert_eq!(db.events().await, 3);
@@ -962,7 +967,11 @@ async fn an_event_stored_concurrently_by_another_replica_is_stored_and_counted_o
     })
     .await;
     other.commit().await.unwrap();
-    assert_eq!(write.await.unwrap().unwrap(), 1, "only u2's event was new");
+    assert_eq!(
+        write.await.unwrap().unwrap().stored,
+        1,
+        "only u2's event was new"
+    );
     assert_eq!(db.events().await, 2);
     assert_eq!(
         db.count("SELECT count(*) FROM user_profiles WHERE distinct_id = 'u1'")
@@ -999,7 +1008,8 @@ async fn a_batch_larger_than_one_statement_is_stored_whole() {
     assert_eq!(
         write_batch(&pool, &Default::default(), &events[..3], "v1")
             .await
-            .unwrap(),
+            .unwrap()
+            .stored,
         3
     );
     assert_eq!(stored_blobs().await, 3);
@@ -1007,7 +1017,8 @@ async fn a_batch_larger_than_one_statement_is_stored_whole() {
     assert_eq!(
         write_batch(&pool, &Default::default(), &events, "v1")
             .await
-            .unwrap(),
+            .unwrap()
+            .stored,
         1
     );
     assert_eq!(stored_blobs().await, 4);
@@ -1053,7 +1064,8 @@ async fn a_batch_dropped_during_its_copy_leaves_no_broken_connection() {
     assert_eq!(
         write_batch(&pool, &Default::default(), &next, "v1")
             .await
-            .unwrap(),
+            .unwrap()
+            .stored,
         1
     );
     assert_eq!(db.events().await, 1);
@@ -1275,7 +1287,7 @@ async fn a_profile_created_concurrently_by_another_replica_merges_both() {
     })
     .await;
     other.commit().await.unwrap();
-    assert_eq!(write.await.unwrap().unwrap(), 2);
+    assert_eq!(write.await.unwrap().unwrap().stored, 2);
 
     let (events, sessions, intents, person) = profile(&db, "u1").await;
     assert_eq!((events, sessions), (5, 1));

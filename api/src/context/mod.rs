@@ -2,6 +2,7 @@
 //! enriched events and the user's profile. Pure logic here; queries live in [`store`].
 
 pub mod conns;
+pub mod erase;
 pub mod store;
 pub mod text;
 

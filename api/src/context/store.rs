@@ -1,9 +1,9 @@
-//! Reads (and erases) a user's stored events and profile.
+//! Reads a user's stored events and profile (erasure: [`super::erase`]).
 
 use chrono::{DateTime, Utc};
-use entity::{event, user_profile, user_profile::Intents, user_session};
+use entity::user_profile::Intents;
 use sea_orm::{
-    ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, TransactionTrait,
+    DbErr,
     sqlx::{self, Row, types::Json},
 };
 
@@ -141,34 +141,4 @@ fn is_connection_lost(err: &sqlx::Error) -> bool {
             .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
         _ => false,
     }
-}
-
-/// What an erasure removed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Erased {
-    pub events: u64,
-    pub sessions: u64,
-    pub profile: bool,
-}
-
-/// Deletes every stored row about the user, in one transaction.
-pub async fn erase(db: &DatabaseConnection, user_id: &str) -> Result<Erased, DbErr> {
-    let txn = db.begin().await?;
-    let events = event::Entity::delete_many()
-        .filter(event::Column::DistinctId.eq(user_id))
-        .exec(&txn)
-        .await?;
-    let sessions = user_session::Entity::delete_many()
-        .filter(user_session::Column::DistinctId.eq(user_id))
-        .exec(&txn)
-        .await?;
-    let profile = user_profile::Entity::delete_by_id(user_id.to_string())
-        .exec(&txn)
-        .await?;
-    txn.commit().await?;
-    Ok(Erased {
-        events: events.rows_affected,
-        sessions: sessions.rows_affected,
-        profile: profile.rows_affected > 0,
-    })
 }

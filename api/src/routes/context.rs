@@ -13,7 +13,7 @@ use super::ApiTags;
 use crate::{
     auth::{Access, ApiKeyHeader},
     context::{
-        self, HistoryItem, ScoredIntent, relative_time,
+        self, HistoryItem, ScoredIntent, erase, relative_time,
         store::{self, HistoryFilter},
         text::{self, TextContext},
     },
@@ -108,19 +108,31 @@ pub struct UserContext {
     pub freshness: Freshness,
 }
 
-/// What an erasure removed.
+/// What an erasure removed, and where. Events of the user received up to `erased_at` are
+/// erased wherever they are; events received after it are new activity and are stored.
 #[derive(Object)]
 #[oai(skip_serializing_if_is_none)]
 pub struct Erasure {
     pub user_id: String,
+    /// The time of the erasure (the api's clock, which also stamps each event's `received_at`):
+    /// the user's events received at or before it are erased, including any still on their way
+    /// to the database; later ones are new activity.
+    pub erased_at: DateTime<Utc>,
     /// Stored events deleted.
     pub events_deleted: u64,
     /// Session rows deleted.
     pub sessions_deleted: u64,
     /// Whether a profile existed and was deleted.
     pub profile_deleted: bool,
-    /// Events of this user still in the stream: workers will store them after this erasure, so
-    /// erase again once they are. Absent when they could not be counted.
+    /// Entries of the dead-letter stream (`DLQ_NAME`) deleted: the user's events that could
+    /// not be stored.
+    pub dead_letters_deleted: u64,
+    /// Kinds of events in the unmatched-events report (`GET /rules/unmatched`) removed because
+    /// their example was one of the user's events.
+    pub unmatched_examples_deleted: u64,
+    /// Events of this user still in the stream, received before the erasure: workers drop them
+    /// instead of storing them (a tombstone records the erasure). Absent when they could not be
+    /// counted (a long stream, or Redis slow).
     pub pending_events: Option<u64>,
 }
 
@@ -165,7 +177,8 @@ error_responses!(ContextResponse { 400 => BadRequest, 401 => Unauthorized, 403 =
 
 #[derive(ApiResponse)]
 pub enum EraseResponse {
-    /// Everything stored about the user was deleted.
+    /// The user is erased (also when nothing was stored for them: every count is then 0, and
+    /// their events still on their way are dropped all the same).
     #[oai(status = 200)]
     Ok(Json<Erasure>),
     /// No `X-API-Key` header.
@@ -174,17 +187,15 @@ pub enum EraseResponse {
     /// Unknown key, or an ingest-only key.
     #[oai(status = 403)]
     Forbidden(Json<ErrorBody>),
-    /// Nothing is stored for this user.
-    #[oai(status = 404)]
-    NotFound(Json<ErrorBody>),
-    /// The database is unavailable: retry after the given seconds.
+    /// The database or Redis is unavailable: retry after the given seconds (erasing again is
+    /// safe, and finishes an erasure that stopped part way).
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
     /// Unexpected server error.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
 }
-error_responses!(EraseResponse { 401 => Unauthorized, 403 => Forbidden, 404 => NotFound }, retry = Unavailable);
+error_responses!(EraseResponse { 401 => Unauthorized, 403 => Forbidden }, retry = Unavailable);
 
 /// Output format.
 #[derive(Enum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -346,42 +357,65 @@ impl ContextApi {
 
     /// Erase a user
     ///
-    /// Deletes every stored event, session and the profile of the user (privacy requests).
-    /// Secret key only.
+    /// Removes the user everywhere this service holds them (privacy requests): stored events,
+    /// sessions and profile; their entries in the dead-letter stream; the unmatched-events
+    /// report's examples taken from their events. Their events received before the erasure but
+    /// not stored yet (still in the stream, retried, or replayed from the dead-letter stream
+    /// later) are dropped by the workers instead of being stored: the user does not come back.
+    /// Events received after the erasure are new activity and are stored as usual.
+    ///
+    /// An unknown user is erased all the same (200, every count 0): events of theirs may be on
+    /// their way. Erasing again is safe; it also erases what arrived in between. Secret key only.
     #[oai(path = "/:user_id", method = "delete")]
     async fn delete(
         &self,
         state: Data<&AppState>,
         auth: ApiKeyHeader,
+        /// The user's `distinct_id`.
         user_id: Path<String>,
     ) -> EraseResponse {
         let result = async {
             state.keys.authorize(Some(&auth.0.key), Access::Read)?;
-            let erased = store::erase(&state.db, &user_id.0)
+            let erased = erase::erase(&state, &[user_id.0.as_str()], Utc::now())
                 .await
-                .map_err(db_error)?;
-            if erased == store::Erased::default() {
-                return Err(unknown_user(&user_id.0));
-            }
-            let pending = state
-                .publisher
-                .pending_for_user(&user_id.0)
-                .await
-                .ok()
-                .and_then(|p| p.for_user);
-            tracing::info!(events = erased.events, "user erased");
-            Ok(Erasure {
+                .map_err(erase_error)?;
+            tracing::info!(
+                events = erased.events,
+                dead_letters = erased.dead_letters,
+                unmatched_examples = erased.unmatched_examples,
+                pending = erased.pending_events,
+                "user erased"
+            );
+            Ok::<_, ApiError>(Erasure {
                 user_id: user_id.0.clone(),
+                erased_at: erased.erased_at,
                 events_deleted: erased.events,
                 sessions_deleted: erased.sessions,
-                profile_deleted: erased.profile,
-                pending_events: pending,
+                profile_deleted: erased.profiles > 0,
+                dead_letters_deleted: erased.dead_letters,
+                unmatched_examples_deleted: erased.unmatched_examples,
+                pending_events: erased.pending_events,
             })
         };
         result
             .await
             .map_or_else(EraseResponse::from, |ok| EraseResponse::Ok(Json(ok)))
     }
+}
+
+/// 503 for an erasure that did not finish: erasing again is safe and finishes it.
+fn erase_error(err: erase::EraseError) -> ApiError {
+    tracing::warn!(error = %err, "erasure did not finish");
+    let detail = match err {
+        erase::EraseError::Database(_) => {
+            "the database is unavailable: nothing was erased, retry later"
+        }
+        erase::EraseError::Redis(_) => {
+            "stored rows are erased, but the dead-letter stream and the unmatched-events report \
+             could not be cleaned (Redis is unavailable): retry later"
+        }
+    };
+    ApiError::unavailable("erasure_unfinished", detail, 2)
 }
 
 fn default_limit() -> u32 {
