@@ -11,7 +11,7 @@ use std::borrow::Cow;
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use entity::{
     Envelope,
-    members::{self, Members, has_lone_surrogate},
+    members::{self, has_lone_surrogate},
 };
 #[cfg(test)]
 use serde::Serialize;
@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::decode::parse_json;
 use crate::error::ApiError;
-use crate::limits::properties_text_within_limits;
+use crate::limits::walk_properties;
 use crate::normalize::{
     Nullable, body_key, check_distinct_id, check_session_id, corrected_timestamp,
     first_distinct_id, normalize as full_normalize, parse_time, parse_time_text, scalar_string,
@@ -178,25 +178,26 @@ impl Nullable for Lifted<'_> {
 
 impl<'a> Peek<'a> {
     /// Looks into `properties`, JSON object text serde_json has already validated, with one
-    /// scan of its top-level members; only the values lifted out are parsed. (Parsing all of it
-    /// again with serde cost a tenth of the api's CPU under batch load.) `None` declines: one
-    /// of the four given twice is left to the full path.
+    /// scan that also checks the bounds of [`crate::limits`]; only the values lifted out are
+    /// parsed. (Parsing all of it again with serde cost a tenth of the api's CPU under batch
+    /// load.) `None` declines: a bound passed, or one of the four given twice, is left to the
+    /// full path.
     fn of(properties: &'a str) -> Option<Peek<'a>> {
         let mut peek = Peek::default();
-        let mut members = Members::new(properties.as_bytes())?;
-        while let Some((quoted_key, value)) = members.next_member()? {
+        walk_properties(properties.as_bytes(), |quoted_key, value| {
             let slot = match &*members::key(quoted_key)? {
                 b"distinct_id" => &mut peek.distinct_id,
                 b"token" => &mut peek.token,
                 b"$session_id" => &mut peek.session_id,
                 b"$lib" => &mut peek.lib,
-                _ => continue,
+                _ => return Some(()),
             };
             if slot.is_some() {
                 return None;
             }
             *slot = Some(Lifted::parse(value)?);
-        }
+            Some(())
+        })?;
         Some(peek)
     }
 }
@@ -382,6 +383,8 @@ impl Shape {
 pub struct Body<'a> {
     items: Vec<RawEvent<'a>>,
     sent_at: Option<DateTime<Utc>>,
+    /// The first event's lifted properties, read to find its key: not read twice.
+    first_peek: Option<Peek<'a>>,
     /// The key the body carries: top-level `api_key` or `token` of a batch, else the first
     /// event's `api_key`, `token` or `properties.token` (what [`body_key`] reads).
     pub key: Option<String>,
@@ -427,13 +430,15 @@ impl<'a> Body<'a> {
             _ => return None,
         };
         let first = items.first()?;
+        let first_peek = peek_of(first.properties)?;
         let key = match top_key {
             Some(key) => Some(key),
-            None => first_event_key(first)?,
+            None => first_event_key(first, first_peek.as_ref()),
         };
         Some(Body {
             items,
             sent_at,
+            first_peek,
             key,
         })
     }
@@ -442,8 +447,13 @@ impl<'a> Body<'a> {
     /// full path, which reports what is wrong.
     pub fn events(self, now: DateTime<Utc>, max_event_bytes: usize) -> Option<Vec<Queued>> {
         let mut out = Vec::with_capacity(self.items.len());
+        let mut first_peek = self.first_peek;
         for item in self.items {
-            let queued = event(item, self.sent_at, now)?;
+            let peek = match first_peek.take() {
+                Some(peek) => peek,
+                None => peek_of(item.properties)?.unwrap_or_default(),
+            };
+            let queued = event(item, peek, self.sent_at, now)?;
             if queued.json.len() > max_event_bytes {
                 return None;
             }
@@ -453,20 +463,25 @@ impl<'a> Body<'a> {
     }
 }
 
-/// The key an event carries: `api_key`, `token`, or a string `properties.token`. `None` when its
-/// properties cannot be looked into (the full path decides).
-fn first_event_key(ev: &RawEvent) -> Option<Option<String>> {
-    if let Some(key) = ev.api_key.as_ref().or(ev.token.as_ref()) {
-        return Some(Some(key.0.to_string()));
+/// An event's lifted properties: `Some(None)` when `properties` is not an object (the event is
+/// declined when it is built), `None` when it passes a bound or lifts a key twice.
+fn peek_of<'a>(properties: Option<&'a RawValue>) -> Option<Option<Peek<'a>>> {
+    match properties {
+        Some(p) if p.get().starts_with('{') => Peek::of(p.get()).map(Some),
+        Some(_) => Some(None),
+        None => Some(Some(Peek::default())),
     }
-    let token = match ev.properties {
-        Some(p) if p.get().starts_with('{') => Peek::of(p.get())?.token,
-        _ => None,
-    };
-    Some(match token {
-        Some(Lifted::Str(s)) => Some(s.into_owned()),
-        _ => None,
-    })
+}
+
+/// The key an event carries: `api_key`, `token`, or a string `properties.token`.
+fn first_event_key(ev: &RawEvent, peek: Option<&Peek>) -> Option<String> {
+    if let Some(key) = ev.api_key.as_ref().or(ev.token.as_ref()) {
+        return Some(key.0.to_string());
+    }
+    match peek?.token.as_ref()? {
+        Lifted::Str(s) => Some(s.to_string()),
+        Lifted::Other(_) => None,
+    }
 }
 
 /// Normalises `json` (decoded body text) when it is one of the everyday shapes and valid, with
@@ -489,7 +504,13 @@ fn optional_time(raw: Option<&RawValue>) -> Option<Option<DateTime<Utc>>> {
 
 const EMPTY_OBJECT: &str = "{}";
 
-fn event(ev: RawEvent, batch_sent_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Option<Queued> {
+/// The event `ev`, whose lifted properties are `peek`; `None` declines.
+fn event(
+    ev: RawEvent,
+    peek: Peek,
+    batch_sent_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Option<Queued> {
     if ev.batch.is_some()
         || ev.set.is_some()
         || ev.set_once.is_some()
@@ -511,10 +532,6 @@ fn event(ev: RawEvent, batch_sent_at: Option<DateTime<Utc>>, now: DateTime<Utc>)
             &empty
         }
     };
-    if !properties_text_within_limits(properties.get().as_bytes()) {
-        return None;
-    }
-    let peek = Peek::of(properties.get())?;
     let (attr, id) = first_distinct_id([
         ("distinct_id", Lifted::of(ev.distinct_id)?),
         ("$distinct_id", Lifted::of(ev.dollar_distinct_id)?),

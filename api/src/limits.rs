@@ -79,27 +79,37 @@ pub fn too_deep(attr: &str) -> ApiError {
 
 /// Whether the text of a properties object (valid JSON, as serde_json has skipped it) is within
 /// the bounds [`check_properties`] applies, and holds no number beyond a double (serde_json
-/// refuses to decode `1e400`, so the full path refuses the body). One pass; strings are skipped
-/// with `memchr`.
+/// refuses to decode `1e400`, so the full path refuses the body).
 pub fn properties_text_within_limits(text: &[u8]) -> bool {
+    walk_properties(text, |_, _| Some(())).is_some()
+}
+
+/// Walks the text of a properties object (valid JSON) once: checks the bounds of
+/// [`properties_text_within_limits`] at every depth, and hands each top-level member to
+/// `member` as (key with its quotes, value text). `None` when a bound is passed, the text is not
+/// an object, or `member` answers `None`. Strings are skipped with `memchr`: one pass where a
+/// walk of the members and a separate check of the bounds took two.
+pub fn walk_properties<'a>(
+    text: &'a [u8],
+    mut member: impl FnMut(&'a [u8], &'a [u8]) -> Option<()>,
+) -> Option<()> {
     let mut depth = 0usize;
     // Bit `d` set: the container at depth `d + 1` is an object.
     let mut objects: u128 = 0;
     let mut expect_key = false;
+    // The top-level member being read: its quoted key, and where its value starts.
+    let mut key: &[u8] = &[];
+    let mut value_start = None;
     let mut i = 0;
+    let top_value_end = |start: usize, end: usize| text[start..end].trim_ascii_end();
     while let Some(&byte) = text.get(i) {
         match byte {
             b'"' => {
-                let start = i + 1;
-                let mut end = start;
+                let start = i;
+                let mut end = i + 1;
                 let mut escaped = false;
                 loop {
-                    let Some(at) = text
-                        .get(end..)
-                        .and_then(|r| memchr::memchr2(b'"', b'\\', r))
-                    else {
-                        return false;
-                    };
+                    let at = memchr::memchr2(b'"', b'\\', text.get(end..)?)?;
                     end += at;
                     if text[end] == b'"' {
                         break;
@@ -107,17 +117,27 @@ pub fn properties_text_within_limits(text: &[u8]) -> bool {
                     escaped = true;
                     end += 2;
                 }
-                if expect_key && !key_within_limit(&text[start - 1..=end], escaped) {
-                    return false;
+                let quoted = &text[start..=end];
+                if expect_key {
+                    if !key_within_limit(quoted, escaped) {
+                        return None;
+                    }
+                    if depth == 1 {
+                        key = quoted;
+                    }
+                    expect_key = false;
                 }
-                expect_key = false;
                 i = end + 1;
                 continue;
+            }
+            b':' if depth == 1 => {
+                let rest = &text[i + 1..];
+                value_start = Some(i + 1 + (rest.len() - rest.trim_ascii_start().len()));
             }
             b'{' | b'[' => {
                 depth += 1;
                 if depth > MAX_PROPERTIES_DEPTH {
-                    return false;
+                    return None;
                 }
                 let bit = 1u128 << (depth - 1);
                 if byte == b'{' {
@@ -128,10 +148,22 @@ pub fn properties_text_within_limits(text: &[u8]) -> bool {
                 expect_key = byte == b'{';
             }
             b'}' | b']' => {
-                depth = depth.saturating_sub(1);
+                if depth == 1
+                    && let Some(start) = value_start.take()
+                {
+                    member(key, top_value_end(start, i))?;
+                }
+                depth = depth.checked_sub(1)?;
                 expect_key = false;
             }
-            b',' => expect_key = depth > 0 && objects & (1u128 << (depth - 1)) != 0,
+            b',' => {
+                if depth == 1
+                    && let Some(start) = value_start.take()
+                {
+                    member(key, top_value_end(start, i))?;
+                }
+                expect_key = depth > 0 && objects & (1u128 << (depth - 1)) != 0;
+            }
             b'-' | b'0'..=b'9' => {
                 let len = text[i..]
                     .iter()
@@ -145,7 +177,7 @@ pub fn properties_text_within_limits(text: &[u8]) -> bool {
                         .and_then(|n| n.parse::<f64>().ok())
                         .is_some_and(f64::is_finite)
                 {
-                    return false;
+                    return None;
                 }
                 i += len;
                 continue;
@@ -154,7 +186,8 @@ pub fn properties_text_within_limits(text: &[u8]) -> bool {
         }
         i += 1;
     }
-    true
+    // A whole object: its top level opened with `{` and closed.
+    (depth == 0 && text.trim_ascii_start().first() == Some(&b'{')).then_some(())
 }
 
 /// A key's text with its quotes: within [`MAX_PROPERTY_KEY_CHARS`] once decoded.
@@ -263,6 +296,31 @@ mod tests {
         let digits = format!(r#"{{"n": {}}}"#, "9".repeat(400));
         assert!(!properties_text_within_limits(digits.as_bytes()));
         assert!(serde_json::from_str::<Value>(&digits).is_err());
+    }
+
+    #[test]
+    fn the_walk_hands_over_each_top_level_member_as_written() {
+        let texts = [
+            r#"{}"#,
+            r#" { } "#,
+            r#"{"a":1}"#,
+            "{ \"a\" :\t-1.5e3 ,\n\"b\":[ ] , \"c\" : { } }",
+            r#"{"s":"q\"}],{[","n":null,"t":true,"f":false,"o":{"x":[{"y":"}"}],"z":"\\"},"e":""}"#,
+            r#"{"k\"ey":"v","\\":[1,[2,[3]]],"last":"\u00e9"}"#,
+        ];
+        for text in texts {
+            let expected: Map<String, Value> = serde_json::from_str(text).unwrap();
+            let mut seen = Map::new();
+            walk_properties(text.as_bytes(), |key, value| {
+                let key: String = serde_json::from_slice(key).unwrap();
+                seen.insert(key, serde_json::from_slice(value).unwrap());
+                Some(())
+            })
+            .unwrap();
+            assert_eq!(seen, expected, "{text}");
+        }
+        assert!(walk_properties(b"[1, 2]", |_, _| Some(())).is_none());
+        assert!(walk_properties(br#"{"a": 1}"#, |_, _| None).is_none());
     }
 
     #[test]
