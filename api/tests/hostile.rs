@@ -14,7 +14,7 @@ use std::{
 use api::limits::{
     MAX_EVENT_NAME_CHARS, MAX_PROPERTIES_DEPTH, MAX_PROPERTY_KEY_CHARS, MAX_SESSION_ID_CHARS,
 };
-use common::{INGEST_KEY, SECRET, TestApp, TestDb, test_config, worker_config};
+use common::{INGEST_KEY, SECRET, TestApp, TestDb, test_config, wait_until, worker_config};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -294,29 +294,23 @@ async fn hostile_bodies_get_their_documented_answer_and_nothing_accepted_is_dead
     assert_eq!(status, 200, "{body}");
 
     // Every accepted event stored, none dead-lettered.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let resp = app
-            .http
-            .get(app.url("/context/user/edge_user"))
-            .header("X-API-Key", SECRET)
-            .send()
-            .await
-            .unwrap();
-        if resp.status() == StatusCode::OK {
-            let context: Value = resp.json().await.unwrap();
-            if context["stats"]["event_count"] == 4 {
-                break;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "events at the bounds were not all stored; dead letters: {}",
-            dlq_len(&app).await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(dlq_len(&app).await, 0, "nothing accepted was dead-lettered");
+    wait_until(
+        Duration::from_secs(30),
+        "the events at the bounds stored",
+        || async {
+            let resp = app
+                .http
+                .get(app.url("/context/user/edge_user"))
+                .header("X-API-Key", SECRET)
+                .send()
+                .await
+                .unwrap();
+            resp.status() == StatusCode::OK
+                && resp.json::<Value>().await.unwrap()["stats"]["event_count"] == 4
+        },
+    )
+    .await;
+    assert_eq!(app.dlq_len().await, 0, "nothing accepted was dead-lettered");
     let resp = app.http.get(app.url("/health")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK, "the api is alive");
     shutdown.cancel();
@@ -326,16 +320,6 @@ async fn hostile_bodies_get_their_documented_answer_and_nothing_accepted_is_dead
 fn base64_of(text: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE.encode(text)
-}
-
-async fn dlq_len(app: &TestApp) -> u64 {
-    let client = redis::Client::open(app.config.redis_url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    redis::cmd("XLEN")
-        .arg(&app.config.dlq_name)
-        .query_async(&mut conn)
-        .await
-        .unwrap()
 }
 
 /// A client that writes its whole body before reading (Python's `requests` and `urllib` do)

@@ -197,10 +197,19 @@ impl TestApp {
 
     /// Number of entries in this test's stream.
     pub async fn stream_len(&self) -> u64 {
+        self.xlen(&self.config.queue_name).await
+    }
+
+    /// Number of entries in this test's dead-letter stream.
+    pub async fn dlq_len(&self) -> u64 {
+        self.xlen(&self.config.dlq_name).await
+    }
+
+    async fn xlen(&self, key: &str) -> u64 {
         let client = redis::Client::open(self.config.redis_url.as_str()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         redis::cmd("XLEN")
-            .arg(&self.config.queue_name)
+            .arg(key)
             .query_async(&mut conn)
             .await
             .unwrap()
