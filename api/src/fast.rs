@@ -45,7 +45,8 @@ impl From<&Envelope> for Queued {
     }
 }
 
-/// A request's events and the key its body carried.
+/// A request's events and the key its body carried (the fast path alone, for its tests).
+#[cfg(test)]
 pub struct FastBatch {
     pub body_key: Option<String>,
     pub events: Vec<Queued>,
@@ -485,7 +486,8 @@ fn first_event_key(ev: &RawEvent, peek: Option<&Peek>) -> Option<String> {
 }
 
 /// Normalises `json` (decoded body text) when it is one of the everyday shapes and valid, with
-/// the key it carries (no limit on an event's size).
+/// the key it carries (no limit on an event's size): the fast path alone, for its tests.
+#[cfg(test)]
 pub fn normalize(json: &[u8], now: DateTime<Utc>) -> Option<FastBatch> {
     let body = Body::parse(json)?;
     let body_key = body.key.clone();

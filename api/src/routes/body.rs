@@ -207,11 +207,6 @@ impl InFlight {
         held.grow_to(bytes)?;
         Ok(held)
     }
-
-    /// Bytes free now.
-    pub fn available(&self) -> usize {
-        self.0.available_permits()
-    }
 }
 
 /// Bytes one request holds in [`InFlight`], given back when it is dropped.
