@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use entity::settings::{ConfigError, Vars};
+use infra::config::{ConfigError, Vars};
 
 /// The full-access key used when `ENVIRONMENT` is `development` and `API_SECRET_KEY` is unset:
 /// the value in `.env.example`, so a fresh clone runs with no `.env`. Public, hence never used

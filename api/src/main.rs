@@ -3,12 +3,12 @@
 use anyhow::Context;
 use api::Config;
 use clap::Parser;
-use entity::settings::Vars;
+use infra::config::Vars;
+use infra::telemetry::{self, TelemetryConfig};
 use tokio_util::sync::CancellationToken;
-use worker::telemetry::{self, TelemetryConfig};
 
 /// mimalloc: the ingest path allocates many small JSON values; glibc malloc cost a quarter of the CPU.
-/// Started with lazy arena commit (see [`worker::allocator`]).
+/// Started with lazy arena commit (see [`infra::allocator`]).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -24,7 +24,7 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    worker::allocator::apply_options();
+    infra::allocator::apply_options();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -56,7 +56,7 @@ async fn serve() -> anyhow::Result<()> {
 }
 
 /// A bad or missing variable: one line naming it, exit status 2.
-fn exit_config_error(e: &entity::settings::ConfigError) -> ! {
+fn exit_config_error(e: &infra::config::ConfigError) -> ! {
     eprintln!("{e}");
     std::process::exit(2);
 }

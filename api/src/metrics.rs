@@ -4,11 +4,11 @@
 
 use std::{any::Any, time::Instant};
 
-use poem::{Endpoint, IntoResponse, PathPattern, Request, Response, http::Method};
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Registry};
-use worker::metrics::{
+use infra::metrics::{
     QueueGauges, counter, counter_vec, latency_buckets, register, seconds_histogram,
 };
+use poem::{Endpoint, IntoResponse, PathPattern, Request, Response, http::Method};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Registry};
 
 use crate::error::ApiError;
 

@@ -9,10 +9,10 @@ use std::{
 };
 
 use entity::envelope::{ENVELOPE_VERSION, FIELD_EVENT, FIELD_TRACEPARENT, FIELD_VERSION};
+use infra::telemetry;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use worker::telemetry;
 
 use crate::{error::ApiError, fast::Queued};
 

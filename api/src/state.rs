@@ -33,7 +33,7 @@ pub struct Inner {
     /// Bytes ingest requests hold at once (`INGEST_MAX_INFLIGHT_BYTES`).
     pub inflight: InFlight,
     /// The shared report of events no rule describes (written by the workers).
-    pub unmatched: worker::unmatched::UnmatchedReport,
+    pub unmatched: infra::unmatched::UnmatchedReport,
 }
 
 impl std::ops::Deref for AppState {
@@ -69,10 +69,10 @@ impl AppState {
         let production = config.environment == "production";
         let gauge = metrics.queue.redis_config_unsafe.clone();
         tokio::spawn(async move {
-            worker::redis_config::check(&mut redis, production, &gauge).await;
+            infra::redis_settings::check(&mut redis, production, &gauge).await;
         });
         let unmatched =
-            worker::unmatched::UnmatchedReport::new(publisher.connection(), &config.queue_name);
+            infra::unmatched::UnmatchedReport::new(publisher.connection(), &config.queue_name);
         let reads = ReadConnections::new(
             &config.database_url,
             DB_MAX_CONNECTIONS,
@@ -85,9 +85,9 @@ impl AppState {
             .connect_timeout(DB_TIMEOUT)
             .acquire_timeout(DB_TIMEOUT)
             // No ping round trip before every query: only connections idle for a while.
-            .test_before_acquire_if_idle_for(worker::pg::CHECK_IF_IDLE_FOR)
+            .test_before_acquire_if_idle_for(infra::postgres::CHECK_IF_IDLE_FOR)
             .sqlx_logging(false);
-        worker::pg::no_delay_on_connect(&mut opts);
+        infra::postgres::no_delay_on_connect(&mut opts);
         let db = Database::connect(opts).await?;
         Ok(Self(Arc::new(Inner {
             keys: Keys::new(&config.api_secret_key, &config.ingest_api_keys),

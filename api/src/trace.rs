@@ -1,9 +1,9 @@
 //! One span per HTTP request while spans are exported, continuing the caller's trace when the
 //! request carries a `traceparent` header. Nothing is created when export is off.
 
+use infra::telemetry::{self, TRACEPARENT};
 use poem::{Endpoint, IntoResponse, Middleware, PathPattern, Request, Response, Result};
 use tracing::{Instrument, field::Empty};
-use worker::telemetry::{self, TRACEPARENT};
 
 /// Wraps an endpoint in a span named after the method and route (`POST /capture`), with the
 /// path and response status.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::{INGEST_KEY, SECRET, TestApp, TestDb, test_config, wait_until, worker_config};
+use infra::dlq::{DeadLetters, Selection};
 use reqwest::StatusCode;
 use sea_orm::{
     ConnectionTrait, DbBackend, Statement,
@@ -17,7 +18,6 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use worker::dlq::{DeadLetters, Selection};
 
 /// Longest any step of these tests waits for the worker.
 const WAIT: Duration = Duration::from_secs(20);
@@ -206,7 +206,7 @@ impl Fixture {
             .iter()
             .map(|l| {
                 let event = l.field("event").unwrap();
-                worker::erasure::event_user(event.as_bytes()).unwrap().0
+                infra::erasure::event_user(event.as_bytes()).unwrap().0
             })
             .collect()
     }

@@ -120,10 +120,10 @@ async fn redis_settings_are_checked_at_start() {
     let app = TestApp::spawn().await;
     let client = redis::Client::open(app.config.redis_url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let settings = worker::redis_config::read_settings(&mut conn)
+    let settings = infra::redis_settings::read_settings(&mut conn)
         .await
         .unwrap();
-    let expected = worker::redis_config::hazards(&settings, false);
+    let expected = infra::redis_settings::hazards(&settings, false);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     let text = loop {
         let text = metrics(&app).await;
@@ -134,8 +134,8 @@ async fn redis_settings_are_checked_at_start() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
     for hazard in [
-        worker::redis_config::Hazard::Eviction,
-        worker::redis_config::Hazard::NoPersistence,
+        infra::redis_settings::Hazard::Eviction,
+        infra::redis_settings::Hazard::NoPersistence,
     ] {
         let series = format!("redis_config_unsafe{{setting=\"{}\"}}", hazard.setting());
         assert_eq!(
@@ -218,11 +218,11 @@ async fn unmatched_report_is_served_to_the_secret_key_only() {
 
     // What the workers write (see worker/tests/observability.rs for the whole loop).
     let client = redis::Client::open(app.config.redis_url.as_str()).unwrap();
-    let report = worker::unmatched::UnmatchedReport::new(
+    let report = infra::unmatched::UnmatchedReport::new(
         client.get_connection_manager().await.unwrap(),
         &app.config.queue_name,
     );
-    let shape = |event: &str, count| worker::rules::UnmatchedShape {
+    let shape = |event: &str, count| rules_engine::UnmatchedShape {
         event: event.into(),
         path: Some("/settings".into()),
         element_text: None,

@@ -12,6 +12,7 @@ use std::{
 };
 
 use common::{INGEST_KEY, TestApp, TestDb, test_config, worker_config};
+use infra::telemetry::{self, TelemetryConfig};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse},
     common::v1::{KeyValue, any_value::Value},
@@ -22,7 +23,6 @@ use reqwest::StatusCode;
 use sea_orm::{ConnectionTrait, Statement};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use worker::telemetry::{self, TelemetryConfig};
 
 /// A span as the receiver got it.
 #[derive(Debug, Clone)]

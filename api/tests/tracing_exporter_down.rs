@@ -5,10 +5,10 @@ mod common;
 
 use common::{INGEST_KEY, TestApp};
 use entity::envelope::FIELD_TRACEPARENT;
+use infra::telemetry::{self, TelemetryConfig};
 use redis::streams::StreamRangeReply;
 use reqwest::StatusCode;
 use serde_json::json;
-use worker::telemetry::{self, TelemetryConfig};
 
 const REQUESTS: usize = 200;
 

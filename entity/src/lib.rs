@@ -4,7 +4,6 @@
 pub mod envelope;
 pub mod event;
 pub mod members;
-pub mod settings;
 pub mod user_profile;
 pub mod user_session;
 

@@ -15,12 +15,9 @@ use std::path::Path;
 use chrono::{TimeZone, Utc};
 use criterion::{Criterion, Throughput, criterion_group};
 use entity::{Envelope, envelope::FIELD_EVENT};
+use rules_engine::{RuleSet, enrich::Ruleset};
 use serde_json::json;
-use worker::{
-    enrich::Ruleset,
-    rules::RuleSet,
-    store::{self, StoredEvent},
-};
+use worker::store::{self, StoredEvent};
 
 mod support;
 use support::thread_cpu_ns;

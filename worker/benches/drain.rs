@@ -182,12 +182,12 @@ fn csv_field(out: &mut String, value: Option<&str>) {
 }
 
 /// The rows the worker writes for these events (same rules), as CSV for `\copy`.
-fn copy_file(events: &[Envelope], rules: &dyn worker::enrich::Ruleset) -> String {
+fn copy_file(events: &[Envelope], rules: &dyn rules_engine::enrich::Ruleset) -> String {
     let mut out = String::with_capacity(events.len() * 1200);
     for e in events {
         let enrichment = rules
             .enrich(e)
-            .unwrap_or_else(|_| worker::enrich::fallback(e));
+            .unwrap_or_else(|_| rules_engine::enrich::fallback(e));
         let row = worker::store::StoredEvent::new(e.clone(), enrichment, None);
         let properties = &row.properties;
         let intents = row.intents_json().to_string();
@@ -339,7 +339,7 @@ async fn delete_keys(redis: &mut ConnectionManager, stream: &str) {
     let _: () = redis::cmd("DEL")
         .arg(stream)
         .arg(format!("{stream}:dlq"))
-        .arg(&worker::unmatched::report_keys(stream)[..])
+        .arg(&infra::unmatched::report_keys(stream)[..])
         .query_async(redis)
         .await
         .unwrap();
@@ -731,7 +731,7 @@ async fn main() {
     // 1. The COPY baseline: an identical table, and the same rows as CSV (run before each drain).
     sql(&db, "CREATE TABLE events_copy (LIKE events INCLUDING ALL)").await;
     let csv_path = std::env::temp_dir().join(format!("{name}.csv"));
-    let rules = worker::enrich::load_once(&s.rules_dir).expect("rules load");
+    let rules = rules_engine::enrich::load_once(&s.rules_dir).expect("rules load");
     println!(
         "  rules {} (version {})",
         s.rules_dir.display(),

@@ -13,7 +13,7 @@ use criterion::{Criterion, Throughput, criterion_group};
 use serde_json::{Map, Value, json};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 
-use worker::rules::{EventInput, RuleSet};
+use rules_engine::{EventInput, RuleSet};
 
 mod support;
 use support::thread_cpu_ns;

@@ -5,12 +5,13 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{
-    Config, WorkerError,
+use infra::{
     dlq::{DeadLetters, Selection},
-    stream::{COMMAND_TIMEOUT, connection},
+    redis::{COMMAND_TIMEOUT, connection},
     unmatched::UnmatchedReport,
 };
+
+use crate::{Config, WorkerError};
 
 /// Consumer-group worker: enriches clickstream events and stores them in Postgres.
 #[derive(Debug, Parser)]
@@ -123,14 +124,14 @@ pub async fn dlq(config: &Config, action: &DlqCommand) -> Result<ExitCode, Worke
                 println!(
                     "{id}  from {src} entry {entry}  at {at}  deliveries {n}  consumer {consumer}\n    error: {error}\n    {summary}",
                     id = letter.id,
-                    src = letter.field(crate::dlq::FIELD_SOURCE).unwrap_or_default(),
-                    entry = letter.field(crate::dlq::FIELD_ENTRY_ID).unwrap_or_default(),
-                    at = letter.field(crate::dlq::FIELD_AT).unwrap_or_default(),
+                    src = letter.field(infra::dlq::FIELD_SOURCE).unwrap_or_default(),
+                    entry = letter.field(infra::dlq::FIELD_ENTRY_ID).unwrap_or_default(),
+                    at = letter.field(infra::dlq::FIELD_AT).unwrap_or_default(),
                     n = letter
-                        .field(crate::dlq::FIELD_DELIVERIES)
+                        .field(infra::dlq::FIELD_DELIVERIES)
                         .unwrap_or_default(),
-                    consumer = letter.field(crate::dlq::FIELD_CONSUMER).unwrap_or_default(),
-                    error = letter.field(crate::dlq::FIELD_ERROR).unwrap_or_default(),
+                    consumer = letter.field(infra::dlq::FIELD_CONSUMER).unwrap_or_default(),
+                    error = letter.field(infra::dlq::FIELD_ERROR).unwrap_or_default(),
                 );
             }
             Ok(ExitCode::SUCCESS)
@@ -174,9 +175,9 @@ pub async fn dlq(config: &Config, action: &DlqCommand) -> Result<ExitCode, Worke
 pub async fn rules(config: &Config, action: &RulesCommand) -> ExitCode {
     match action {
         RulesCommand::Check { dir } => {
-            crate::rules::cli::check(dir.as_deref().unwrap_or(&config.rules_dir))
+            rules_engine::cli::check(dir.as_deref().unwrap_or(&config.rules_dir))
         }
-        RulesCommand::Explain { event } => crate::rules::cli::explain(&config.rules_dir, event),
+        RulesCommand::Explain { event } => rules_engine::cli::explain(&config.rules_dir, event),
         RulesCommand::Unmatched { limit, json, clear } => {
             match unmatched(config, *limit, *json, *clear).await {
                 Ok(()) => ExitCode::SUCCESS,

@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use entity::settings::{ConfigError, Vars};
+use infra::config::{ConfigError, Vars};
 
 /// Everything a worker replica needs to know, validated.
 #[derive(Debug, Clone)]

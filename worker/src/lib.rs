@@ -2,24 +2,16 @@
 //! the rules, and store them in Postgres exactly once (see [`pipeline`]). Also the operator CLI
 //! (`worker dlq …`, `worker rules …`) in [`cli`].
 
-pub mod allocator;
 pub mod cli;
 pub mod config;
-pub mod dlq;
-pub mod enrich;
-pub mod erasure;
-pub mod http;
 pub mod metrics;
-pub mod pg;
 mod pgcopy;
 pub mod pipeline;
+pub mod probe;
 pub mod profile;
-pub mod redis_config;
-pub mod rules;
 pub mod sanitize;
 pub mod store;
 pub mod stream;
-pub mod telemetry;
 pub mod unmatched;
 
 use std::sync::Arc;
@@ -31,13 +23,13 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(transparent)]
-    Config(#[from] entity::settings::ConfigError),
+    Config(#[from] infra::config::ConfigError),
     #[error(transparent)]
-    Store(#[from] store::StoreError),
+    Store(#[from] infra::postgres::StoreError),
     #[error(transparent)]
     Stream(#[from] stream::StreamError),
     #[error("rules: {0}")]
-    Rules(#[from] enrich::EnrichError),
+    Rules(#[from] rules_engine::enrich::EnrichError),
     #[error("{0}")]
     Stopped(String),
 }
@@ -45,18 +37,18 @@ pub enum WorkerError {
 /// Runs one replica with the rules of `RULES_DIR` (reloaded when they change) until `shutdown`
 /// is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
-    let enricher = enrich::load(&config.rules_dir, &shutdown)?;
+    let enricher = rules_engine::enrich::load(&config.rules_dir, &shutdown)?;
     run_with(config, enricher, shutdown).await
 }
 
 /// Runs one replica with the given enricher until `shutdown` is cancelled.
 pub async fn run_with(
     config: Config,
-    enricher: Arc<dyn enrich::Enricher>,
+    enricher: Arc<dyn rules_engine::enrich::Enricher>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     let metrics = Arc::new(metrics::WorkerMetrics::new());
-    redis_config::spawn_check(
+    infra::redis_settings::spawn_check(
         &config.redis_url,
         config.is_production(),
         metrics.queue.redis_config_unsafe.clone(),

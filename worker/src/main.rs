@@ -4,20 +4,22 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use entity::settings::Vars;
+use infra::{
+    config::Vars,
+    telemetry::{self, TelemetryConfig},
+};
 use tokio_util::sync::CancellationToken;
 use worker::{
     Config,
     cli::{Cli, Command},
-    telemetry::{self, TelemetryConfig},
 };
 
-/// See [`worker::allocator`].
+/// See [`infra::allocator`].
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<ExitCode> {
-    worker::allocator::apply_options();
+    infra::allocator::apply_options();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

@@ -38,15 +38,15 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use infra::{erasure, postgres::StoreError, telemetry};
+use rules_engine::enrich::Enricher;
+
 use crate::{
     WorkerError,
     config::Config,
-    enrich::Enricher,
-    erasure,
     metrics::WorkerMetrics,
-    store::{self, StoreError, StoredEvent, Written},
+    store::{self, StoredEvent, Written},
     stream::{Entry, Streams},
-    telemetry,
 };
 
 /// Longest one batch transaction may take before it counts as failed (and is retried).
@@ -155,8 +155,8 @@ pub async fn run(
     // Health and metrics answer from the start (not ready until Redis and Postgres do).
     let server = match config.metrics_bind {
         Some(addr) => {
-            let listener = crate::http::bind(addr, config.metrics_bind_is_default).await?;
-            let probe = crate::http::Probe {
+            let listener = crate::probe::bind(addr, config.metrics_bind_is_default).await?;
+            let probe = crate::probe::Probe {
                 config: config.clone(),
                 redis: streams.commands(),
                 db: db.clone(),
@@ -164,7 +164,7 @@ pub async fn run(
                 metrics: metrics.clone(),
                 shutdown: shutdown.clone(),
             };
-            Some(tokio::spawn(crate::http::serve(listener, probe)))
+            Some(tokio::spawn(crate::probe::serve(listener, probe)))
         }
         None => None,
     };
@@ -172,7 +172,7 @@ pub async fn run(
     let report = enricher.rules().map(|rules| {
         tokio::spawn(crate::unmatched::report_loop(
             rules,
-            crate::unmatched::UnmatchedReport::new(streams.commands(), &config.queue_name)
+            infra::unmatched::UnmatchedReport::new(streams.commands(), &config.queue_name)
                 .with_erasures(db.clone()),
             metrics.clone(),
             report_stop.clone(),

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use entity::user_profile::{IntentState, Intents, decay};
 use serde_json::{Map, Value};
 
-use crate::enrich::IntentHit;
+use rules_engine::enrich::IntentHit;
 
 /// Evidence descriptions kept per intent.
 pub const MAX_EVIDENCE: usize = 5;

@@ -19,58 +19,20 @@ use entity::{
     user_profile::Intents,
 };
 use sea_orm::{
-    ConnectOptions, Database, DatabaseConnection, DbErr, RuntimeErr,
+    ConnectOptions, Database, DatabaseConnection, DbErr,
     sqlx::{self, Row, types::Json as SqlJson},
 };
 use serde_json::{Map, Value as Json, value::RawValue};
 use uuid::Uuid;
 
+use infra::postgres::StoreError;
+use rules_engine::enrich::{Enrichment, IntentHit, Ruleset, url_path};
+
 use crate::{
     config::Config,
-    enrich::{Enrichment, IntentHit, Ruleset, url_path},
     profile::{PersonUpdate, ProfileDelta, ProfileRow},
     sanitize,
 };
-
-/// Why a batch was not stored.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database error: {0}")]
-    Db(#[from] DbErr),
-    #[error("database did not answer within {0:?}")]
-    Timeout(Duration),
-}
-
-impl StoreError {
-    /// The data of some event was rejected (SQLSTATE class 22 data exception, 23 integrity,
-    /// 54 limit exceeded): retrying the same batch cannot succeed. Everything else (connection
-    /// lost, timeouts, deadlocks, missing tables) is treated as transient.
-    pub fn is_data_error(&self) -> bool {
-        self.database_error()
-            .and_then(|db| db.code())
-            .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("54"))
-    }
-
-    /// Whether an insert failed because an event of the batch was stored already.
-    fn is_stored_event(&self) -> bool {
-        self.database_error().is_some_and(|db| {
-            db.code().as_deref() == Some("23505") && db.constraint() == Some("events_pkey")
-        })
-    }
-
-    /// The error Postgres answered, if it answered one.
-    fn database_error(&self) -> Option<&dyn sqlx::error::DatabaseError> {
-        match self {
-            Self::Db(
-                DbErr::Exec(RuntimeErr::SqlxError(err)) | DbErr::Query(RuntimeErr::SqlxError(err)),
-            ) => match err.as_ref() {
-                sqlx::Error::Database(db) => Some(db.as_ref()),
-                _ => None,
-            },
-            _ => None,
-        }
-    }
-}
 
 /// The properties a row is built from (beside those the rules read): page URL and path, session,
 /// elements chain, and the person properties an event sets.
@@ -250,7 +212,7 @@ const KEYED_PLANS: [(&str, &str); 3] = [
 
 /// Every statement a batch may run, for [`warm_up`].
 const STATEMENTS: [&str; 7] = [
-    crate::erasure::LOCK_SHARED,
+    infra::erasure::LOCK_SHARED,
     INSERT_NEW_EVENTS,
     INSERT_SESSIONS_AND_NEW_PROFILES,
     INSERT_NEW_PROFILES,
@@ -266,7 +228,7 @@ pub async fn connect(config: &Config) -> Result<DatabaseConnection, StoreError> 
         .max_connections(config.database_pool_size)
         .min_connections(config.write_concurrency as u32)
         // No ping round trip before each batch; connections idle for a while are still checked.
-        .test_before_acquire_if_idle_for(crate::pg::CHECK_IF_IDLE_FOR)
+        .test_before_acquire_if_idle_for(infra::postgres::CHECK_IF_IDLE_FOR)
         .map_sqlx_postgres_opts(|pg| pg.options(KEYED_PLANS));
     Ok(Database::connect(options).await?)
 }
@@ -316,7 +278,7 @@ fn options(config: &Config) -> ConnectOptions {
         .statement_timeout(Duration::from_secs(30))
         .connect_lazy(true)
         .sqlx_logging(false);
-    crate::pg::no_delay_on_connect(&mut options);
+    infra::postgres::no_delay_on_connect(&mut options);
     options
 }
 
@@ -326,14 +288,14 @@ pub struct Written {
     /// Events stored (new rows; the batch's others were stored before, or erased).
     pub stored: usize,
     /// Events dropped because their user was erased after they were received (a tombstone in
-    /// `erasures`, see [`crate::erasure`]): done, not lost.
+    /// `erasures`, see [`infra::erasure`]): done, not lost.
     pub erased: usize,
 }
 
 /// Stores a batch in one transaction. Events already stored (redeliveries) are skipped and not
 /// counted again; events of users erased after they were received are dropped (the
 /// transaction's first statement waits for any erasure of the batch's users in progress, then
-/// reads their tombstones: [`crate::erasure::lock_shared`]).
+/// reads their tombstones: [`infra::erasure::lock_shared`]).
 ///
 /// Events are written with `COPY` ([`COPY_EVENTS`]). Every other table is written by one statement
 /// of fixed text whatever the batch size, its rows passed as one array per column and expanded by
@@ -416,7 +378,7 @@ async fn write_sorted(
     let mut users: Vec<&str> = sorted.iter().map(|e| e.distinct_id.as_str()).collect();
     users.sort_unstable();
     users.dedup();
-    let tombstones = crate::erasure::lock_shared(&mut txn, &users).await?;
+    let tombstones = infra::erasure::lock_shared(&mut txn, &users).await?;
     let received = sorted.len();
     let kept: Vec<&StoredEvent>;
     let sorted = if tombstones.is_empty() {
@@ -474,12 +436,6 @@ async fn write_sorted(
 }
 
 type Txn = sqlx::Transaction<'static, sqlx::Postgres>;
-
-impl From<sqlx::Error> for StoreError {
-    fn from(err: sqlx::Error) -> Self {
-        Self::Db(crate::pg::db_err(err))
-    }
-}
 
 /// Most bytes of column data per events statement: a batch of large events is sent as several
 /// statements, as Postgres refuses a message over 1 GiB.
@@ -901,7 +857,7 @@ async fn upsert_profiles(txn: &mut Txn, deltas: &[ProfileDelta]) -> Result<(), S
 mod tests {
 
     use super::*;
-    use crate::enrich::{Fallback, fallback};
+    use rules_engine::enrich::{Fallback, fallback};
 
     #[test]
     fn row_fields_come_from_the_envelope_and_are_sanitised() {
@@ -943,7 +899,10 @@ mod tests {
             fn version(&self) -> &str {
                 "test"
             }
-            fn enrich(&self, event: &Envelope) -> Result<Enrichment, crate::enrich::EnrichError> {
+            fn enrich(
+                &self,
+                event: &Envelope,
+            ) -> Result<Enrichment, rules_engine::enrich::EnrichError> {
                 Ok(fallback(event))
             }
             fn reads_property(&self, key: &str) -> bool {

@@ -5,64 +5,11 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use redis::{
-    Client, IntoConnectionInfo, RedisError, Value,
-    aio::{ConnectionManager, ConnectionManagerConfig},
-    io::tcp::TcpSettings,
-};
+pub use infra::redis::{COMMAND_TIMEOUT, Entry, StreamError, client, connection};
+use infra::redis::{bytes, info_int, info_string, key_values, parse_entries};
+use redis::{RedisError, Value, aio::ConnectionManager};
 
 use crate::config::Config;
-
-/// Response timeout of non-blocking commands.
-pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Why a Redis operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StreamError {
-    #[error("redis error: {0}")]
-    Redis(#[from] RedisError),
-    #[error("unexpected reply to {command}: {reply}")]
-    Reply {
-        command: &'static str,
-        reply: String,
-    },
-}
-
-impl StreamError {
-    /// The consumer group (or the stream) is gone: create it again.
-    pub fn is_no_group(&self) -> bool {
-        matches!(self, Self::Redis(e) if e.code() == Some("NOGROUP"))
-    }
-}
-
-/// One stream entry as read by this consumer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Entry {
-    pub id: String,
-    /// Field/value pairs; empty when the entry was deleted while pending.
-    pub fields: Vec<(String, Vec<u8>)>,
-    /// How many times the group delivered it (this delivery included).
-    pub deliveries: u64,
-}
-
-impl Entry {
-    pub fn field(&self, name: &str) -> Option<&[u8]> {
-        self.fields
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_slice())
-    }
-
-    /// What the entry weighs in the read-ahead budget: its id, field names and values.
-    pub fn bytes(&self) -> usize {
-        self.id.len()
-            + self
-                .fields
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>()
-    }
-}
 
 /// The group's view of one stream for one consumer.
 #[derive(Clone)]
@@ -78,28 +25,6 @@ pub struct Streams {
     /// `DLQ_MAXLEN`: the dead-letter stream is trimmed to this many entries.
     dlq_maxlen: u64,
     block: Duration,
-}
-
-/// A client whose connections disable Nagle's algorithm (redis-rs leaves it on by default), so a
-/// command written in parts does not wait for a delayed ACK.
-pub fn client(url: &str) -> Result<Client, RedisError> {
-    let info = url
-        .into_connection_info()?
-        .set_tcp_settings(TcpSettings::default().set_nodelay(true));
-    Client::open(info)
-}
-
-/// A lazily connecting, reconnecting connection.
-pub fn connection(
-    client: Client,
-    response_timeout: Duration,
-) -> Result<ConnectionManager, RedisError> {
-    let config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(response_timeout))
-        .set_connection_timeout(Some(COMMAND_TIMEOUT))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(1));
-    ConnectionManager::new_lazy_with_config(client, config)
 }
 
 impl Streams {
@@ -279,19 +204,19 @@ impl Streams {
             for (field, value) in &entry.fields {
                 cmd.arg(field).arg(value);
             }
-            cmd.arg(crate::dlq::FIELD_SOURCE)
+            cmd.arg(infra::dlq::FIELD_SOURCE)
                 .arg(&self.stream)
-                .arg(crate::dlq::FIELD_ENTRY_ID)
+                .arg(infra::dlq::FIELD_ENTRY_ID)
                 .arg(&entry.id)
-                .arg(crate::dlq::FIELD_ERROR)
+                .arg(infra::dlq::FIELD_ERROR)
                 .arg(error)
-                .arg(crate::dlq::FIELD_DELIVERIES)
+                .arg(infra::dlq::FIELD_DELIVERIES)
                 .arg(entry.deliveries)
-                .arg(crate::dlq::FIELD_CONSUMER)
+                .arg(infra::dlq::FIELD_CONSUMER)
                 .arg(&self.consumer)
-                .arg(crate::dlq::FIELD_GROUP)
+                .arg(infra::dlq::FIELD_GROUP)
                 .arg(&self.group)
-                .arg(crate::dlq::FIELD_AT)
+                .arg(infra::dlq::FIELD_AT)
                 .arg(&now)
                 .ignore();
         }
@@ -376,93 +301,4 @@ fn parse_read_reply(reply: Value) -> Result<Vec<Entry>, StreamError> {
         entries.extend(parse_entries(stream)?);
     }
     Ok(entries)
-}
-
-/// Parses `[[id, [field, value, …] | nil], …]`.
-pub(crate) fn parse_entries(value: Value) -> Result<Vec<Entry>, StreamError> {
-    let Value::Array(items) = value else {
-        return Err(StreamError::Reply {
-            command: "stream entries",
-            reply: format!("{value:?}"),
-        });
-    };
-    let mut entries = Vec::with_capacity(items.len());
-    for item in items {
-        let Value::Array(mut parts) = item else {
-            continue;
-        };
-        if parts.is_empty() {
-            continue;
-        }
-        let fields_value = if parts.len() > 1 {
-            parts.swap_remove(1)
-        } else {
-            Value::Nil
-        };
-        let Some(id) = bytes(parts.swap_remove(0)) else {
-            continue;
-        };
-        let mut fields = Vec::new();
-        if let Value::Array(flat) = fields_value {
-            let mut flat = flat.into_iter();
-            while let (Some(k), Some(v)) = (flat.next(), flat.next()) {
-                if let (Some(k), Some(v)) = (bytes(k), bytes(v)) {
-                    fields.push((String::from_utf8_lossy(&k).into_owned(), v));
-                }
-            }
-        }
-        entries.push(Entry {
-            id: String::from_utf8_lossy(&id).into_owned(),
-            fields,
-            deliveries: 1,
-        });
-    }
-    Ok(entries)
-}
-
-fn bytes(value: Value) -> Option<Vec<u8>> {
-    match value {
-        Value::BulkString(b) => Some(b),
-        Value::SimpleString(s) => Some(s.into_bytes()),
-        Value::Int(n) => Some(n.to_string().into_bytes()),
-        _ => None,
-    }
-}
-
-/// A text field of a [`key_values`] map.
-pub(crate) fn info_string(info: &HashMap<String, Value>, key: &str) -> Option<String> {
-    let bytes = bytes(info.get(key)?.clone())?;
-    Some(String::from_utf8_lossy(&bytes).into_owned())
-}
-
-/// An integer field of a [`key_values`] map (`None` when absent or nil).
-pub(crate) fn info_int(info: &HashMap<String, Value>, key: &str) -> Option<i64> {
-    match info.get(key) {
-        Some(Value::Int(n)) => Some(*n),
-        _ => None,
-    }
-}
-
-/// A RESP2 flat key/value array or a RESP3 map, as a map by key.
-pub(crate) fn key_values(value: Value) -> HashMap<String, Value> {
-    let mut map = HashMap::new();
-    match value {
-        Value::Array(flat) => {
-            let mut flat = flat.into_iter();
-            while let (Some(k), Some(v)) = (flat.next(), flat.next()) {
-                if let Some(k) = bytes(k) {
-                    map.insert(String::from_utf8_lossy(&k).into_owned(), v);
-                }
-            }
-        }
-        Value::Map(pairs) => {
-            for (k, v) in pairs {
-                if let Some(k) = bytes(k) {
-                    map.insert(String::from_utf8_lossy(&k).into_owned(), v);
-                }
-            }
-        }
-        _ => {}
-    }
-    map
 }

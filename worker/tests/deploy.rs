@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use entity::settings::Vars;
+use infra::config::Vars;
 use serde_yaml::Value;
 
 fn deploy() -> PathBuf {

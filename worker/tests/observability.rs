@@ -6,8 +6,8 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use common::*;
+use infra::unmatched::UnmatchedReport;
 use serde_json::{Value, json};
-use worker::unmatched::UnmatchedReport;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -49,7 +49,7 @@ async fn metrics_readiness_and_unmatched_report_follow_the_pipeline() {
     let mut cfg = config(&db_url(&db.name, Some(proxy.addr)), &keys, "w");
     cfg.metrics_bind = Some(addr);
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let enricher = worker::enrich::load(rules.path(), &shutdown).unwrap();
+    let enricher = rules_engine::enrich::load(rules.path(), &shutdown).unwrap();
     let worker = RunningWorker::start_with(cfg, enricher);
 
     wait_until(WAIT, "worker ready", || async {
@@ -70,10 +70,10 @@ async fn metrics_readiness_and_unmatched_report_follow_the_pipeline() {
     assert_eq!(get(addr, "/health").await.0, 200);
 
     // the Redis settings checked at start, as the real Redis has them
-    let settings = worker::redis_config::read_settings(&mut redis)
+    let settings = infra::redis_settings::read_settings(&mut redis)
         .await
         .unwrap();
-    let hazards = worker::redis_config::hazards(&settings, false);
+    let hazards = infra::redis_settings::hazards(&settings, false);
     wait_until(WAIT, "Redis settings reported", || async {
         get(addr, "/metrics")
             .await
@@ -85,7 +85,7 @@ async fn metrics_readiness_and_unmatched_report_follow_the_pipeline() {
     assert_eq!(
         sample(&before, "redis_config_unsafe{setting=\"maxmemory-policy\"}"),
         f64::from(u8::from(
-            hazards.contains(&worker::redis_config::Hazard::Eviction)
+            hazards.contains(&infra::redis_settings::Hazard::Eviction)
         )),
         "{settings:?}"
     );
@@ -244,14 +244,14 @@ async fn a_taken_metrics_port_stops_the_worker_with_the_variable_named() {
 
 /// Rules describing only `signup` (every other event is unmatched), loaded from a folder that
 /// lives as long as the returned guard.
-fn signup_rules() -> (tempfile::TempDir, worker::rules::RulesHandle) {
+fn signup_rules() -> (tempfile::TempDir, rules_engine::RulesHandle) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("r.yaml"),
         "rules:\n  - id: signup\n    when:\n      event: signup\n    say: \"Signed up\"\n",
     )
     .unwrap();
-    let rules = worker::rules::RulesHandle::load_dir(dir.path()).unwrap();
+    let rules = rules_engine::RulesHandle::load_dir(dir.path()).unwrap();
     (dir, rules)
 }
 
@@ -281,7 +281,7 @@ async fn unmatched_counts_survive_a_redis_outage() {
         let event = json!({"event": "team_invite_sent", "distinct_id": "u1", "properties": {"$pathname": "/team"}});
         let event = event.as_object().unwrap();
         for _ in 0..n {
-            let input = worker::rules::EventInput::from_json(event).unwrap();
+            let input = rules_engine::EventInput::from_json(event).unwrap();
             assert!(!rules.current().enrich(&input).matched);
         }
     };
@@ -298,7 +298,7 @@ async fn unmatched_counts_survive_a_redis_outage() {
             .sum::<u64>()
     };
     // A flush takes the counts and fails: they are back in memory, not in the report.
-    tokio::time::sleep(unmatched::FLUSH_INTERVAL * 2).await;
+    tokio::time::sleep(infra::unmatched::FLUSH_INTERVAL * 2).await;
     wait_until(WAIT, "the failed flush's counts kept", || async {
         kept() == 3
     })
@@ -320,7 +320,7 @@ async fn unmatched_counts_survive_a_redis_outage() {
     })
     .await;
     // Nothing is added twice later.
-    tokio::time::sleep(unmatched::FLUSH_INTERVAL * 2).await;
+    tokio::time::sleep(infra::unmatched::FLUSH_INTERVAL * 2).await;
     let (shapes, total) = report.top(10).await.unwrap();
     assert_eq!(total, 1, "{shapes:?}");
     assert_eq!(shapes[0].count, 5);
@@ -333,11 +333,8 @@ async fn unmatched_counts_survive_a_redis_outage() {
 /// are counted in `rules_unmatched_unreported_total`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmatched_events_beyond_the_held_shapes_are_counted() {
-    use worker::{
-        metrics::WorkerMetrics,
-        rules::{EventInput, MAX_UNMATCHED_SHAPES},
-        unmatched,
-    };
+    use rules_engine::{EventInput, MAX_UNMATCHED_SHAPES};
+    use worker::{metrics::WorkerMetrics, unmatched};
     let (_rules_dir, rules) = signup_rules();
     for i in 0..MAX_UNMATCHED_SHAPES + 3 {
         let event = json!({"event": format!("custom_{i}"), "distinct_id": "u1", "properties": {}});

@@ -6,9 +6,9 @@ use std::{sync::atomic::Ordering, time::Duration};
 
 use common::*;
 use entity::{envelope::FIELD_EVENT, user_profile};
+use infra::dlq::{self, DeadLetters, Selection};
 use sea_orm::{ConnectionTrait, EntityTrait};
 use serde_json::json;
-use worker::dlq::{self, DeadLetters, Selection};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -793,7 +793,7 @@ async fn database_connections_disable_nagle() {
     let pool = db.worker_pool().await;
     let mut conn = pool.get_postgres_connection_pool().acquire().await.unwrap();
     assert_eq!(
-        worker::pg::nagle_disabled(&mut conn).await.unwrap(),
+        infra::postgres::nagle_disabled(&mut conn).await.unwrap(),
         Some(true)
     );
     // sqlx on its own leaves it on (the check finds the socket and tells the difference).
@@ -804,7 +804,7 @@ async fn database_connections_disable_nagle() {
         .await
         .unwrap();
     assert_eq!(
-        worker::pg::nagle_disabled(&mut plain).await.unwrap(),
+        infra::postgres::nagle_disabled(&mut plain).await.unwrap(),
         Some(false)
     );
 }
@@ -1075,7 +1075,7 @@ async fn a_batch_dropped_during_its_copy_leaves_no_broken_connection() {
 /// `envelope` ready to store, with one "purchase" intent hit of `weight`.
 fn with_intent(envelope: &entity::Envelope, weight: f64) -> worker::store::StoredEvent {
     let mut event = stored(envelope);
-    event.intents = vec![worker::enrich::IntentHit {
+    event.intents = vec![rules_engine::enrich::IntentHit {
         name: "purchase".into(),
         weight,
         summary: "User showing Purchase Intent.".into(),
@@ -1164,7 +1164,7 @@ async fn a_batch_merges_the_intents_it_hits_and_keeps_the_others() {
         let mut event = stored(envelope);
         event.intents = names
             .iter()
-            .map(|&(name, weight)| worker::enrich::IntentHit {
+            .map(|&(name, weight)| rules_engine::enrich::IntentHit {
                 name: name.into(),
                 weight,
                 summary: format!("User showing {name} intent.").into(),

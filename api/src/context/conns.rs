@@ -18,12 +18,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use infra::postgres::CHECK_IF_IDLE_FOR;
 use sea_orm::sqlx::{
     self, ConnectOptions as _, Connection,
     postgres::{PgConnectOptions, PgConnection},
 };
 use tokio::sync::{Semaphore, SemaphorePermit};
-use worker::pg::CHECK_IF_IDLE_FOR;
 
 /// A connection idle this long is closed (frees its Postgres backend).
 const CLOSE_IF_IDLE_FOR: Duration = Duration::from_secs(600);
@@ -95,7 +95,7 @@ impl ReadConnections {
                 }
                 None => tokio::time::timeout(self.connect_timeout, async {
                     let mut conn = PgConnection::connect_with(&self.options).await?;
-                    worker::pg::disable_nagle(&mut conn).await;
+                    infra::postgres::disable_nagle(&mut conn).await;
                     Ok::<_, sqlx::Error>(conn)
                 })
                 .await

@@ -1,12 +1,12 @@
 //! Erasing users everywhere this system holds them: Postgres (rows, and a tombstone that makes
 //! the workers drop the events still on their way), the dead-letter stream and the
 //! unmatched-events report. The protocol that keeps an erased user from coming back is
-//! `worker::erasure`'s.
+//! `infra::erasure`'s.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use worker::{dlq::DeadLetters, erasure, store::StoreError};
+use infra::{dlq::DeadLetters, erasure, postgres::StoreError};
 
 use crate::state::AppState;
 

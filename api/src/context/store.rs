@@ -7,7 +7,7 @@ use sea_orm::{
     sqlx::{self, Row, types::Json},
 };
 
-use worker::pg::db_err;
+use infra::postgres::db_err;
 
 use super::{HistoryItem, conns::ReadConnections};
 

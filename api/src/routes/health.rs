@@ -79,14 +79,14 @@ impl HealthApi {
                 &state.config.dlq_name,
             )
             .await;
-        PlainText(worker::metrics::render(&state.metrics.registry).0)
+        PlainText(infra::metrics::render(&state.metrics.registry).0)
     }
 
     /// Readiness: Redis and Postgres answer
     #[oai(path = "/ready", method = "get")]
     async fn ready(&self, state: Data<&AppState>) -> ReadyResponse {
         let (redis, postgres) =
-            worker::http::ping_dependencies(&state.publisher.connection(), &state.db).await;
+            infra::health::ping_dependencies(&state.publisher.connection(), &state.db).await;
         let checks = vec![
             Check {
                 name: "redis".into(),
@@ -99,13 +99,15 @@ impl HealthApi {
                 error: postgres.err(),
             },
         ];
-        let status =
-            worker::http::Readiness::of(state.shutdown.is_cancelled(), checks.iter().all(|c| c.ok));
+        let status = infra::health::Readiness::of(
+            state.shutdown.is_cancelled(),
+            checks.iter().all(|c| c.ok),
+        );
         let body = Json(Readiness {
             status: status.as_str().into(),
             checks,
         });
-        if status == worker::http::Readiness::Ready {
+        if status == infra::health::Readiness::Ready {
             ReadyResponse::Ready(body)
         } else {
             ReadyResponse::NotReady(body)

@@ -62,7 +62,7 @@ pub fn test_config() -> Config {
 /// `database_url`, the shipped rules, its own consumer group, short reads, no metrics port.
 pub fn worker_config(api: &Config, database_url: &str, group: &str) -> worker::Config {
     let name = format!("{group}-worker");
-    worker::Config::from_vars(&entity::settings::Vars::from_map([
+    worker::Config::from_vars(&infra::config::Vars::from_map([
         ("REDIS_URL", api.redis_url.as_str()),
         ("DATABASE_URL", database_url),
         ("QUEUE_NAME", api.queue_name.as_str()),
@@ -249,7 +249,7 @@ impl Drop for TestApp {
             let _: Result<(), _> = redis::cmd("DEL")
                 .arg(&self.config.queue_name)
                 .arg(&self.config.dlq_name)
-                .arg(&worker::unmatched::report_keys(&self.config.queue_name)[..])
+                .arg(&infra::unmatched::report_keys(&self.config.queue_name)[..])
                 .query(&mut conn);
         }
     }

@@ -19,14 +19,12 @@ use entity::{
     envelope::{FIELD_EVENT, FIELD_VERSION},
 };
 use redis::{Value, aio::ConnectionManager};
+use rules_engine::enrich::{EnrichError, Enricher, Enrichment, Fallback, Ruleset};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use worker::{
-    Config,
-    enrich::{EnrichError, Enricher, Enrichment, Fallback, Ruleset},
-};
+use worker::Config;
 
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -167,7 +165,7 @@ impl Drop for Keys {
             let _: Result<(), _> = redis::cmd("DEL")
                 .arg(&self.stream)
                 .arg(&self.dlq)
-                .arg(&worker::unmatched::report_keys(&self.stream)[..])
+                .arg(&infra::unmatched::report_keys(&self.stream)[..])
                 .query(&mut conn);
         }
     }
@@ -224,7 +222,11 @@ pub fn envelope(distinct_id: &str, event: &str, properties: serde_json::Value) -
 
 /// `envelope` ready to store, described by the fallback sentence (no rules).
 pub fn stored(envelope: &Envelope) -> worker::store::StoredEvent {
-    worker::store::StoredEvent::new(envelope.clone(), worker::enrich::fallback(envelope), None)
+    worker::store::StoredEvent::new(
+        envelope.clone(),
+        rules_engine::enrich::fallback(envelope),
+        None,
+    )
 }
 
 /// Appends envelopes the way the api does (`v`, `event`); returns the entry ids.
@@ -396,7 +398,7 @@ impl Ruleset for CountingRules {
         }
         let mut enrichment = Fallback.enrich(event)?;
         if event.properties.get("$pathname").and_then(|p| p.as_str()) == Some("/pricing") {
-            enrichment.intents.push(worker::enrich::IntentHit {
+            enrichment.intents.push(rules_engine::enrich::IntentHit {
                 name: "purchase".into(),
                 weight: 1.0,
                 summary: "User showing Purchase Intent.".into(),

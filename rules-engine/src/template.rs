@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use regex::Regex;
 
-use super::condition::{ElementField, EventCtx, PropPath, Subject};
+use crate::condition::{ElementField, EventCtx, PropPath, Subject};
 
 /// What a missing value renders as when the template gives no `default`.
 pub const MISSING: &str = "unknown";

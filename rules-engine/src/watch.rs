@@ -12,9 +12,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::RulesError;
-use super::compile::dir_version;
-use super::engine::{RuleSet, UnmatchedCounter};
+use crate::RulesError;
+use crate::compile::dir_version;
+use crate::engine::{RuleSet, UnmatchedCounter};
 
 /// A cheap-to-clone handle to the current [`RuleSet`]; readers never block the swap.
 #[derive(Clone, Debug)]

@@ -7,7 +7,7 @@ use redis::{Value, aio::ConnectionManager};
 
 use crate::{
     erasure::{self, Tombstones},
-    stream::StreamError,
+    redis::StreamError,
 };
 
 /// Stream the entry came from.
@@ -239,7 +239,7 @@ impl DeadLetters {
             .arg(count)
             .query_async(&mut self.conn.clone())
             .await?;
-        let entries = crate::stream::parse_entries(reply)?;
+        let entries = crate::redis::parse_entries(reply)?;
         Ok(entries
             .into_iter()
             .map(|e| DeadLetter {

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use regex::{Regex, RegexBuilder};
 use serde_json::{Map, Value};
 
-use super::elements::{Element, Elements};
-use super::engine::FxHasher;
-use super::model::{MatcherOps, MatcherSpec, Scalar};
+use crate::elements::{Element, Elements};
+use crate::engine::FxHasher;
+use crate::model::{MatcherOps, MatcherSpec, Scalar};
 
 /// Compiled size limit of one regex (bytes of program).
 pub const REGEX_SIZE_LIMIT: usize = 1 << 20;

@@ -9,7 +9,7 @@
 //!
 //! Erasures and the writers that could bring a user back are serialised by Postgres advisory
 //! locks on buckets of users ([`bucket`]): an erasure holds its users' buckets exclusively, and
-//! every worker batch transaction ([`crate::store::write_batch`]), dead-lettering and unmatched
+//! every worker batch transaction (the worker's `store::write_batch`), dead-lettering and unmatched
 //! report flush holds its users' buckets shared, taken first and then reading the tombstones
 //! ([`lock_shared`]). So a writer either committed before the erasure took its lock (the erasure
 //! then deletes what it wrote) or reads the erasure's tombstone (and drops what it covers); a
@@ -26,7 +26,7 @@ use sea_orm::{
     sqlx::{self, Row},
 };
 
-use crate::store::StoreError;
+use crate::postgres::StoreError;
 
 /// First key of the advisory locks on user buckets (the two-key form, a key space apart from
 /// the one-key locks such as `migration::MIGRATION_LOCK_KEY`): "ersr" in ASCII.

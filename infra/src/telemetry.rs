@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use entity::settings::{ConfigError, Vars};
+use crate::config::{ConfigError, Vars};
 use opentelemetry::{
     Context,
     propagation::{Extractor, Injector, TextMapPropagator},

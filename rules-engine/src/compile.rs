@@ -8,17 +8,17 @@ use std::sync::Arc;
 use regex::RegexSetBuilder;
 use sha2::{Digest, Sha256};
 
-use super::condition::{
+use crate::condition::{
     Condition, ElementCondition, ElementField, Matcher, PROP_SLOTS, PropPath, PropSlots,
     PropertyKeys, REGEX_SIZE_LIMIT, Subject, for_each_subject_mut,
 };
-use super::engine::{
+use crate::engine::{
     CandidateList, Candidates, Dispatch, EventKey, IntentDef, MAX_DISPATCH, MAX_PREFIX_LENGTHS,
     Rule, RuleSet, UnmatchedCounter, first4,
 };
-use super::model::{ElementSpec, MatcherSpec, RuleFile, WhenSpec};
-use super::template::{CaptureSource, Template};
-use super::{Diagnostic, RulesError};
+use crate::model::{ElementSpec, MatcherSpec, RuleFile, WhenSpec};
+use crate::template::{CaptureSource, Template};
+use crate::{Diagnostic, RulesError};
 
 /// Largest rule file accepted.
 pub const MAX_FILE_BYTES: usize = 1 << 20;
@@ -389,7 +389,7 @@ fn build_index(
     };
     let compiled_regexes: Vec<regex::Regex> = regexes
         .iter()
-        .map(|r| super::condition::build_regex(r))
+        .map(|r| crate::condition::build_regex(r))
         .collect::<Result<_, _>>()
         .map_err(RulesError::TooLarge)?;
     let mut by_event = HashMap::default();

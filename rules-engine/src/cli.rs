@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use serde_json::Value;
 
-use super::engine::{Enrichment, EventInput, RuleSet, StepOutcome};
-use super::model::ExampleSpec;
+use crate::engine::{Enrichment, EventInput, RuleSet, StepOutcome};
+use crate::model::ExampleSpec;
 
 /// Validates `dir` and runs every rule's `examples:`; non-zero exit on any error or failure.
 pub fn check(dir: &Path) -> ExitCode {

@@ -8,6 +8,7 @@ mod compile;
 mod condition;
 pub mod elements;
 mod engine;
+pub mod enrich;
 mod model;
 mod template;
 mod watch;

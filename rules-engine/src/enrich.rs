@@ -9,9 +9,9 @@ use std::{path::Path, sync::Arc};
 use entity::Envelope;
 use tokio_util::sync::CancellationToken;
 
-use crate::rules::{EventInput, RuleSet, RulesHandle};
+use crate::{EventInput, RuleSet, RulesHandle};
 
-pub use crate::rules::{Enrichment, IntentHit};
+pub use crate::{Enrichment, IntentHit};
 
 /// An event the rules could not describe; it goes to the DLQ with this text.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -159,7 +159,7 @@ pub fn load(
 ) -> Result<Arc<dyn Enricher>, EnrichError> {
     let handle = RulesHandle::load_dir(rules_dir)
         .map_err(|e| EnrichError(format!("{}: {e}", rules_dir.display())))?;
-    crate::rules::spawn_watcher(rules_dir.to_path_buf(), handle.clone(), shutdown.clone())
+    crate::spawn_watcher(rules_dir.to_path_buf(), handle.clone(), shutdown.clone())
         .map_err(|e| EnrichError(e.to_string()))?;
     tracing::info!(rules_dir = %rules_dir.display(), version = %handle.current().version(), "rules loaded");
     Ok(Arc::new(handle))

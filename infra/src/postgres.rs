@@ -125,3 +125,49 @@ fn own_tcp_socket(local: u16, peer: u16) -> Option<RawFd> {
         })
         .map(|fd| fd.as_raw_fd())
 }
+
+/// Why a batch was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] DbErr),
+    #[error("database did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl StoreError {
+    /// The data of some event was rejected (SQLSTATE class 22 data exception, 23 integrity,
+    /// 54 limit exceeded): retrying the same batch cannot succeed. Everything else (connection
+    /// lost, timeouts, deadlocks, missing tables) is treated as transient.
+    pub fn is_data_error(&self) -> bool {
+        self.database_error()
+            .and_then(|db| db.code())
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("54"))
+    }
+
+    /// Whether an insert failed because an event of the batch was stored already.
+    pub fn is_stored_event(&self) -> bool {
+        self.database_error().is_some_and(|db| {
+            db.code().as_deref() == Some("23505") && db.constraint() == Some("events_pkey")
+        })
+    }
+
+    /// The error Postgres answered, if it answered one.
+    fn database_error(&self) -> Option<&dyn sqlx::error::DatabaseError> {
+        match self {
+            Self::Db(
+                DbErr::Exec(RuntimeErr::SqlxError(err)) | DbErr::Query(RuntimeErr::SqlxError(err)),
+            ) => match err.as_ref() {
+                sqlx::Error::Database(db) => Some(db.as_ref()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        Self::Db(db_err(err))
+    }
+}

@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use regex::RegexSet;
 use serde_json::{Map, Value};
 
-use super::condition::{Condition, EventCtx, PropSlots, PropertyKeys, Subject, Val, all};
-use super::model::ExampleSpec;
-use super::template::{CaptureSource, Template, push_clean};
+use crate::condition::{Condition, EventCtx, PropSlots, PropertyKeys, Subject, Val, all};
+use crate::model::ExampleSpec;
+use crate::template::{CaptureSource, Template, push_clean};
 
 /// A borrowed view of one event, as the worker decoded it.
 #[derive(Debug, Clone, Copy)]
@@ -326,6 +326,12 @@ impl RuleSet {
         self.enrich_inner(ev, true)
     }
 
+    /// Whether a rule describes the event; unlike [`Self::enrich`], an unmatched event is not
+    /// counted for the unmatched report.
+    pub fn describes(&self, ev: &EventInput<'_>) -> bool {
+        self.enrich_inner(ev, false).matched
+    }
+
     pub(crate) fn enrich_inner(&self, ev: &EventInput<'_>, count: bool) -> Enrichment {
         let ctx = ctx_of(ev, &self.prop_slots);
         let mut described: Option<u32> = None;
@@ -588,8 +594,8 @@ impl UnmatchedCounter {
                 None
             }
         };
-        let text = element(super::condition::ElementField::Text);
-        let classes = element(super::condition::ElementField::Classes);
+        let text = element(crate::condition::ElementField::Text);
+        let classes = element(crate::condition::ElementField::Classes);
         let mut h = std::hash::DefaultHasher::new();
         (ctx.event, path, text.as_deref(), classes.as_deref()).hash(&mut h);
         let Ok(mut shapes) = self.shapes.lock() else {

@@ -94,7 +94,7 @@ pub async fn check(
         Ok(Ok(settings)) => settings,
         Ok(Err(error)) => {
             tracing::info!(
-                failure = crate::http::redis_failure(&error),
+                failure = crate::health::redis_failure(&error),
                 code = error.code(),
                 "Redis settings not checked: CONFIG GET was refused or failed (managed Redis \
                  often disables it); make sure maxmemory-policy is noeviction and, in \
@@ -144,7 +144,7 @@ pub async fn check(
 /// Runs [`check`] in the background on a connection of its own to `redis_url` (start-up must not
 /// wait on Redis).
 pub fn spawn_check(redis_url: &str, production: bool, gauge: IntGaugeVec) {
-    let client = crate::stream::client(redis_url);
+    let client = crate::redis::client(redis_url);
     tokio::spawn(async move {
         let connect = async {
             client?
@@ -160,7 +160,7 @@ pub fn spawn_check(redis_url: &str, production: bool, gauge: IntGaugeVec) {
                 check(&mut conn, production, &gauge).await;
             }
             Err(error) => tracing::info!(
-                failure = crate::http::redis_failure(&error),
+                failure = crate::health::redis_failure(&error),
                 "Redis settings not checked: cannot connect to Redis at start"
             ),
         }

@@ -1,0 +1,177 @@
+//! Prometheus helpers both binaries use, and the queue gauges (stream length, consumer-group lag
+//! and pending count, DLQ length) that both report.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use redis::{Value, aio::ConnectionManager};
+
+use crate::redis::{info_int, info_string, key_values};
+
+/// The Prometheus text exposition of `registry`, and its content type.
+pub fn render(registry: &Registry) -> (String, &'static str) {
+    let encoder = TextEncoder::new();
+    let mut out = Vec::with_capacity(8 * 1024);
+    // Encoding into a Vec fails only for invalid metric names, which are fixed at compile time.
+    let _ = encoder.encode(&registry.gather(), &mut out);
+    (
+        String::from_utf8(out).unwrap_or_default(),
+        "text/plain; version=0.0.4; charset=utf-8",
+    )
+}
+
+/// Latency buckets from 0.1 ms to 10 s.
+pub fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ]
+}
+
+/// Registers `metric` and hands it back (names and labels are fixed, so registration cannot fail
+/// except on a duplicate, which is a programming error caught by every test).
+pub fn register<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered twice");
+    metric
+}
+
+/// A histogram of seconds named `name`.
+pub fn seconds_histogram(registry: &Registry, name: &str, help: &str) -> Histogram {
+    register(
+        registry,
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(latency_buckets()))
+            .expect("valid histogram"),
+    )
+}
+
+/// A counter named `name`.
+pub fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    register(
+        registry,
+        IntCounter::new(name, help).expect("valid counter"),
+    )
+}
+
+/// A counter named `name` with `labels`.
+pub fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter"),
+    )
+}
+
+/// The state of the queue, read from Redis when metrics are scraped.
+#[derive(Clone)]
+pub struct QueueGauges {
+    stream_length: IntGauge,
+    group_lag: IntGaugeVec,
+    group_pending: IntGaugeVec,
+    dlq_length: IntGauge,
+    scrape_errors: IntCounter,
+    /// 1 for each Redis setting under which stream data can be lost (checked once at start; see
+    /// [`crate::redis_settings`]), 0 when it is safe; absent when it could not be checked.
+    pub redis_config_unsafe: IntGaugeVec,
+}
+
+/// Longest a scrape waits for Redis.
+const QUEUE_SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl QueueGauges {
+    pub fn new(registry: &Registry) -> Self {
+        let gauge = |name: &str, help: &str| {
+            register(registry, IntGauge::new(name, help).expect("valid gauge"))
+        };
+        let group_gauge = |name: &str, help: &str| {
+            register(
+                registry,
+                IntGaugeVec::new(Opts::new(name, help), &["group"]).expect("valid gauge"),
+            )
+        };
+        QueueGauges {
+            stream_length: gauge(
+                "stream_length",
+                "Entries in the event stream (XLEN), acknowledged ones included until deleted",
+            ),
+            group_lag: group_gauge(
+                "consumer_group_lag",
+                "Entries of the stream not yet delivered to the consumer group",
+            ),
+            group_pending: group_gauge(
+                "consumer_group_pending",
+                "Entries delivered to the consumer group and not yet acknowledged",
+            ),
+            dlq_length: gauge("dlq_length", "Entries in the dead-letter stream"),
+            scrape_errors: counter(
+                registry,
+                "queue_scrape_errors_total",
+                "Scrapes that could not read the queue state from Redis",
+            ),
+            redis_config_unsafe: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "redis_config_unsafe",
+                        "1 when a Redis setting lets stream data be lost (maxmemory-policy other \
+                         than noeviction; persistence off in production), read at start",
+                    ),
+                    &["setting"],
+                )
+                .expect("valid gauge"),
+            ),
+        }
+    }
+
+    /// Reads XLEN of both streams and XINFO GROUPS of the event stream. On failure the gauges keep
+    /// their last values and `queue_scrape_errors_total` grows.
+    pub async fn refresh(&self, conn: &ConnectionManager, stream: &str, dlq: &str) {
+        let read = async {
+            let mut pipe = redis::pipe();
+            pipe.cmd("XLEN").arg(stream);
+            pipe.cmd("XLEN").arg(dlq);
+            let (len, dlq_len): (i64, i64) = pipe.query_async(&mut conn.clone()).await?;
+            let groups: Value = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(stream)
+                .query_async(&mut conn.clone())
+                .await
+                .unwrap_or(Value::Array(Vec::new()));
+            Ok::<_, redis::RedisError>((len, dlq_len, groups))
+        };
+        match tokio::time::timeout(QUEUE_SCRAPE_TIMEOUT, read).await {
+            Ok(Ok((len, dlq_len, groups))) => {
+                self.stream_length.set(len);
+                self.dlq_length.set(dlq_len);
+                let Value::Array(groups) = groups else { return };
+                for group in groups {
+                    let info = key_values(group);
+                    let Some(name) = info_string(&info, "name") else {
+                        continue;
+                    };
+                    if let Some(pending) = info_int(&info, "pending") {
+                        self.group_pending.with_label_values(&[&name]).set(pending);
+                    }
+                    // `lag` is nil when Redis cannot tell (after XDEL of undelivered entries).
+                    if let Some(lag) = info_int(&info, "lag") {
+                        self.group_lag.with_label_values(&[&name]).set(lag);
+                    }
+                }
+            }
+            Ok(Err(error)) => {
+                self.scrape_errors.inc();
+                tracing::debug!(%error, "reading the queue state for metrics failed");
+            }
+            Err(_) => {
+                self.scrape_errors.inc();
+                tracing::debug!("reading the queue state for metrics timed out");
+            }
+        }
+    }
+}
