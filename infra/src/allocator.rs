@@ -1,16 +1,9 @@
-//! Both binaries (`api`, `worker`) allocate with mimalloc: the event paths allocate many small
-//! JSON values, and glibc's malloc cost a quarter to a third of their CPU. Each binary declares
-//! the `#[global_allocator]` itself (the benches count allocations with their own) and calls
-//! [`apply_options`] first thing in `main`.
+//! The mimalloc options both binaries (`api`, `worker`) run with. mimalloc, because the event
+//! paths allocate many small JSON values; each binary declares the `#[global_allocator]` itself
+//! (the benches count allocations with their own) and calls [`apply_options`] first in `main`.
 
-/// mimalloc options the binaries run with unless the operator set them, and why:
-/// - `MIMALLOC_ARENA_EAGER_COMMIT=0`: eager commit kept about 20 MiB more resident than the heap
-///   needs (idle and under load);
-/// - `MIMALLOC_PURGE_DELAY=50` (ms, instead of mimalloc's 1 s): memory freed after a burst of
-///   large requests goes back to the system sooner. Under 100-event `/batch` load it cut the api's
-///   peak RSS from 51–65 MiB to 49–52 MiB at the same throughput; 0 (purge at once) cost a
-///   quarter of the throughput.
-///
+/// Options applied unless the operator set them: lazy arena commit (less resident memory) and a
+/// short purge delay (memory freed after a burst goes back sooner); see `docs/tuning.md`.
 /// Each entry: the option's name, its older name (mimalloc honours both), the value.
 pub const OPTIONS: [(&str, &str, &str); 2] = [
     (

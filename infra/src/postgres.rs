@@ -1,11 +1,9 @@
-//! Postgres connections as the api and the worker open them: with Nagle's algorithm off.
+//! Postgres connections as the api and the worker open them (Nagle's algorithm off), and
+//! `StoreError`.
 //!
-//! sqlx 0.9.0 leaves Nagle's algorithm on for TCP (sqlx issue #4335; fixed upstream, not yet
-//! released). A message larger than one TLS record or socket write, such as a batch of events, is
-//! then sent in parts, and each part after the first waits for the server's delayed ACK: about
-//! 40 ms per statement. Until sqlx sets `TCP_NODELAY` itself, each new connection sets it here on
-//! its own socket, found by the local port the server reports for the session. sqlx does not
-//! expose the socket, so it is borrowed by descriptor number: the only unsafe code here.
+//! sqlx 0.9.0 leaves `TCP_NODELAY` unset (sqlx issue #4335), so a large statement waits on the
+//! server's delayed ACKs; each connection sets it on its own socket, which sqlx does not expose and
+//! is borrowed by descriptor number: the only unsafe code here.
 #![allow(unsafe_code)]
 
 use std::{
