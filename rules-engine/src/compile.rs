@@ -14,7 +14,7 @@ use crate::condition::{
 };
 use crate::engine::{
     CandidateList, Candidates, Dispatch, EventKey, IntentDef, MAX_DISPATCH, MAX_PREFIX_LENGTHS,
-    Rule, RuleSet, UnmatchedCounter, first4,
+    Rule, RuleSet, RuleSplit, UnmatchedCounter, first4,
 };
 use crate::model::{ElementSpec, MatcherSpec, RuleFile, WhenSpec};
 use crate::template::{CaptureSource, Template};
@@ -357,8 +357,7 @@ fn build_index(
 ) -> Result<RuleSet, RulesError> {
     let mut regexes = Vec::new();
     let mut regex_rules = Vec::new();
-    let mut any_event = Vec::new();
-    let mut any_taggers = Vec::new();
+    let mut any_event = RuleSplit::default();
     let mut names = BTreeSet::new();
     for (i, k) in keys.iter().enumerate() {
         match k {
@@ -367,13 +366,7 @@ fn build_index(
                 regexes.push(r.as_str());
                 regex_rules.push(i as u32);
             }
-            EventKey::Any => {
-                if rules[i].say.is_some() {
-                    any_event.push(i as u32);
-                } else {
-                    any_taggers.push(i as u32);
-                }
-            }
+            EventKey::Any => any_event.push(i as u32, rules[i].say.is_some()),
         }
     }
     let event_regexes = if regexes.is_empty() {
@@ -394,8 +387,7 @@ fn build_index(
         .map_err(RulesError::TooLarge)?;
     let mut by_event = HashMap::default();
     for name in names {
-        let mut describers = Vec::new();
-        let mut taggers = Vec::new();
+        let mut split = RuleSplit::default();
         let mut ri = 0;
         for (i, k) in keys.iter().enumerate() {
             let candidate = match k {
@@ -407,25 +399,12 @@ fn build_index(
                 EventKey::Any => true,
             };
             if candidate {
-                if rules[i].say.is_some() {
-                    describers.push(i as u32);
-                } else {
-                    taggers.push(i as u32);
-                }
+                split.push(i as u32, rules[i].say.is_some());
             }
         }
-        by_event.insert(
-            name.into(),
-            Candidates {
-                describers: candidate_list(&rules, describers),
-                taggers: candidate_list(&rules, taggers),
-            },
-        );
+        by_event.insert(name.into(), candidates(&rules, split));
     }
-    let any_event = Candidates {
-        describers: candidate_list(&rules, any_event),
-        taggers: candidate_list(&rules, any_taggers),
-    };
+    let any_event = candidates(&rules, any_event);
     let intent_labels = intents
         .iter()
         .map(|d| (Arc::from(d.name.as_str()), Arc::from(d.summary.as_str())))
@@ -486,6 +465,13 @@ fn visit_rule_subjects(rule: &mut Rule, f: &mut impl FnMut(&mut Subject)) {
     }
     for c in rule.captures.iter_mut() {
         f(&mut c.subject);
+    }
+}
+
+fn candidates(rules: &[Rule], split: RuleSplit) -> Candidates {
+    Candidates {
+        describing: candidate_list(rules, split.describing),
+        tagging: candidate_list(rules, split.tagging),
     }
 }
 

@@ -2,16 +2,15 @@
 
 use std::borrow::Cow;
 use std::cell::OnceCell;
-use std::collections::HashSet;
 use std::fmt;
-use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
 use regex::{Regex, RegexBuilder};
+use rustc_hash::FxHashSet;
 use serde_json::{Map, Value};
 
 use crate::elements::{Element, Elements};
-use crate::engine::FxHasher;
+use crate::engine::EventInput;
 use crate::model::{MatcherOps, MatcherSpec, Scalar};
 
 /// Compiled size limit of one regex (bytes of program).
@@ -188,18 +187,15 @@ pub fn json_text(v: &Value) -> Option<Cow<'_, str>> {
     }
 }
 
-/// Every top-level property key a rule set can read: the keys its rules name (a path's whole
-/// text, which [`PropPath::lookup`] tries first as one key, and its first key) and the ones the
-/// engine reads itself ([`ENGINE_KEYS`], `attr__*`). The worker decodes only these of an event.
+/// Every top-level property key a rule set can read: those its rules name, [`ENGINE_KEYS`] and
+/// `attr__*`. The worker decodes only these of an event.
 #[derive(Debug, Clone, Default)]
 pub struct PropertyKeys {
-    named: HashSet<Box<str>, BuildHasherDefault<FxHasher>>,
+    named: FxHashSet<Box<str>>,
 }
 
-/// Property keys the engine reads whatever the rules say: the page (`$pathname`,
-/// `$current_url`, `$host`), the elements (`$elements_chain`, `$elements`) and the clicked
-/// element's own properties (`$el_text`, `$el_tag_name`, `tag_name`; its attributes are the
-/// `attr__NAME` keys).
+/// Property keys the engine reads whatever the rules say: the page, the elements, and the clicked
+/// element's own properties (its attributes being the `attr__NAME` keys).
 pub const ENGINE_KEYS: [&str; 8] = [
     "$pathname",
     "$current_url",
@@ -212,6 +208,7 @@ pub const ENGINE_KEYS: [&str; 8] = [
 ];
 
 impl PropertyKeys {
+    /// Both the whole path (which [`PropPath::lookup`] tries first as one key) and its first key.
     pub fn insert(&mut self, path: &PropPath) {
         self.named.insert(path.full().into());
         self.named.insert(path.first_key().into());
@@ -235,9 +232,6 @@ impl PropSlots {
     }
 }
 
-#[cfg(test)]
-static NO_SLOTS: PropSlots = PropSlots { keys: Vec::new() };
-
 /// The per-event view conditions and templates read; derived fields are computed once, lazily.
 pub struct EventCtx<'a> {
     pub event: &'a str,
@@ -257,32 +251,15 @@ pub struct EventCtx<'a> {
 }
 
 impl<'a> EventCtx<'a> {
-    #[cfg(test)]
-    pub fn new(
-        event: &'a str,
-        distinct_id: &'a str,
-        props: &'a Map<String, Value>,
-        chain: Option<&'a str>,
-        person: Option<&'a Map<String, Value>>,
-    ) -> Self {
-        Self::with_slots(event, distinct_id, props, chain, person, &NO_SLOTS)
-    }
-
-    pub fn with_slots(
-        event: &'a str,
-        distinct_id: &'a str,
-        props: &'a Map<String, Value>,
-        chain: Option<&'a str>,
-        person: Option<&'a Map<String, Value>>,
-        slots: &'a PropSlots,
-    ) -> Self {
+    /// The view of `ev`, caching the values of `slots`.
+    pub fn new(ev: &EventInput<'a>, slots: &'a PropSlots) -> Self {
         EventCtx {
-            event,
-            distinct_id,
-            props,
-            props_text: None,
-            person,
-            chain,
+            event: ev.event,
+            distinct_id: ev.distinct_id,
+            props: ev.properties,
+            props_text: ev.properties_text,
+            person: ev.person_properties,
+            chain: ev.elements_chain,
             slots,
             slot_values: Default::default(),
             path: OnceCell::new(),
@@ -290,6 +267,21 @@ impl<'a> EventCtx<'a> {
             clicked: OnceCell::new(),
             text: OnceCell::new(),
         }
+    }
+
+    /// An event named `event` with only `props`.
+    #[cfg(test)]
+    pub fn of_props(event: &'a str, props: &'a Map<String, Value>) -> Self {
+        static NO_SLOTS: PropSlots = PropSlots { keys: Vec::new() };
+        let ev = EventInput {
+            event,
+            distinct_id: "u1",
+            properties: props,
+            properties_text: None,
+            elements_chain: None,
+            person_properties: None,
+        };
+        Self::new(&ev, &NO_SLOTS)
     }
 
     /// The value of slotted property key `i`, looked up once per event.
@@ -324,10 +316,7 @@ impl<'a> EventCtx<'a> {
         if let Some(Value::String(h)) = self.props.get("$host") {
             return Some(h);
         }
-        let url = self.url()?;
-        let rest = &url[url.find("://")? + 3..];
-        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        Some(&rest[..end])
+        split_url(self.url()?).map(|(host, _)| host)
     }
 
     pub fn elements(&self) -> Elements<'a> {
@@ -381,20 +370,22 @@ impl<'a> EventCtx<'a> {
     }
 }
 
-/// The path part of a URL (`https://x.com/a/b?q` → `/a/b`); a bare path is returned as is.
+/// The path of a URL or of a bare path, without query or fragment, `/` when empty:
+/// `https://x.test/a/?q` → `/a/`, `https://x.test?q=/b` → `/`, `/a#b` → `/a`.
 pub fn url_path(url: &str) -> Option<&str> {
-    let rest = match url.find("://") {
-        Some(i) => {
-            let after = &url[i + 3..];
-            match after.find(['/', '?', '#']) {
-                Some(j) if after.as_bytes()[j] == b'/' => &after[j..],
-                _ => "/",
-            }
-        }
+    let path = match split_url(url) {
+        Some((_, after_host)) => after_host,
         None if url.starts_with('/') => url,
         None => return None,
     };
-    Some(rest)
+    let path = &path[..path.find(['?', '#']).unwrap_or(path.len())];
+    Some(if path.is_empty() { "/" } else { path })
+}
+
+/// An absolute URL's host and what follows it: `https://x.test/a?q` → (`x.test`, `/a?q`).
+fn split_url(url: &str) -> Option<(&str, &str)> {
+    let rest = &url[url.find("://")? + 3..];
+    Some(rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len())))
 }
 
 fn normalise_path(p: &str) -> &str {
@@ -795,15 +786,31 @@ mod tests {
 
     #[test]
     fn paths_are_normalised() {
+        let path = |props: Value| {
+            let props = props.as_object().cloned().unwrap();
+            EventCtx::of_props("e", &props).path().map(str::to_owned)
+        };
+        for url in [
+            "https://x.com/pricing/?a=1",
+            "/pricing/#x",
+            "https://x.com/pricing//",
+        ] {
+            assert_eq!(
+                path(json!({ "$current_url": url })).as_deref(),
+                Some("/pricing")
+            );
+        }
         assert_eq!(
-            url_path("https://x.com/pricing/?a=1"),
-            Some("/pricing/?a=1")
+            path(json!({"$current_url": "https://x.com?q=/a"})).as_deref(),
+            Some("/")
         );
-        assert_eq!(url_path("https://x.com"), Some("/"));
-        assert_eq!(url_path("https://x.com?q"), Some("/"));
+        assert_eq!(
+            path(json!({"$pathname": "/a/?b", "$current_url": "https://x.com/c"})).as_deref(),
+            Some("/a")
+        );
+        assert_eq!(path(json!({"$current_url": "nonsense"})), None);
         assert_eq!(normalise_path("/pricing/?a=1"), "/pricing");
         assert_eq!(normalise_path("/"), "/");
-        assert_eq!(url_path("nonsense"), None);
     }
 
     #[test]

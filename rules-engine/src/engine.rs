@@ -1,13 +1,14 @@
-//! The compiled rule set and enrichment of one event.
+//! The compiled [`RuleSet`]: describing and explaining one event, and counting unmatched ones.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use regex::RegexSet;
+use rustc_hash::FxHashMap;
 use serde_json::{Map, Value};
 
 use crate::condition::{Condition, EventCtx, PropSlots, PropertyKeys, Subject, Val, all};
@@ -20,9 +21,8 @@ pub struct EventInput<'a> {
     pub event: &'a str,
     pub distinct_id: &'a str,
     pub properties: &'a Map<String, Value>,
-    /// `properties` as JSON text, when `properties` holds only the keys the rule set reads
-    /// ([`RuleSet::reads_property`]): the example kept of an unmatched event is decoded from it,
-    /// with all of its properties.
+    /// All the properties as JSON text, when `properties` holds only those the rules read
+    /// ([`RuleSet::reads_property`]); an unmatched event's example is decoded from it.
     pub properties_text: Option<&'a str>,
     /// PostHog's `elements_chain`; when `None`, `properties["$elements_chain"]` is used.
     pub elements_chain: Option<&'a str>,
@@ -33,9 +33,8 @@ pub struct EventInput<'a> {
 static NO_PROPERTIES: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
 
 impl<'a> EventInput<'a> {
-    /// An event written as JSON, as `worker rules explain` reads it and the unmatched-events
-    /// report keeps its examples: `event`, `distinct_id`, `properties`, `elements_chain`, and
-    /// `person_properties` (or `person.properties`). `None` without a string `event`.
+    /// An event as JSON (`worker rules explain`, unmatched examples): `event`, `distinct_id`,
+    /// `properties`, `elements_chain`, `person_properties` or `person.properties`; `None` without `event`.
     pub fn from_json(event: &'a Map<String, Value>) -> Option<Self> {
         Some(EventInput {
             event: event.get("event")?.as_str()?,
@@ -126,8 +125,8 @@ pub(crate) enum EventKey {
 /// Candidate rules for one event name, in priority order.
 #[derive(Debug, Default)]
 pub(crate) struct Candidates {
-    pub describers: CandidateList,
-    pub taggers: CandidateList,
+    pub describing: CandidateList,
+    pub tagging: CandidateList,
 }
 
 /// Most dispatch maps one candidate list keeps.
@@ -136,9 +135,8 @@ pub(crate) const MAX_DISPATCH: usize = 4;
 pub(crate) const MAX_PREFIX_LENGTHS: usize = 8;
 const MAX_HEADS: usize = 2 + MAX_DISPATCH * MAX_PREFIX_LENGTHS;
 
-/// Rules in priority order, some of them filed under the value one of their conditions requires
-/// (`path: /pricing`, or the literal prefixes of `path: {regex: "^/docs/"}`), so an event only
-/// visits rules its values can satisfy.
+/// Rules in priority order, some filed under the value (or literal prefix) a condition of theirs
+/// requires, so an event only visits rules its values can satisfy.
 #[derive(Debug, Default)]
 pub(crate) struct CandidateList {
     pub always: Box<[u32]>,
@@ -154,7 +152,7 @@ pub(crate) struct Dispatch {
     /// For prefix dispatch when every prefix has 4+ bytes: their first 4 bytes, sorted, so most
     /// values are turned away with one binary search.
     pub quick: Option<Box<[u32]>>,
-    pub by_value: HashMap<Box<[u8]>, Box<[u32]>, BuildHasherDefault<FxHasher>>,
+    pub by_value: FxHashMap<Box<[u8]>, Box<[u32]>>,
 }
 
 impl CandidateList {
@@ -264,7 +262,7 @@ pub struct RuleSet {
     /// (name, summary) of each of `intents`, shared with every hit.
     pub(crate) intent_labels: Vec<(Arc<str>, Arc<str>)>,
     pub(crate) files: Vec<PathBuf>,
-    pub(crate) by_event: HashMap<Box<str>, Candidates, BuildHasherDefault<FxHasher>>,
+    pub(crate) by_event: FxHashMap<Box<str>, Candidates>,
     /// Rules evaluated for names not in `by_event` whatever the name.
     pub(crate) any_event: Candidates,
     /// Rules whose event condition is one regex, tested for names not in `by_event`.
@@ -333,7 +331,7 @@ impl RuleSet {
     }
 
     pub(crate) fn enrich_inner(&self, ev: &EventInput<'_>, count: bool) -> Enrichment {
-        let ctx = ctx_of(ev, &self.prop_slots);
+        let ctx = EventCtx::new(ev, &self.prop_slots);
         let mut described: Option<u32> = None;
         let mut hits = Hits::default();
         let mut visit = |idx: u32, described: &mut Option<u32>| {
@@ -352,14 +350,14 @@ impl RuleSet {
             }
         };
         let (cands, extra) = match self.by_event.get(ev.event) {
-            Some(c) => (c, ExtraRules::default()),
+            Some(c) => (c, RuleSplit::default()),
             None => (&self.any_event, self.regex_candidates(ev.event)),
         };
-        cands.describers.for_each(&ctx, extra.describers(), |idx| {
+        cands.describing.for_each(&ctx, &extra.describing, |idx| {
             visit(idx, &mut described);
             described.is_some()
         });
-        cands.taggers.for_each(&ctx, extra.taggers(), |idx| {
+        cands.tagging.for_each(&ctx, &extra.tagging, |idx| {
             visit(idx, &mut described);
             false
         });
@@ -399,7 +397,7 @@ impl RuleSet {
                     self.unmatched.record(ctx);
                 }
                 Enrichment {
-                    description: fallback(ctx.event),
+                    description: fallback_sentence(ctx.event),
                     rule_id: None,
                     intents,
                     matched: false,
@@ -409,8 +407,8 @@ impl RuleSet {
     }
 
     /// Rules whose event-name regex matches a name that no exact rule names.
-    fn regex_candidates(&self, name: &str) -> ExtraRules {
-        let mut extra = ExtraRules::default();
+    fn regex_candidates(&self, name: &str) -> RuleSplit {
+        let mut extra = RuleSplit::default();
         if let Some(set) = &self.event_regexes {
             for i in set.matches(name).iter() {
                 let idx = self.regex_rules[i];
@@ -422,7 +420,7 @@ impl RuleSet {
 
     /// Evaluates every rule (no index) and tells, rule by rule, why it did or did not match.
     pub fn explain(&self, ev: &EventInput<'_>) -> Explanation {
-        let ctx = ctx_of(ev, &self.prop_slots);
+        let ctx = EventCtx::new(ev, &self.prop_slots);
         let mut described = None;
         let mut hits = Hits::default();
         let mut steps = Vec::with_capacity(self.rules.len());
@@ -456,21 +454,9 @@ impl RuleSet {
     }
 }
 
-fn ctx_of<'a>(ev: &EventInput<'a>, slots: &'a PropSlots) -> EventCtx<'a> {
-    let mut ctx = EventCtx::with_slots(
-        ev.event,
-        ev.distinct_id,
-        ev.properties,
-        ev.elements_chain,
-        ev.person_properties,
-        slots,
-    );
-    ctx.props_text = ev.properties_text;
-    ctx
-}
-
-/// The sentence for an event no rule describes: `Triggered 'signup_completed'`.
-pub fn fallback(event: &str) -> String {
+/// The fallback sentence, for an event no rule describes: `Triggered 'signup_completed'`, the
+/// name cleaned like template values.
+pub fn fallback_sentence(event: &str) -> String {
     let mut s = String::with_capacity(event.len() + 13);
     s.push_str("Triggered '");
     push_clean(&mut s, event);
@@ -478,28 +464,20 @@ pub fn fallback(event: &str) -> String {
     s
 }
 
-/// Regex-named rules for one event, split like [`Candidates`] (allocates only when one matches).
+/// Rule indexes split like [`Candidates`]: rules with `say`, and intent-only rules.
 #[derive(Default)]
-struct ExtraRules {
-    describers: Vec<u32>,
-    taggers: Vec<u32>,
+pub(crate) struct RuleSplit {
+    pub describing: Vec<u32>,
+    pub tagging: Vec<u32>,
 }
 
-impl ExtraRules {
-    fn push(&mut self, idx: u32, describes: bool) {
+impl RuleSplit {
+    pub fn push(&mut self, idx: u32, describes: bool) {
         if describes {
-            self.describers.push(idx);
+            self.describing.push(idx);
         } else {
-            self.taggers.push(idx);
+            self.tagging.push(idx);
         }
-    }
-
-    fn describers(&self) -> &[u32] {
-        &self.describers
-    }
-
-    fn taggers(&self) -> &[u32] {
-        &self.taggers
     }
 }
 
@@ -658,10 +636,8 @@ impl UnmatchedCounter {
         v
     }
 
-    /// Puts back counts taken for the shared report that could not be written (Redis down), so
-    /// they go out with the next flush instead of being lost. A shape put back several times keeps
-    /// one entry; it may sit beside an entry of new counts of the same shape, which the report
-    /// adds together. Counts that find the table full go to [`Self::overflow`].
+    /// Puts back counts the shared report could not write, for the next flush; a shape put back
+    /// again keeps one entry, and counts that find the table full go to [`Self::overflow`].
     pub fn restore(&self, shapes: Vec<UnmatchedShape>) {
         let Ok(mut map) = self.shapes.lock() else {
             return;
@@ -722,36 +698,4 @@ fn sort_shapes(v: &mut [UnmatchedShape]) {
             ))
         })
     });
-}
-
-/// FxHash: a fast hasher for the rule set's own tables (their keys come from rule files; events
-/// only look keys up).
-#[derive(Default, Clone, Copy)]
-pub(crate) struct FxHasher(u64);
-
-impl Hasher for FxHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-            self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(K);
-        }
-        let mut rest = chunks.remainder();
-        if let Some((c, r)) = rest.split_first_chunk::<4>() {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(u32::from_le_bytes(*c))).wrapping_mul(K);
-            rest = r;
-        }
-        if let Some((c, r)) = rest.split_first_chunk::<2>() {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(u16::from_le_bytes(*c))).wrapping_mul(K);
-            rest = r;
-        }
-        if let Some(&b) = rest.first() {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
 }

@@ -1,14 +1,12 @@
-//! The enrichment interface between the pipeline and the rule engine (`crate::rules`), and plain
-//! fallback sentences (for tests and tools).
-//!
-//! The pipeline asks an [`Enricher`] for the current [`Ruleset`] once per batch, so every event of
-//! a batch is described by the same ruleset and stored with its version.
+//! How the worker describes events: a [`Describer`] (one loaded rule set) handed out by an
+//! [`Enricher`] (where the current one comes from), and [`NoRules`] for tests and tools.
 
 use std::{path::Path, sync::Arc};
 
 use entity::Envelope;
 use tokio_util::sync::CancellationToken;
 
+use crate::condition::url_path;
 use crate::{EventInput, RuleSet, RulesHandle};
 
 pub use crate::{Enrichment, IntentHit};
@@ -18,9 +16,9 @@ pub use crate::{Enrichment, IntentHit};
 #[error("{0}")]
 pub struct EnrichError(pub String);
 
-/// A loaded, immutable set of translations.
-pub trait Ruleset: Send + Sync {
-    /// Content hash naming this ruleset; stored with every event it described.
+/// One loaded, immutable way of describing events, named by its version.
+pub trait Describer: Send + Sync {
+    /// Content hash naming this describer; stored with every event it described.
     fn version(&self) -> &str;
     /// Describes one event.
     fn enrich(&self, event: &Envelope) -> Result<Enrichment, EnrichError>;
@@ -32,8 +30,7 @@ pub trait Ruleset: Send + Sync {
     }
 
     /// Describes one event whose `properties` may hold only the keys [`Self::reads_property`]
-    /// accepts, `written` being all of them as JSON text, for what keeps whole events (the
-    /// examples of unmatched ones).
+    /// accepts, `written` being all of them as JSON text (kept in unmatched-event examples).
     fn enrich_written(
         &self,
         event: &Envelope,
@@ -43,9 +40,10 @@ pub trait Ruleset: Send + Sync {
     }
 }
 
-/// The source of the current ruleset (the rule engine swaps it on reload).
+/// Where the current [`Describer`] comes from. The pipeline takes one per batch, so a batch is
+/// described by one version even while the rules reload.
 pub trait Enricher: Send + Sync {
-    fn ruleset(&self) -> Arc<dyn Ruleset>;
+    fn describer(&self) -> Arc<dyn Describer>;
 
     /// The rule engine's handle, when the rules come from files (reload status, unmatched counts).
     fn rules(&self) -> Option<RulesHandle> {
@@ -53,33 +51,25 @@ pub trait Enricher: Send + Sync {
     }
 }
 
-/// An [`Enricher`] that always hands out the same ruleset.
-pub struct Fixed(pub Arc<dyn Ruleset>);
+/// Describes events without rules: see [`without_rules`].
+pub struct NoRules;
 
-impl Enricher for Fixed {
-    fn ruleset(&self) -> Arc<dyn Ruleset> {
-        self.0.clone()
-    }
-}
+/// Version stored for events described by [`NoRules`].
+pub const NO_RULES_VERSION: &str = "fallback";
 
-/// Plain sentences without rules: `Viewed page: <path>` for pageviews, `Triggered '<event>'` otherwise.
-pub struct Fallback;
-
-/// Version stored for events described by [`Fallback`].
-pub const FALLBACK_VERSION: &str = "fallback";
-
-impl Ruleset for Fallback {
+impl Describer for NoRules {
     fn version(&self) -> &str {
-        FALLBACK_VERSION
+        NO_RULES_VERSION
     }
 
     fn enrich(&self, event: &Envelope) -> Result<Enrichment, EnrichError> {
-        Ok(fallback(event))
+        Ok(without_rules(event))
     }
 }
 
-/// The fallback description of an event.
-pub fn fallback(event: &Envelope) -> Enrichment {
+/// An event described without rules: `Viewed page: <path>` for pageviews, `Triggered '<event>'`
+/// otherwise, the name as sent (unlike [`crate::fallback_sentence`], which cleans it).
+pub fn without_rules(event: &Envelope) -> Enrichment {
     let page = || {
         let path = event
             .properties
@@ -88,7 +78,7 @@ pub fn fallback(event: &Envelope) -> Enrichment {
             .filter(|p| !p.is_empty());
         path.map(str::to_string).or_else(|| {
             let url = event.properties.get("$current_url")?.as_str()?;
-            Some(url_path(url).unwrap_or(url).to_string())
+            Some(absolute_url_path(url).unwrap_or(url).to_string())
         })
     };
     let description = match (event.event.as_str(), page()) {
@@ -103,15 +93,17 @@ pub fn fallback(event: &Envelope) -> Enrichment {
     }
 }
 
-/// The path of an absolute URL (`https://x.test/pricing?a=1` → `/pricing`).
-pub fn url_path(url: &str) -> Option<&str> {
-    let rest = &url[url.find("://")? + 3..];
-    let path = &rest[rest.find('/').unwrap_or(rest.len())..];
-    let path = &path[..path.find(['?', '#']).unwrap_or(path.len())];
-    Some(if path.is_empty() { "/" } else { path })
+/// The path of an absolute URL as the stored `path` column keeps it (`https://x.test/a/?q` →
+/// `/a/`); `None` for a relative URL, which only conditions (`url_path`) read a path from.
+pub fn absolute_url_path(url: &str) -> Option<&str> {
+    if url.contains("://") {
+        url_path(url)
+    } else {
+        None
+    }
 }
 
-impl Ruleset for RuleSet {
+impl Describer for RuleSet {
     fn version(&self) -> &str {
         RuleSet::version(self)
     }
@@ -142,7 +134,7 @@ impl Ruleset for RuleSet {
 }
 
 impl Enricher for RulesHandle {
-    fn ruleset(&self) -> Arc<dyn Ruleset> {
+    fn describer(&self) -> Arc<dyn Describer> {
         self.current()
     }
 
@@ -166,7 +158,7 @@ pub fn load(
 }
 
 /// The rules of `rules_dir` once, without watching (tools and benchmarks).
-pub fn load_once(rules_dir: &Path) -> Result<Arc<dyn Ruleset>, EnrichError> {
+pub fn load_once(rules_dir: &Path) -> Result<Arc<dyn Describer>, EnrichError> {
     let set = RuleSet::load_dir(rules_dir)
         .map_err(|e| EnrichError(format!("{}: {e}", rules_dir.display())))?;
     Ok(Arc::new(set))
@@ -193,21 +185,51 @@ mod tests {
     }
 
     #[test]
-    fn fallback_sentences() {
+    fn events_without_rules() {
         let pv = event(
             "$pageview",
             serde_json::json!({"$current_url": "https://x.test/pricing?plan=pro"}),
         );
-        assert_eq!(fallback(&pv).description, "Viewed page: /pricing");
+        assert_eq!(without_rules(&pv).description, "Viewed page: /pricing");
         let pv = event("$pageview", serde_json::json!({"$pathname": "/docs"}));
-        assert_eq!(fallback(&pv).description, "Viewed page: /docs");
+        assert_eq!(without_rules(&pv).description, "Viewed page: /docs");
+        let pv = event("$pageview", serde_json::json!({"$current_url": "/a?b"}));
+        assert_eq!(without_rules(&pv).description, "Viewed page: /a?b");
         let custom = event("signup_completed", serde_json::json!({}));
         assert_eq!(
-            fallback(&custom).description,
+            without_rules(&custom).description,
             "Triggered 'signup_completed'"
         );
-        assert!(!fallback(&custom).matched);
-        assert_eq!(url_path("https://x.test"), Some("/"));
-        assert_eq!(url_path("nonsense"), None);
+        assert!(!without_rules(&custom).matched);
+        // The name as sent; the rule set's fallback sentence cleans it.
+        let odd = event("a\nb", serde_json::json!({}));
+        assert_eq!(without_rules(&odd).description, "Triggered 'a\nb'");
+        assert_eq!(crate::fallback_sentence("a\nb"), "Triggered 'a b'");
+    }
+
+    /// The stored `path` column ([`absolute_url_path`]) and `path` conditions ([`url_path`]) read
+    /// URLs alike, except that only conditions take a bare path.
+    #[test]
+    fn url_paths() {
+        for (url, stored, conditions) in [
+            (
+                "https://x.test/pricing?a=1",
+                Some("/pricing"),
+                Some("/pricing"),
+            ),
+            (
+                "https://x.test/pricing/#top",
+                Some("/pricing/"),
+                Some("/pricing/"),
+            ),
+            ("https://x.test", Some("/"), Some("/")),
+            ("https://x.test?next=/a", Some("/"), Some("/")),
+            ("https://x.test#/route", Some("/"), Some("/")),
+            ("/docs?a=1", None, Some("/docs")),
+            ("nonsense", None, None),
+        ] {
+            assert_eq!(absolute_url_path(url), stored, "{url}");
+            assert_eq!(url_path(url), conditions, "{url}");
+        }
     }
 }

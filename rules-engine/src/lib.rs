@@ -1,7 +1,5 @@
-//! The rule engine: `rules/*.yaml` files that turn clickstream events into sentences and intent
-//! weights, compiled once per load and swapped atomically when the files change.
-//!
-//! The format is documented in `rules/README.md`.
+//! The rule engine: compiles `rules/*.yaml` (format in `rules/README.md`) and describes
+//! clickstream events with it, as sentences and intent weights.
 
 pub mod cli;
 mod compile;
@@ -22,7 +20,7 @@ use std::path::PathBuf;
 pub use compile::{DEFAULT_HALF_LIFE_SECS, MAX_FILE_BYTES, MAX_FILES, MAX_RULES, dir_version};
 pub use engine::{
     Enrichment, EventInput, ExplainStep, Explanation, IntentDef, IntentHit, MAX_UNMATCHED_SHAPES,
-    RuleSet, StepOutcome, UnmatchedCounter, UnmatchedShape, fallback,
+    RuleSet, StepOutcome, UnmatchedCounter, UnmatchedShape, fallback_sentence,
 };
 pub use template::{MAX_VALUE_CHARS, MISSING};
 pub use watch::{ReloadStatus, RulesHandle, WatchOptions, spawn_watcher, spawn_watcher_with};

@@ -167,6 +167,27 @@ pub struct ClassesSpec(pub Vec<String>);
 #[derive(Debug, Clone, Copy)]
 pub struct DurationSpec(pub f64);
 
+/// A visitor's `visit_*` for strings, booleans and numbers: each read as a [`Scalar`], then `$wrap`ped.
+macro_rules! visit_scalars {
+    ($wrap:expr) => {
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok($wrap(Scalar::Str(v.to_owned())))
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+            Ok($wrap(Scalar::Bool(v)))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            self.visit_f64(v as f64)
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            self.visit_f64(v as f64)
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            Ok($wrap(Scalar::Num(v)))
+        }
+    };
+}
+
 impl<'de> Deserialize<'de> for Scalar {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -175,21 +196,7 @@ impl<'de> Deserialize<'de> for Scalar {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a string, number or boolean")
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
-                Ok(Scalar::Str(v.to_owned()))
-            }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
-                Ok(Scalar::Bool(v))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
-                Ok(Scalar::Num(v as f64))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
-                Ok(Scalar::Num(v as f64))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
-                Ok(Scalar::Num(v))
-            }
+            visit_scalars!(std::convert::identity);
         }
         d.deserialize_any(V)
     }
@@ -203,21 +210,7 @@ impl<'de> Deserialize<'de> for MatcherSpec {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a value, a list of values, or a map of operators (equals, one_of, regex, exists, contains, starts_with, ends_with, gt, gte, lt, lte)")
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<MatcherSpec, E> {
-                Ok(MatcherSpec::Equals(Scalar::Str(v.to_owned())))
-            }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<MatcherSpec, E> {
-                Ok(MatcherSpec::Equals(Scalar::Bool(v)))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<MatcherSpec, E> {
-                Ok(MatcherSpec::Equals(Scalar::Num(v as f64)))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<MatcherSpec, E> {
-                Ok(MatcherSpec::Equals(Scalar::Num(v as f64)))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<MatcherSpec, E> {
-                Ok(MatcherSpec::Equals(Scalar::Num(v)))
-            }
+            visit_scalars!(MatcherSpec::Equals);
             fn visit_unit<E: de::Error>(self) -> Result<MatcherSpec, E> {
                 Err(E::custom("null is not a matcher; write `exists: false`"))
             }

@@ -260,29 +260,21 @@ mod tests {
 
     fn ctx_render(t: &str, props: serde_json::Value) -> String {
         let props = props.as_object().unwrap().clone();
-        let ctx = EventCtx::new("$pageview", "u1", &props, None, None);
+        let ctx = EventCtx::of_props("$pageview", &props);
         Template::parse(t).unwrap().render(&ctx, &[])
     }
 
     #[test]
     fn renders_values_defaults_and_missing() {
         let p = json!({"$current_url": "https://x.com/pricing?a=1", "plan": "pro", "n": 3});
-        assert_eq!(
-            ctx_render("Viewed page: {{ path }}", p.clone()),
-            "Viewed page: /pricing"
-        );
-        assert_eq!(
-            ctx_render("{{properties.plan}} {{ properties.n }}", p.clone()),
-            "pro 3"
-        );
-        assert_eq!(
-            ctx_render("{{ properties.x | default: \"free\" }}", p.clone()),
-            "free"
-        );
-        assert_eq!(
-            ctx_render("{{ properties.x | default('a b') }}", p.clone()),
-            "a b"
-        );
+        for (template, want) in [
+            ("Viewed page: {{ path }}", "Viewed page: /pricing"),
+            ("{{properties.plan}} {{ properties.n }}", "pro 3"),
+            ("{{ properties.x | default: \"free\" }}", "free"),
+            ("{{ properties.x | default('a b') }}", "a b"),
+        ] {
+            assert_eq!(ctx_render(template, p.clone()), want, "{template}");
+        }
         assert_eq!(ctx_render("{{ properties.x }}", p), MISSING);
     }
 

@@ -30,15 +30,24 @@ fn props(v: Value) -> Map<String, Value> {
     v.as_object().cloned().expect("object")
 }
 
-fn enrich(set: &RuleSet, event: &str, p: &Map<String, Value>, chain: Option<&str>) -> Enrichment {
-    set.enrich(&EventInput {
+/// User `u1`'s event `event`.
+fn event_input<'a>(
+    event: &'a str,
+    p: &'a Map<String, Value>,
+    chain: Option<&'a str>,
+) -> EventInput<'a> {
+    EventInput {
         event,
         distinct_id: "u1",
         properties: p,
         properties_text: None,
         elements_chain: chain,
         person_properties: None,
-    })
+    }
+}
+
+fn enrich(set: &RuleSet, event: &str, p: &Map<String, Value>, chain: Option<&str>) -> Enrichment {
+    set.enrich(&event_input(event, p, chain))
 }
 
 fn intent_names(e: &Enrichment) -> Vec<&str> {
@@ -246,23 +255,15 @@ fn conditions_of_every_kind() {
     let person = props(json!({"plan": "team"}));
     let order = props(json!({"total": "250", "items": [{"sku": "SKU-9"}]}));
     let e = set.enrich(&EventInput {
-        event: "order_paid",
-        distinct_id: "u",
-        properties: &order,
-        properties_text: None,
-        elements_chain: None,
         person_properties: Some(&person),
+        ..event_input("order_paid", &order, None)
     });
     assert_eq!(e.description, "Placed a big order of 250 (SKU-9, team)");
     assert_eq!(e.intents[0].half_life_secs, 43_200.0);
     let coupon = props(json!({"total": 250, "items": [{"sku": "SKU-9"}], "coupon": "X"}));
     let e = set.enrich(&EventInput {
-        event: "order_paid",
-        distinct_id: "u",
-        properties: &coupon,
-        properties_text: None,
-        elements_chain: None,
         person_properties: Some(&person),
+        ..event_input("order_paid", &coupon, None)
     });
     assert!(!e.matched);
 
@@ -285,10 +286,8 @@ fn conditions_of_every_kind() {
     assert!(!f(json!({"score": 5})));
 }
 
-/// The worker decodes only the properties a rule set reads ([`RuleSet::reads_property`]): each
-/// event is described from those exactly as from all of them, for the shipped rules and for
-/// rules of every kind (nested and dotted paths, `exists: false`, elements described by
-/// properties, templates, captures); and the example kept of an unmatched event has them all.
+/// Events are described from the properties a rule set reads exactly as from all of them, for
+/// rules of every kind; an unmatched event's example still keeps them all.
 #[test]
 fn events_are_described_alike_from_the_properties_the_rules_read() {
     let sets = [
@@ -400,12 +399,8 @@ rules:
                 .collect();
             let text = Value::Object(all.clone()).to_string();
             let input = |properties, properties_text| EventInput {
-                event: name,
-                distinct_id: "u1",
-                properties,
                 properties_text,
-                elements_chain: *chain,
-                person_properties: None,
+                ..event_input(name, properties, *chain)
             };
             assert_eq!(
                 set.enrich_inner(&input(&read, Some(&text)), false),
@@ -423,12 +418,8 @@ rules:
     let read = props(json!({"$current_url": "https://x.test/welcome"}));
     let text = Value::Object(all.clone()).to_string();
     set.enrich(&EventInput {
-        event: "signup_completed",
-        distinct_id: "u1",
-        properties: &read,
         properties_text: Some(&text),
-        elements_chain: None,
-        person_properties: None,
+        ..event_input("signup_completed", &read, None)
     });
     let example = set.unmatched().snapshot()[0].example.clone().unwrap();
     assert_eq!(example["properties"], Value::Object(all));
@@ -478,14 +469,7 @@ rules:
     for set in [&set, &extra] {
         for (name, p, chain) in &events {
             let p = props(p.clone());
-            let input = EventInput {
-                event: name,
-                distinct_id: "u",
-                properties: &p,
-                properties_text: None,
-                elements_chain: *chain,
-                person_properties: None,
-            };
+            let input = event_input(name, &p, *chain);
             assert_eq!(set.enrich(&input), set.explain(&input).enrichment, "{name}");
         }
     }
@@ -637,58 +621,78 @@ fn fast() -> WatchOptions {
     }
 }
 
-#[tokio::test]
-async fn edits_are_picked_up_and_broken_edits_keep_the_old_rules() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("rules.yaml");
-    std::fs::write(&file, rule_file("Version one")).unwrap();
-    let handle = RulesHandle::load_dir(dir.path()).unwrap();
-    let cancel = CancellationToken::new();
-    let task =
-        spawn_watcher_with(dir.path().into(), handle.clone(), cancel.clone(), fast()).unwrap();
-    assert_eq!(describe(&handle), "Version one");
+/// The rules of a directory, watched until [`Watched::stop`].
+struct Watched {
+    handle: RulesHandle,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
 
-    // Unmatched counts survive reloads.
-    enrich(&handle.current(), "other", &Map::new(), None);
+impl Watched {
+    fn start(dir: &Path, opts: WatchOptions) -> Self {
+        let handle = RulesHandle::load_dir(dir).unwrap();
+        let cancel = CancellationToken::new();
+        let task = spawn_watcher_with(dir.into(), handle.clone(), cancel.clone(), opts).unwrap();
+        Watched {
+            handle,
+            cancel,
+            task,
+        }
+    }
 
-    replace(&file, &rule_file("Version two"));
-    until("the edited rule", || describe(&handle) == "Version two").await;
-    assert_eq!(handle.unmatched().snapshot()[0].count, 1);
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap();
+    }
+}
 
-    // In-place write (no rename) too.
-    std::fs::write(&file, rule_file("Version three")).unwrap();
-    until("the rewritten rule", || {
-        describe(&handle) == "Version three"
-    })
-    .await;
-
-    // A broken edit: the attempt fails, the old rules stay.
+/// Makes `change` and waits for the reload attempt it causes to fail.
+async fn failed_reload(handle: &RulesHandle, change: impl FnOnce()) -> ReloadStatus {
     let mut status = handle.subscribe();
     let before = status.borrow_and_update().attempts;
-    std::fs::write(&file, "rules:\n  - id: r\n    say: x\n    wen: {}\n").unwrap();
-    let failed = tokio::time::timeout(
-        Duration::from_secs(10),
-        status.wait_for(|s| s.attempts > before && s.error.is_some()),
-    )
-    .await
-    .expect("a reload attempt")
-    .unwrap()
-    .clone();
-    assert!(failed.error.unwrap().contains("rules.yaml:4:5"));
-    assert_eq!(describe(&handle), "Version three");
-
-    // Emptying the directory keeps the old rules too.
-    let before = status.borrow_and_update().attempts;
-    let moved = dir.path().join("rules.yaml.off");
-    std::fs::rename(&file, &moved).unwrap();
+    change();
     tokio::time::timeout(
         Duration::from_secs(10),
         status.wait_for(|s| s.attempts > before && s.error.is_some()),
     )
     .await
     .expect("a reload attempt")
-    .unwrap();
-    assert_eq!(describe(&handle), "Version three");
+    .unwrap()
+    .clone()
+}
+
+#[tokio::test]
+async fn edits_are_picked_up_and_broken_edits_keep_the_old_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.yaml");
+    std::fs::write(&file, rule_file("Version one")).unwrap();
+    let watched = Watched::start(dir.path(), fast());
+    let handle = &watched.handle;
+    assert_eq!(describe(handle), "Version one");
+
+    // Unmatched counts survive reloads.
+    enrich(&handle.current(), "other", &Map::new(), None);
+
+    replace(&file, &rule_file("Version two"));
+    until("the edited rule", || describe(handle) == "Version two").await;
+    assert_eq!(handle.unmatched().snapshot()[0].count, 1);
+
+    // In-place write (no rename) too.
+    std::fs::write(&file, rule_file("Version three")).unwrap();
+    until("the rewritten rule", || describe(handle) == "Version three").await;
+
+    // A broken edit: the attempt fails, the old rules stay.
+    let failed = failed_reload(handle, || {
+        std::fs::write(&file, "rules:\n  - id: r\n    say: x\n    wen: {}\n").unwrap();
+    })
+    .await;
+    assert!(failed.error.unwrap().contains("rules.yaml:4:5"));
+    assert_eq!(describe(handle), "Version three");
+
+    // Emptying the directory keeps the old rules too.
+    let moved = dir.path().join("rules.yaml.off");
+    failed_reload(handle, || std::fs::rename(&file, &moved).unwrap()).await;
+    assert_eq!(describe(handle), "Version three");
     std::fs::rename(&moved, &file).unwrap();
 
     // A new file in the directory joins the set.
@@ -702,10 +706,8 @@ async fn edits_are_picked_up_and_broken_edits_keep_the_old_rules() {
         enrich(&handle.current(), "m", &Map::new(), None).description == "More"
     })
     .await;
-    assert_eq!(describe(&handle), "Version four");
-
-    cancel.cancel();
-    task.await.unwrap();
+    assert_eq!(describe(handle), "Version four");
+    watched.stop().await;
 }
 
 #[cfg(unix)]
@@ -718,19 +720,18 @@ async fn configmap_symlink_swaps_are_picked_up() {
     std::fs::write(d.join("..v1/rules.yaml"), rule_file("Before")).unwrap();
     symlink("..v1", d.join("..data")).unwrap();
     symlink("..data/rules.yaml", d.join("rules.yaml")).unwrap();
-    let handle = RulesHandle::load_dir(d).unwrap();
-    assert_eq!(describe(&handle), "Before");
-    let cancel = CancellationToken::new();
-    let task = spawn_watcher_with(d.into(), handle.clone(), cancel.clone(), fast()).unwrap();
+    let watched = Watched::start(d, fast());
+    assert_eq!(describe(&watched.handle), "Before");
 
     std::fs::create_dir(d.join("..v2")).unwrap();
     std::fs::write(d.join("..v2/rules.yaml"), rule_file("After")).unwrap();
     symlink("..v2", d.join("..data_tmp")).unwrap();
     std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
-    until("the swapped ConfigMap", || describe(&handle) == "After").await;
-
-    cancel.cancel();
-    task.await.unwrap();
+    until("the swapped ConfigMap", || {
+        describe(&watched.handle) == "After"
+    })
+    .await;
+    watched.stop().await;
 }
 
 #[cfg(unix)]
@@ -738,13 +739,12 @@ async fn configmap_symlink_swaps_are_picked_up() {
 async fn sighup_forces_a_reload() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("rules.yaml"), rule_file("Same")).unwrap();
-    let handle = RulesHandle::load_dir(dir.path()).unwrap();
     let opts = WatchOptions {
         sighup: true,
         ..fast()
     };
-    let cancel = CancellationToken::new();
-    let task = spawn_watcher_with(dir.path().into(), handle.clone(), cancel.clone(), opts).unwrap();
+    let watched = Watched::start(dir.path(), opts);
+    let handle = &watched.handle;
     let before = handle.current();
     // The handler is installed when the watcher is created, so the signal cannot kill us.
     let status = std::process::Command::new("kill")
@@ -757,8 +757,7 @@ async fn sighup_forces_a_reload() {
     })
     .await;
     assert_eq!(handle.current().version(), before.version());
-    cancel.cancel();
-    task.await.unwrap();
+    watched.stop().await;
 }
 
 #[tokio::test]
@@ -766,19 +765,16 @@ async fn poll_catches_changes_without_notifications() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("rules.yaml");
     std::fs::write(&file, rule_file("Old")).unwrap();
-    let handle = RulesHandle::load_dir(dir.path()).unwrap();
-    let cancel = CancellationToken::new();
     // A huge debounce keeps notification-driven reloads out of the way: only the poll can win.
     let opts = WatchOptions {
         debounce: Duration::from_secs(3600),
         poll_interval: Some(Duration::from_millis(50)),
         sighup: false,
     };
-    let task = spawn_watcher_with(dir.path().into(), handle.clone(), cancel.clone(), opts).unwrap();
+    let watched = Watched::start(dir.path(), opts);
     std::fs::write(&file, rule_file("New")).unwrap();
-    until("the polled change", || describe(&handle) == "New").await;
-    cancel.cancel();
-    task.await.unwrap();
+    until("the polled change", || describe(&watched.handle) == "New").await;
+    watched.stop().await;
 }
 
 /// Many rules sharing a subject are filed in dispatch maps (exact values and regex prefixes);
@@ -810,7 +806,7 @@ fn dispatch_agrees_with_full_evaluation() {
     let keyed = set
         .by_event
         .values()
-        .map(|c| c.describers.keyed.len() + c.taggers.keyed.len())
+        .map(|c| c.describing.keyed.len() + c.tagging.keyed.len())
         .sum::<usize>();
     assert!(keyed >= 4, "dispatch maps were built");
 
@@ -835,14 +831,7 @@ fn dispatch_agrees_with_full_evaluation() {
             for p in &props_list {
                 for chain in &chains {
                     let p = props(p.clone());
-                    let input = EventInput {
-                        event: name,
-                        distinct_id: "u",
-                        properties: &p,
-                        properties_text: None,
-                        elements_chain: chain.as_deref(),
-                        person_properties: None,
-                    };
+                    let input = event_input(name, &p, chain.as_deref());
                     assert_eq!(
                         set.enrich(&input),
                         set.explain(&input).enrichment,

@@ -128,9 +128,8 @@ pub fn spawn_watcher(
     spawn_watcher_with(dir, handle, cancel, WatchOptions::default())
 }
 
-/// Watches the directory (not single files: editors and ConfigMaps swap files by rename), debounces,
-/// reloads the whole set and swaps it; an invalid set is logged with file:line and the old one kept.
-/// Must be called inside a tokio runtime; the task ends when `cancel` fires.
+/// Watches `dir` itself (editors and ConfigMaps replace files by rename) and swaps in the reloaded
+/// set, keeping the old one when the new is invalid. Needs a tokio runtime; ends on `cancel`.
 pub fn spawn_watcher_with(
     dir: PathBuf,
     handle: RulesHandle,

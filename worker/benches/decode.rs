@@ -15,7 +15,7 @@ use std::path::Path;
 use chrono::{TimeZone, Utc};
 use criterion::{Criterion, Throughput, criterion_group};
 use entity::{Envelope, envelope::FIELD_EVENT};
-use rules_engine::{RuleSet, enrich::Ruleset};
+use rules_engine::{RuleSet, enrich::Describer};
 use serde_json::json;
 use worker::store::{self, StoredEvent};
 
@@ -106,7 +106,7 @@ fn every_property_decoded(rules: &RuleSet, entries: &[Vec<u8>]) {
         let envelope: Envelope = Envelope::from_fields(fields(entry)).unwrap();
         let written =
             entity::members::first(entry, "properties").and_then(|p| std::str::from_utf8(p).ok());
-        let enrichment = Ruleset::enrich(rules, &envelope).unwrap();
+        let enrichment = Describer::enrich(rules, &envelope).unwrap();
         black_box(StoredEvent::new(envelope, enrichment, written));
     }
 }
@@ -115,7 +115,7 @@ fn every_property_decoded(rules: &RuleSet, entries: &[Vec<u8>]) {
 fn every_property_decoded_and_encoded(rules: &RuleSet, entries: &[Vec<u8>]) {
     for entry in entries {
         let envelope: Envelope = Envelope::from_fields(fields(entry)).unwrap();
-        let enrichment = Ruleset::enrich(rules, &envelope).unwrap();
+        let enrichment = Describer::enrich(rules, &envelope).unwrap();
         black_box(StoredEvent::new(envelope, enrichment, None));
     }
 }

@@ -182,12 +182,12 @@ fn csv_field(out: &mut String, value: Option<&str>) {
 }
 
 /// The rows the worker writes for these events (same rules), as CSV for `\copy`.
-fn copy_file(events: &[Envelope], rules: &dyn rules_engine::enrich::Ruleset) -> String {
+fn copy_file(events: &[Envelope], rules: &dyn rules_engine::enrich::Describer) -> String {
     let mut out = String::with_capacity(events.len() * 1200);
     for e in events {
         let enrichment = rules
             .enrich(e)
-            .unwrap_or_else(|_| rules_engine::enrich::fallback(e));
+            .unwrap_or_else(|_| rules_engine::enrich::without_rules(e));
         let row = worker::store::StoredEvent::new(e.clone(), enrichment, None);
         let properties = &row.properties;
         let intents = row.intents_json().to_string();

@@ -926,7 +926,7 @@ async fn process(
     batch: Vec<Entry>,
     hard_stop: &CancellationToken,
 ) -> Result<(), Aborted> {
-    let ruleset = ctx.enricher.ruleset();
+    let ruleset = ctx.enricher.describer();
     let entries = batch.len();
     let metrics = &ctx.metrics;
     metrics.batch_size.observe(entries as f64);

@@ -26,7 +26,7 @@ use serde_json::{Map, Value as Json, value::RawValue};
 use uuid::Uuid;
 
 use infra::postgres::StoreError;
-use rules_engine::enrich::{Enrichment, IntentHit, Ruleset, url_path};
+use rules_engine::enrich::{Describer, Enrichment, IntentHit, absolute_url_path};
 
 use crate::{
     config::Config,
@@ -57,7 +57,7 @@ pub const STORED_PROPERTIES: [&str; 6] = [
 /// reads may hold a number beyond a double (`1e400`, was undecodable): Postgres stores it.
 pub fn decode<'e>(
     field: impl FnMut(&str) -> Option<&'e [u8]>,
-    ruleset: &dyn Ruleset,
+    ruleset: &dyn Describer,
 ) -> Result<(Envelope, Option<&'e str>), EnvelopeError> {
     let envelope: Envelope<Option<&RawValue>> = Envelope::from_fields(field)?;
     let Some(written) = envelope.properties.map(RawValue::get) else {
@@ -116,9 +116,11 @@ impl StoredEvent {
                 .filter(|s| !s.is_empty())
         };
         let url = prop_str("$current_url").map(str::to_string);
-        let path = prop_str("$pathname")
-            .map(str::to_string)
-            .or_else(|| url.as_deref().and_then(url_path).map(str::to_string));
+        let path = prop_str("$pathname").map(str::to_string).or_else(|| {
+            url.as_deref()
+                .and_then(absolute_url_path)
+                .map(str::to_string)
+        });
         let session_id = envelope
             .session_id
             .or_else(|| prop_str("$session_id").map(str::to_string));
@@ -857,7 +859,7 @@ async fn upsert_profiles(txn: &mut Txn, deltas: &[ProfileDelta]) -> Result<(), S
 mod tests {
 
     use super::*;
-    use rules_engine::enrich::{Fallback, fallback};
+    use rules_engine::enrich::{NoRules, without_rules};
 
     #[test]
     fn row_fields_come_from_the_envelope_and_are_sanitised() {
@@ -876,7 +878,7 @@ mod tests {
             "person": {"properties": {"plan": "pro"}}
         }))
         .unwrap();
-        let enrichment = fallback(&envelope);
+        let enrichment = without_rules(&envelope);
         let row = StoredEvent::new(envelope, enrichment, None);
         assert_eq!(row.distinct_id, "u1");
         assert_eq!(row.path.as_deref(), Some("/pricing"));
@@ -895,7 +897,7 @@ mod tests {
     #[test]
     fn decoding_skips_unread_properties_and_refuses_what_is_not_unicode_json() {
         struct Reads(&'static str);
-        impl Ruleset for Reads {
+        impl Describer for Reads {
             fn version(&self) -> &str {
                 "test"
             }
@@ -903,7 +905,7 @@ mod tests {
                 &self,
                 event: &Envelope,
             ) -> Result<Enrichment, rules_engine::enrich::EnrichError> {
-                Ok(fallback(event))
+                Ok(without_rules(event))
             }
             fn reads_property(&self, key: &str) -> bool {
                 key == self.0
@@ -961,9 +963,9 @@ mod tests {
                 "v" => Some(&b"1"[..]),
                 _ => Some(entry.as_bytes()),
             };
-            let (envelope, written) = decode(fields, &Fallback).unwrap();
+            let (envelope, written) = decode(fields, &NoRules).unwrap();
             assert_eq!(written, Some(text));
-            let enrichment = fallback(&envelope);
+            let enrichment = without_rules(&envelope);
             StoredEvent::new(envelope, enrichment, written)
         };
         let text =

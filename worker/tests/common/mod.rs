@@ -19,7 +19,7 @@ use entity::{
     envelope::{FIELD_EVENT, FIELD_VERSION},
 };
 use redis::{Value, aio::ConnectionManager};
-use rules_engine::enrich::{EnrichError, Enricher, Enrichment, Fallback, Ruleset};
+use rules_engine::enrich::{Describer, EnrichError, Enricher, Enrichment, NoRules};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -224,7 +224,7 @@ pub fn envelope(distinct_id: &str, event: &str, properties: serde_json::Value) -
 pub fn stored(envelope: &Envelope) -> worker::store::StoredEvent {
     worker::store::StoredEvent::new(
         envelope.clone(),
-        rules_engine::enrich::fallback(envelope),
+        rules_engine::enrich::without_rules(envelope),
         None,
     )
 }
@@ -386,7 +386,7 @@ pub struct Counting {
 
 struct CountingRules(Arc<Counting>);
 
-impl Ruleset for CountingRules {
+impl Describer for CountingRules {
     fn version(&self) -> &str {
         "test-rules"
     }
@@ -396,7 +396,7 @@ impl Ruleset for CountingRules {
         if self.0.fail_on_boom && event.event == "boom" {
             return Err(EnrichError("rule 'boom' has a bug".into()));
         }
-        let mut enrichment = Fallback.enrich(event)?;
+        let mut enrichment = NoRules.enrich(event)?;
         if event.properties.get("$pathname").and_then(|p| p.as_str()) == Some("/pricing") {
             enrichment.intents.push(rules_engine::enrich::IntentHit {
                 name: "purchase".into(),
@@ -413,7 +413,7 @@ impl Ruleset for CountingRules {
 pub struct CountingEnricher(pub Arc<Counting>);
 
 impl Enricher for CountingEnricher {
-    fn ruleset(&self) -> Arc<dyn Ruleset> {
+    fn describer(&self) -> Arc<dyn Describer> {
         Arc::new(CountingRules(self.0.clone()))
     }
 }
