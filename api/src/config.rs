@@ -1,8 +1,9 @@
-//! The api's configuration, read once from the environment at start.
+//! The api's configuration: every variable it reads, declared once (name, default, doc,
+//! validation), read once at start.
 
 use std::{net::SocketAddr, time::Duration};
 
-use infra::config::{ConfigError, Vars};
+use infra::config::{ConfigError, Shared, Vars, address, checked, list, millis, number, read};
 
 /// The full-access key used when `ENVIRONMENT` is `development` and `API_SECRET_KEY` is unset:
 /// the value in `.env.example`, so a fresh clone runs with no `.env`. Public, hence never used
@@ -13,74 +14,99 @@ pub const DEVELOPMENT_SECRET_KEY: &str = "local_dev_secret_key_12345";
 /// `X-API-Key` header). Public, hence never used in any other environment.
 pub const DEVELOPMENT_INGEST_KEY: &str = "local_dev_ingest_key_12345";
 
-/// Everything the api needs to run. Tests build it as a value.
-#[derive(Debug, Clone)]
+/// Everything the api needs to run. Tests build it as a value. What the worker reads too is in
+/// [`Shared`], reached through `Deref` (`config.queue_name`).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    /// `development`, `production`, … (informational; shown by `/health`).
-    pub environment: String,
+    #[command(flatten)]
+    pub shared: Shared,
     /// Title of the OpenAPI document.
+    #[arg(long, env = "PROJECT_NAME", default_value = "PostHog LLM Pipeline")]
     pub project_name: String,
-    /// Full-access key: ingest and context routes.
+    /// Full-access key: ingest and context routes, from the `X-API-Key` header only. Required
+    /// outside development [default in development: [`DEVELOPMENT_SECRET_KEY`]].
+    #[arg(
+        long,
+        env = "API_SECRET_KEY",
+        default_value = "",
+        hide_default_value = true
+    )]
     pub api_secret_key: String,
-    /// Write-only keys (safe to ship in browsers): ingest routes only.
-    pub ingest_api_keys: Vec<String>,
-    pub database_url: String,
-    pub redis_url: String,
-    /// Redis Stream the events are appended to.
-    pub queue_name: String,
-    /// Dead-letter stream (reported by readiness, written by workers).
-    pub dlq_name: String,
+    /// Comma-separated write-only keys (safe to ship in browsers): ingest routes only [default in
+    /// development: [`DEVELOPMENT_INGEST_KEY`]].
+    // `std::vec::Vec` spelled out: clap then parses the whole list from one value.
+    #[arg(
+        long,
+        env = "INGEST_API_KEYS",
+        default_value = "",
+        hide_default_value = true,
+        value_parser = list,
+    )]
+    pub ingest_api_keys: std::vec::Vec<String>,
     /// Address the HTTP server binds.
+    #[arg(long, env = "API_BIND", default_value = "127.0.0.1:8000", value_parser = address)]
     pub bind: SocketAddr,
     /// Largest accepted request body, compressed or decompressed.
+    #[arg(
+        long,
+        env = "MAX_BODY_BYTES",
+        default_value_t = 20 * 1024 * 1024,
+        value_parser = positive,
+    )]
     pub max_body_bytes: usize,
-    /// Largest accepted event: its envelope's JSON, as queued.
-    pub max_event_bytes: usize,
     /// Request bytes (bodies as read, decoded, and their envelopes) that ingest holds at once
-    /// across all requests; past it, ingest answers 503 with `Retry-After`.
+    /// across all requests; past it, ingest answers 503 with `Retry-After`. At least
+    /// `MAX_BODY_BYTES`.
+    #[arg(
+        long,
+        env = "INGEST_MAX_INFLIGHT_BYTES",
+        default_value_t = 256 * 1024 * 1024,
+        value_parser = positive,
+    )]
     pub ingest_max_inflight_bytes: usize,
     /// Stream length past which ingest answers 503 instead of accepting more.
+    #[arg(
+        long,
+        env = "STREAM_MAX_BACKLOG",
+        default_value_t = 1_000_000,
+        value_parser = number::<u64>,
+    )]
     pub stream_max_backlog: u64,
-    /// Longest a Redis command may take before the request answers 503.
+    /// Longest a Redis command may take (milliseconds) before the request answers 503.
+    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value = "2000", value_parser = millis)]
     pub redis_timeout: Duration,
-    /// Apply pending database migrations at start.
-    pub migrate_on_start: bool,
+    /// `API_SECRET_KEY` was unset and the development key taken.
+    #[arg(skip)]
+    development_key_taken: bool,
 }
 
 impl Config {
     /// Reads the configuration; a bad or missing value names its variable.
     pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
-        let bind_raw = vars.string("API_BIND", "127.0.0.1:8000");
-        let bind = bind_raw.parse().map_err(|e| {
-            ConfigError::new("API_BIND", format!("invalid address {bind_raw:?}: {e}"))
-        })?;
-        let max_body_bytes = positive(vars, "MAX_BODY_BYTES", 20 * 1024 * 1024)?;
-        let max_event_bytes = positive(vars, "MAX_EVENT_BYTES", 1024 * 1024)?;
-        let ingest_max_inflight_bytes =
-            positive(vars, "INGEST_MAX_INFLIGHT_BYTES", 256 * 1024 * 1024)?;
-        if ingest_max_inflight_bytes < max_body_bytes {
+        let mut config: Self = read(vars)?;
+        config.shared.for_service("api");
+        if config.ingest_max_inflight_bytes < config.max_body_bytes {
             return Err(ConfigError::new(
                 "INGEST_MAX_INFLIGHT_BYTES",
                 format!(
-                    "must be at least MAX_BODY_BYTES ({max_body_bytes}), or no body of the largest size could be taken"
+                    "must be at least MAX_BODY_BYTES ({}), or no body of the largest size could be taken",
+                    config.max_body_bytes
                 ),
             ));
         }
-        let environment = vars.string("ENVIRONMENT", "development");
-        let api_secret_key = match vars.get("API_SECRET_KEY") {
-            Some(key) => key,
-            None if environment == "development" => {
-                tracing::warn!(
-                    key = DEVELOPMENT_SECRET_KEY,
-                    "API_SECRET_KEY is not set: using the development key of .env.example \
-                     (set ENVIRONMENT to anything else and the api refuses to start without a key)"
-                );
-                DEVELOPMENT_SECRET_KEY.to_string()
+        let development = config.is_development();
+        let environment = &config.shared.environment;
+        if config.api_secret_key.is_empty() {
+            if !development {
+                return Err(ConfigError::new(
+                    "API_SECRET_KEY",
+                    "is required but not set",
+                ));
             }
-            None => vars.required("API_SECRET_KEY")?,
-        };
-        let development = environment == "development";
-        if !development && api_secret_key == DEVELOPMENT_SECRET_KEY {
+            config.api_secret_key = DEVELOPMENT_SECRET_KEY.to_string();
+            config.development_key_taken = true;
+        }
+        if !development && config.api_secret_key == DEVELOPMENT_SECRET_KEY {
             return Err(ConfigError::new(
                 "API_SECRET_KEY",
                 format!(
@@ -88,11 +114,15 @@ impl Config {
                 ),
             ));
         }
-        let mut ingest_api_keys = vars.list("INGEST_API_KEYS");
-        if ingest_api_keys.is_empty() && development && vars.get("INGEST_API_KEYS").is_none() {
-            ingest_api_keys.push(DEVELOPMENT_INGEST_KEY.to_string());
+        if development && vars.get("INGEST_API_KEYS").is_none() {
+            config.ingest_api_keys = vec![DEVELOPMENT_INGEST_KEY.to_string()];
         }
-        if !development && ingest_api_keys.iter().any(|k| k == DEVELOPMENT_INGEST_KEY) {
+        if !development
+            && config
+                .ingest_api_keys
+                .iter()
+                .any(|k| k == DEVELOPMENT_INGEST_KEY)
+        {
             return Err(ConfigError::new(
                 "INGEST_API_KEYS",
                 format!(
@@ -100,32 +130,13 @@ impl Config {
                 ),
             ));
         }
-        if ingest_api_keys.contains(&api_secret_key) {
+        if config.ingest_api_keys.contains(&config.api_secret_key) {
             return Err(ConfigError::new(
                 "INGEST_API_KEYS",
                 "must not contain API_SECRET_KEY (ingest keys are public, the secret key is not)",
             ));
         }
-        Ok(Self {
-            environment,
-            project_name: vars.string("PROJECT_NAME", "PostHog LLM Pipeline"),
-            api_secret_key,
-            ingest_api_keys,
-            database_url: vars.string(
-                "DATABASE_URL",
-                "postgres://postgres@127.0.0.1:5432/postgres",
-            ),
-            redis_url: vars.string("REDIS_URL", "redis://127.0.0.1:6379"),
-            queue_name: vars.string("QUEUE_NAME", "event_stream"),
-            dlq_name: vars.string("DLQ_NAME", "dlq_event_stream"),
-            bind,
-            max_body_bytes,
-            max_event_bytes,
-            ingest_max_inflight_bytes,
-            stream_max_backlog: vars.parse("STREAM_MAX_BACKLOG", 1_000_000)?,
-            redis_timeout: vars.millis("REDIS_TIMEOUT_MS", Duration::from_millis(2000))?,
-            migrate_on_start: vars.flag("MIGRATE_ON_START", true)?,
-        })
+        Ok(config)
     }
 
     /// A configuration for tests and tools: local services, given keys, everything else default.
@@ -133,14 +144,25 @@ impl Config {
         Self::from_vars(&Vars::from_map([("API_SECRET_KEY", api_secret_key)]))
             .expect("defaults are valid")
     }
+
+    /// Warns when the development key was taken for want of `API_SECRET_KEY`: called by the
+    /// binary once logging is set up, which the configuration's own reading comes before.
+    pub fn warn_if_development_key(&self) {
+        if self.development_key_taken {
+            tracing::warn!(
+                key = DEVELOPMENT_SECRET_KEY,
+                "API_SECRET_KEY is not set: using the development key of .env.example \
+                 (set ENVIRONMENT to anything else and the api refuses to start without a key)"
+            );
+        }
+    }
 }
 
+infra::deref_shared!(Config);
+
 /// A number of bytes (or anything countable) above zero.
-fn positive(vars: &Vars, name: &str, default: usize) -> Result<usize, ConfigError> {
-    match vars.parse(name, default)? {
-        0 => Err(ConfigError::new(name, "must be greater than 0")),
-        n => Ok(n),
-    }
+fn positive(raw: &str) -> Result<usize, String> {
+    checked(number::<usize>, |n| *n > 0, "must be greater than 0")(raw)
 }
 
 #[cfg(test)]
@@ -195,5 +217,83 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(err.var, "MAX_BODY_BYTES");
+    }
+
+    #[test]
+    fn shared_variables_are_checked_as_the_worker_checks_them() {
+        for (var, value) in [
+            ("QUEUE_NAME", "event stream"),
+            ("DLQ_NAME", "dead letters"),
+            ("MAX_EVENT_BYTES", "100"),
+        ] {
+            let vars = || Vars::from_map([(var, value)]);
+            let api = Config::from_vars(&vars()).unwrap_err();
+            let worker = worker::Config::from_vars(&vars()).unwrap_err();
+            assert_eq!(api, worker, "{var}={value}");
+            assert_eq!(api.var, var, "{api}");
+        }
+    }
+
+    #[test]
+    fn development_keys_are_refused_elsewhere() {
+        let err = Config::from_vars(&Vars::from_map([
+            ("ENVIRONMENT", "production"),
+            ("API_SECRET_KEY", DEVELOPMENT_SECRET_KEY),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.var, "API_SECRET_KEY");
+        let err = Config::from_vars(&Vars::from_map([
+            ("ENVIRONMENT", "production"),
+            ("API_SECRET_KEY", "s"),
+            ("INGEST_API_KEYS", DEVELOPMENT_INGEST_KEY),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.var, "INGEST_API_KEYS");
+        let production = Config::from_vars(&Vars::from_map([
+            ("ENVIRONMENT", "production"),
+            ("API_SECRET_KEY", "s"),
+        ]))
+        .unwrap();
+        assert!(production.ingest_api_keys.is_empty());
+        let development = Config::for_local("s");
+        assert_eq!(development.ingest_api_keys, vec![DEVELOPMENT_INGEST_KEY]);
+        assert_eq!(development.telemetry.service_name, "api");
+        // Set but empty: no ingest keys, even in development.
+        let none = Config::from_vars(&Vars::from_map([("INGEST_API_KEYS", ", ")])).unwrap();
+        assert!(none.ingest_api_keys.is_empty());
+    }
+
+    /// README's configuration table documents every variable the api and the worker declare,
+    /// with the default they declare.
+    #[test]
+    fn readme_configuration_table_matches_the_declarations() {
+        use clap::Args;
+
+        let readme = include_str!("../../README.md");
+        let table: std::collections::HashMap<&str, &str> = readme
+            .lines()
+            .filter_map(|line| {
+                let mut cells = line.strip_prefix("| `")?.split(" | ");
+                Some((cells.next()?.strip_suffix('`')?, cells.next()?))
+            })
+            .collect();
+        let commands = [
+            Config::augment_args(clap::Command::new("api")),
+            worker::Config::augment_args(clap::Command::new("worker")),
+        ];
+        for arg in commands.iter().flat_map(|c| c.get_arguments()) {
+            let var = arg.get_env().and_then(|v| v.to_str()).unwrap();
+            let documented = table
+                .get(var)
+                .unwrap_or_else(|| panic!("README's configuration table lacks {var}"));
+            if let ([default], false) = (arg.get_default_values(), arg.is_hide_default_value_set())
+            {
+                let default = default.to_str().unwrap();
+                assert!(
+                    documented.starts_with(&format!("`{default}`")),
+                    "{var}: declared default {default:?}, README says {documented}"
+                );
+            }
+        }
     }
 }

@@ -4,7 +4,7 @@ use anyhow::Context;
 use api::Config;
 use clap::Parser;
 use infra::config::Vars;
-use infra::telemetry::{self, TelemetryConfig};
+use infra::telemetry;
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc: the ingest path allocates many small JSON values; glibc malloc cost a quarter of the CPU.
@@ -35,10 +35,9 @@ async fn serve() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _ = dotenvy::dotenv();
     let vars = Vars::from_env();
-    let telemetry_config =
-        TelemetryConfig::from_vars(&vars, "api").unwrap_or_else(|e| exit_config_error(&e));
-    let _telemetry = telemetry::init(&telemetry_config)?;
     let config = Config::from_vars(&vars).unwrap_or_else(|e| exit_config_error(&e));
+    let _telemetry = telemetry::init(&config.telemetry)?;
+    config.warn_if_development_key();
     let worker_config = cli
         .with_worker
         .then(|| worker::Config::from_vars(&vars).unwrap_or_else(|e| exit_config_error(&e)));

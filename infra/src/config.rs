@@ -1,9 +1,18 @@
-//! Typed reading of configuration variables, shared by the `api` and `worker` configs.
+//! Configuration from environment variables: [`Shared`] (what the api and the worker both read),
+//! the reader of declared configurations, and the value parsers their declarations use.
 //!
-//! Values come from a lookup function so tests can build configs from plain maps;
-//! binaries pass [`Vars::from_env`].
+//! A configuration is a struct deriving [`clap::Args`] in which every field declares its variable
+//! once: name (`env`), default, doc comment and validation (`value_parser`). [`read`] fills it
+//! from [`Vars`] only: binaries pass [`Vars::from_env`], tests a plain map.
 
-use std::{collections::HashMap, fmt::Display, str::FromStr, time::Duration};
+use std::{collections::HashMap, fmt::Display, net::SocketAddr, str::FromStr, time::Duration};
+
+use clap::{
+    Args, Command, FromArgMatches,
+    error::{ContextKind, ContextValue},
+};
+
+use crate::telemetry::TelemetryConfig;
 
 /// A bad or missing configuration value, naming the variable at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -55,115 +64,295 @@ impl Vars {
     pub fn get(&self, name: &str) -> Option<String> {
         (self.lookup)(name).filter(|v| !v.trim().is_empty())
     }
+}
 
-    /// A string with a default.
-    pub fn string(&self, name: &str, default: &str) -> String {
-        self.get(name).unwrap_or_else(|| default.to_string())
+/// Reads the declared configuration `T` from `vars`: each variable set there is parsed and
+/// checked by its field's `value_parser`, the others take their declared default. The error
+/// names the first variable at fault.
+pub fn read<T: Args + FromArgMatches>(vars: &Vars) -> Result<T, ConfigError> {
+    let command = T::augment_args(
+        Command::new("config")
+            .no_binary_name(true)
+            .disable_help_flag(true)
+            .disable_version_flag(true),
+    );
+    let mut argv = Vec::new();
+    let mut variables = HashMap::new();
+    for arg in command.get_arguments() {
+        let (Some(var), Some(long)) = (arg.get_env().and_then(|v| v.to_str()), arg.get_long())
+        else {
+            panic!(
+                "configuration field {} must declare both `long` and `env`",
+                arg.get_id()
+            );
+        };
+        if let Some(value) = vars.get(var) {
+            argv.push(format!("--{long}={value}"));
+        }
+        variables.insert(arg.get_id().clone(), var.to_string());
+    }
+    // clap took the process environment's values when the arguments were declared: only `vars`
+    // may count, so tests stay hermetic.
+    let mut command = command.mut_args(|arg| arg.env(None));
+    command.build();
+    // clap names the argument at fault as it displays it.
+    let variables: HashMap<String, String> = command
+        .get_arguments()
+        .map(|arg| (arg.to_string(), variables[arg.get_id()].clone()))
+        .collect();
+    let error = |e: clap::Error| {
+        let var = match e.get(ContextKind::InvalidArg) {
+            Some(ContextValue::String(arg)) => variables.get(arg).map(String::as_str),
+            _ => None,
+        };
+        let message =
+            std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+        ConfigError::new(var.unwrap_or("configuration"), message)
+    };
+    let matches = command.try_get_matches_from(argv).map_err(error)?;
+    T::from_arg_matches(&matches).map_err(error)
+}
+
+/// Default of `MAX_EVENT_BYTES` (1 MiB).
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// What both binaries read, declared and validated once for both.
+#[derive(Debug, Clone, Args)]
+pub struct Shared {
+    /// `development`, `production`, … (shown by the api's `/health`). Outside `development` the
+    /// api requires `API_SECRET_KEY`; in `production`, Redis without persistence is warned about.
+    #[arg(long, env = "ENVIRONMENT", default_value = "development")]
+    pub environment: String,
+    /// Postgres.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub database_url: String,
+    /// Redis.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// The Redis Stream the api appends accepted events to and the workers consume.
+    #[arg(long, env = "QUEUE_NAME", default_value = "event_stream", value_parser = name)]
+    pub queue_name: String,
+    /// The dead-letter stream: written by workers, reported by the api's readiness.
+    #[arg(long, env = "DLQ_NAME", default_value = "dlq_event_stream", value_parser = name)]
+    pub dlq_name: String,
+    /// Largest event: its envelope's JSON, as queued. The api refuses larger ones; workers size
+    /// their reads by it (keep the two equal).
+    #[arg(
+        long,
+        env = "MAX_EVENT_BYTES",
+        default_value_t = DEFAULT_MAX_EVENT_BYTES,
+        value_parser = checked(number::<usize>, |n| *n >= 1024, "must be at least 1024 (bytes)"),
+    )]
+    pub max_event_bytes: usize,
+    /// Apply pending database migrations at start.
+    #[arg(
+        long,
+        env = "MIGRATE_ON_START",
+        default_value = "true",
+        action = clap::ArgAction::Set,
+        value_parser = flag,
+    )]
+    pub migrate_on_start: bool,
+    #[command(flatten)]
+    pub telemetry: TelemetryConfig,
+}
+
+impl Shared {
+    /// `ENVIRONMENT` is `development`.
+    pub fn is_development(&self) -> bool {
+        self.environment == "development"
     }
 
-    /// A value that must be set.
-    pub fn required(&self, name: &str) -> Result<String, ConfigError> {
-        self.get(name)
-            .ok_or_else(|| ConfigError::new(name, "is required but not set"))
+    /// `ENVIRONMENT` is `production`.
+    pub fn is_production(&self) -> bool {
+        self.environment == "production"
     }
 
-    /// A parsed value with a default.
-    pub fn parse<T>(&self, name: &str, default: T) -> Result<T, ConfigError>
-    where
-        T: FromStr,
-        T::Err: Display,
-    {
-        match self.get(name) {
-            None => Ok(default),
-            Some(raw) => raw
-                .trim()
-                .parse()
-                .map_err(|e| ConfigError::new(name, format!("invalid value {raw:?}: {e}"))),
+    /// Completes what depends on the binary reading it: spans are named after `service` unless
+    /// `OTEL_SERVICE_NAME` is set.
+    pub fn for_service(&mut self, service: &str) {
+        if self.telemetry.service_name.is_empty() {
+            self.telemetry.service_name = service.to_string();
         }
     }
+}
 
-    /// A boolean (`true/false/1/0/yes/no/on/off`) with a default.
-    pub fn flag(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
-        match self.get(name) {
-            None => Ok(default),
-            Some(raw) => match raw.trim().to_ascii_lowercase().as_str() {
-                "1" | "true" | "yes" | "on" => Ok(true),
-                "0" | "false" | "no" | "off" => Ok(false),
-                _ => Err(ConfigError::new(
-                    name,
-                    format!("invalid value {raw:?}: expected true or false"),
-                )),
-            },
+/// Makes a binary's configuration, whose field `shared` flattens [`Shared`], read the shared
+/// variables as its own (`config.queue_name`).
+#[macro_export]
+macro_rules! deref_shared {
+    ($config:ty) => {
+        impl ::std::ops::Deref for $config {
+            type Target = $crate::config::Shared;
+
+            fn deref(&self) -> &$crate::config::Shared {
+                &self.shared
+            }
+        }
+
+        impl ::std::ops::DerefMut for $config {
+            fn deref_mut(&mut self) -> &mut $crate::config::Shared {
+                &mut self.shared
+            }
+        }
+    };
+}
+
+// Value parsers for `#[arg(value_parser = …)]`: their message becomes the `ConfigError`'s.
+
+/// A value parsed with [`FromStr`], surrounding blanks ignored.
+pub fn number<T>(raw: &str) -> Result<T, String>
+where
+    T: FromStr,
+    T::Err: Display,
+{
+    raw.trim()
+        .parse()
+        .map_err(|e| format!("invalid value {raw:?}: {e}"))
+}
+
+/// `parse`, then refused with `message` unless `holds`.
+pub fn checked<T: 'static>(
+    parse: fn(&str) -> Result<T, String>,
+    holds: fn(&T) -> bool,
+    message: &'static str,
+) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static {
+    move |raw| {
+        let value = parse(raw)?;
+        if holds(&value) {
+            Ok(value)
+        } else {
+            Err(message.to_string())
         }
     }
+}
 
-    /// A duration given in (fractional) seconds, e.g. `FLUSH_INTERVAL=2.0`.
-    pub fn seconds(&self, name: &str, default: Duration) -> Result<Duration, ConfigError> {
-        match self.get(name) {
-            None => Ok(default),
-            Some(raw) => raw
-                .trim()
-                .parse::<f64>()
-                .ok()
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .map(Duration::from_secs_f64)
-                .ok_or_else(|| {
-                    ConfigError::new(
-                        name,
-                        format!("invalid value {raw:?}: expected seconds, e.g. 2.0"),
-                    )
-                }),
-        }
+/// A boolean: `true/false/1/0/yes/no/on/off`.
+pub fn flag(raw: &str) -> Result<bool, String> {
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(format!("invalid value {raw:?}: expected true or false")),
     }
+}
 
-    /// A duration given in milliseconds.
-    pub fn millis(&self, name: &str, default: Duration) -> Result<Duration, ConfigError> {
-        let ms = self.parse::<u64>(name, default.as_millis() as u64)?;
-        Ok(Duration::from_millis(ms))
-    }
+/// A duration given in (fractional) seconds, e.g. `2.0`.
+pub fn seconds(raw: &str) -> Result<Duration, String> {
+    raw.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("invalid value {raw:?}: expected seconds, e.g. 2.0"))
+}
 
-    /// A comma-separated list; blanks removed.
-    pub fn list(&self, name: &str) -> Vec<String> {
-        self.get(name)
-            .map(|raw| {
-                raw.split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(String::from)
-                    .collect()
-            })
-            .unwrap_or_default()
+/// A duration given in milliseconds.
+pub fn millis(raw: &str) -> Result<Duration, String> {
+    number(raw).map(Duration::from_millis)
+}
+
+/// A comma-separated list; blanks removed.
+pub fn list(raw: &str) -> Result<Vec<String>, String> {
+    Ok(raw
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect())
+}
+
+/// A Redis key or consumer name: no spaces, which would only show up as a failing command.
+pub fn name(raw: &str) -> Result<String, String> {
+    if raw.chars().any(char::is_whitespace) {
+        return Err(format!("invalid value {raw:?}: must not contain spaces"));
     }
+    Ok(raw.to_string())
+}
+
+/// A `host:port` address to listen on.
+pub fn address(raw: &str) -> Result<SocketAddr, String> {
+    raw.parse()
+        .map_err(|e| format!("invalid address {raw:?}: {e}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A declaration exercising the value parsers.
+    #[derive(Debug, clap::Args)]
+    struct Sample {
+        #[arg(long, env = "BATCH_SIZE", default_value = "50", value_parser = number::<usize>)]
+        batch_size: usize,
+        #[arg(long, env = "FLUSH_INTERVAL", default_value = "2.0", value_parser = seconds)]
+        flush_interval: Duration,
+        #[arg(long, env = "KEYS", default_value = "", value_parser = list)]
+        keys: std::vec::Vec<String>,
+        #[arg(long, env = "LIMIT", default_value = "7", value_parser = checked(number::<u64>, |n| *n > 0, "must be at least 1"))]
+        limit: u64,
+    }
+
     #[test]
     fn parses_and_names_the_variable() {
-        let vars = Vars::from_map([
-            ("BATCH_SIZE", "lots"),
+        let sample: Sample = read(&Vars::from_map([
             ("FLUSH_INTERVAL", "0.5"),
             ("KEYS", "a, ,b"),
-        ]);
-        let err = vars.parse::<usize>("BATCH_SIZE", 50).unwrap_err();
-        assert_eq!(err.var, "BATCH_SIZE");
-        assert!(
-            err.to_string()
-                .starts_with("configuration error: BATCH_SIZE:")
-        );
+            ("LIMIT", " "),
+        ]))
+        .unwrap();
+        assert_eq!(sample.batch_size, 50);
+        assert_eq!(sample.flush_interval, Duration::from_millis(500));
+        assert_eq!(sample.keys, vec!["a", "b"]);
+        assert_eq!(sample.limit, 7, "a blank value is unset");
+
+        let err = read::<Sample>(&Vars::from_map([("BATCH_SIZE", "lots")])).unwrap_err();
         assert_eq!(
-            vars.seconds("FLUSH_INTERVAL", Duration::ZERO).unwrap(),
-            Duration::from_millis(500)
+            err.to_string(),
+            "configuration error: BATCH_SIZE: invalid value \"lots\": invalid digit found in string"
         );
-        assert_eq!(vars.list("KEYS"), vec!["a", "b"]);
-        assert_eq!(vars.parse::<usize>("MISSING", 7).unwrap(), 7);
-        assert!(
-            vars.required("MISSING")
-                .unwrap_err()
-                .to_string()
-                .contains("MISSING")
+        let err = read::<Sample>(&Vars::from_map([("LIMIT", "0")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "configuration error: LIMIT: must be at least 1"
         );
+    }
+
+    #[test]
+    fn reads_only_the_given_variables() {
+        #[derive(Debug, clap::Args)]
+        struct Path {
+            #[arg(long, env = "PATH", default_value = "default")]
+            path: String,
+        }
+        assert!(std::env::var_os("PATH").is_some(), "the process has a PATH");
+        let read_path = |vars| read::<Path>(&vars).unwrap().path;
+        assert_eq!(read_path(Vars::from_map([("OTHER", "x")])), "default");
+        assert_eq!(read_path(Vars::from_map([("PATH", "given")])), "given");
+    }
+
+    #[test]
+    fn shared_defaults_and_checks() {
+        let mut shared: Shared = read(&Vars::from_map::<&str, &str>([])).unwrap();
+        assert_eq!(shared.queue_name, "event_stream");
+        assert_eq!(shared.dlq_name, "dlq_event_stream");
+        assert_eq!(shared.max_event_bytes, DEFAULT_MAX_EVENT_BYTES);
+        assert!(shared.migrate_on_start && shared.is_development());
+        shared.for_service("api");
+        assert_eq!(shared.telemetry.service_name, "api");
+
+        for (var, value) in [
+            ("QUEUE_NAME", "a b"),
+            ("DLQ_NAME", "dead letters"),
+            ("MAX_EVENT_BYTES", "100"),
+            ("MIGRATE_ON_START", "maybe"),
+            ("LOG_FORMAT", "pretty"),
+        ] {
+            let err = read::<Shared>(&Vars::from_map([(var, value)])).unwrap_err();
+            assert_eq!(err.var, var, "{err}");
+        }
     }
 }

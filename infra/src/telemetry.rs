@@ -9,7 +9,6 @@ use std::{
     time::Duration,
 };
 
-use crate::config::{ConfigError, Vars};
 use opentelemetry::{
     Context,
     propagation::{Extractor, Injector, TextMapPropagator},
@@ -41,66 +40,42 @@ pub enum LogFormat {
     Json,
 }
 
-/// Logging and tracing settings, read from the environment by [`TelemetryConfig::from_vars`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl LogFormat {
+    /// `text` or `json`, in any case.
+    fn parse(raw: &str) -> Result<Self, String> {
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            _ => Err(format!("invalid value {raw:?}: expected text or json")),
+        }
+    }
+}
+
+/// Logging and tracing settings, part of [`crate::config::Shared`].
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct TelemetryConfig {
-    /// `RUST_LOG`: which log events are written (default `info`).
+    /// Which log events are written (tracing `EnvFilter` syntax, e.g. `info,worker=debug`).
+    #[arg(long = "rust-log", env = "RUST_LOG", default_value = "info", value_parser = log_filter)]
     pub filter: String,
-    /// `LOG_FORMAT`: `text` (default) or `json`.
+    /// Log lines on stderr: `text` (readable) or `json` (one object per line).
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = LogFormat::parse)]
     pub log_format: LogFormat,
-    /// `OTEL_EXPORTER_OTLP_ENDPOINT`: `http://` base URL of an OTLP/HTTP receiver (spans go to
-    /// `<endpoint>/v1/traces`); unset, nothing is exported.
+    /// `http://` base URL of an OTLP/HTTP receiver (spans go to `<endpoint>/v1/traces`); unset,
+    /// nothing is exported.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_parser = otlp_endpoint)]
     pub otlp_endpoint: Option<String>,
-    /// `OTEL_SERVICE_NAME`: the `service.name` of exported spans (default: the binary's name).
+    /// The `service.name` of exported spans (default: the binary's name, filled in by
+    /// [`crate::config::Shared::for_service`]).
+    #[arg(
+        long,
+        env = "OTEL_SERVICE_NAME",
+        default_value = "",
+        hide_default_value = true
+    )]
     pub service_name: String,
 }
 
 impl TelemetryConfig {
-    /// Reads the variables; `default_service` names the binary (`api`, `worker`).
-    pub fn from_vars(vars: &Vars, default_service: &str) -> Result<Self, ConfigError> {
-        let filter = vars.string("RUST_LOG", "info");
-        EnvFilter::builder()
-            .parse(&filter)
-            .map_err(|e| ConfigError::new("RUST_LOG", format!("invalid value {filter:?}: {e}")))?;
-        let log_format = match vars.get("LOG_FORMAT") {
-            None => LogFormat::Text,
-            Some(raw) => match raw.trim().to_ascii_lowercase().as_str() {
-                "text" => LogFormat::Text,
-                "json" => LogFormat::Json,
-                _ => {
-                    return Err(ConfigError::new(
-                        "LOG_FORMAT",
-                        format!("invalid value {raw:?}: expected text or json"),
-                    ));
-                }
-            },
-        };
-        let otlp_endpoint = match vars.get("OTEL_EXPORTER_OTLP_ENDPOINT") {
-            None => None,
-            Some(raw) => {
-                let url = raw.trim();
-                // The exporter is built without TLS: a collector next to the process is the
-                // usual receiver, and it forwards over TLS itself.
-                if !url.starts_with("http://") {
-                    return Err(ConfigError::new(
-                        "OTEL_EXPORTER_OTLP_ENDPOINT",
-                        format!(
-                            "invalid value {raw:?}: expected an http:// URL (https is not supported: \
-                             send to a local OpenTelemetry Collector)"
-                        ),
-                    ));
-                }
-                Some(url.to_string())
-            }
-        };
-        Ok(Self {
-            filter,
-            log_format,
-            otlp_endpoint,
-            service_name: vars.string("OTEL_SERVICE_NAME", default_service),
-        })
-    }
-
     /// Text logs at `info`, no export: for tools and tests.
     pub fn local(service_name: &str) -> Self {
         Self {
@@ -110,6 +85,27 @@ impl TelemetryConfig {
             service_name: service_name.into(),
         }
     }
+}
+
+/// A valid `RUST_LOG` filter.
+fn log_filter(raw: &str) -> Result<String, String> {
+    EnvFilter::builder()
+        .parse(raw)
+        .map_err(|e| format!("invalid value {raw:?}: {e}"))?;
+    Ok(raw.to_string())
+}
+
+/// An `http://` URL: the exporter is built without TLS, since a collector next to the process is
+/// the usual receiver, and it forwards over TLS itself.
+fn otlp_endpoint(raw: &str) -> Result<String, String> {
+    let url = raw.trim();
+    if !url.starts_with("http://") {
+        return Err(format!(
+            "invalid value {raw:?}: expected an http:// URL (https is not supported: \
+             send to a local OpenTelemetry Collector)"
+        ));
+    }
+    Ok(url.to_string())
 }
 
 /// Why telemetry could not be started.
@@ -306,19 +302,17 @@ mod tests {
 
     #[test]
     fn reads_defaults_and_names_bad_variables() {
-        let config =
-            TelemetryConfig::from_vars(&Vars::from_map::<&str, &str>([]), "worker").unwrap();
-        assert_eq!(config, TelemetryConfig::local("worker"));
+        use crate::config::{Vars, read};
 
-        let config = TelemetryConfig::from_vars(
-            &Vars::from_map([
-                ("LOG_FORMAT", "JSON"),
-                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/"),
-                ("OTEL_SERVICE_NAME", "events-api"),
-                ("RUST_LOG", "warn,api=debug"),
-            ]),
-            "api",
-        )
+        let config: TelemetryConfig = read(&Vars::from_map::<&str, &str>([])).unwrap();
+        assert_eq!(config, TelemetryConfig::local(""));
+
+        let config: TelemetryConfig = read(&Vars::from_map([
+            ("LOG_FORMAT", "JSON"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/"),
+            ("OTEL_SERVICE_NAME", "events-api"),
+            ("RUST_LOG", "warn,api=debug"),
+        ]))
         .unwrap();
         assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(config.service_name, "events-api");
@@ -334,8 +328,7 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318"),
             ("RUST_LOG", "api=loud"),
         ] {
-            let err =
-                TelemetryConfig::from_vars(&Vars::from_map([(var, value)]), "api").unwrap_err();
+            let err = read::<TelemetryConfig>(&Vars::from_map([(var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{err}");
         }
     }

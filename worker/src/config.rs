@@ -1,186 +1,170 @@
-//! The worker's typed configuration, read once at start from environment variables.
+//! The worker's configuration: every variable a replica reads, declared once (name, default,
+//! doc, validation), read once at start.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use infra::config::{ConfigError, Vars};
+use infra::config::{ConfigError, Shared, Vars, address, checked, name, number, read, seconds};
 
-/// Everything a worker replica needs to know, validated.
-#[derive(Debug, Clone)]
+pub use infra::config::DEFAULT_MAX_EVENT_BYTES;
+
+/// Everything a worker replica needs to know, validated. What the api reads too is in
+/// [`Shared`], reached through `Deref` (`config.queue_name`).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    /// `ENVIRONMENT`: `development`, `production`, … (in production, Redis without persistence
-    /// is warned about at start).
-    pub environment: String,
-    /// `REDIS_URL`.
-    pub redis_url: String,
-    /// `DATABASE_URL`.
-    pub database_url: String,
-    /// `DATABASE_POOL_SIZE`: Postgres connections per replica.
+    #[command(flatten)]
+    pub shared: Shared,
+    /// Postgres connections per replica: at least `WRITE_CONCURRENCY` [default:
+    /// `WRITE_CONCURRENCY` + 1].
+    #[arg(
+        long,
+        env = "DATABASE_POOL_SIZE",
+        default_value_t = 0,
+        hide_default_value = true,
+        value_parser = number::<u32>,
+    )]
     pub database_pool_size: u32,
-    /// `QUEUE_NAME`: the stream the api appends to.
-    pub queue_name: String,
-    /// `DLQ_NAME`: where poison entries go.
-    pub dlq_name: String,
-    /// `DLQ_MAXLEN`: most entries the dead-letter stream keeps; the oldest go first.
+    /// Most entries the dead-letter stream keeps; the oldest go first.
+    #[arg(
+        long,
+        env = "DLQ_MAXLEN",
+        default_value_t = DEFAULT_DLQ_MAXLEN,
+        value_parser = checked(number::<u64>, |n| *n >= 1, "must be at least 1"),
+    )]
     pub dlq_maxlen: u64,
-    /// `CONSUMER_GROUP`: shared by all replicas.
+    /// The consumer group, shared by all replicas.
+    #[arg(long, env = "CONSUMER_GROUP", default_value = "enrichers", value_parser = name)]
     pub consumer_group: String,
-    /// `WORKER_NAME`: this replica's consumer name, unique per replica.
+    /// This replica's consumer name, unique per replica [default: `<hostname>-<pid>`].
+    #[arg(
+        long,
+        env = "WORKER_NAME",
+        default_value_t = default_worker_name(),
+        hide_default_value = true,
+        value_parser = name,
+    )]
     pub worker_name: String,
-    /// `BATCH_SIZE`: most entries per read and per transaction.
+    /// Most entries per read and per transaction.
+    #[arg(
+        long,
+        env = "BATCH_SIZE",
+        default_value_t = 500,
+        value_parser = checked(number::<usize>, |n| (1..=10_000).contains(n), "must be between 1 and 10000"),
+    )]
     pub batch_size: usize,
-    /// `READ_AHEAD_BYTES`: most bytes of entries a replica holds read and not yet finished (stored
-    /// or dead-lettered, and acknowledged), queued and being stored together.
+    /// Most bytes of entries a replica holds read and not yet finished (stored or dead-lettered,
+    /// and acknowledged), queued and being stored together. At least `MAX_EVENT_BYTES`.
+    #[arg(
+        long,
+        env = "READ_AHEAD_BYTES",
+        default_value_t = DEFAULT_READ_AHEAD_BYTES,
+        value_parser = number::<usize>,
+    )]
     pub read_ahead_bytes: usize,
-    /// `MAX_EVENT_BYTES`: the largest event the api accepts (keep the two equal); reads ask for no
-    /// more entries than the free read-ahead budget holds at this size each.
-    pub max_event_bytes: usize,
-    /// `WRITE_CONCURRENCY`: batches stored at the same time (each in its own transaction).
+    /// Batches stored at the same time (each in its own transaction).
+    #[arg(
+        long,
+        env = "WRITE_CONCURRENCY",
+        default_value_t = 4,
+        value_parser = checked(number::<usize>, |n| (1..=64).contains(n), "must be between 1 and 64"),
+    )]
     pub write_concurrency: usize,
-    /// `FLUSH_INTERVAL` (seconds): longest a read waits for entries (`XREADGROUP BLOCK`).
+    /// Longest a read waits for entries (`XREADGROUP BLOCK`), in seconds.
+    #[arg(
+        long,
+        env = "FLUSH_INTERVAL",
+        default_value = "2.0",
+        value_parser = checked(
+            seconds,
+            |d| (Duration::from_millis(1)..=Duration::from_secs(60)).contains(d),
+            "must be between 0.001 and 60 seconds",
+        ),
+    )]
     pub flush_interval: Duration,
-    /// `CLAIM_INTERVAL` (seconds): how often idle entries of other consumers are claimed.
+    /// How often idle entries of other consumers are claimed, in seconds.
+    #[arg(
+        long,
+        env = "CLAIM_INTERVAL",
+        default_value = "5",
+        value_parser = checked(seconds, |d| *d >= Duration::from_millis(10), "must be at least 0.01 seconds"),
+    )]
     pub claim_interval: Duration,
-    /// `CLAIM_IDLE_MS`: an entry unacknowledged this long is taken over from its consumer.
+    /// An entry unacknowledged this long (milliseconds) is taken over from its consumer.
+    #[arg(
+        long,
+        env = "CLAIM_IDLE_MS",
+        default_value = "30000",
+        value_parser = checked(infra::config::millis, |d| *d >= Duration::from_millis(10), "must be at least 10"),
+    )]
     pub claim_idle: Duration,
-    /// `MAX_DELIVERIES`: an entry delivered more often than this goes to the DLQ.
+    /// An entry delivered more often than this goes to the DLQ.
+    #[arg(
+        long,
+        env = "MAX_DELIVERIES",
+        default_value_t = 5,
+        value_parser = checked(number::<u64>, |n| *n >= 1, "must be at least 1"),
+    )]
     pub max_deliveries: u64,
-    /// `SHUTDOWN_TIMEOUT` (seconds): grace period to store what was read.
+    /// Grace period to store what was read, in seconds.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10", value_parser = seconds)]
     pub shutdown_timeout: Duration,
-    /// `MIGRATE_ON_START`: apply pending migrations before consuming.
-    pub migrate_on_start: bool,
-    /// `RULES_DIR`: the rule files.
+    /// The rule files.
+    #[arg(long, env = "RULES_DIR", default_value = "rules")]
     pub rules_dir: PathBuf,
-    /// `WORKER_METRICS_BIND`: where `/metrics`, `/health` and `/ready` are served (`off`: nowhere).
-    pub metrics_bind: Option<SocketAddr>,
+    /// Where `/metrics`, `/health` and `/ready` are served (`off`: nowhere).
+    // `std::option::Option` spelled out: clap then parses the whole `Option` (`off` is `None`)
+    // instead of making the variable optional.
+    #[arg(
+        long,
+        env = "WORKER_METRICS_BIND",
+        default_value = DEFAULT_METRICS_BIND,
+        value_parser = metrics_bind,
+    )]
+    pub metrics_bind: std::option::Option<SocketAddr>,
     /// `WORKER_METRICS_BIND` was not set: when the default port is taken (another replica on this
     /// host), serve on a free port instead of stopping.
+    #[arg(skip)]
     pub metrics_bind_is_default: bool,
 }
 
 impl Config {
     /// Reads and validates every variable; the error names the variable at fault.
     pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
-        let batch_size = vars.parse::<usize>("BATCH_SIZE", 500)?;
-        if !(1..=10_000).contains(&batch_size) {
-            return Err(ConfigError::new(
-                "BATCH_SIZE",
-                "must be between 1 and 10000",
-            ));
+        let mut config: Self = read(vars)?;
+        config.shared.for_service("worker");
+        if vars.get("DATABASE_POOL_SIZE").is_none() {
+            config.database_pool_size = config.write_concurrency as u32 + 1;
         }
-        let flush_interval = vars.seconds("FLUSH_INTERVAL", Duration::from_secs(2))?;
-        if flush_interval < Duration::from_millis(1) || flush_interval > Duration::from_secs(60) {
-            return Err(ConfigError::new(
-                "FLUSH_INTERVAL",
-                "must be between 0.001 and 60 seconds",
-            ));
-        }
-        let claim_interval = vars.seconds("CLAIM_INTERVAL", Duration::from_secs(5))?;
-        if claim_interval < Duration::from_millis(10) {
-            return Err(ConfigError::new(
-                "CLAIM_INTERVAL",
-                "must be at least 0.01 seconds",
-            ));
-        }
-        let claim_idle = vars.millis("CLAIM_IDLE_MS", Duration::from_secs(30))?;
-        if claim_idle < Duration::from_millis(10) {
-            return Err(ConfigError::new("CLAIM_IDLE_MS", "must be at least 10"));
-        }
-        let max_deliveries = vars.parse::<u64>("MAX_DELIVERIES", 5)?;
-        if max_deliveries == 0 {
-            return Err(ConfigError::new("MAX_DELIVERIES", "must be at least 1"));
-        }
-        let write_concurrency = vars.parse::<usize>("WRITE_CONCURRENCY", 4)?;
-        if !(1..=64).contains(&write_concurrency) {
-            return Err(ConfigError::new(
-                "WRITE_CONCURRENCY",
-                "must be between 1 and 64",
-            ));
-        }
-        let database_pool_size =
-            vars.parse::<u32>("DATABASE_POOL_SIZE", write_concurrency as u32 + 1)?;
-        if (database_pool_size as usize) < write_concurrency {
+        if (config.database_pool_size as usize) < config.write_concurrency {
             return Err(ConfigError::new(
                 "DATABASE_POOL_SIZE",
                 "must be at least WRITE_CONCURRENCY",
             ));
         }
-        let max_event_bytes = vars.parse::<usize>("MAX_EVENT_BYTES", DEFAULT_MAX_EVENT_BYTES)?;
-        if max_event_bytes < 1024 {
-            return Err(ConfigError::new(
-                "MAX_EVENT_BYTES",
-                "must be at least 1024 (bytes)",
-            ));
-        }
-        let read_ahead_bytes = vars.parse::<usize>("READ_AHEAD_BYTES", DEFAULT_READ_AHEAD_BYTES)?;
-        if read_ahead_bytes < max_event_bytes {
+        if config.read_ahead_bytes < config.max_event_bytes {
             return Err(ConfigError::new(
                 "READ_AHEAD_BYTES",
                 format!(
-                    "must be at least MAX_EVENT_BYTES ({max_event_bytes}): room for one event of the largest size"
+                    "must be at least MAX_EVENT_BYTES ({}): room for one event of the largest size",
+                    config.max_event_bytes
                 ),
             ));
         }
-        let dlq_maxlen = vars.parse::<u64>("DLQ_MAXLEN", DEFAULT_DLQ_MAXLEN)?;
-        if dlq_maxlen == 0 {
-            return Err(ConfigError::new("DLQ_MAXLEN", "must be at least 1"));
-        }
-        let name = |var: &str, default: &str| -> Result<String, ConfigError> {
-            let value = vars.string(var, default);
-            if value.chars().any(char::is_whitespace) {
-                return Err(ConfigError::new(
-                    var,
-                    format!("invalid value {value:?}: must not contain spaces"),
-                ));
-            }
-            Ok(value)
-        };
-        Ok(Self {
-            environment: vars.string("ENVIRONMENT", "development"),
-            redis_url: vars.string("REDIS_URL", "redis://127.0.0.1:6379"),
-            database_url: vars.string(
-                "DATABASE_URL",
-                "postgres://postgres@127.0.0.1:5432/postgres",
-            ),
-            database_pool_size,
-            queue_name: name("QUEUE_NAME", "event_stream")?,
-            dlq_name: name("DLQ_NAME", "dlq_event_stream")?,
-            dlq_maxlen,
-            consumer_group: name("CONSUMER_GROUP", "enrichers")?,
-            worker_name: name("WORKER_NAME", &default_worker_name())?,
-            batch_size,
-            read_ahead_bytes,
-            max_event_bytes,
-            write_concurrency,
-            flush_interval,
-            claim_interval,
-            claim_idle,
-            max_deliveries,
-            shutdown_timeout: vars.seconds("SHUTDOWN_TIMEOUT", Duration::from_secs(10))?,
-            migrate_on_start: vars.flag("MIGRATE_ON_START", true)?,
-            rules_dir: PathBuf::from(vars.string("RULES_DIR", "rules")),
-            metrics_bind_is_default: vars.get("WORKER_METRICS_BIND").is_none(),
-            metrics_bind: match vars.string("WORKER_METRICS_BIND", DEFAULT_METRICS_BIND).as_str() {
-                "off" => None,
-                addr => Some(addr.parse().map_err(|_| {
-                    ConfigError::new(
-                        "WORKER_METRICS_BIND",
-                        format!("invalid value {addr:?}: expected host:port (e.g. 0.0.0.0:9100) or `off`"),
-                    )
-                })?),
-            },
-        })
+        config.metrics_bind_is_default = vars.get("WORKER_METRICS_BIND").is_none();
+        Ok(config)
     }
 }
 
-impl Config {
-    /// `ENVIRONMENT` is `production`.
-    pub fn is_production(&self) -> bool {
-        self.environment == "production"
+infra::deref_shared!(Config);
+
+/// `host:port`, or `off`.
+fn metrics_bind(raw: &str) -> Result<Option<SocketAddr>, String> {
+    match raw {
+        "off" => Ok(None),
+        addr => address(addr).map(Some).map_err(|_| {
+            format!("invalid value {addr:?}: expected host:port (e.g. 0.0.0.0:9100) or `off`")
+        }),
     }
 }
-
-/// Default of `MAX_EVENT_BYTES` (1 MiB), the api's default too.
-pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
 
 /// Default of `READ_AHEAD_BYTES` (64 MiB): 64 events of the largest size in a replica's hands.
 pub const DEFAULT_READ_AHEAD_BYTES: usize = 64 << 20;

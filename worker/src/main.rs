@@ -4,10 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use infra::{
-    config::Vars,
-    telemetry::{self, TelemetryConfig},
-};
+use infra::{config::Vars, telemetry};
 use tokio_util::sync::CancellationToken;
 use worker::{
     Config,
@@ -28,10 +25,9 @@ fn main() -> anyhow::Result<ExitCode> {
 
 async fn run() -> anyhow::Result<ExitCode> {
     dotenvy::dotenv().ok();
-    let vars = Vars::from_env();
-    let _telemetry = telemetry::init(&TelemetryConfig::from_vars(&vars, "worker")?)?;
     let cli = Cli::parse();
-    let config = Config::from_vars(&vars)?;
+    let config = Config::from_vars(&Vars::from_env())?;
+    let _telemetry = telemetry::init(&config.telemetry)?;
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             let shutdown = CancellationToken::new();
