@@ -5,7 +5,6 @@
 pub mod cli;
 pub mod config;
 pub mod metrics;
-mod pgcopy;
 pub mod pipeline;
 pub mod probe;
 pub mod profile;
