@@ -170,6 +170,11 @@ await_ready() {
     fi
     sleep 0.2
   done
+  # Answered, but by someone else holding the port?
+  if [ -n "$3" ] && ! kill -0 "$3" 2>/dev/null; then
+    if [ -f "$4" ]; then tail -n 20 "$4" >&2; fi
+    die "the private $1 exited${4:+ (log: $4)}"
+  fi
 }
 
 # Stops the private service $1: process $2 with signal $3 (for $4 seconds at most), or container $5.
@@ -268,7 +273,10 @@ REDIS_CONTAINER=clickstream-dev-redis-$REDIS_PORT
 
 redis_ping() {
   if [ -n "$REDIS_DOCKER" ]; then
-    docker exec "$REDIS_CONTAINER" redis-cli ping 2>/dev/null | grep -q PONG
+    local auth=()
+    if [ -n "$REDIS_PASSWORD" ]; then auth=(--no-auth-warning -a "$REDIS_PASSWORD"); fi
+    if [ -n "$REDIS_PASSWORD" ] && [ -n "$REDIS_USER" ]; then auth+=(--user "$REDIS_USER"); fi
+    docker exec "$REDIS_CONTAINER" redis-cli ${auth[@]+"${auth[@]}"} ping 2>/dev/null | grep -q PONG
   elif have redis-cli && [ "${REDIS_URL%%://*}" = redis ]; then
     redis-cli -u "$REDIS_URL" --no-auth-warning ping 2>&1 | grep -q PONG
   else
@@ -297,13 +305,18 @@ start_redis() {
   if ! have redis-server; then
     log "redis-server not found"
     install redis || true
+    if tcp_open "$REDIS_HOST" "$REDIS_PORT"; then
+      redis_ping || die "the redis installed here answers at $REDIS_HOST:$REDIS_PORT, but not with REDIS_URL's credentials"
+      log "redis answering at $REDIS_HOST:$REDIS_PORT (started by its package)"
+      return
+    fi
   fi
   local auth=()
   while IFS= read -r arg; do auth+=("$arg"); done < <(redis_auth_args)
   mkdir -p "$REDIS_DIR"
   if have redis-server; then
     log "starting a private redis on $REDIS_PORT (data: ${REDIS_DIR#"$ROOT"/})"
-    # Append-only file: what was accepted survives a restart, as in production (README, Redis).
+    # Append-only file: accepted events survive a restart of this Redis, as in production.
     spawn - redis-server --port "$REDIS_PORT" --bind 127.0.0.1 -::1 --dir "$REDIS_DIR" \
       --appendonly yes --save "" --logfile "$REDIS_DIR/redis.log" ${auth[@]+"${auth[@]}"}
     REDIS_PID=$SPAWNED
@@ -395,6 +408,11 @@ start_postgres() {
     log "no Postgres server binaries (initdb, postgres) found"
     install postgres || true
     find_pg_bin || true
+    if tcp_open "$PG_HOST" "$PG_PORT"; then
+      log "postgres answering at $PG_HOST:$PG_PORT (started by its package)"
+      check_database
+      return
+    fi
   fi
   if [ -n "$PG_BIN" ]; then
     start_native_postgres
