@@ -15,7 +15,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use entity::{
     Envelope, EnvelopeError,
-    members::{decode_some, has_lone_surrogate},
+    envelope::scan::{decode_some, has_lone_surrogate},
     user_profile::Intents,
 };
 use sea_orm::{

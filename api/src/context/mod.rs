@@ -3,6 +3,7 @@
 
 pub mod conns;
 pub mod erase;
+pub mod json;
 pub mod store;
 pub mod text;
 

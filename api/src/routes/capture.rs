@@ -9,15 +9,17 @@ use poem_openapi::{
 };
 use serde_json::Value;
 
-use super::{
-    ApiTags,
-    body::{BodyDoc, Held, RawBody},
-};
+use super::ApiTags;
 use crate::{
-    auth::{API_KEY_HEADER, Access, ApiKeyHeader, CaptureAuth},
-    decode::Compression,
-    error::{ApiError, ErrorBody, error_responses},
-    intake::{self, BodyKey, Encoded},
+    http::{
+        auth::{API_KEY_HEADER, Access, ApiKeyHeader, CaptureAuth},
+        body::{BodyDoc, Held, RawBody},
+        error::{ApiError, ErrorBody, error_responses},
+    },
+    ingest::{
+        decode::Compression,
+        intake::{self, BodyKey, Encoded},
+    },
     state::AppState,
 };
 

@@ -11,14 +11,17 @@ use poem_openapi::{
 
 use super::ApiTags;
 use crate::{
-    auth::{Access, ApiKeyHeader},
     context::{
-        self, HistoryItem, ScoredIntent, erase, relative_time,
+        self, HistoryItem, ScoredIntent, erase,
+        json::SerdeJson,
+        relative_time,
         store::{self, HistoryFilter},
         text::{self, TextContext},
     },
-    error::{ApiError, ErrorBody, error_responses},
-    payload::SerdeJson,
+    http::{
+        auth::{Access, ApiKeyHeader},
+        error::{ApiError, ErrorBody, error_responses},
+    },
     state::AppState,
 };
 
@@ -36,7 +39,7 @@ pub struct IntentView {
     /// Score decayed to the time of the request (older signals weigh less).
     pub score: f64,
     /// When an event last added to it.
-    #[serde(serialize_with = "crate::payload::rfc3339")]
+    #[serde(serialize_with = "crate::context::json::rfc3339")]
     pub last_seen: DateTime<Utc>,
     /// The sentence the summary uses for it.
     pub summary: String,
@@ -49,7 +52,7 @@ pub struct IntentView {
 #[oai(skip_serializing_if_is_none)]
 pub struct HistoryView {
     /// When it happened.
-    #[serde(serialize_with = "crate::payload::rfc3339")]
+    #[serde(serialize_with = "crate::context::json::rfc3339")]
     pub time: DateTime<Utc>,
     /// "5 minutes ago".
     pub relative_time: String,
@@ -68,9 +71,9 @@ pub struct HistoryView {
 /// Totals over everything stored for the user.
 #[derive(Object, serde::Serialize)]
 pub struct Stats {
-    #[serde(serialize_with = "crate::payload::rfc3339")]
+    #[serde(serialize_with = "crate::context::json::rfc3339")]
     pub first_seen: DateTime<Utc>,
-    #[serde(serialize_with = "crate::payload::rfc3339")]
+    #[serde(serialize_with = "crate::context::json::rfc3339")]
     pub last_seen: DateTime<Utc>,
     pub event_count: i64,
     pub session_count: i64,
@@ -81,7 +84,7 @@ pub struct Stats {
 #[oai(skip_serializing_if_is_none)]
 pub struct Freshness {
     /// Time of the newest stored event of this user.
-    #[serde(serialize_with = "crate::payload::rfc3339")]
+    #[serde(serialize_with = "crate::context::json::rfc3339")]
     pub newest_event_at: DateTime<Utc>,
     /// Events of this user accepted but not yet stored (still in the stream). Absent when the
     /// stream is too long to count quickly or Redis is unavailable.

@@ -7,16 +7,17 @@ use poem::web::Data;
 use poem_openapi::{ApiResponse, Object, OpenApi, Union, payload::Json};
 use serde_json::Value;
 
-use super::{
-    ApiTags,
-    body::{BodyDoc, RawBody},
-    capture::CaptureEvent,
-};
+use super::{ApiTags, capture::CaptureEvent};
 use crate::{
-    auth::{Access, ApiKeyHeader},
-    decode::Compression,
-    error::{ApiError, ErrorBody, error_responses},
-    intake::{self, BodyKey, Encoded},
+    http::{
+        auth::{Access, ApiKeyHeader},
+        body::{BodyDoc, RawBody},
+        error::{ApiError, ErrorBody, error_responses},
+    },
+    ingest::{
+        decode::Compression,
+        intake::{self, BodyKey, Encoded},
+    },
     state::AppState,
 };
 

@@ -1,6 +1,5 @@
 //! HTTP routes, one `#[OpenApi]` impl per resource.
 
-pub mod body;
 pub mod capture;
 pub mod context;
 pub mod health;

@@ -7,8 +7,10 @@ use serde_json::Value;
 
 use super::ApiTags;
 use crate::{
-    auth::{Access, ApiKeyHeader},
-    error::{ApiError, ErrorBody, error_responses},
+    http::{
+        auth::{Access, ApiKeyHeader},
+        error::{ApiError, ErrorBody, error_responses},
+    },
     state::AppState,
 };
 

@@ -4,7 +4,7 @@ use poem_openapi::{SecurityScheme, auth::ApiKey};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 /// The header that carries the API key.
 pub const API_KEY_HEADER: &str = "X-API-Key";

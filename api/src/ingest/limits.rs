@@ -1,13 +1,13 @@
 //! What an accepted event may hold: the bounds that make every event the api answers 2xx for
 //! one the worker can decode and Postgres can store. Both ingest paths apply the same bounds:
-//! the full path ([`crate::normalize`]) reports a breach with the field at fault; the fast path
-//! ([`crate::fast`]) checks the text it copies with [`properties_text_within_limits`] and leaves
+//! the full path ([`crate::ingest::normalize`]) reports a breach with the field at fault; the fast path
+//! ([`crate::ingest::parse`]) checks the text it copies with [`properties_text_within_limits`] and leaves
 //! anything over a bound to the full path.
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 /// Longest accepted event name, in characters.
 pub const MAX_EVENT_NAME_CHARS: usize = 200;

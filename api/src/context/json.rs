@@ -35,9 +35,9 @@ impl<T: serde::Serialize + Send> IntoResponse for SerdeJson<T> {
     fn into_response(self) -> Response {
         match serde_json::to_vec(&self.0) {
             Ok(body) => Response::builder().content_type(CONTENT_TYPE).body(body),
-            Err(error) => {
-                poem::error::ResponseError::as_response(&crate::error::ApiError::internal(error))
-            }
+            Err(error) => poem::error::ResponseError::as_response(
+                &crate::http::error::ApiError::internal(error),
+            ),
         }
     }
 }

@@ -8,12 +8,16 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use chrono::Utc;
 
-use crate::{
-    auth::{Access, KeySource},
+use super::{
     decode::{Compression, decode_body_bytes, decode_query_data},
-    error::ApiError,
-    fast::{self, Queued},
-    routes::body::Held,
+    parse::{self, Queued},
+};
+use crate::{
+    http::{
+        auth::{Access, KeySource},
+        body::Held,
+        error::ApiError,
+    },
     state::AppState,
 };
 
@@ -108,19 +112,20 @@ fn work(
     if let Cow::Owned(decoded) = &json {
         held.grow(decoded.len())?;
     }
-    let events = fast::queue(
-        &json,
-        Utc::now(),
-        source,
-        config.max_event_bytes,
-        |key| match body_key {
-            BodyKey::Ignored => Ok(()),
-            BodyKey::MustBeIngestKey => state
-                .keys
-                .authorize_from(key, Access::Ingest, KeySource::Body)
-                .map(drop),
-        },
-    )?;
+    let events =
+        parse::queue(
+            &json,
+            Utc::now(),
+            source,
+            config.max_event_bytes,
+            |key| match body_key {
+                BodyKey::Ignored => Ok(()),
+                BodyKey::MustBeIngestKey => state
+                    .keys
+                    .authorize_from(key, Access::Ingest, KeySource::Body)
+                    .map(drop),
+            },
+        )?;
     held.grow(events.iter().map(|e| e.json.len()).sum())?;
     Ok((events, held))
 }

@@ -197,8 +197,8 @@ impl poem::error::ResponseError for ApiError {
 /// variant (503 variants carry `Retry-After`); anything else becomes the enum's `Internal` (500).
 macro_rules! error_responses {
     ($resp:ident { $($status:literal => $variant:ident),* $(,)? } $(, retry = $retry:ident)?) => {
-        impl From<$crate::error::ApiError> for $resp {
-            fn from(err: $crate::error::ApiError) -> Self {
+        impl From<$crate::http::error::ApiError> for $resp {
+            fn from(err: $crate::http::error::ApiError) -> Self {
                 match err.status.as_u16() {
                     $( $status => $resp::$variant(poem_openapi::payload::Json(err.body)), )*
                     $( 503 => $resp::$retry(poem_openapi::payload::Json(err.body), err.retry_after.unwrap_or(1)), )?

@@ -14,7 +14,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::{error::ApiError, fast::Queued};
+use super::parse::Queued;
+use crate::http::error::ApiError;
 
 /// How often the backlog (stream length) is sampled for back-pressure.
 const BACKLOG_POLL: Duration = Duration::from_millis(100);

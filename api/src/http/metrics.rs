@@ -10,7 +10,7 @@ use infra::metrics::{
 use poem::{Endpoint, IntoResponse, PathPattern, Request, Response, http::Method};
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Registry};
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 /// What the api counts. Each instance owns its registry.
 #[derive(Clone)]
