@@ -15,6 +15,12 @@ pub mod state;
 // The paths the api's tests and benches name.
 pub use ingest::{limits, parse as fast, publish as publisher};
 
+/// The fixed "now" of unit tests.
+#[cfg(test)]
+fn test_now() -> chrono::DateTime<chrono::Utc> {
+    "2026-11-28T12:00:00Z".parse().unwrap()
+}
+
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;

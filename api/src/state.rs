@@ -58,7 +58,7 @@ pub enum StateError {
 
 impl AppState {
     pub async fn new(config: Config, shutdown: CancellationToken) -> Result<Self, StateError> {
-        let metrics = ApiMetrics::new();
+        let metrics = ApiMetrics::default();
         let publisher = Publisher::new(
             &config.redis_url,
             &config.queue_name,

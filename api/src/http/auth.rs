@@ -19,6 +19,13 @@ pub const API_KEY_HEADER: &str = "X-API-Key";
 )]
 pub struct ApiKeyHeader(pub ApiKey);
 
+impl ApiKeyHeader {
+    /// Checks this key for `access` (see [`Keys::authorize`]).
+    pub fn authorize(&self, keys: &Keys, access: Access) -> Result<Principal, ApiError> {
+        keys.authorize(Some(&self.0.key), access)
+    }
+}
+
 /// Auth for the PostHog capture routes: the header, or else `api_key`/`token` in the body
 /// (what PostHog SDKs send), checked once the body is decoded.
 #[derive(SecurityScheme)]

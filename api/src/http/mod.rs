@@ -93,7 +93,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_handler_answers_500_in_the_one_error_shape_and_is_counted() {
-        let metrics = ApiMetrics::new();
+        let metrics = ApiMetrics::default();
         let app = layered(
             poem::endpoint::make(|_req: poem::Request| async move {
                 let offset: i64 = "9000000000000000".parse().unwrap();

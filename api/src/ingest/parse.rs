@@ -1,10 +1,9 @@
-//! Fast path for the shapes SDKs send all day: plain events, `{"batch": [...]}` and arrays.
-//!
-//! Parses borrowing from the request bytes and copies each event's `properties` into the envelope
-//! as raw JSON text, instead of building and re-serialising a JSON tree. Anything unusual (webhook
-//! bodies, `$set` at the top level, a validation error, …) returns `None` and the request takes
-//! the full path in [`crate::ingest::normalize`], which owns every error message. Both paths produce the
-//! same envelopes (tested below).
+//! The single-pass reader of capture bodies: the shapes SDKs send all day (plain events,
+//! `{"batch": [...]}` and arrays) read borrowing from the request bytes, each event's
+//! `properties` copied into its envelope as JSON text ([`EnvelopeRef`]) instead of building and
+//! re-serialising a JSON tree. Anything unusual (webhook bodies, `$set` at the top level, a
+//! validation error, …) takes the full path in [`super::normalize`], which owns every error
+//! message; [`queue`] picks the path. Both produce the same envelopes (tested below).
 
 use std::borrow::Cow;
 
@@ -179,11 +178,10 @@ impl Nullable for Lifted<'_> {
 }
 
 impl<'a> Peek<'a> {
-    /// Looks into `properties`, JSON object text serde_json has already validated, with one
-    /// scan that also checks the bounds of [`crate::ingest::limits`]; only the values lifted out are
-    /// parsed. (Parsing all of it again with serde cost a tenth of the api's CPU under batch
-    /// load.) `None` declines: a bound passed, or one of the four given twice, is left to the
-    /// full path.
+    /// Looks into `properties`, JSON object text serde_json has already validated, with the one
+    /// scan that also checks the bounds of [`super::limits`]; only the values lifted out are
+    /// parsed, not the whole object again. `None` declines: a bound passed, or one of the four
+    /// given twice, is left to the full path.
     fn of(properties: &'a str) -> Option<Peek<'a>> {
         let mut peek = Peek::default();
         walk_properties(properties.as_bytes(), |quoted_key, value| {
@@ -472,12 +470,7 @@ mod tests {
 
     use super::*;
     use crate::ingest::normalize::{body_key, normalize as full};
-
-    fn now() -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339("2026-11-28T12:00:00Z")
-            .unwrap()
-            .with_timezone(&Utc)
-    }
+    use crate::test_now as now;
 
     fn decode(q: &Queued) -> Envelope {
         serde_json::from_str(&q.json).unwrap()

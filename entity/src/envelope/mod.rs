@@ -3,8 +3,8 @@
 //! Each accepted event becomes one Redis Stream entry with the fields
 //! `v` = [`ENVELOPE_VERSION`], `event` = the JSON of [`Envelope`], and optionally
 //! `traceparent` (W3C trace context of the request that accepted it). This module reads
-//! entries; [`write`] writes the `event` field without building an [`Envelope`], and [`scan`]
-//! walks JSON object text without decoding it.
+//! entries; [`write`](mod@write) writes the `event` field without building an [`Envelope`],
+//! and [`scan`] walks JSON object text without decoding it.
 
 pub mod scan;
 pub mod write;
