@@ -1,42 +1,40 @@
-//! The api: PostHog-compatible ingest into a Redis Stream, webhooks, and (later) the user
-//! context read path, documented with OpenAPI at `/docs`.
+//! The api: PostHog-compatible ingest into a Redis Stream, webhooks, and the user context read
+//! path, documented with OpenAPI at `/docs`.
+//!
+//! [`ingest`] turns requests into envelopes on the stream, [`context`] reads a user's context
+//! back from Postgres, [`routes`] holds the thin handlers of both, and [`http`] the plumbing
+//! every route shares.
 
-pub mod auth;
 pub mod config;
 pub mod context;
-pub mod decode;
-pub mod error;
-pub mod fast;
-pub mod intake;
-pub mod limits;
-pub mod metrics;
-pub mod normalize;
-pub mod payload;
-pub mod publisher;
+pub mod http;
+pub mod ingest;
 pub mod routes;
 pub mod state;
-pub mod trace;
+
+// The paths the api's tests and benches name.
+pub use ingest::{limits, parse as fast, publish as publisher};
+
+/// The fixed "now" of unit tests.
+#[cfg(test)]
+fn test_now() -> chrono::DateTime<chrono::Utc> {
+    "2026-11-28T12:00:00Z".parse().unwrap()
+}
 
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use poem::{
-    Endpoint, EndpointExt, Response, Route, Server,
-    error::ResponseError,
-    listener::TcpAcceptor,
-    middleware::{CatchPanic, Cors},
+    Endpoint, EndpointExt, Response, Route, Server, listener::TcpAcceptor, middleware::Cors,
 };
 use poem_openapi::OpenApiService;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::{config::Config, state::AppState};
-use crate::{
-    error::ApiError,
-    routes::{
-        CAPTURE_PATHS, capture::CaptureApi, context::ContextApi, health::HealthApi,
-        ingest::IngestApi, rules::RulesApi,
-    },
+use crate::routes::{
+    CAPTURE_PATHS, capture::CaptureApi, context::ContextApi, health::HealthApi, ingest::IngestApi,
+    rules::RulesApi,
 };
+pub use crate::{config::Config, state::AppState};
 
 /// How long in-flight requests may take to finish once shutdown begins.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -97,35 +95,7 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
             }
         }
     });
-    layered(app, metrics)
-}
-
-/// What every request goes through around `app`: trailing slashes trimmed, every error in the
-/// one JSON shape, a panic answered 500 (logged and counted), then counted and traced.
-fn layered(
-    app: impl Endpoint + 'static,
-    metrics: crate::metrics::ApiMetrics,
-) -> impl Endpoint<Output = Response> {
-    let app = app
-        .with(TrimSlashes)
-        .catch_all_error(|err| async move { ApiError::from_poem(err).as_response() })
-        .with(catch_panic(metrics.clone()))
-        .map_to_response();
-    crate::metrics::CountRequests {
-        inner: app,
-        metrics,
-    }
-    .with(trace::RequestSpan)
-}
-
-/// Answers a request whose handler panicked with the standard 500 body, logged and counted
-/// (`http_panics_total`), instead of dropping the connection with no answer.
-fn catch_panic(
-    metrics: crate::metrics::ApiMetrics,
-) -> CatchPanic<impl poem::middleware::PanicHandler> {
-    CatchPanic::new().with_handler(move |panic: Box<dyn std::any::Any + Send>| {
-        metrics.panicked(panic.as_ref()).as_response()
-    })
+    http::layered(app, metrics)
 }
 
 /// Serves the api on `listener` until `shutdown` fires, then lets in-flight requests finish.
@@ -223,104 +193,5 @@ async fn migrate_until_done(db: sea_orm::DatabaseConnection, shutdown: Cancellat
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(30));
-    }
-}
-
-/// Makes trailing slashes optional on every route (`/batch/` is `/batch`) and merges repeated
-/// slashes, touching only paths that need it (poem's `NormalizePath` runs a regex on every request).
-struct TrimSlashes;
-
-impl<E: Endpoint> poem::Middleware<E> for TrimSlashes {
-    type Output = TrimSlashesEndpoint<E>;
-
-    fn transform(&self, ep: E) -> Self::Output {
-        TrimSlashesEndpoint(ep)
-    }
-}
-
-struct TrimSlashesEndpoint<E>(E);
-
-impl<E: Endpoint> Endpoint for TrimSlashesEndpoint<E> {
-    type Output = E::Output;
-
-    async fn call(&self, mut req: poem::Request) -> poem::Result<Self::Output> {
-        if let Some(path) = normalized_path(req.uri().path()) {
-            let (mut parts, body) = req.into_parts();
-            let mut uri = parts.uri.into_parts();
-            let path_and_query = match uri.path_and_query.as_ref().and_then(|pq| pq.query()) {
-                Some(query) => format!("{path}?{query}"),
-                None => path,
-            };
-            uri.path_and_query = path_and_query.parse().ok();
-            parts.uri = poem::http::Uri::from_parts(uri).map_err(poem::error::BadRequest)?;
-            req = poem::Request::from_parts(parts, body);
-        }
-        self.0.call(req).await
-    }
-}
-
-/// `path` without trailing slashes and with runs of slashes merged, if that changes it.
-fn normalized_path(path: &str) -> Option<String> {
-    let trailing = path.len() > 1 && path.ends_with('/');
-    if !trailing && !path.contains("//") {
-        return None;
-    }
-    let mut out = String::with_capacity(path.len());
-    for segment in path.split('/').filter(|s| !s.is_empty()) {
-        out.push('/');
-        out.push_str(segment);
-    }
-    if out.is_empty() {
-        out.push('/');
-    }
-    (out != path).then_some(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{layered, normalized_path};
-
-    #[tokio::test]
-    async fn a_panicking_handler_answers_500_in_the_one_error_shape_and_is_counted() {
-        let metrics = crate::metrics::ApiMetrics::new();
-        let app = layered(
-            poem::endpoint::make(|_req: poem::Request| async move {
-                let offset: i64 = "9000000000000000".parse().unwrap();
-                let _ = chrono::Utc::now() - chrono::Duration::milliseconds(offset);
-                Ok::<_, poem::Error>(poem::Response::default())
-            }),
-            metrics.clone(),
-        );
-        let resp = poem::test::TestClient::new(app)
-            .post("/capture")
-            .send()
-            .await;
-        resp.assert_status(poem::http::StatusCode::INTERNAL_SERVER_ERROR);
-        let body: serde_json::Value =
-            serde_json::from_str(&resp.0.into_body().into_string().await.unwrap()).unwrap();
-        assert_eq!(body["type"], "server_error");
-        assert_eq!(body["code"], "internal");
-        assert_eq!(body["detail"], "internal server error");
-        let text = prometheus::TextEncoder::new()
-            .encode_to_string(&metrics.registry.gather())
-            .unwrap();
-        assert!(text.contains("http_panics_total 1"), "{text}");
-        assert!(
-            text.contains(r#"http_requests_total{method="POST",route="other",status="500"} 1"#),
-            "{text}"
-        );
-    }
-
-    #[test]
-    fn trailing_and_repeated_slashes_are_normalized() {
-        assert_eq!(normalized_path("/batch"), None);
-        assert_eq!(normalized_path("/"), None);
-        assert_eq!(normalized_path("/batch/").as_deref(), Some("/batch"));
-        assert_eq!(normalized_path("/i/v0/e//").as_deref(), Some("/i/v0/e"));
-        assert_eq!(
-            normalized_path("//context//user/u1").as_deref(),
-            Some("/context/user/u1")
-        );
-        assert_eq!(normalized_path("///").as_deref(), Some("/"));
     }
 }

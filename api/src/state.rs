@@ -6,8 +6,10 @@ use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    auth::Keys, config::Config, context::conns::ReadConnections, metrics::ApiMetrics,
-    publisher::Publisher, routes::body::InFlight,
+    config::Config,
+    context::conns::ReadConnections,
+    http::{auth::Keys, body::InFlight, metrics::ApiMetrics},
+    ingest::publish::Publisher,
 };
 
 /// Most connections to Postgres of each of the two sets: the context reads' and everything else's.
@@ -47,7 +49,7 @@ impl std::ops::Deref for AppState {
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("REDIS_URL: {0}")]
-    Redis(#[from] crate::publisher::PublishError),
+    Redis(#[from] crate::ingest::publish::PublishError),
     #[error("DATABASE_URL: {0}")]
     Database(#[from] sea_orm::DbErr),
     #[error("DATABASE_URL: {0}")]
@@ -56,7 +58,7 @@ pub enum StateError {
 
 impl AppState {
     pub async fn new(config: Config, shutdown: CancellationToken) -> Result<Self, StateError> {
-        let metrics = ApiMetrics::new();
+        let metrics = ApiMetrics::default();
         let publisher = Publisher::new(
             &config.redis_url,
             &config.queue_name,

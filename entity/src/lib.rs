@@ -3,7 +3,6 @@
 
 pub mod envelope;
 pub mod event;
-pub mod members;
 pub mod user_profile;
 pub mod user_session;
 

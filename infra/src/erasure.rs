@@ -213,7 +213,7 @@ pub async fn erase_stored(
 /// `distinct_id`; the time is `None` when it is missing or unreadable.
 pub fn event_user(event: &[u8]) -> Option<(String, Option<DateTime<Utc>>)> {
     let distinct_id = entity::Envelope::distinct_id_of(event)?.into_owned();
-    let received_at = entity::members::first(event, "received_at")
+    let received_at = entity::envelope::scan::first(event, "received_at")
         .and_then(|raw| serde_json::from_slice::<DateTime<Utc>>(raw).ok());
     Some((distinct_id, received_at))
 }

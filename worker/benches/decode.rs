@@ -104,8 +104,8 @@ fn as_the_worker_does(rules: &RuleSet, entries: &[Vec<u8>]) {
 fn every_property_decoded(rules: &RuleSet, entries: &[Vec<u8>]) {
     for entry in entries {
         let envelope: Envelope = Envelope::from_fields(fields(entry)).unwrap();
-        let written =
-            entity::members::first(entry, "properties").and_then(|p| std::str::from_utf8(p).ok());
+        let written = entity::envelope::scan::first(entry, "properties")
+            .and_then(|p| std::str::from_utf8(p).ok());
         let enrichment = Describer::enrich(rules, &envelope).unwrap();
         black_box(StoredEvent::new(envelope, enrichment, written));
     }

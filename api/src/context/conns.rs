@@ -1,16 +1,8 @@
-//! The Postgres connections of the context read path.
-//!
-//! sqlx's pool tests every connection it takes back with a ping (a Sync answered by a
-//! ReadyForQuery), so each context read through it cost two round trips: one more TLS record each
-//! way and one more wake-up of the Postgres backend and of this process, a large share of
-//! Postgres' work for a one-statement read. The context read is exactly one statement, and a
-//! statement that ran to its end leaves the connection idle and ready; so these connections go
-//! straight back after a completed read, with no test. A read that did not complete (an error, or
-//! the request dropped mid-query) drops its connection rather than return it in an unknown state.
-//! A connection idle for a while is pinged before use, as a server restart may have closed it.
-//!
-//! A read abandoned mid-statement gives its permit back at once, while its backend may still be
-//! finishing the statement: for that moment Postgres can hold more than `max` of these sessions.
+//! The Postgres connections of the context read path: a connection goes back untested after a
+//! read that ran to its end (it is idle and ready; sqlx's pool would ping it, a second round
+//! trip for a one-statement read) and is dropped after one that did not. One idle for a while is
+//! pinged before use. A read abandoned mid-statement frees its permit at once, so Postgres can
+//! briefly hold more than `max` of these sessions.
 
 use std::{
     ops::{Deref, DerefMut},

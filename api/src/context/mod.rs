@@ -3,6 +3,7 @@
 
 pub mod conns;
 pub mod erase;
+pub mod json;
 pub mod store;
 pub mod text;
 
@@ -193,14 +194,10 @@ mod tests {
     use entity::user_profile::IntentState;
 
     use super::*;
+    use crate::test_now as now;
 
-    fn now() -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339("2026-11-28T12:00:00Z")
-            .unwrap()
-            .with_timezone(&Utc)
-    }
-
-    fn item(mins_ago: i64, description: &str) -> HistoryItem {
+    /// A page view `mins_ago` minutes before [`now`].
+    pub(super) fn item(mins_ago: i64, description: &str) -> HistoryItem {
         HistoryItem {
             time: now() - Duration::minutes(mins_ago),
             description: description.into(),

@@ -34,10 +34,8 @@ pub struct UserRecord {
 /// The profile and the newest events in one statement (one round trip, one connection): the
 /// history through the `(distinct_id, timestamp DESC)` index, aggregated into one JSON array of
 /// `[time, description, event, page, session]`. No row: nothing is stored for the user.
-///
-/// `{filters}` and `{limit}` are written into the text (see [`context_sql`]) rather than bound:
-/// Postgres switches a prepared statement to a generic plan after five executions, and with an
-/// unknown limit and `$n IS NULL OR …` filters that plan reads every event of the user.
+/// `{filters}` and `{limit}` are written into the text ([`context_sql`]), not bound: a generic
+/// plan for an unknown limit and optional filters would read every event of the user.
 pub const CONTEXT_SQL: &str = r#"SELECT p.first_seen, p.last_seen, p.event_count, p.session_count, p.intents,
   (SELECT coalesce(json_agg(json_build_array(h.t, h.d, h.e, h.p, h.s) ORDER BY h.t DESC, h.u DESC), '[]')
      FROM (SELECT "timestamp" AS t, description AS d, event AS e, coalesce(path, url) AS p,

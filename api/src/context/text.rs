@@ -242,12 +242,7 @@ mod tests {
     use chrono::Duration;
 
     use super::*;
-
-    fn now() -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339("2026-11-28T12:00:00Z")
-            .unwrap()
-            .with_timezone(&Utc)
-    }
+    use crate::{context::tests::item, test_now as now};
 
     fn ctx<'a>(history: &'a [HistoryItem], summary: &'a str) -> TextContext<'a> {
         TextContext {
@@ -260,16 +255,6 @@ mod tests {
             first_seen: now() - Duration::days(1),
             last_seen: now(),
             now: now(),
-        }
-    }
-
-    fn item(i: i64, description: &str) -> HistoryItem {
-        HistoryItem {
-            time: now() - Duration::minutes(i),
-            description: description.into(),
-            event: "$autocapture".into(),
-            page: Some("/pricing".into()),
-            session_id: None,
         }
     }
 

@@ -4,20 +4,20 @@
 use std::collections::HashMap;
 
 use poem::web::Data;
-use poem_openapi::{
-    ApiResponse, Object, OpenApi, Union, auth::ApiKey, param::Query, payload::Json,
-};
+use poem_openapi::{Object, OpenApi, Union, auth::ApiKey, param::Query, payload::Json};
 use serde_json::Value;
 
-use super::{
-    ApiTags,
-    body::{BodyDoc, Held, RawBody},
-};
+use super::ApiTags;
 use crate::{
-    auth::{API_KEY_HEADER, Access, ApiKeyHeader, CaptureAuth},
-    decode::Compression,
-    error::{ApiError, ErrorBody, error_responses},
-    intake::{self, BodyKey, Encoded},
+    http::{
+        auth::{API_KEY_HEADER, Access, ApiKeyHeader, CaptureAuth},
+        body::{BodyDoc, Held, RawBody},
+        error::{ApiError, responses},
+    },
+    ingest::{
+        decode::Compression,
+        intake::{self, BodyKey, Encoded},
+    },
     state::AppState,
 };
 
@@ -105,31 +105,22 @@ pub struct CaptureOk {
     pub status: i32,
 }
 
-#[derive(ApiResponse)]
-pub enum CaptureResponse {
-    /// Every event of the request is queued in Redis.
-    #[oai(status = 200)]
-    Ok(Json<CaptureOk>),
-    /// Malformed body (JSON, gzip, base64) or an invalid event; `attr` names the field. Nothing was queued.
-    #[oai(status = 400)]
-    BadRequest(Json<ErrorBody>),
-    /// No API key in the header or the body.
-    #[oai(status = 401)]
-    Unauthorized(Json<ErrorBody>),
-    /// Unknown API key.
-    #[oai(status = 403)]
-    Forbidden(Json<ErrorBody>),
-    /// Body, or its decompressed form, over `MAX_BODY_BYTES`.
-    #[oai(status = 413)]
-    PayloadTooLarge(Json<ErrorBody>),
-    /// Redis unreachable or slow, or the stream backlog over `STREAM_MAX_BACKLOG`: retry after the given seconds.
-    #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
-    /// Unexpected server error.
-    #[oai(status = 500)]
-    Internal(Json<ErrorBody>),
+responses! {
+    pub enum CaptureResponse {
+        /// Every event of the request is queued in Redis.
+        Ok(Json<CaptureOk>),
+        /// Malformed body (JSON, gzip, base64) or an invalid event; `attr` names the field. Nothing was queued.
+        400 BadRequest,
+        /// No API key in the header or the body.
+        401 Unauthorized,
+        /// Unknown API key.
+        403 Forbidden,
+        /// Body, or its decompressed form, over `MAX_BODY_BYTES`.
+        413 PayloadTooLarge,
+        /// Redis unreachable or slow, or the stream backlog over `STREAM_MAX_BACKLOG`: retry after the given seconds.
+        503 Unavailable(u32),
+    }
 }
-error_responses!(CaptureResponse { 400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 413 => PayloadTooLarge }, retry = Unavailable);
 
 /// The PostHog capture routes.
 pub struct CaptureApi;
@@ -159,11 +150,11 @@ impl CaptureApi {
         &self,
         state: &AppState,
         auth: CaptureAuth,
-        data: Option<String>,
+        data: Query<Option<String>>,
         compression: Option<String>,
     ) -> CaptureResponse {
         let result = async {
-            let data = data.ok_or_else(|| {
+            let data = data.0.ok_or_else(|| {
                 ApiError::invalid("required", "query parameter `data` is required").at("data")
             })?;
             if data.len() > state.config.max_body_bytes {
@@ -186,11 +177,10 @@ impl CaptureApi {
     }
 }
 
-/// A `POST` to a capture path, answered without the OpenAPI router: the request every SDK sends
-/// all day. The documented operations below run the same [`CaptureApi::post`] with the same
-/// extractors' results; this only skips the routing layers between (a quarter to a third of
-/// the api's CPU per single-event request). Query parameters other than `compression` are
-/// ignored, as there.
+/// A `POST` to a capture path, answered without the OpenAPI router's layers, which are costly on
+/// the request every SDK sends all day. It runs the same [`CaptureApi::post`] as the documented
+/// operations, with the same extractors' results (and likewise ignores query parameters other
+/// than `compression`).
 pub async fn post_direct(state: &AppState, mut req: poem::Request) -> poem::Response {
     use poem::{IntoResponse, error::ResponseError};
     let auth = match req
@@ -226,15 +216,14 @@ pub async fn post_direct(state: &AppState, mut req: poem::Request) -> poem::Resp
     response
 }
 
+/// Counts the outcome of a capture request and answers it.
 async fn respond(
     state: &AppState,
-    result: impl Future<Output = Result<(CaptureOk, usize), ApiError>>,
+    result: impl Future<Output = Result<usize, ApiError>>,
 ) -> CaptureResponse {
     let result = result.await;
-    state.metrics.ingest("capture", &result);
-    result.map_or_else(CaptureResponse::from, |(ok, _)| {
-        CaptureResponse::Ok(Json(ok))
-    })
+    state.metrics.ingest("capture", result.as_ref().copied());
+    result.map(|_| Json(CaptureOk { status: 1 })).into()
 }
 
 /// Authorises, decodes, validates and queues a capture request. A key in the header is checked
@@ -248,7 +237,7 @@ async fn accept(
     compression: Option<String>,
     source: Option<&'static str>,
     held: Held,
-) -> Result<(CaptureOk, usize), ApiError> {
+) -> Result<usize, ApiError> {
     let body_key = match auth.header_key() {
         Some(key) => {
             state.keys.authorize(Some(key), Access::Ingest)?;
@@ -257,137 +246,61 @@ async fn accept(
         None => BodyKey::MustBeIngestKey,
     };
     let compression = Compression::parse(compression.as_deref())?;
-    let (events, _held) =
-        intake::events(state, encoded, compression, source, body_key, held).await?;
-    state.publisher.publish(&events).await?;
+    let events = intake::queue(state, encoded, compression, source, body_key, held).await?;
     tracing::debug!(events = events.len(), "queued");
-    Ok((CaptureOk { status: 1 }, events.len()))
+    Ok(events.len())
 }
 
-#[OpenApi(tag = "ApiTags::Capture")]
-impl CaptureApi {
+/// The documented capture operations, each a line `"method" "path" => name(input: Type) runner;`
+/// that runs [`CaptureApi::post`] or [`CaptureApi::get`] with the input.
+macro_rules! capture_operations {
+    ($(
+        $(#[doc = $doc:literal])*
+        $method:literal $path:literal => $name:ident($input:ident: $ty:ty) $run:ident;
+    )*) => {
+        #[OpenApi(tag = "ApiTags::Capture")]
+        impl CaptureApi {
+            $(
+                $(#[doc = $doc])*
+                #[oai(path = $path, method = $method)]
+                async fn $name(
+                    &self,
+                    state: Data<&AppState>,
+                    auth: CaptureAuth,
+                    $input: $ty,
+                    compression: Query<Option<String>>,
+                ) -> CaptureResponse {
+                    self.$run(&state, auth, $input, compression.0).await
+                }
+            )*
+        }
+    };
+}
+
+capture_operations! {
     /// Capture events (PostHog `/capture`)
     ///
     /// The PostHog capture endpoint: point an SDK's `host`/`api_host` here. The key may come in
     /// `X-API-Key` or as `api_key`/`token` in the body (`properties.token` for posthog-js).
-    #[oai(path = "/capture", method = "post")]
-    async fn capture(
-        &self,
-        state: Data<&AppState>,
-        auth: CaptureAuth,
-        body: Body,
-        compression: Query<Option<String>>,
-    ) -> CaptureResponse {
-        self.post(&state, auth, body, compression.0).await
-    }
-
+    "post" "/capture" => capture(body: Body) post;
     /// Capture a batch (PostHog `/batch`)
-    #[oai(path = "/batch", method = "post")]
-    async fn batch(
-        &self,
-        state: Data<&AppState>,
-        auth: CaptureAuth,
-        body: Body,
-        compression: Query<Option<String>>,
-    ) -> CaptureResponse {
-        self.post(&state, auth, body, compression.0).await
-    }
-
+    "post" "/batch" => batch(body: Body) post;
     /// Capture events (posthog-js `/e`)
-    #[oai(path = "/e", method = "post")]
-    async fn e(
-        &self,
-        state: Data<&AppState>,
-        auth: CaptureAuth,
-        body: Body,
-        compression: Query<Option<String>>,
-    ) -> CaptureResponse {
-        self.post(&state, auth, body, compression.0).await
-    }
-
+    "post" "/e" => e(body: Body) post;
     /// Capture events (posthog-js `/i/v0/e`)
-    #[oai(path = "/i/v0/e", method = "post")]
-    async fn i_v0_e(
-        &self,
-        state: Data<&AppState>,
-        auth: CaptureAuth,
-        body: Body,
-        compression: Query<Option<String>>,
-    ) -> CaptureResponse {
-        self.post(&state, auth, body, compression.0).await
-    }
-
+    "post" "/i/v0/e" => i_v0_e(body: Body) post;
     /// Capture events (legacy `/track`)
-    #[oai(path = "/track", method = "post")]
-    async fn track(
-        &self,
-        state: Data<&AppState>,
-        auth: CaptureAuth,
-        body: Body,
-        compression: Query<Option<String>>,
-    ) -> CaptureResponse {
-        self.post(&state, auth, body, compression.0).await
-    }
-
+    "post" "/track" => track(body: Body) post;
     /// Capture via query string (legacy beacon, `/capture?data=`)
     ///
     /// `data` holds the body base64-encoded (or URL-encoded JSON).
-    #[oai(path = "/capture", method = "get")]
-    async fn capture_get(
-        &self,
-        state: Data<&AppState>,
-        auth: CaptureAuth,
-        data: Query<Option<String>>,
-        compression: Query<Option<String>>,
-    ) -> CaptureResponse {
-        self.get(&state, auth, data.0, compression.0).await
-    }
-
+    "get" "/capture" => capture_get(data: Query<Option<String>>) get;
     /// Capture via query string (`/batch?data=`)
-    #[oai(path = "/batch", method = "get")]
-    async fn batch_get(
-        &self,
-        state: Data<&AppState>,
-        auth: CaptureAuth,
-        data: Query<Option<String>>,
-        compression: Query<Option<String>>,
-    ) -> CaptureResponse {
-        self.get(&state, auth, data.0, compression.0).await
-    }
-
+    "get" "/batch" => batch_get(data: Query<Option<String>>) get;
     /// Capture via query string (`/e?data=`)
-    #[oai(path = "/e", method = "get")]
-    async fn e_get(
-        &self,
-        state: Data<&AppState>,
-        auth: CaptureAuth,
-        data: Query<Option<String>>,
-        compression: Query<Option<String>>,
-    ) -> CaptureResponse {
-        self.get(&state, auth, data.0, compression.0).await
-    }
-
+    "get" "/e" => e_get(data: Query<Option<String>>) get;
     /// Capture via query string (`/i/v0/e?data=`)
-    #[oai(path = "/i/v0/e", method = "get")]
-    async fn i_v0_e_get(
-        &self,
-        state: Data<&AppState>,
-        auth: CaptureAuth,
-        data: Query<Option<String>>,
-        compression: Query<Option<String>>,
-    ) -> CaptureResponse {
-        self.get(&state, auth, data.0, compression.0).await
-    }
-
+    "get" "/i/v0/e" => i_v0_e_get(data: Query<Option<String>>) get;
     /// Capture via query string (`/track?data=`)
-    #[oai(path = "/track", method = "get")]
-    async fn track_get(
-        &self,
-        state: Data<&AppState>,
-        auth: CaptureAuth,
-        data: Query<Option<String>>,
-        compression: Query<Option<String>>,
-    ) -> CaptureResponse {
-        self.get(&state, auth, data.0, compression.0).await
-    }
+    "get" "/track" => track_get(data: Query<Option<String>>) get;
 }

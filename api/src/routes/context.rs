@@ -4,21 +4,24 @@
 use chrono::{DateTime, Utc};
 use poem::web::Data;
 use poem_openapi::{
-    ApiResponse, Enum, Object, OpenApi, ResponseContent,
+    Enum, Object, OpenApi, ResponseContent,
     param::{Header, Path, Query},
     payload::{Json, PlainText},
 };
 
 use super::ApiTags;
 use crate::{
-    auth::{Access, ApiKeyHeader},
     context::{
-        self, HistoryItem, ScoredIntent, erase, relative_time,
+        self, HistoryItem, ScoredIntent, erase,
+        json::SerdeJson,
+        relative_time,
         store::{self, HistoryFilter},
         text::{self, TextContext},
     },
-    error::{ApiError, ErrorBody, error_responses},
-    payload::SerdeJson,
+    http::{
+        auth::{Access, ApiKeyHeader},
+        error::{ApiError, responses},
+    },
     state::AppState,
 };
 
@@ -36,7 +39,7 @@ pub struct IntentView {
     /// Score decayed to the time of the request (older signals weigh less).
     pub score: f64,
     /// When an event last added to it.
-    #[serde(serialize_with = "crate::payload::rfc3339")]
+    #[serde(serialize_with = "crate::context::json::rfc3339")]
     pub last_seen: DateTime<Utc>,
     /// The sentence the summary uses for it.
     pub summary: String,
@@ -49,7 +52,7 @@ pub struct IntentView {
 #[oai(skip_serializing_if_is_none)]
 pub struct HistoryView {
     /// When it happened.
-    #[serde(serialize_with = "crate::payload::rfc3339")]
+    #[serde(serialize_with = "crate::context::json::rfc3339")]
     pub time: DateTime<Utc>,
     /// "5 minutes ago".
     pub relative_time: String,
@@ -68,9 +71,9 @@ pub struct HistoryView {
 /// Totals over everything stored for the user.
 #[derive(Object, serde::Serialize)]
 pub struct Stats {
-    #[serde(serialize_with = "crate::payload::rfc3339")]
+    #[serde(serialize_with = "crate::context::json::rfc3339")]
     pub first_seen: DateTime<Utc>,
-    #[serde(serialize_with = "crate::payload::rfc3339")]
+    #[serde(serialize_with = "crate::context::json::rfc3339")]
     pub last_seen: DateTime<Utc>,
     pub event_count: i64,
     pub session_count: i64,
@@ -81,7 +84,7 @@ pub struct Stats {
 #[oai(skip_serializing_if_is_none)]
 pub struct Freshness {
     /// Time of the newest stored event of this user.
-    #[serde(serialize_with = "crate::payload::rfc3339")]
+    #[serde(serialize_with = "crate::context::json::rfc3339")]
     pub newest_event_at: DateTime<Utc>,
     /// Events of this user accepted but not yet stored (still in the stream). Absent when the
     /// stream is too long to count quickly or Redis is unavailable.
@@ -149,53 +152,37 @@ pub enum ContextBody {
     Markdown(PlainText<String>),
 }
 
-#[derive(ApiResponse)]
-pub enum ContextResponse {
-    /// The user's context.
-    #[oai(status = 200)]
-    Ok(ContextBody),
-    /// A bad query parameter (`attr` names it).
-    #[oai(status = 400)]
-    BadRequest(Json<ErrorBody>),
-    /// No `X-API-Key` header.
-    #[oai(status = 401)]
-    Unauthorized(Json<ErrorBody>),
-    /// Unknown key, or an ingest-only key (those can never read user data).
-    #[oai(status = 403)]
-    Forbidden(Json<ErrorBody>),
-    /// Nothing is stored for this user.
-    #[oai(status = 404)]
-    NotFound(Json<ErrorBody>),
-    /// The database is unavailable: retry after the given seconds.
-    #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
-    /// Unexpected server error.
-    #[oai(status = 500)]
-    Internal(Json<ErrorBody>),
+responses! {
+    pub enum ContextResponse {
+        /// The user's context.
+        Ok(ContextBody),
+        /// A bad query parameter (`attr` names it).
+        400 BadRequest,
+        /// No `X-API-Key` header.
+        401 Unauthorized,
+        /// Unknown key, or an ingest-only key (those can never read user data).
+        403 Forbidden,
+        /// Nothing is stored for this user.
+        404 NotFound,
+        /// The database is unavailable: retry after the given seconds.
+        503 Unavailable(u32),
+    }
 }
-error_responses!(ContextResponse { 400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound }, retry = Unavailable);
 
-#[derive(ApiResponse)]
-pub enum EraseResponse {
-    /// The user is erased (also when nothing was stored for them: every count is then 0, and
-    /// their events still on their way are dropped all the same).
-    #[oai(status = 200)]
-    Ok(Json<Erasure>),
-    /// No `X-API-Key` header.
-    #[oai(status = 401)]
-    Unauthorized(Json<ErrorBody>),
-    /// Unknown key, or an ingest-only key.
-    #[oai(status = 403)]
-    Forbidden(Json<ErrorBody>),
-    /// The database or Redis is unavailable: retry after the given seconds (erasing again is
-    /// safe, and finishes an erasure that stopped part way).
-    #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
-    /// Unexpected server error.
-    #[oai(status = 500)]
-    Internal(Json<ErrorBody>),
+responses! {
+    pub enum EraseResponse {
+        /// The user is erased (also when nothing was stored for them: every count is then 0, and
+        /// their events still on their way are dropped all the same).
+        Ok(Json<Erasure>),
+        /// No `X-API-Key` header.
+        401 Unauthorized,
+        /// Unknown key, or an ingest-only key.
+        403 Forbidden,
+        /// The database or Redis is unavailable: retry after the given seconds (erasing again is
+        /// safe, and finishes an erasure that stopped part way).
+        503 Unavailable(u32),
+    }
 }
-error_responses!(EraseResponse { 401 => Unauthorized, 403 => Forbidden }, retry = Unavailable);
 
 /// Output format.
 #[derive(Enum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -255,7 +242,7 @@ impl ContextApi {
         accept: Header<Option<String>>,
     ) -> ContextResponse {
         let result = async {
-            state.keys.authorize(Some(&auth.0.key), Access::Read)?;
+            auth.authorize(&state.keys, Access::Read)?;
             let now = Utc::now();
             if !(1..=MAX_LIMIT).contains(&limit.0) {
                 return Err(ApiError::invalid(
@@ -350,9 +337,7 @@ impl ContextApi {
                 },
             })))
         };
-        result
-            .await
-            .map_or_else(ContextResponse::from, ContextResponse::Ok)
+        result.await.into()
     }
 
     /// Erase a user
@@ -375,7 +360,7 @@ impl ContextApi {
         user_id: Path<String>,
     ) -> EraseResponse {
         let result = async {
-            state.keys.authorize(Some(&auth.0.key), Access::Read)?;
+            auth.authorize(&state.keys, Access::Read)?;
             let erased = erase::erase(&state, &[user_id.0.as_str()], Utc::now())
                 .await
                 .map_err(erase_error)?;
@@ -386,7 +371,7 @@ impl ContextApi {
                 pending = erased.pending_events,
                 "user erased"
             );
-            Ok::<_, ApiError>(Erasure {
+            Ok(Json(Erasure {
                 user_id: user_id.0.clone(),
                 erased_at: erased.erased_at,
                 events_deleted: erased.events,
@@ -395,11 +380,9 @@ impl ContextApi {
                 dead_letters_deleted: erased.dead_letters,
                 unmatched_examples_deleted: erased.unmatched_examples,
                 pending_events: erased.pending_events,
-            })
+            }))
         };
-        result
-            .await
-            .map_or_else(EraseResponse::from, |ok| EraseResponse::Ok(Json(ok)))
+        result.await.into()
     }
 }
 

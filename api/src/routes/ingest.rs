@@ -4,19 +4,20 @@
 use std::collections::HashMap;
 
 use poem::web::Data;
-use poem_openapi::{ApiResponse, Object, OpenApi, Union, payload::Json};
+use poem_openapi::{Object, OpenApi, Union, payload::Json};
 use serde_json::Value;
 
-use super::{
-    ApiTags,
-    body::{BodyDoc, RawBody},
-    capture::CaptureEvent,
-};
+use super::{ApiTags, capture::CaptureEvent};
 use crate::{
-    auth::{Access, ApiKeyHeader},
-    decode::Compression,
-    error::{ApiError, ErrorBody, error_responses},
-    intake::{self, BodyKey, Encoded},
+    http::{
+        auth::{Access, ApiKeyHeader},
+        body::{BodyDoc, RawBody},
+        error::responses,
+    },
+    ingest::{
+        decode::Compression,
+        intake::{self, BodyKey, Encoded},
+    },
     state::AppState,
 };
 
@@ -77,31 +78,22 @@ pub struct IngestOk {
     pub uuids: Vec<String>,
 }
 
-#[derive(ApiResponse)]
-pub enum IngestResponse {
-    /// Every event is queued in Redis.
-    #[oai(status = 200)]
-    Ok(Json<IngestOk>),
-    /// Malformed JSON or an invalid event; `attr` names the field. Nothing was queued.
-    #[oai(status = 400)]
-    BadRequest(Json<ErrorBody>),
-    /// No `X-API-Key` header.
-    #[oai(status = 401)]
-    Unauthorized(Json<ErrorBody>),
-    /// Unknown API key.
-    #[oai(status = 403)]
-    Forbidden(Json<ErrorBody>),
-    /// Body over `MAX_BODY_BYTES`.
-    #[oai(status = 413)]
-    PayloadTooLarge(Json<ErrorBody>),
-    /// Redis unreachable or slow, or the backlog over `STREAM_MAX_BACKLOG`: retry after the given seconds.
-    #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
-    /// Unexpected server error.
-    #[oai(status = 500)]
-    Internal(Json<ErrorBody>),
+responses! {
+    pub enum IngestResponse {
+        /// Every event is queued in Redis.
+        Ok(Json<IngestOk>),
+        /// Malformed JSON or an invalid event; `attr` names the field. Nothing was queued.
+        400 BadRequest,
+        /// No `X-API-Key` header.
+        401 Unauthorized,
+        /// Unknown API key.
+        403 Forbidden,
+        /// Body over `MAX_BODY_BYTES`.
+        413 PayloadTooLarge,
+        /// Redis unreachable or slow, or the backlog over `STREAM_MAX_BACKLOG`: retry after the given seconds.
+        503 Unavailable(u32),
+    }
 }
-error_responses!(IngestResponse { 400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 413 => PayloadTooLarge }, retry = Unavailable);
 
 pub struct IngestApi;
 
@@ -118,30 +110,34 @@ impl IngestApi {
         body: RawBody<IngestDoc>,
     ) -> IngestResponse {
         let result = async {
-            state.keys.authorize(Some(&auth.0.key), Access::Ingest)?;
+            auth.authorize(&state.keys, Access::Ingest)?;
             let encoded = Encoded::Body {
                 bytes: body.bytes,
                 content_type: None,
             };
-            let (events, _held) = intake::events(
+            let held = body.held;
+            intake::queue(
                 &state,
                 encoded,
                 Compression::Auto,
                 None,
                 BodyKey::Ignored,
-                body.held,
+                held,
             )
-            .await?;
-            state.publisher.publish(&events).await?;
-            let ok = IngestOk {
-                status: 1,
-                queued: events.len() as u32,
-                uuids: events.iter().map(|e| e.uuid.to_string()).collect(),
-            };
-            Ok::<_, ApiError>((ok, events.len()))
-        };
-        let result = result.await;
-        state.metrics.ingest("ingest", &result);
-        result.map_or_else(IngestResponse::from, |(ok, _)| IngestResponse::Ok(Json(ok)))
+            .await
+        }
+        .await;
+        state
+            .metrics
+            .ingest("ingest", result.as_ref().map(Vec::len));
+        result
+            .map(|events| {
+                Json(IngestOk {
+                    status: 1,
+                    queued: events.len() as u32,
+                    uuids: events.iter().map(|e| e.uuid.to_string()).collect(),
+                })
+            })
+            .into()
     }
 }

@@ -1,6 +1,6 @@
-//! HTTP routes, one `#[OpenApi]` impl per resource.
+//! The thin HTTP handlers, one `#[OpenApi]` impl per resource: they authorise, call [`crate::ingest`]
+//! or [`crate::context`], and answer.
 
-pub mod body;
 pub mod capture;
 pub mod context;
 pub mod health;

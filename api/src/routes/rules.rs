@@ -2,13 +2,15 @@
 //! replica contributes), so a rule author knows which translation to write next.
 
 use poem::web::Data;
-use poem_openapi::{ApiResponse, Object, OpenApi, param::Query, payload::Json};
+use poem_openapi::{Object, OpenApi, param::Query, payload::Json};
 use serde_json::Value;
 
 use super::ApiTags;
 use crate::{
-    auth::{Access, ApiKeyHeader},
-    error::{ApiError, ErrorBody, error_responses},
+    http::{
+        auth::{Access, ApiKeyHeader},
+        error::{ApiError, responses},
+    },
     state::AppState,
 };
 
@@ -17,8 +19,8 @@ const MAX_LIMIT: usize = 1000;
 
 /// One kind of event no rule describes. Fields without a value are absent.
 #[derive(Object, serde::Deserialize)]
-#[oai(skip_serializing_if_is_none)]
-pub struct UnmatchedShape {
+#[oai(rename = "UnmatchedShape", skip_serializing_if_is_none)]
+pub struct UnmatchedShapeView {
     /// Event name, e.g. `$autocapture` or `signup_completed`.
     pub event: String,
     /// Page path the events happened on, when they had one.
@@ -36,36 +38,42 @@ pub struct UnmatchedShape {
 
 /// The report.
 #[derive(Object, serde::Deserialize)]
-pub struct UnmatchedReport {
+#[oai(rename = "UnmatchedReport")]
+pub struct UnmatchedReportView {
     /// How many distinct shapes are reported in all.
     pub total_shapes: u64,
     /// The most frequent shapes, most frequent first. A shape leaves the list once a
     /// (hot-reloaded) rule describes it.
-    pub shapes: Vec<UnmatchedShape>,
+    pub shapes: Vec<UnmatchedShapeView>,
 }
 
-#[derive(ApiResponse)]
-pub enum UnmatchedResponse {
-    /// The most frequent unmatched shapes.
-    #[oai(status = 200)]
-    Ok(Json<UnmatchedReport>),
-    /// A bad `limit`.
-    #[oai(status = 400)]
-    BadRequest(Json<ErrorBody>),
-    /// No `X-API-Key` header.
-    #[oai(status = 401)]
-    Unauthorized(Json<ErrorBody>),
-    /// Unknown key, or an ingest-only key.
-    #[oai(status = 403)]
-    Forbidden(Json<ErrorBody>),
-    /// Redis is unavailable: retry after the given seconds.
-    #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>, #[oai(header = "Retry-After")] u32),
-    /// Unexpected server error.
-    #[oai(status = 500)]
-    Internal(Json<ErrorBody>),
+impl From<rules_engine::UnmatchedShape> for UnmatchedShapeView {
+    fn from(s: rules_engine::UnmatchedShape) -> Self {
+        Self {
+            event: s.event,
+            path: s.path,
+            element_text: s.element_text,
+            element_classes: s.element_classes,
+            count: s.count,
+            example: s.example,
+        }
+    }
 }
-error_responses!(UnmatchedResponse { 400 => BadRequest, 401 => Unauthorized, 403 => Forbidden }, retry = Unavailable);
+
+responses! {
+    pub enum UnmatchedResponse {
+        /// The most frequent unmatched shapes.
+        Ok(Json<UnmatchedReportView>),
+        /// A bad `limit`.
+        400 BadRequest,
+        /// No `X-API-Key` header.
+        401 Unauthorized,
+        /// Unknown key, or an ingest-only key.
+        403 Forbidden,
+        /// Redis is unavailable: retry after the given seconds.
+        503 Unavailable(u32),
+    }
+}
 
 pub struct RulesApi;
 
@@ -85,7 +93,7 @@ impl RulesApi {
         limit: Query<Option<i64>>,
     ) -> UnmatchedResponse {
         let result = async {
-            state.keys.authorize(Some(&auth.0.key), Access::Read)?;
+            auth.authorize(&state.keys, Access::Read)?;
             let limit = match limit.0 {
                 None => 20,
                 Some(n) if (1..=MAX_LIMIT as i64).contains(&n) => n as usize,
@@ -110,23 +118,11 @@ impl RulesApi {
                             1,
                         )
                     })?;
-            Ok::<_, ApiError>(UnmatchedReport {
+            Ok(Json(UnmatchedReportView {
                 total_shapes,
-                shapes: shapes
-                    .into_iter()
-                    .map(|s| UnmatchedShape {
-                        event: s.event,
-                        path: s.path,
-                        element_text: s.element_text,
-                        element_classes: s.element_classes,
-                        count: s.count,
-                        example: s.example,
-                    })
-                    .collect(),
-            })
+                shapes: shapes.into_iter().map(Into::into).collect(),
+            }))
         };
-        result
-            .await
-            .map_or_else(UnmatchedResponse::from, |r| UnmatchedResponse::Ok(Json(r)))
+        result.await.into()
     }
 }

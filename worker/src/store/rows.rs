@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use entity::{
     Envelope, EnvelopeError,
-    members::{decode_some, has_lone_surrogate},
+    envelope::scan::{decode_some, has_lone_surrogate},
 };
 use serde_json::{Map, Value as Json, value::RawValue};
 use uuid::Uuid;

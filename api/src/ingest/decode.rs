@@ -11,7 +11,7 @@ use base64::Engine;
 use flate2::read::MultiGzDecoder;
 use serde_json::Value;
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 

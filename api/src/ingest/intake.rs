@@ -1,19 +1,23 @@
-//! From an ingest request's bytes to events ready for the stream, as cheaply as a hostile sender
+//! From an ingest request's bytes to events in the stream, as cheaply as a hostile sender
 //! allows: decoded and tokenised, the key a body carries checked before any event is validated
 //! or built, every step's bytes held in the in-flight budget, and large bodies worked on off the
-//! async threads (a 20 MiB gzip body takes tens of milliseconds of CPU).
+//! async threads, where their CPU time holds up no other request.
 
 use std::borrow::Cow;
 
 use bytes::Bytes;
 use chrono::Utc;
 
-use crate::{
-    auth::{Access, KeySource},
+use super::{
     decode::{Compression, decode_body_bytes, decode_query_data},
-    error::ApiError,
-    fast::{self, Queued},
-    routes::body::Held,
+    parse::{self, Queued},
+};
+use crate::{
+    http::{
+        auth::{Access, KeySource},
+        body::Held,
+        error::ApiError,
+    },
     state::AppState,
 };
 
@@ -71,30 +75,34 @@ pub enum BodyKey {
     MustBeIngestKey,
 }
 
-/// The events of `encoded`, and the bytes held for them (hold them until they are queued).
-/// `source` names the parameter the JSON came from, when not the body.
-pub async fn events(
+/// Queues the events of `encoded` in the stream, all of them or none, holding their bytes in the
+/// in-flight budget until then; `source` names the parameter the JSON came from, when not the body.
+pub async fn queue(
     state: &AppState,
     encoded: Encoded,
     compression: Compression,
     source: Option<&'static str>,
     body_key: BodyKey,
     held: Held,
-) -> Result<(Vec<Queued>, Held), ApiError> {
-    if !encoded.is_heavy() {
-        return work(state, &encoded, compression, source, body_key, held);
-    }
-    let worker = state.clone();
-    tokio::task::spawn_blocking(move || {
-        work(&worker, &encoded, compression, source, body_key, held)
-    })
-    .await
-    .map_err(|e| match e.try_into_panic() {
-        Ok(panic) => state.metrics.panicked(panic.as_ref()),
-        Err(e) => ApiError::internal(e),
-    })?
+) -> Result<Vec<Queued>, ApiError> {
+    let (events, _held) = if encoded.is_heavy() {
+        let worker = state.clone();
+        tokio::task::spawn_blocking(move || {
+            work(&worker, &encoded, compression, source, body_key, held)
+        })
+        .await
+        .map_err(|e| match e.try_into_panic() {
+            Ok(panic) => state.metrics.panicked(panic.as_ref()),
+            Err(e) => ApiError::internal(e),
+        })??
+    } else {
+        work(state, &encoded, compression, source, body_key, held)?
+    };
+    state.publisher.publish(&events).await?;
+    Ok(events)
 }
 
+/// The events of `encoded`, and the bytes held for them.
 fn work(
     state: &AppState,
     encoded: &Encoded,
@@ -108,19 +116,20 @@ fn work(
     if let Cow::Owned(decoded) = &json {
         held.grow(decoded.len())?;
     }
-    let events = fast::queue(
-        &json,
-        Utc::now(),
-        source,
-        config.max_event_bytes,
-        |key| match body_key {
-            BodyKey::Ignored => Ok(()),
-            BodyKey::MustBeIngestKey => state
-                .keys
-                .authorize_from(key, Access::Ingest, KeySource::Body)
-                .map(drop),
-        },
-    )?;
+    let events =
+        parse::queue(
+            &json,
+            Utc::now(),
+            source,
+            config.max_event_bytes,
+            |key| match body_key {
+                BodyKey::Ignored => Ok(()),
+                BodyKey::MustBeIngestKey => state
+                    .keys
+                    .authorize_from(key, Access::Ingest, KeySource::Body)
+                    .map(drop),
+            },
+        )?;
     held.grow(events.iter().map(|e| e.json.len()).sum())?;
     Ok((events, held))
 }

@@ -1,7 +1,6 @@
-//! `SerdeJson<T>`: a JSON response body written straight from `T`'s `serde::Serialize`, with the
-//! schema documented from `T`'s poem-openapi `Type`. poem-openapi's own `Json` first builds a
-//! `serde_json::Value` tree of the whole body; on the context read path that tree cost more than
-//! writing the bytes.
+//! `SerdeJson<T>`: the context's JSON response body, written straight from `T`'s
+//! `serde::Serialize` with the schema documented from `T`'s poem-openapi `Type`, skipping the
+//! `serde_json::Value` tree of the whole body that poem-openapi's own `Json` builds first.
 
 use poem::{IntoResponse, Response};
 use poem_openapi::{
@@ -35,9 +34,9 @@ impl<T: serde::Serialize + Send> IntoResponse for SerdeJson<T> {
     fn into_response(self) -> Response {
         match serde_json::to_vec(&self.0) {
             Ok(body) => Response::builder().content_type(CONTENT_TYPE).body(body),
-            Err(error) => {
-                poem::error::ResponseError::as_response(&crate::error::ApiError::internal(error))
-            }
+            Err(error) => poem::error::ResponseError::as_response(
+                &crate::http::error::ApiError::internal(error),
+            ),
         }
     }
 }

@@ -14,7 +14,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::{error::ApiError, fast::Queued};
+use super::parse::Queued;
+use crate::http::error::ApiError;
 
 /// How often the backlog (stream length) is sampled for back-pressure.
 const BACKLOG_POLL: Duration = Duration::from_millis(100);
@@ -95,7 +96,7 @@ pub fn xadd_pipeline(
     let trace = traceparent.map(|t| [FIELD_TRACEPARENT, t]);
     let trace_len: usize = trace.iter().flatten().map(|a| a.len()).sum();
     for event in events {
-        // Sized once: growing each command's buffer arg by arg cost a third of packing.
+        // Sized once, not grown arg by arg: packing is on every request's path.
         let mut cmd = redis::Cmd::with_capacity(9, fixed_len + event.json.len() + trace_len);
         cmd.arg(&fixed[..]).arg(&event.json);
         if let Some(trace) = &trace {
@@ -222,8 +223,8 @@ impl Publisher {
             #[serde(borrow)]
             distinct_id: std::borrow::Cow<'a, str>,
         }
-        // The backlog monitor's last sample (at most 100 ms old, and raised by this process's own
-        // appends) saying "empty" answers without a round trip.
+        // The backlog monitor's last sample (at most [`BACKLOG_POLL`] old, and raised by this
+        // process's own appends) saying "empty" answers without a round trip.
         if self.backlog.load(Ordering::Relaxed) == 0 {
             return Ok(Pending {
                 backlog: 0,

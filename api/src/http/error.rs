@@ -1,7 +1,7 @@
 //! One JSON error shape for every failure: `{"type", "code", "detail", "attr"}`.
 
 use poem::{IntoResponse, Response, http::StatusCode};
-use poem_openapi::{Object, payload::Json};
+use poem_openapi::{Object, error::ParseParamError, payload::Json};
 
 /// Error body returned by every route on every failure.
 // Fields without a value are left out, never `null`: the document is OpenAPI 3.0, where an
@@ -163,19 +163,15 @@ impl ApiError {
                 Self::new(status, "validation_error", "payload_too_large", detail)
             }
             s if s.is_client_error() => {
-                let mut e = Self::new(s, "validation_error", "invalid_request", detail.clone());
-                e.body.attr = param_name(&detail);
+                let mut e = Self::new(s, "validation_error", "invalid_request", detail);
+                e.body.attr = err
+                    .downcast_ref::<ParseParamError>()
+                    .map(|param| param.name.to_string());
                 e
             }
             _ => Self::internal(detail),
         }
     }
-}
-
-/// poem-openapi parameter errors read `failed to parse parameter `limit`: …`; pull out the name.
-fn param_name(detail: &str) -> Option<String> {
-    let rest = detail.split_once("parameter `")?.1;
-    Some(rest.split_once('`')?.0.to_string())
 }
 
 impl poem::error::ResponseError for ApiError {
@@ -193,22 +189,62 @@ impl poem::error::ResponseError for ApiError {
     }
 }
 
-/// Implements `From<ApiError>` for an operation's response enum: each listed status maps to its
-/// variant (503 variants carry `Retry-After`); anything else becomes the enum's `Internal` (500).
-macro_rules! error_responses {
-    ($resp:ident { $($status:literal => $variant:ident),* $(,)? } $(, retry = $retry:ident)?) => {
-        impl From<$crate::error::ApiError> for $resp {
-            fn from(err: $crate::error::ApiError) -> Self {
+/// Declares an operation's response enum: its 200 variant and the error statuses it documents,
+/// each answered with an [`ErrorBody`] (a variant written `Name(u32)` also sends `Retry-After`),
+/// then `Internal` (500), which any operation may answer. `From<ApiError>` picks the variant of
+/// the error's status, `Internal` for a status not listed; `From<Result<_, ApiError>>` answers
+/// a handler's result.
+macro_rules! responses {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $(#[doc = $ok_doc:literal])*
+            Ok($ok:ty),
+            $(
+                $(#[doc = $doc:literal])*
+                $status:literal $variant:ident $(($retry_after:ty))?,
+            )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(poem_openapi::ApiResponse)]
+        $vis enum $name {
+            $(#[doc = $ok_doc])*
+            #[oai(status = 200)]
+            Ok($ok),
+            $(
+                $(#[doc = $doc])*
+                #[oai(status = $status)]
+                $variant(
+                    poem_openapi::payload::Json<$crate::http::error::ErrorBody>
+                    $(, #[oai(header = "Retry-After")] $retry_after)?
+                ),
+            )*
+            /// Unexpected server error.
+            #[oai(status = 500)]
+            Internal(poem_openapi::payload::Json<$crate::http::error::ErrorBody>),
+        }
+
+        impl From<$crate::http::error::ApiError> for $name {
+            fn from(err: $crate::http::error::ApiError) -> Self {
+                let body = poem_openapi::payload::Json(err.body);
                 match err.status.as_u16() {
-                    $( $status => $resp::$variant(poem_openapi::payload::Json(err.body)), )*
-                    $( 503 => $resp::$retry(poem_openapi::payload::Json(err.body), err.retry_after.unwrap_or(1)), )?
-                    _ => $resp::Internal(poem_openapi::payload::Json(err.body)),
+                    $($status => $name::$variant(
+                        body $(, <$retry_after>::from(err.retry_after.unwrap_or(1)))?
+                    ),)*
+                    _ => $name::Internal(body),
                 }
+            }
+        }
+
+        impl From<Result<$ok, $crate::http::error::ApiError>> for $name {
+            fn from(result: Result<$ok, $crate::http::error::ApiError>) -> Self {
+                result.map_or_else(Self::from, $name::Ok)
             }
         }
     };
 }
-pub(crate) use error_responses;
+pub(crate) use responses;
 
 #[cfg(test)]
 mod tests {
@@ -225,10 +261,19 @@ mod tests {
     }
 
     #[test]
-    fn param_name_is_extracted() {
-        assert_eq!(
-            param_name("failed to parse parameter `limit`: oops").as_deref(),
-            Some("limit")
+    fn a_bad_parameter_is_named() {
+        let err = ApiError::from_poem(
+            ParseParamError {
+                name: "limit",
+                reason: "oops".into(),
+            }
+            .into(),
         );
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert_eq!(err.body.code, "invalid_request");
+        assert_eq!(err.body.detail, "failed to parse parameter `limit`: oops");
+        assert_eq!(err.body.attr.as_deref(), Some("limit"));
+        let err = ApiError::from_poem(poem::Error::from_status(StatusCode::BAD_REQUEST));
+        assert_eq!(err.body.attr, None);
     }
 }

@@ -4,7 +4,7 @@ use poem_openapi::{SecurityScheme, auth::ApiKey};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 /// The header that carries the API key.
 pub const API_KEY_HEADER: &str = "X-API-Key";
@@ -18,6 +18,13 @@ pub const API_KEY_HEADER: &str = "X-API-Key";
     key_in = "header"
 )]
 pub struct ApiKeyHeader(pub ApiKey);
+
+impl ApiKeyHeader {
+    /// Checks this key for `access` (see [`Keys::authorize`]).
+    pub fn authorize(&self, keys: &Keys, access: Access) -> Result<Principal, ApiError> {
+        keys.authorize(Some(&self.0.key), access)
+    }
+}
 
 /// Auth for the PostHog capture routes: the header, or else `api_key`/`token` in the body
 /// (what PostHog SDKs send), checked once the body is decoded.

@@ -1,6 +1,6 @@
 //! A walk over the top-level members of a JSON object's text, without decoding it: the api lifts
-//! a few keys out of an event's `properties` this way, and the worker reads single fields of an
-//! envelope (to route it, to store its `properties` as written).
+//! a few keys out of an event's `properties` this way, and readers of an envelope take single
+//! fields of it (to route it, to store its `properties` as written).
 
 use std::borrow::Cow;
 

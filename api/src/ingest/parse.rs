@@ -1,32 +1,32 @@
-//! Fast path for the shapes SDKs send all day: plain events, `{"batch": [...]}` and arrays.
-//!
-//! Parses borrowing from the request bytes and copies each event's `properties` into the envelope
-//! as raw JSON text, instead of building and re-serialising a JSON tree. Anything unusual (webhook
-//! bodies, `$set` at the top level, a validation error, …) returns `None` and the request takes
-//! the full path in [`crate::normalize`], which owns every error message. Both paths produce the
-//! same envelopes (tested below).
+//! The single-pass reader of capture bodies: the shapes SDKs send all day (plain events,
+//! `{"batch": [...]}` and arrays) read borrowing from the request bytes, each event's
+//! `properties` copied into its envelope as JSON text ([`EnvelopeRef`]) instead of building and
+//! re-serialising a JSON tree. Anything unusual (webhook bodies, `$set` at the top level, a
+//! validation error, …) takes the full path in [`super::normalize`], which owns every error
+//! message; [`queue`] picks the path. Both produce the same envelopes (tested below).
 
 use std::borrow::Cow;
 
-use chrono::{DateTime, Datelike, Timelike, Utc};
+use chrono::{DateTime, Utc};
 use entity::{
     Envelope,
-    members::{self, has_lone_surrogate},
+    envelope::{
+        scan::{self, has_lone_surrogate},
+        write::EnvelopeRef,
+    },
 };
-#[cfg(test)]
-use serde::Serialize;
 use serde::{Deserialize, de::IgnoredAny};
 use serde_json::{Value, value::RawValue};
 use uuid::Uuid;
 
-use crate::decode::parse_json;
-use crate::error::ApiError;
-use crate::limits::walk_properties;
-use crate::normalize::{
+use super::decode::parse_json;
+use super::limits::walk_properties;
+use super::normalize::{
     Nullable, body_key, check_distinct_id, check_session_id, corrected_timestamp,
     first_distinct_id, normalize as full_normalize, parse_time, parse_time_text, scalar_string,
     validate_event_name,
 };
+use crate::http::error::ApiError;
 
 /// One event ready for the stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -178,15 +178,14 @@ impl Nullable for Lifted<'_> {
 }
 
 impl<'a> Peek<'a> {
-    /// Looks into `properties`, JSON object text serde_json has already validated, with one
-    /// scan that also checks the bounds of [`crate::limits`]; only the values lifted out are
-    /// parsed. (Parsing all of it again with serde cost a tenth of the api's CPU under batch
-    /// load.) `None` declines: a bound passed, or one of the four given twice, is left to the
-    /// full path.
+    /// Looks into `properties`, JSON object text serde_json has already validated, with the one
+    /// scan that also checks the bounds of [`super::limits`]; only the values lifted out are
+    /// parsed, not the whole object again. `None` declines: a bound passed, or one of the four
+    /// given twice, is left to the full path.
     fn of(properties: &'a str) -> Option<Peek<'a>> {
         let mut peek = Peek::default();
         walk_properties(properties.as_bytes(), |quoted_key, value| {
-            let slot = match &*members::key(quoted_key)? {
+            let slot = match &*scan::key(quoted_key)? {
                 b"distinct_id" => &mut peek.distinct_id,
                 b"token" => &mut peek.token,
                 b"$session_id" => &mut peek.session_id,
@@ -201,114 +200,6 @@ impl<'a> Peek<'a> {
         })?;
         Some(peek)
     }
-}
-
-/// Serialises exactly like [`Envelope`], with `properties` as raw text.
-#[cfg_attr(test, derive(Serialize))]
-struct EnvelopeOut<'a> {
-    uuid: Uuid,
-    distinct_id: &'a str,
-    event: &'a str,
-    properties: &'a RawValue,
-    timestamp: DateTime<Utc>,
-    received_at: DateTime<Utc>,
-    #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
-    sent_at: Option<DateTime<Utc>>,
-    #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
-    session_id: Option<&'a str>,
-    #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
-    lib: Option<&'a str>,
-}
-
-impl EnvelopeOut<'_> {
-    /// The envelope's JSON: the same text serde_json writes for this struct (tested below),
-    /// written directly, without serde's per-character escaping and `fmt` machinery for the
-    /// uuid and the times, which were a third of the ingest path's serialising time.
-    fn to_json(&self) -> String {
-        let properties = self.properties.get();
-        let mut out = String::with_capacity(properties.len() + 256);
-        out.push_str("{\"uuid\":\"");
-        out.push_str(
-            self.uuid
-                .hyphenated()
-                .encode_lower(&mut Uuid::encode_buffer()),
-        );
-        out.push_str("\",\"distinct_id\":");
-        push_json_str(&mut out, self.distinct_id);
-        out.push_str(",\"event\":");
-        push_json_str(&mut out, self.event);
-        out.push_str(",\"properties\":");
-        out.push_str(properties);
-        out.push_str(",\"timestamp\":");
-        push_json_time(&mut out, self.timestamp);
-        out.push_str(",\"received_at\":");
-        push_json_time(&mut out, self.received_at);
-        if let Some(sent_at) = self.sent_at {
-            out.push_str(",\"sent_at\":");
-            push_json_time(&mut out, sent_at);
-        }
-        if let Some(session_id) = &self.session_id {
-            out.push_str(",\"session_id\":");
-            push_json_str(&mut out, session_id);
-        }
-        if let Some(lib) = self.lib {
-            out.push_str(",\"lib\":");
-            push_json_str(&mut out, lib);
-        }
-        out.push('}');
-        out
-    }
-}
-
-/// Appends `s` as a JSON string: as is when nothing in it needs escaping (the usual case), else
-/// escaped by serde_json.
-fn push_json_str(out: &mut String, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        out.push('"');
-        out.push_str(s);
-        out.push('"');
-    } else {
-        out.push_str(&serde_json::to_string(s).expect("a string serialises"));
-    }
-}
-
-/// Appends `t` as chrono serialises it: RFC 3339 in UTC with `Z`, and 0, 3, 6 or 9 fraction
-/// digits, the fewest that hold its nanoseconds. Years outside 0..=9999 and leap seconds are
-/// left to chrono itself.
-fn push_json_time(out: &mut String, t: DateTime<Utc>) {
-    let (date, time) = (t.date_naive(), t.time());
-    let (year, nanos) = (date.year(), time.nanosecond());
-    if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
-        out.push_str(&serde_json::to_string(&t).expect("a time serialises"));
-        return;
-    }
-    fn put(digits: &mut [u8], mut value: u32) {
-        for d in digits.iter_mut().rev() {
-            *d = b'0' + (value % 10) as u8;
-            value /= 10;
-        }
-    }
-    let mut text = *b"\"0000-00-00T00:00:00.000000000";
-    put(&mut text[1..5], year as u32);
-    put(&mut text[6..8], date.month());
-    put(&mut text[9..11], date.day());
-    put(&mut text[12..14], time.hour());
-    put(&mut text[15..17], time.minute());
-    put(&mut text[18..20], time.second());
-    let end = if nanos == 0 {
-        20
-    } else if nanos % 1_000_000 == 0 {
-        put(&mut text[21..24], nanos / 1_000_000);
-        24
-    } else if nanos % 1_000 == 0 {
-        put(&mut text[21..27], nanos / 1_000);
-        27
-    } else {
-        put(&mut text[21..30], nanos);
-        30
-    };
-    out.push_str(std::str::from_utf8(&text[..end]).expect("ASCII digits"));
-    out.push_str("Z\"");
 }
 
 /// Turns decoded JSON text into events for the stream: the fast path when it applies, else the
@@ -556,7 +447,7 @@ fn event(
     if let Some(id) = &session_id {
         check_session_id("properties.$session_id", id).ok()?;
     }
-    let out = EnvelopeOut {
+    let out = EnvelopeRef {
         uuid,
         distinct_id: &distinct_id,
         event: &name,
@@ -578,13 +469,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::normalize::{body_key, normalize as full};
-
-    fn now() -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339("2026-11-28T12:00:00Z")
-            .unwrap()
-            .with_timezone(&Utc)
-    }
+    use crate::ingest::normalize::{body_key, normalize as full};
+    use crate::test_now as now;
 
     fn decode(q: &Queued) -> Envelope {
         serde_json::from_str(&q.json).unwrap()
@@ -684,49 +570,6 @@ mod tests {
     }
 
     #[test]
-    fn envelope_text_is_what_serde_writes() {
-        let times = [
-            "2026-11-28T10:00:00Z",
-            "2026-11-28T10:00:00.5Z",
-            "2026-11-28T10:00:00.123Z",
-            "2026-11-28T10:00:00.000123Z",
-            "2026-11-28T10:00:00.120000Z",
-            "2026-11-28T10:00:00.123456789Z",
-            "2026-11-28T10:00:00.000000001Z",
-            "0001-01-01T00:00:00Z",
-            "9999-12-31T23:59:59.999999999Z",
-            "2016-12-31T23:59:60.5Z",
-        ];
-        let times: Vec<DateTime<Utc>> = times
-            .iter()
-            .map(|t| DateTime::parse_from_rfc3339(t).unwrap().with_timezone(&Utc))
-            .chain([
-                DateTime::from_timestamp(-70_000_000_000, 7).unwrap(),
-                DateTime::from_timestamp(300_000_000_000, 0).unwrap(),
-            ])
-            .collect();
-        let texts = ["u", "é ✓ \u{7f}", "q\"b\\s/", "tab\tnl\ncr\r\u{1}\u{0}", ""];
-        let properties =
-            RawValue::from_string(r#"{"a":[1,{"b":null}],"s":"x\"y"}"#.into()).unwrap();
-        for (i, &time) in times.iter().enumerate() {
-            for (j, text) in texts.iter().enumerate() {
-                let out = EnvelopeOut {
-                    uuid: Uuid::now_v7(),
-                    distinct_id: text,
-                    event: texts[(j + 1) % texts.len()],
-                    properties: &properties,
-                    timestamp: time,
-                    received_at: times[(i + 1) % times.len()],
-                    sent_at: (j % 2 == 0).then_some(time),
-                    session_id: (j % 3 != 0).then_some(*text),
-                    lib: (i % 2 == 0).then_some(*text),
-                };
-                assert_eq!(out.to_json(), serde_json::to_string(&out).unwrap());
-            }
-        }
-    }
-
-    #[test]
     fn a_body_is_a_batch_or_an_event_never_both() {
         let declines =
             |body: Value| normalize(&serde_json::to_vec(&body).unwrap(), now()).is_none();
@@ -818,7 +661,7 @@ mod tests {
     /// Bodies over a bound: the fast path leaves each to the full path, which refuses it.
     #[test]
     fn bodies_over_a_bound_are_left_to_the_full_path() {
-        use crate::limits::{MAX_PROPERTIES_DEPTH, MAX_PROPERTY_KEY_CHARS};
+        use crate::ingest::limits::{MAX_PROPERTIES_DEPTH, MAX_PROPERTY_KEY_CHARS};
         let long = |n: usize| "x".repeat(n);
         let deep = format!(
             r#"{{"event": "a", "distinct_id": "u", "properties": {{"d": {}1{}}}}}"#,

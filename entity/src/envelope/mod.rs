@@ -2,7 +2,12 @@
 //!
 //! Each accepted event becomes one Redis Stream entry with the fields
 //! `v` = [`ENVELOPE_VERSION`], `event` = the JSON of [`Envelope`], and optionally
-//! `traceparent` (W3C trace context of the request that accepted it).
+//! `traceparent` (W3C trace context of the request that accepted it). This module reads
+//! entries; [`write`](mod@write) writes the `event` field without building an [`Envelope`],
+//! and [`scan`] walks JSON object text without decoding it.
+
+pub mod scan;
+pub mod write;
 
 use std::borrow::Cow;
 
@@ -10,8 +15,6 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
-
-use crate::members;
 
 /// Version written in the `v` field of every stream entry.
 pub const ENVELOPE_VERSION: &str = "1";
@@ -129,10 +132,10 @@ impl Envelope {
 
     /// The `distinct_id` of an encoded envelope (the `event` field), read without building the
     /// rest: the worker routes entries by user before decoding them. Only the members before it
-    /// are walked over, not decoded ([`members::first`]); the rest of the text is not looked at.
+    /// are walked over, not decoded ([`scan::first`]); the rest of the text is not looked at.
     /// `None` if it is not a JSON object or has no string `distinct_id`.
     pub fn distinct_id_of(event: &[u8]) -> Option<Cow<'_, str>> {
-        let value = members::first(event, "distinct_id")?;
+        let value = scan::first(event, "distinct_id")?;
         match serde_json::from_slice::<&str>(value) {
             Ok(text) => Some(Cow::Borrowed(text)),
             Err(_) => serde_json::from_slice::<String>(value).ok().map(Cow::Owned),

@@ -10,7 +10,7 @@ use infra::metrics::{
 use poem::{Endpoint, IntoResponse, PathPattern, Request, Response, http::Method};
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Registry};
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 /// What the api counts. Each instance owns its registry.
 #[derive(Clone)]
@@ -28,12 +28,6 @@ pub struct ApiMetrics {
 
 impl Default for ApiMetrics {
     fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl ApiMetrics {
-    pub fn new() -> Self {
         let registry = Registry::new();
         let r = &registry;
         ApiMetrics {
@@ -81,14 +75,16 @@ impl ApiMetrics {
             registry,
         }
     }
+}
 
+impl ApiMetrics {
     /// Counts the outcome of one ingest request: its events accepted, or the request rejected.
-    pub fn ingest<T>(&self, source: &str, result: &Result<(T, usize), ApiError>) {
+    pub fn ingest(&self, source: &str, result: Result<usize, &ApiError>) {
         match result {
-            Ok((_, events)) => self
+            Ok(events) => self
                 .events_accepted
                 .with_label_values(&[source])
-                .inc_by(*events as u64),
+                .inc_by(events as u64),
             Err(e) => self
                 .rejected
                 .with_label_values(&[source, &e.body.code])

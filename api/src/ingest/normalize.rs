@@ -9,13 +9,11 @@ use entity::{Envelope, Person};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::{
-    error::ApiError,
-    limits::{
-        MAX_DISTINCT_ID_CHARS, MAX_EVENT_NAME_CHARS, MAX_SESSION_ID_CHARS, MIN_TIMESTAMP,
-        check_properties, within_chars,
-    },
+use super::limits::{
+    MAX_DISTINCT_ID_CHARS, MAX_EVENT_NAME_CHARS, MAX_SESSION_ID_CHARS, MIN_TIMESTAMP,
+    check_properties, within_chars,
 };
+use crate::http::error::ApiError;
 
 /// Events more than this far in the future are moved to the time they were received.
 const MAX_FUTURE: Duration = Duration::hours(23);
@@ -614,7 +612,7 @@ mod tests {
 
     #[test]
     fn texts_and_properties_are_bounded() {
-        use crate::limits::{MAX_PROPERTIES_DEPTH, MAX_PROPERTY_KEY_CHARS};
+        use crate::ingest::limits::{MAX_PROPERTIES_DEPTH, MAX_PROPERTY_KEY_CHARS};
         let long = |n: usize| "x".repeat(n);
         let code_and_attr = |body: Value| {
             let err = normalize(body, now()).unwrap_err();

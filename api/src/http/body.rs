@@ -1,5 +1,5 @@
 //! Raw request bodies for the ingest routes: read with the `MAX_BODY_BYTES` limit, whatever the
-//! `Content-Type` (PostHog SDKs label gzip as `text/plain`), then decoded by [`crate::decode`].
+//! `Content-Type` (PostHog SDKs label gzip as `text/plain`), then decoded by [`crate::ingest::decode`].
 
 use std::{marker::PhantomData, sync::Arc, time::Duration};
 
@@ -15,7 +15,8 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 
-use crate::{error::ApiError, state::AppState};
+use super::error::ApiError;
+use crate::state::AppState;
 
 /// Documents what a route's body may look like.
 pub trait BodyDoc: Send {
