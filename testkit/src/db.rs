@@ -1,8 +1,6 @@
 //! A Postgres database of one test's own: created (with the schema, or empty), dropped when the
 //! guard drops, whether the test passed or panicked.
 
-use std::net::SocketAddr;
-
 use sea_orm::{
     ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement,
     sqlx::{self, Connection, PgConnection},
@@ -49,11 +47,6 @@ impl TestDb {
             conn,
             _dropper: dropper,
         }
-    }
-
-    /// This database's URL through `addr` (a [`crate::Proxy`]) instead of the server's address.
-    pub fn url_via(&self, addr: SocketAddr) -> String {
-        crate::via(&self.url, addr)
     }
 
     /// The single number `sql` selects (SQL's NULL, e.g. the sum of no rows, reads 0); panics,

@@ -24,7 +24,7 @@ pub use metrics::{Scrape, scrape};
 pub use proxy::Proxy;
 pub use stream::{
     Keys, consumers, create_group, dead_letters, envelope, envelopes, group_created, pending,
-    publish, publish_raw, read_group, redis, xlen,
+    publish, publish_raw, read_group, redis, stream_names, xlen,
 };
 
 /// The longest a test waits for something another task or process does.

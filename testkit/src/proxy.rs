@@ -71,6 +71,11 @@ impl Proxy {
         }
     }
 
+    /// `service_url` (credentials, database and all) through this proxy.
+    pub fn url(&self, service_url: &str) -> String {
+        crate::via(service_url, self.addr)
+    }
+
     /// Takes the service "down" (refusing new and cutting open connections) or brings it back.
     pub fn set_up(&self, up: bool) {
         self.shared.up.store(up, Ordering::SeqCst);
@@ -122,26 +127,40 @@ async fn link(client: TcpStream, target: String, shared: Arc<Shared>) {
     );
 }
 
-/// Copies `from` to `to`; with `gate`, keeps what arrives while the proxy holds.
+/// Copies `from` to `to`; with `gate`, keeps what arrives while the proxy holds, and forwards it
+/// once released.
 async fn forward(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
     gate: Option<&Shared>,
 ) {
     let mut buf = vec![0; 64 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
+    let mut holding = gate.map(|shared| shared.holding.subscribe());
+    let mut open = true;
+    while open {
+        let mut out = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => n,
+            Ok(n) => buf[..n].to_vec(),
         };
-        if let Some(shared) = gate
-            && *shared.holding.borrow()
+        if let (Some(shared), Some(holding)) = (gate, holding.as_mut())
+            && *holding.borrow_and_update()
         {
-            shared.held.lock().unwrap().extend_from_slice(&buf[..n]);
-            let mut holding = shared.holding.subscribe();
-            let _ = holding.wait_for(|holding| !holding).await;
+            shared.held.lock().unwrap().extend_from_slice(&out);
+            // Keep reading (what follows is held too) until released.
+            loop {
+                tokio::select! {
+                    _ = holding.wait_for(|holding| !holding) => break,
+                    read = from.read(&mut buf), if open => match read {
+                        Ok(0) | Err(_) => open = false,
+                        Ok(n) => {
+                            shared.held.lock().unwrap().extend_from_slice(&buf[..n]);
+                            out.extend_from_slice(&buf[..n]);
+                        }
+                    },
+                }
+            }
         }
-        if to.write_all(&buf[..n]).await.is_err() {
+        if to.write_all(&out).await.is_err() {
             break;
         }
     }

@@ -20,13 +20,20 @@ pub struct Keys {
     pub group: String,
 }
 
+/// Fresh names for a test's stream and dead-letter stream, for a configuration; the [`Keys`]
+/// that [`Keys::adopt`]s them deletes them.
+pub fn stream_names() -> (String, String) {
+    let id = Uuid::new_v4().simple();
+    (format!("test:{id}:events"), format!("test:{id}:dlq"))
+}
+
 impl Keys {
     pub fn new() -> Self {
-        let id = Uuid::new_v4().simple();
-        Self::adopt(format!("test:{id}:events"), format!("test:{id}:dlq"))
+        let (stream, dlq) = stream_names();
+        Self::adopt(stream, dlq)
     }
 
-    /// Takes over names made elsewhere (a service's configuration): they are deleted with this.
+    /// Takes over names made elsewhere (e.g. by [`stream_names`]): they are deleted with this.
     pub fn adopt(stream: String, dlq: String) -> Self {
         Self {
             stream,

@@ -59,16 +59,30 @@ async fn the_proxy_holds_what_clients_send_and_cuts_connections_when_down() {
     let ping = redis::cmd("PING");
     assert_eq!(ping.query_async::<String>(&mut conn).await.unwrap(), "PONG");
 
+    // Two commands held one after the other: both wait, both are answered once released.
     proxy.hold();
-    let mut held = conn.clone();
-    let answer = tokio::spawn(async move { ping.query_async::<String>(&mut held).await });
+    let mut first = conn.clone();
+    let echo = tokio::spawn(async move {
+        let echo = redis::cmd("ECHO").arg("first").clone();
+        echo.query_async::<String>(&mut first).await
+    });
+    testkit::wait_until(Duration::from_secs(5), "ECHO held", || async {
+        proxy.held().ends_with(b"first\r\n")
+    })
+    .await;
+    let mut second = conn.clone();
+    let answer = tokio::spawn(async move { ping.query_async::<String>(&mut second).await });
     testkit::wait_until(Duration::from_secs(5), "PING held", || async {
         proxy.held().ends_with(b"PING\r\n")
     })
     .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!answer.is_finished(), "a held command is not answered");
+    assert!(
+        !echo.is_finished() && !answer.is_finished(),
+        "held commands are not answered"
+    );
     proxy.release();
+    assert_eq!(echo.await.unwrap().unwrap(), "first");
     assert_eq!(answer.await.unwrap().unwrap(), "PONG");
 
     proxy.set_up(false);

@@ -32,7 +32,7 @@ async fn metrics_readiness_and_unmatched_report_follow_the_pipeline() {
         }
     }
     let addr = closed_addr();
-    let mut cfg = config(&db.url_via(proxy.addr), &keys, "w");
+    let mut cfg = config(&proxy.url(&db.url), &keys, "w");
     cfg.metrics_bind = Some(addr);
     let shutdown = tokio_util::sync::CancellationToken::new();
     let enricher = rules_engine::enrich::load(rules.path(), &shutdown).unwrap();
@@ -249,7 +249,7 @@ async fn unmatched_counts_survive_a_redis_outage() {
     // Connected as a worker connects (few, short reconnect attempts), so a flush fails while
     // Redis is away instead of waiting for it.
     let via_proxy = worker::stream::connection(
-        worker::stream::client(&format!("redis://{}", proxy.addr)).unwrap(),
+        worker::stream::client(&proxy.url(&redis_url())).unwrap(),
         worker::stream::COMMAND_TIMEOUT,
     )
     .unwrap();

@@ -162,7 +162,7 @@ async fn crashed_worker_entries_are_claimed_and_stored_once() {
     let redis = redis().await;
     // Worker A reads but cannot store (its Postgres is down), then crashes.
     let proxy = Proxy::postgres(false).await;
-    let a = RunningWorker::start(config(&db.url_via(proxy.addr), &keys, "crashing"));
+    let a = RunningWorker::start(config(&proxy.url(&db.url), &keys, "crashing"));
     wait_until(WAIT, "group created", || async {
         group_created(&redis, &keys).await
     })
@@ -370,7 +370,7 @@ async fn postgres_outage_keeps_entries_pending_until_it_is_back() {
     let keys = Keys::new();
     let redis = redis().await;
     let proxy = Proxy::postgres(true).await;
-    let mut cfg = config(&db.url_via(proxy.addr), &keys, "w");
+    let mut cfg = config(&proxy.url(&db.url), &keys, "w");
     cfg.claim_idle = Duration::from_millis(300); // its own held entries must not look idle
     let worker = RunningWorker::start(cfg);
     publish(&redis, &keys.stream, &[envelope("u1", "before", json!({}))]).await;
@@ -420,7 +420,7 @@ async fn graceful_shutdown_stores_the_batch_in_flight_and_leaves_nothing_pending
     let keys = Keys::new();
     let redis = redis().await;
     let proxy = Proxy::postgres(false).await;
-    let worker = RunningWorker::start(config(&db.url_via(proxy.addr), &keys, "w"));
+    let worker = RunningWorker::start(config(&proxy.url(&db.url), &keys, "w"));
     let events: Vec<_> = (0..20)
         .map(|i| envelope(&format!("u{i}"), "click", json!({})))
         .collect();
@@ -479,7 +479,7 @@ async fn restarted_worker_rereads_its_own_pending_entries_first() {
     let keys = Keys::new();
     let redis = redis().await;
     let proxy = Proxy::postgres(false).await;
-    let mut cfg = config(&db.url_via(proxy.addr), &keys, "same-name");
+    let mut cfg = config(&proxy.url(&db.url), &keys, "same-name");
     cfg.shutdown_timeout = Duration::from_millis(200);
     let worker = RunningWorker::start(cfg);
     let events: Vec<_> = (0..5)
