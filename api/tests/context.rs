@@ -3,7 +3,7 @@
 mod common;
 
 use chrono::{DateTime, Duration, Utc};
-use common::{INGEST_KEY, SECRET, TestApp, TestDb, WithKey, test_config};
+use common::{INGEST_KEY, RequestExt, SECRET, TestApp, TestDb, test_config};
 use entity::{event, user_profile};
 use reqwest::StatusCode;
 use sea_orm::{ActiveModelTrait, IntoActiveModel};
@@ -121,7 +121,7 @@ impl Fixture {
 
     /// The JSON body of `GET path` with the secret key.
     async fn json(&self, path: &str) -> Value {
-        self.get(path).send().await.unwrap().json().await.unwrap()
+        self.get(path).answer_json().await
     }
 }
 
@@ -130,7 +130,7 @@ async fn journey_yields_purchase_intent_summary_and_history() {
     let f = spawn().await;
     journey(&f.db.conn, "user_1").await;
     // the prototype README's curl, unchanged
-    let resp = f.get("/context/user/user_1").send().await.unwrap();
+    let resp = f.get("/context/user/user_1").answer().await;
     assert_eq!(resp.status(), StatusCode::OK);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["user_id"], "user_1");
@@ -198,9 +198,8 @@ async fn limit_since_and_session_filter_the_history() {
     ] {
         let resp = f
             .get(&format!("/context/user/user_1?{query}"))
-            .send()
-            .await
-            .unwrap();
+            .answer()
+            .await;
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{query}");
         let e: Value = resp.json().await.unwrap();
         assert_eq!(e["attr"], attr, "{query}: {e}");
@@ -243,9 +242,8 @@ async fn text_format_is_bounded_and_safe_against_hostile_labels() {
 
     let resp = f
         .get("/context/user/mallory?format=text&limit=100")
-        .send()
-        .await
-        .unwrap();
+        .answer()
+        .await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(
         resp.headers()["content-type"]
@@ -278,9 +276,8 @@ async fn text_format_is_bounded_and_safe_against_hostile_labels() {
     let resp = f
         .get("/context/user/mallory?limit=100&max_tokens=150")
         .header("Accept", "text/markdown")
-        .send()
-        .await
-        .unwrap();
+        .answer()
+        .await;
     assert!(
         resp.headers()["content-type"]
             .to_str()
@@ -300,15 +297,15 @@ async fn keys_unknown_users_and_bad_requests() {
     let f = spawn().await;
     journey(&f.db.conn, "user_1").await;
     let path = "/context/user/user_1";
-    let resp = f.app.get(path).send().await.unwrap();
+    let resp = f.app.get(path).answer().await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    let resp = f.app.get(path).key(INGEST_KEY).send().await.unwrap();
+    let resp = f.app.get(path).key(INGEST_KEY).answer().await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     let e: Value = resp.json().await.unwrap();
     assert!(e["detail"].as_str().unwrap().contains("ingest-only"), "{e}");
-    let resp = f.app.get(path).key("nope").send().await.unwrap();
+    let resp = f.app.get(path).key("nope").answer().await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
-    let resp = f.get("/context/user/nobody").send().await.unwrap();
+    let resp = f.get("/context/user/nobody").answer().await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     let e: Value = resp.json().await.unwrap();
     assert_eq!(e["type"], "not_found");
@@ -357,9 +354,8 @@ async fn freshness_counts_this_users_events_still_in_the_stream() {
             .post("/capture")
             .key(SECRET)
             .json(&json!({"event": "$pageview", "distinct_id": user}))
-            .send()
-            .await
-            .unwrap();
+            .answer()
+            .await;
         assert_eq!(resp.status(), StatusCode::OK);
     }
     let body: Value = f.json("/context/user/user_1").await;
@@ -372,28 +368,25 @@ async fn delete_erases_everything_about_the_user() {
     let f = spawn().await;
     journey(&f.db.conn, "user_1").await;
     journey(&f.db.conn, "user_2").await;
-    let del = |key: &str| f.app.delete("/context/user/user_1").key(key).send();
-    assert_eq!(
-        del(INGEST_KEY).await.unwrap().status(),
-        StatusCode::FORBIDDEN
-    );
-    let resp = del(SECRET).await.unwrap();
+    let del = |key: &str| f.app.delete("/context/user/user_1").key(key).answer();
+    assert_eq!(del(INGEST_KEY).await.status(), StatusCode::FORBIDDEN);
+    let resp = del(SECRET).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["events_deleted"], 5);
     assert_eq!(body["profile_deleted"], true);
     assert_eq!(
-        f.get("/context/user/user_1").send().await.unwrap().status(),
+        f.get("/context/user/user_1").answer().await.status(),
         StatusCode::NOT_FOUND
     );
     // Erasing again is safe: nothing more to delete.
-    let again = del(SECRET).await.unwrap();
+    let again = del(SECRET).await;
     assert_eq!(again.status(), StatusCode::OK);
     let again: Value = again.json().await.unwrap();
     assert_eq!(again["events_deleted"], 0);
     assert_eq!(again["profile_deleted"], false);
     assert_eq!(
-        f.get("/context/user/user_2").send().await.unwrap().status(),
+        f.get("/context/user/user_2").answer().await.status(),
         StatusCode::OK,
         "others untouched"
     );

@@ -6,8 +6,8 @@ mod common;
 
 use chrono::{DateTime, Utc};
 use common::{
-    INGEST_KEY, InProcessWorker, SECRET, TestApp, TestDb, WAIT, WithKey, dead_letters, publish_raw,
-    redis, test_config, wait_until,
+    INGEST_KEY, InProcessWorker, RequestExt, SECRET, TestApp, TestDb, WAIT, dead_letters,
+    publish_raw, redis, test_config, wait_until,
 };
 use infra::dlq::{DeadLetters, Selection};
 use redis::aio::ConnectionManager;
@@ -61,9 +61,8 @@ impl Fixture {
             .app
             .post("/batch/")
             .json(&json!({"api_key": INGEST_KEY, "batch": batch}))
-            .send()
-            .await
-            .unwrap();
+            .answer()
+            .await;
         assert_eq!(resp.status(), StatusCode::OK);
     }
 
@@ -157,12 +156,8 @@ impl Fixture {
             .app
             .get("/rules/unmatched?limit=1000")
             .key(SECRET)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .answer_json()
+            .await;
         let mut shapes: Vec<(String, String)> = report["shapes"]
             .as_array()
             .unwrap()

@@ -14,7 +14,7 @@ use std::{
 use api::limits::{
     MAX_EVENT_NAME_CHARS, MAX_PROPERTIES_DEPTH, MAX_PROPERTY_KEY_CHARS, MAX_SESSION_ID_CHARS,
 };
-use common::{INGEST_KEY, SECRET, TestApp, WithKey, test_config, wait_until};
+use common::{INGEST_KEY, RequestExt, SECRET, TestApp, test_config, wait_until};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -195,7 +195,7 @@ async fn send(app: &TestApp, path: &str, body: String, key: Key, browser: bool) 
     if browser {
         req = req.header("Origin", "https://shop.example.com");
     }
-    let resp = req.send().await.unwrap();
+    let resp = req.answer().await;
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
 }
@@ -260,7 +260,7 @@ async fn hostile_bodies_get_their_documented_answer_and_nothing_accepted_is_dead
         r#"{"event": "x", "distinct_id": "u"}"#,
         SECRET,
     ));
-    let resp = app.get(&format!("/e/?data={data}")).send().await.unwrap();
+    let resp = app.get(&format!("/e/?data={data}")).answer().await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 
     // Values at every bound are accepted, and stored without a dead letter.
@@ -291,7 +291,7 @@ async fn hostile_bodies_get_their_documented_answer_and_nothing_accepted_is_dead
     )
     .await;
     assert_eq!(app.dlq_len().await, 0, "nothing accepted was dead-lettered");
-    let resp = app.get("/health").send().await.unwrap();
+    let resp = app.get("/health").answer().await;
     assert_eq!(resp.status(), StatusCode::OK, "the api is alive");
     worker.stop().await;
 }
@@ -374,7 +374,7 @@ async fn bytes_in_flight_are_bounded() {
         assert_eq!(status, 503, "{answer}");
         assert_eq!(answer["code"], "ingest_busy");
     }
-    let resp = app.post("/batch").body(body.clone()).send().await.unwrap();
+    let resp = app.post("/batch").body(body.clone()).answer().await;
     assert_eq!(resp.headers()["retry-after"], "1");
     // A smaller request fits: the refused ones gave their bytes back.
     let small = json!({"api_key": INGEST_KEY, "event": "e", "distinct_id": "u"}).to_string();
@@ -389,12 +389,7 @@ async fn unknown_methods_do_not_grow_the_metric_series() {
     let app = TestApp::spawn().await;
     for method in ["BREW", "PROPFIND", "X-ANYTHING"] {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let resp = app
-            .http
-            .request(method, app.url("/capture"))
-            .send()
-            .await
-            .unwrap();
+        let resp = app.http.request(method, app.url("/capture")).answer().await;
         assert!(resp.status().is_client_error());
     }
     let metrics = app.metrics().await;

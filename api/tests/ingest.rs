@@ -6,7 +6,7 @@ mod common;
 use std::io::Write;
 
 use base64::{Engine, engine::general_purpose::STANDARD};
-use common::{INGEST_KEY, Proxy, SECRET, TestApp, WAIT, WithKey, test_config, wait_until};
+use common::{INGEST_KEY, Proxy, RequestExt, SECRET, TestApp, WAIT, test_config, wait_until};
 use flate2::{Compression, write::GzEncoder};
 use reqwest::{StatusCode, header::CONTENT_TYPE};
 use serde_json::{Value, json};
@@ -109,7 +109,7 @@ async fn every_posthog_encoding_lands_the_same_envelopes() {
         if let Some(ct) = ct {
             req = req.header(CONTENT_TYPE, ct);
         }
-        let resp = req.send().await.unwrap();
+        let resp = req.answer().await;
         assert_eq!(
             resp.status(),
             StatusCode::OK,
@@ -122,9 +122,8 @@ async fn every_posthog_encoding_lands_the_same_envelopes() {
     // GET ?data= (legacy beacon)
     let resp = app
         .get(&format!("/e/?data={}", urlencode(&b64)))
-        .send()
-        .await
-        .unwrap();
+        .answer()
+        .await;
     assert_ok(resp).await;
     expected += 2;
 
@@ -160,18 +159,10 @@ async fn single_event_and_bare_array_shapes() {
     let app = TestApp::spawn().await;
     // posthog-js single event with the key in properties.token
     let single = json!({"event": "$pageview", "properties": {"distinct_id": 12345, "token": INGEST_KEY, "$pathname": "/"}});
-    assert_ok(app.post("/capture/").json(&single).send().await.unwrap()).await;
+    assert_ok(app.post("/capture/").json(&single).answer().await).await;
     // bare array, key in the header
     let array = json!([{"event": "a", "$distinct_id": "u2"}, {"event": "b", "distinct_id": "u3", "offset": 1000}]);
-    assert_ok(
-        app.post("/batch")
-            .key(SECRET)
-            .json(&array)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    assert_ok(app.post("/batch").key(SECRET).json(&array).answer().await).await;
 
     let envs = app.stream_envelopes().await;
     assert_eq!(
@@ -192,13 +183,7 @@ async fn single_event_and_bare_array_shapes() {
 async fn webhook_ingest_takes_plain_events_and_posthog_destination_bodies() {
     let app = TestApp::spawn().await;
     let plain = json!({"event": "signup_completed", "distinct_id": "user_9", "properties": {"plan": "pro"}});
-    let resp = app
-        .post("/ingest")
-        .key(SECRET)
-        .json(&plain)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post("/ingest").key(SECRET).json(&plain).answer().await;
     assert_eq!(resp.status(), StatusCode::OK);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["queued"], 1);
@@ -213,9 +198,8 @@ async fn webhook_ingest_takes_plain_events_and_posthog_destination_bodies() {
         .post("/ingest/")
         .key(INGEST_KEY)
         .json(&destination)
-        .send()
-        .await
-        .unwrap();
+        .answer()
+        .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(
@@ -241,7 +225,7 @@ async fn auth_errors() {
     let app = TestApp::spawn().await;
     let event = json!({"event": "a", "distinct_id": "u"});
     let e = error_of(
-        app.post("/capture").json(&event).send().await.unwrap(),
+        app.post("/capture").json(&event).answer().await,
         StatusCode::UNAUTHORIZED,
     )
     .await;
@@ -250,36 +234,26 @@ async fn auth_errors() {
         app.post("/capture")
             .key("wrong")
             .json(&event)
-            .send()
-            .await
-            .unwrap(),
+            .answer()
+            .await,
         StatusCode::FORBIDDEN,
     )
     .await;
     assert_eq!(e["code"], "permission_denied");
     let with_bad_body_key = json!({"event": "a", "distinct_id": "u", "api_key": "wrong"});
     error_of(
-        app.post("/e")
-            .json(&with_bad_body_key)
-            .send()
-            .await
-            .unwrap(),
+        app.post("/e").json(&with_bad_body_key).answer().await,
         StatusCode::FORBIDDEN,
     )
     .await;
     // /ingest wants the header
     error_of(
-        app.post("/ingest").json(&event).send().await.unwrap(),
+        app.post("/ingest").json(&event).answer().await,
         StatusCode::UNAUTHORIZED,
     )
     .await;
     error_of(
-        app.post("/ingest")
-            .key("wrong")
-            .json(&event)
-            .send()
-            .await
-            .unwrap(),
+        app.post("/ingest").key("wrong").json(&event).answer().await,
         StatusCode::FORBIDDEN,
     )
     .await;
@@ -294,7 +268,7 @@ async fn validation_errors_name_the_field_and_queue_nothing() {
             .key(SECRET)
             .header(CONTENT_TYPE, "application/json")
             .body(body)
-            .send()
+            .answer()
     };
     let cases: Vec<(&str, Vec<u8>, &str, Option<&str>)> = vec![
         (
@@ -322,7 +296,7 @@ async fn validation_errors_name_the_field_and_queue_nothing() {
         ("scalar JSON", b"[1]".to_vec(), "invalid_value", Some("[0]")),
     ];
     for (name, body, code, attr) in cases {
-        let e = error_of(post("/batch", body).await.unwrap(), StatusCode::BAD_REQUEST).await;
+        let e = error_of(post("/batch", body).await, StatusCode::BAD_REQUEST).await;
         assert_eq!(e["code"], code, "{name}: {e}");
         assert_eq!(e["attr"].as_str(), attr, "{name}: {e}");
         assert_eq!(e["type"], "validation_error", "{name}");
@@ -333,8 +307,7 @@ async fn validation_errors_name_the_field_and_queue_nothing() {
             "/ingest",
             br#"[{"event": "a", "distinct_id": "u"}, {"event": 5, "distinct_id": "u"}]"#.to_vec(),
         )
-        .await
-        .unwrap(),
+        .await,
         StatusCode::BAD_REQUEST,
     )
     .await;
@@ -344,9 +317,8 @@ async fn validation_errors_name_the_field_and_queue_nothing() {
         app.post("/e?compression=lz64")
             .key(SECRET)
             .body("abc")
-            .send()
-            .await
-            .unwrap(),
+            .answer()
+            .await,
         StatusCode::BAD_REQUEST,
     )
     .await;
@@ -363,13 +335,7 @@ async fn nul_bytes_inside_properties_are_accepted_for_the_worker_to_clean() {
     let body =
         b"{\"event\": \"a\", \"distinct_id\": \"u\", \"properties\": {\"label\": \"x\\u0000y\"}}"
             .to_vec();
-    let resp = app
-        .post("/capture")
-        .key(SECRET)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post("/capture").key(SECRET).body(body).answer().await;
     assert_ok(resp).await;
     assert_eq!(
         app.stream_envelopes().await[0].properties["label"],
@@ -389,9 +355,8 @@ async fn oversized_bodies_and_gzip_bombs_get_413() {
         app.post("/capture")
             .key(SECRET)
             .body(big.clone())
-            .send()
-            .await
-            .unwrap(),
+            .answer()
+            .await,
         StatusCode::PAYLOAD_TOO_LARGE,
     )
     .await;
@@ -410,9 +375,8 @@ async fn oversized_bodies_and_gzip_bombs_get_413() {
             .key(SECRET)
             .header(CONTENT_TYPE, "text/plain")
             .body(bomb)
-            .send()
-            .await
-            .unwrap(),
+            .answer()
+            .await,
         StatusCode::PAYLOAD_TOO_LARGE,
     )
     .await;
@@ -421,12 +385,7 @@ async fn oversized_bodies_and_gzip_bombs_get_413() {
         "{e}"
     );
     error_of(
-        app.post("/ingest")
-            .key(SECRET)
-            .body(big)
-            .send()
-            .await
-            .unwrap(),
+        app.post("/ingest").key(SECRET).body(big).answer().await,
         StatusCode::PAYLOAD_TOO_LARGE,
     )
     .await;
@@ -435,7 +394,7 @@ async fn oversized_bodies_and_gzip_bombs_get_413() {
 
 /// Posts `body` to `path` and expects 503 `queue_unavailable` with `Retry-After`.
 async fn assert_queue_unavailable(app: &TestApp, path: &str, body: &Value) {
-    let resp = app.post(path).key(SECRET).json(body).send().await.unwrap();
+    let resp = app.post(path).key(SECRET).json(body).answer().await;
     assert!(resp.headers().get("retry-after").is_some(), "{path}");
     let e = error_of(resp, StatusCode::SERVICE_UNAVAILABLE).await;
     assert_eq!(e["code"], "queue_unavailable", "{path}");
@@ -495,13 +454,7 @@ async fn backlog_over_the_bound_answers_503_and_queues_nothing() {
     // The backlog is sampled every 100 ms: wait (bounded) for the sample to see it.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
     let resp = loop {
-        let resp = app
-            .post("/capture")
-            .key(SECRET)
-            .json(&event)
-            .send()
-            .await
-            .unwrap();
+        let resp = app.post("/capture").key(SECRET).json(&event).answer().await;
         if resp.status() != StatusCode::OK || tokio::time::Instant::now() > deadline {
             break resp;
         }
@@ -514,9 +467,8 @@ async fn backlog_over_the_bound_answers_503_and_queues_nothing() {
         .post("/batch")
         .key(SECRET)
         .json(&json!([event, event]))
-        .send()
-        .await
-        .unwrap();
+        .answer()
+        .await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
         app.stream_len().await,
@@ -533,15 +485,15 @@ async fn cors_is_open_on_capture_routes_only() {
             .request(reqwest::Method::OPTIONS, app.url(path))
             .header("Origin", "https://shop.test")
             .header("Access-Control-Request-Method", "POST")
-            .send()
+            .answer()
     };
-    let resp = preflight("/e/").await.unwrap();
+    let resp = preflight("/e/").await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(
         resp.headers()["access-control-allow-origin"],
         "https://shop.test"
     );
-    let resp = preflight("/ingest").await.unwrap();
+    let resp = preflight("/ingest").await;
     assert!(resp.headers().get("access-control-allow-origin").is_none());
 }
 
@@ -593,7 +545,7 @@ async fn capture_posts_answer_the_same_with_and_without_a_browser_origin() {
         if origin {
             req = req.header("Origin", "https://shop.test");
         }
-        req.send()
+        req.answer()
     };
     // Less the times taken from the server's clock (`sent_at` skew correction moves `timestamp`).
     let without_server_times = |envelopes: Vec<entity::Envelope>| {
@@ -612,7 +564,7 @@ async fn capture_posts_answer_the_same_with_and_without_a_browser_origin() {
     };
     for (path, key, body) in cases {
         let before = app.stream_envelopes().await.len();
-        let direct = send(path, key, body.clone(), false).await.unwrap();
+        let direct = send(path, key, body.clone(), false).await;
         let (status, retry) = (
             direct.status(),
             direct.headers().get("retry-after").cloned(),
@@ -625,7 +577,7 @@ async fn capture_posts_answer_the_same_with_and_without_a_browser_origin() {
         );
         let direct_body = direct.text().await.unwrap();
         let queued = without_server_times(app.stream_envelopes().await.split_off(before));
-        let routed = send(path, key, body, true).await.unwrap();
+        let routed = send(path, key, body, true).await;
         assert_eq!(routed.status(), status, "{path} {key:?}: {direct_body}");
         assert_eq!(
             routed.headers().get("retry-after").cloned(),
@@ -652,27 +604,13 @@ async fn capture_posts_answer_the_same_with_and_without_a_browser_origin() {
 #[tokio::test]
 async fn health_ready_docs_and_json_errors_for_unknown_routes() {
     let app = TestApp::spawn().await;
-    let health: Value = app
-        .get("/health")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = app.get("/health").answer_json().await;
     assert_eq!(health["status"], "ok");
     assert_eq!(app.ready().await.0, StatusCode::OK);
-    let docs = app.get("/docs").send().await.unwrap();
+    let docs = app.get("/docs").answer().await;
     assert_eq!(docs.status(), StatusCode::OK);
     assert!(docs.text().await.unwrap().contains("swagger"));
-    let spec: Value = app
-        .get("/openapi.json")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spec: Value = app.get("/openapi.json").answer_json().await;
     for path in [
         "/capture", "/batch", "/e", "/i/v0/e", "/track", "/ingest", "/health", "/ready",
     ] {
@@ -694,7 +632,7 @@ async fn health_ready_docs_and_json_errors_for_unknown_routes() {
             .is_some()
     );
     let e = error_of(
-        app.get("/no/such/route").send().await.unwrap(),
+        app.get("/no/such/route").answer().await,
         StatusCode::NOT_FOUND,
     )
     .await;
@@ -714,9 +652,8 @@ async fn postgres_down_makes_ready_503_but_ingest_keeps_working() {
         .post("/capture")
         .key(SECRET)
         .json(&json!({"event": "a", "distinct_id": "u"}))
-        .send()
-        .await
-        .unwrap();
+        .answer()
+        .await;
     assert_ok(resp).await;
 }
 

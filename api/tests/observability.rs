@@ -16,17 +16,16 @@ async fn metrics_move_when_events_flow() {
         {"event": "$pageview", "distinct_id": "u1"},
         {"event": "$pageview", "distinct_id": "u2"},
         {"event": "signup", "distinct_id": "u3"}]});
-    let resp = app.post("/batch/").json(&batch).send().await.unwrap();
+    let resp = app.post("/batch/").json(&batch).answer().await;
     assert_eq!(resp.status(), 200);
     let resp = app
         .post("/ingest")
         .key(SECRET)
         .json(&json!({"event": "webhook", "distinct_id": "u4"}))
-        .send()
-        .await
-        .unwrap();
+        .answer()
+        .await;
     assert_eq!(resp.status(), 200);
-    let resp = app.post("/capture").body("{not json").send().await.unwrap();
+    let resp = app.post("/capture").body("{not json").answer().await;
     assert_eq!(resp.status(), 400);
 
     let after = app.metrics().await;
@@ -105,7 +104,7 @@ async fn readiness_names_the_dependency_that_is_down() {
         (&redis_down, 0, "redis: connection refused"),
         (&postgres_down, 1, "postgres: connection refused"),
     ] {
-        let resp = app.get("/ready").send().await.unwrap();
+        let resp = app.get("/ready").answer().await;
         assert_eq!(resp.status(), 503);
         let text = resp.text().await.unwrap();
         assert!(!text.contains("://") && !text.contains("hunter2"), "{text}");
@@ -131,19 +130,14 @@ async fn unmatched_report_is_served_to_the_secret_key_only() {
             Some(key) => request.key(key),
             None => request,
         }
-        .send()
+        .answer()
     };
-    assert_eq!(report("", None).await.unwrap().status(), 401);
-    assert_eq!(report("", Some(INGEST_KEY)).await.unwrap().status(), 403);
-    let resp = report("?limit=0", Some(SECRET)).await.unwrap();
+    assert_eq!(report("", None).await.status(), 401);
+    assert_eq!(report("", Some(INGEST_KEY)).await.status(), 403);
+    let resp = report("?limit=0", Some(SECRET)).await;
     assert_eq!(resp.status(), 400);
     assert_eq!(resp.json::<Value>().await.unwrap()["attr"], "limit");
-    let empty: Value = report("", Some(SECRET))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let empty: Value = report("", Some(SECRET)).await.json().await.unwrap();
     assert_eq!(empty, json!({"total_shapes": 0, "shapes": []}));
 
     // What the workers write (see worker/tests/observability.rs for the whole loop).
@@ -163,12 +157,7 @@ async fn unmatched_report_is_served_to_the_secret_key_only() {
         .await
         .unwrap();
     unmatched.add(&[shape("frequent", 2)]).await.unwrap();
-    let body: Value = report("?limit=1", Some(SECRET))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = report("?limit=1", Some(SECRET)).await.json().await.unwrap();
     assert_eq!(body["total_shapes"], 2);
     assert_eq!(body["shapes"].as_array().unwrap().len(), 1);
     assert_eq!(body["shapes"][0]["event"], "frequent");

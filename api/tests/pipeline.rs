@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{INGEST_KEY, SECRET, TestApp, WAIT, WithKey, test_config, wait_until};
+use common::{INGEST_KEY, RequestExt, SECRET, TestApp, WAIT, test_config, wait_until};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -27,12 +27,7 @@ async fn events_flow_from_capture_to_context() {
     let (app, db) = TestApp::spawn_with_db(test_config()).await;
     let worker = app.start_worker(&db, "e2e");
 
-    let resp = app
-        .post("/batch/")
-        .json(&journey("user_1"))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post("/batch/").json(&journey("user_1")).answer().await;
     assert_eq!(resp.status(), StatusCode::OK);
 
     wait_until(WAIT, "all five events stored and counted", || async {
@@ -75,9 +70,8 @@ async fn events_flow_from_capture_to_context() {
     let text = app
         .get("/context/user/user_1?format=text")
         .key(SECRET)
-        .send()
+        .answer()
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();

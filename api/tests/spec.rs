@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use chrono::{Duration, Utc};
-use common::{INGEST_KEY, SECRET, TestApp, TestDb, WithKey, closed_addr, test_config};
+use common::{INGEST_KEY, RequestExt, SECRET, TestApp, TestDb, closed_addr, test_config};
 use entity::{event, user_profile};
 use reqwest::{Method, RequestBuilder};
 use sea_orm::{ActiveModelTrait, IntoActiveModel};
@@ -36,7 +36,7 @@ struct Answer {
 
 impl Spec {
     async fn fetch(app: &TestApp) -> Self {
-        let resp = app.get("/openapi.json").send().await.unwrap();
+        let resp = app.get("/openapi.json").answer().await;
         assert_eq!(resp.status(), 200);
         let doc: Value = resp.json().await.unwrap();
         assert_eq!(doc["openapi"], "3.0.0");
@@ -148,7 +148,7 @@ impl Spec {
 }
 
 async fn send(request: RequestBuilder) -> Answer {
-    let resp = request.send().await.unwrap();
+    let resp = request.answer().await;
     let headers = resp.headers().clone();
     Answer {
         status: resp.status().as_u16(),

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::{INGEST_KEY, TestApp, WAIT, test_config, wait_until};
+use common::{INGEST_KEY, RequestExt, TestApp, WAIT, test_config, wait_until};
 use infra::telemetry::{self, TelemetryConfig};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse},
@@ -133,9 +133,8 @@ async fn one_trace_spans_request_xadd_batch_and_transaction() {
             &json!({"api_key": INGEST_KEY, "event": "$pageview", "distinct_id": "traced_user",
             "uuid": uuid, "properties": {"$current_url": "https://shop.example.com/pricing"}}),
         )
-        .send()
-        .await
-        .unwrap();
+        .answer()
+        .await;
     assert_eq!(resp.status(), StatusCode::OK);
 
     // The event is stored…

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{INGEST_KEY, TestApp, closed_addr, redis};
+use common::{INGEST_KEY, RequestExt, TestApp, closed_addr, redis};
 use entity::envelope::FIELD_TRACEPARENT;
 use infra::telemetry::{self, TelemetryConfig};
 use redis::streams::StreamRangeReply;
@@ -25,9 +25,7 @@ async fn ingest_answers_while_the_otlp_receiver_is_down() {
     for i in 0..REQUESTS {
         let resp = app.post("/capture")
             .json(&json!({"api_key": INGEST_KEY, "event": "$pageview", "distinct_id": format!("user_{i}")}))
-            .send()
-            .await
-            .unwrap();
+            .answer().await;
         assert_eq!(resp.status(), StatusCode::OK, "request {i}");
     }
 

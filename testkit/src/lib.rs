@@ -1,6 +1,6 @@
 //! What every crate's tests share: a database of its own per test ([`TestDb`]), Redis keys of
-//! its own per test ([`Keys`]), [`wait_until`], strict reads of a `/metrics` scrape ([`Scrape`])
-//! and a TCP [`Proxy`] that takes a service "down".
+//! its own per test ([`Keys`]), [`wait_until`], strict reads of a `/metrics` scrape ([`Scrape`]),
+//! a TCP [`Proxy`] that takes a service "down", and [`StopOnDrop`] for the services a test runs.
 //!
 //! Tests talk to the real services, never mocks:
 //!
@@ -18,6 +18,9 @@ mod proxy;
 mod stream;
 
 use std::{net::SocketAddr, time::Duration};
+
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio_util::sync::CancellationToken;
 
 pub use db::TestDb;
 pub use metrics::{Scrape, scrape};
@@ -65,6 +68,47 @@ pub fn closed_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free local port")
+}
+
+/// Stops a service task of the test when dropped: cancels its shutdown and, on a multi-thread
+/// runtime, waits (a while) for it to finish, then aborts it. A test that panics then leaves
+/// nothing running that writes to its keys or database after they are removed; declare it after
+/// the [`Keys`] and [`TestDb`] the task uses, so that it drops first.
+pub struct StopOnDrop {
+    shutdown: CancellationToken,
+    task: AbortHandle,
+}
+
+impl StopOnDrop {
+    pub fn new<T>(shutdown: &CancellationToken, task: &JoinHandle<T>) -> Self {
+        Self {
+            shutdown: shutdown.clone(),
+            task: task.abort_handle(),
+        }
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        // A graceful stop flushes what the task holds (e.g. the unmatched report): wait for it,
+        // where the runtime has other threads to run it on.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current()
+            && runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+            && !self.task.is_finished()
+        {
+            let task = self.task.clone();
+            tokio::task::block_in_place(|| {
+                runtime.block_on(async {
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                    while !task.is_finished() && tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                })
+            });
+        }
+        self.task.abort();
+    }
 }
 
 /// The parts of a service URL: `scheme://authority`, then the path, then `?query` (or "").

@@ -1,54 +1,69 @@
 //! What the kit promises its users, against the real services: nothing a failing test created
-//! outlives it, and the proxy holds and cuts what it carries.
+//! outlives it (nor is written again by a service it ran), and the proxy holds and cuts what it
+//! carries.
 
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
-use testkit::{Keys, Proxy, TestDb, publish_raw, redis, xlen};
+use testkit::{Keys, Proxy, StopOnDrop, TestDb, publish_raw, redis};
+use tokio_util::sync::CancellationToken;
 
-#[test]
-fn a_panicking_test_leaves_no_database_and_no_keys_behind() {
-    let (created, names) = std::sync::mpsc::channel();
-    let test = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_test_leaves_no_database_and_no_keys_behind() {
+    let redis = redis().await;
+    let (created, names) = tokio::sync::oneshot::channel();
+    // The failing test, as a task: the runtime lives on after it, as it does while a real
+    // test's other guards drop.
+    let test = tokio::spawn({
+        let redis = redis.clone();
+        async move {
             let db = TestDb::create().await;
             let keys = Keys::new();
-            publish_raw(&redis().await, &keys.stream, &[("v", "1")]).await;
-            publish_raw(&redis().await, &keys.dlq, &[("v", "1")]).await;
-            created.send((db.name.clone(), keys)).unwrap();
+            publish_raw(&redis, &keys.stream, &[("v", "1")]).await;
+            publish_raw(&redis, &keys.dlq, &[("v", "1")]).await;
+            // A service that writes once more as it stops, from a task of its own (as a worker
+            // flushes its report): aborting the service does not stop that one.
+            let shutdown = CancellationToken::new();
+            let flush = {
+                let (redis, stream, shutdown) =
+                    (redis.clone(), keys.stream.clone(), shutdown.clone());
+                async move {
+                    shutdown.cancelled().await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    publish_raw(&redis, &stream, &[("v", "1")]).await;
+                }
+            };
+            let service = tokio::spawn(tokio::spawn(flush));
+            let _service = StopOnDrop::new(&shutdown, &service);
+            let names = (db.name.clone(), keys.stream.clone(), keys.dlq.clone());
+            created.send(names).unwrap();
             panic!("a deliberate failure, to see the guards clean up");
-        })
+        }
     });
-    assert!(test.join().is_err(), "the test panicked");
-    let (name, keys) = names.recv().unwrap();
-    let (stream, dlq) = (keys.stream.clone(), keys.dlq.clone());
-    // The keys moved out of the test: dropping them now is what the test's unwinding did to the
-    // database.
-    drop(keys);
+    assert!(test.await.unwrap_err().is_panic());
+    let (name, stream, dlq) = names.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let admin = Database::connect(testkit::database_url()).await.unwrap();
-        let left = admin
-            .query_one_raw(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                "SELECT count(*) FROM pg_database WHERE datname = $1",
-                [name.clone().into()],
-            ))
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get_by_index::<i64>(0)
-            .unwrap();
-        assert_eq!(left, 0, "database {name} outlived its test");
-        let redis = redis().await;
-        assert_eq!(xlen(&redis, &stream).await, 0);
-        assert_eq!(xlen(&redis, &dlq).await, 0);
-    });
+    let admin = Database::connect(testkit::database_url()).await.unwrap();
+    let left = admin
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT count(*) FROM pg_database WHERE datname = $1",
+            [name.clone().into()],
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get_by_index::<i64>(0)
+        .unwrap();
+    assert_eq!(left, 0, "database {name} outlived its test");
+    let left: i64 = redis::cmd("EXISTS")
+        .arg(&stream)
+        .arg(&dlq)
+        .query_async(&mut redis.clone())
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "keys of {stream} outlived their test");
 }
 
 #[tokio::test]

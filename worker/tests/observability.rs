@@ -261,6 +261,7 @@ async fn unmatched_counts_survive_a_redis_outage() {
         std::sync::Arc::new(WorkerMetrics::new()),
         shutdown.clone(),
     ));
+    let _stop = StopOnDrop::new(&shutdown, &report_loop);
     let unmatched = |n: usize| {
         let event = json!({"event": "team_invite_sent", "distinct_id": "u1", "properties": {"$pathname": "/team"}});
         let event = event.as_object().unwrap();
@@ -335,6 +336,7 @@ async fn unmatched_events_beyond_the_held_shapes_are_counted() {
         metrics.clone(),
         shutdown.clone(),
     ));
+    let _stop = StopOnDrop::new(&shutdown, &report_loop);
     wait_until(WAIT, "the held shapes reported", || async {
         report.top(1).await.unwrap().1 > 0
     })

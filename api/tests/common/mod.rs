@@ -8,7 +8,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use api::Config;
 use entity::Envelope;
-use reqwest::{RequestBuilder, StatusCode};
+use reqwest::{RequestBuilder, Response, StatusCode};
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -52,14 +52,27 @@ pub fn worker_config(api: &Config, database_url: &str, group: &str) -> worker::C
     .expect("valid worker config")
 }
 
-/// A request with an API key.
-pub trait WithKey {
+/// What the tests do with a request.
+pub trait RequestExt: Sized {
+    /// With `key` in the `X-API-Key` header.
     fn key(self, key: &str) -> Self;
+    /// Sends it; panics when no answer comes.
+    fn answer(self) -> impl Future<Output = Response> + Send;
+    /// Sends it and reads the answer's JSON body, whatever its status.
+    fn answer_json(self) -> impl Future<Output = Value> + Send;
 }
 
-impl WithKey for RequestBuilder {
+impl RequestExt for RequestBuilder {
     fn key(self, key: &str) -> Self {
         self.header("X-API-Key", key)
+    }
+
+    async fn answer(self) -> Response {
+        self.send().await.expect("the api answers")
+    }
+
+    async fn answer_json(self) -> Value {
+        self.answer().await.json().await.expect("a JSON body")
     }
 }
 
@@ -129,15 +142,14 @@ impl TestApp {
         let resp = self
             .get(&format!("/context/user/{user}"))
             .key(SECRET)
-            .send()
-            .await
-            .unwrap();
+            .answer()
+            .await;
         (resp.status(), resp.json().await.unwrap())
     }
 
     /// `GET /ready`: the status and the body.
     pub async fn ready(&self) -> (StatusCode, Value) {
-        let resp = self.get("/ready").send().await.unwrap();
+        let resp = self.get("/ready").answer().await;
         (resp.status(), resp.json().await.unwrap())
     }
 
@@ -174,7 +186,11 @@ impl TestApp {
         let config = worker_config(&self.config, &db.url, group);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(worker::run(config, shutdown.clone()));
-        InProcessWorker { shutdown, task }
+        InProcessWorker {
+            _stop: StopOnDrop::new(&shutdown, &task),
+            shutdown,
+            task,
+        }
     }
 
     /// Begins shutdown the way SIGTERM does, without waiting for it.
@@ -199,6 +215,7 @@ impl Drop for TestApp {
 pub struct InProcessWorker {
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), worker::WorkerError>>,
+    _stop: StopOnDrop,
 }
 
 impl InProcessWorker {

@@ -68,6 +68,7 @@ pub fn stored(envelope: &Envelope) -> worker::store::StoredEvent {
 pub struct RunningWorker {
     pub shutdown: CancellationToken,
     pub task: JoinHandle<Result<(), worker::WorkerError>>,
+    _stop: StopOnDrop,
 }
 
 impl RunningWorker {
@@ -76,22 +77,30 @@ impl RunningWorker {
     }
 
     pub fn start_with(config: Config, enricher: Arc<dyn Enricher>) -> Self {
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(worker::run_with(config, enricher, shutdown.clone()));
-        Self { shutdown, task }
+        Self::spawn(|shutdown| worker::run_with(config, enricher, shutdown))
     }
 
     /// A worker with the counting enricher, and its metrics (what its `/metrics` would show).
     pub fn start_observed(config: Config) -> (Self, Arc<worker::metrics::WorkerMetrics>) {
         let metrics = Arc::new(worker::metrics::WorkerMetrics::new());
+        let observed = metrics.clone();
+        let worker = Self::spawn(|shutdown| {
+            worker::pipeline::run(config, counting(false).1, observed, shutdown)
+        });
+        (worker, metrics)
+    }
+
+    fn spawn<F>(run: impl FnOnce(CancellationToken) -> F) -> Self
+    where
+        F: Future<Output = Result<(), worker::WorkerError>> + Send + 'static,
+    {
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(worker::pipeline::run(
-            config,
-            counting(false).1,
-            metrics.clone(),
-            shutdown.clone(),
-        ));
-        (Self { shutdown, task }, metrics)
+        let task = tokio::spawn(run(shutdown.clone()));
+        Self {
+            _stop: StopOnDrop::new(&shutdown, &task),
+            shutdown,
+            task,
+        }
     }
 
     /// Graceful stop; returns the worker's result.
