@@ -3,7 +3,7 @@
 mod common;
 
 use chrono::{DateTime, Duration, Utc};
-use common::{INGEST_KEY, SECRET, TestApp, TestDb, test_config};
+use common::{INGEST_KEY, RequestExt, SECRET, TestApp, TestDb, test_config};
 use entity::{event, user_profile};
 use reqwest::StatusCode;
 use sea_orm::{ActiveModelTrait, IntoActiveModel};
@@ -12,15 +12,12 @@ use uuid::Uuid;
 
 struct Fixture {
     app: TestApp,
-    _db: TestDb,
+    db: TestDb,
 }
 
 async fn spawn() -> Fixture {
-    let db = TestDb::create().await;
-    let mut config = test_config();
-    config.database_url = db.url.clone();
-    let app = TestApp::spawn_with(config).await;
-    Fixture { app, _db: db }
+    let (app, db) = TestApp::spawn_with_db(test_config()).await;
+    Fixture { app, db }
 }
 
 fn ev(
@@ -89,67 +86,51 @@ fn purchase(score: f64, last_seen: DateTime<Utc>, half_life_days: f64) -> Value 
 
 /// The prototype's journey: home, pricing three times, then the upgrade button.
 async fn journey(db: &sea_orm::DatabaseConnection, user: &str) {
-    let events = vec![
-        ev(
-            user,
+    let pricing = ("$pageview", "Viewed page: /pricing", "/pricing", "s2");
+    let events = [
+        (
             Duration::hours(5),
-            "$pageview",
-            "Viewed page: /",
-            "/",
-            "s1",
+            ("$pageview", "Viewed page: /", "/", "s1"),
         ),
-        ev(
-            user,
-            Duration::minutes(40),
-            "$pageview",
-            "Viewed page: /pricing",
-            "/pricing",
-            "s2",
-        ),
-        ev(
-            user,
-            Duration::minutes(20),
-            "$pageview",
-            "Viewed page: /pricing",
-            "/pricing",
-            "s2",
-        ),
-        ev(
-            user,
-            Duration::minutes(6),
-            "$pageview",
-            "Viewed page: /pricing",
-            "/pricing",
-            "s2",
-        ),
-        ev(
-            user,
+        (Duration::minutes(40), pricing),
+        (Duration::minutes(20), pricing),
+        (Duration::minutes(6), pricing),
+        (
             Duration::minutes(5),
-            "$autocapture",
-            "Clicked 'Upgrade Plan' Button",
-            "/pricing",
-            "s2",
+            (
+                "$autocapture",
+                "Clicked 'Upgrade Plan' Button",
+                "/pricing",
+                "s2",
+            ),
         ),
-    ];
+    ]
+    .into_iter()
+    .map(|(ago, (name, description, path, session))| {
+        ev(user, ago, name, description, path, session)
+    })
+    .collect();
     let intents = json!({"purchase": purchase(6.0, Utc::now() - Duration::minutes(5), 3.0)});
     store(db, user, events, intents).await;
 }
 
 impl Fixture {
     fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        self.app
-            .http
-            .get(self.app.url(path))
-            .header("X-API-Key", SECRET)
+        self.app.get(path).key(SECRET)
+    }
+
+    /// The JSON body of `GET path` with the secret key.
+    async fn json(&self, path: &str) -> Value {
+        self.get(path).answer_json().await
     }
 }
 
 #[tokio::test]
 async fn journey_yields_purchase_intent_summary_and_history() {
     let f = spawn().await;
-    journey(&f._db.conn, "user_1").await;
+    journey(&f.db.conn, "user_1").await;
     // the prototype README's curl, unchanged
-    let resp = f.get("/context/user/user_1").send().await.unwrap();
+    let resp = f.get("/context/user/user_1").answer().await;
     assert_eq!(resp.status(), StatusCode::OK);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["user_id"], "user_1");
@@ -184,7 +165,7 @@ async fn journey_yields_purchase_intent_summary_and_history() {
 #[tokio::test]
 async fn limit_since_and_session_filter_the_history() {
     let f = spawn().await;
-    journey(&f._db.conn, "user_1").await;
+    journey(&f.db.conn, "user_1").await;
     let items = |body: Value| -> Vec<String> {
         body["recent_history"]
             .as_array()
@@ -193,46 +174,18 @@ async fn limit_since_and_session_filter_the_history() {
             .map(|h| h["description"].as_str().unwrap().to_string())
             .collect()
     };
-    let body: Value = f
-        .get("/context/user/user_1?limit=2")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = f.json("/context/user/user_1?limit=2").await;
     assert_eq!(
         items(body),
         ["Clicked 'Upgrade Plan' Button", "Viewed page: /pricing"]
     );
-    let body: Value = f
-        .get("/context/user/user_1?since=30m")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = f.json("/context/user/user_1?since=30m").await;
     assert_eq!(items(body).len(), 3);
     let since =
         (Utc::now() - Duration::hours(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let body: Value = f
-        .get(&format!("/context/user/user_1?since={since}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = f.json(&format!("/context/user/user_1?since={since}")).await;
     assert_eq!(items(body).len(), 4);
-    let body: Value = f
-        .get("/context/user/user_1?session=s1")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = f.json("/context/user/user_1?session=s1").await;
     assert_eq!(items(body), ["Viewed page: /"]);
 
     for (query, attr) in [
@@ -245,9 +198,8 @@ async fn limit_since_and_session_filter_the_history() {
     ] {
         let resp = f
             .get(&format!("/context/user/user_1?{query}"))
-            .send()
-            .await
-            .unwrap();
+            .answer()
+            .await;
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{query}");
         let e: Value = resp.json().await.unwrap();
         assert_eq!(e["attr"], attr, "{query}: {e}");
@@ -281,7 +233,7 @@ async fn text_format_is_bounded_and_safe_against_hostile_labels() {
         "s1",
     ));
     store(
-        &f._db.conn,
+        &f.db.conn,
         "mallory",
         events,
         json!({"purchase": purchase(2.0, Utc::now(), 3.0)}),
@@ -290,9 +242,8 @@ async fn text_format_is_bounded_and_safe_against_hostile_labels() {
 
     let resp = f
         .get("/context/user/mallory?format=text&limit=100")
-        .send()
-        .await
-        .unwrap();
+        .answer()
+        .await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(
         resp.headers()["content-type"]
@@ -325,9 +276,8 @@ async fn text_format_is_bounded_and_safe_against_hostile_labels() {
     let resp = f
         .get("/context/user/mallory?limit=100&max_tokens=150")
         .header("Accept", "text/markdown")
-        .send()
-        .await
-        .unwrap();
+        .answer()
+        .await;
     assert!(
         resp.headers()["content-type"]
             .to_str()
@@ -345,31 +295,17 @@ async fn text_format_is_bounded_and_safe_against_hostile_labels() {
 #[tokio::test]
 async fn keys_unknown_users_and_bad_requests() {
     let f = spawn().await;
-    journey(&f._db.conn, "user_1").await;
-    let url = f.app.url("/context/user/user_1");
-    let resp = f.app.http.get(&url).send().await.unwrap();
+    journey(&f.db.conn, "user_1").await;
+    let path = "/context/user/user_1";
+    let resp = f.app.get(path).answer().await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    let resp = f
-        .app
-        .http
-        .get(&url)
-        .header("X-API-Key", INGEST_KEY)
-        .send()
-        .await
-        .unwrap();
+    let resp = f.app.get(path).key(INGEST_KEY).answer().await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     let e: Value = resp.json().await.unwrap();
     assert!(e["detail"].as_str().unwrap().contains("ingest-only"), "{e}");
-    let resp = f
-        .app
-        .http
-        .get(&url)
-        .header("X-API-Key", "nope")
-        .send()
-        .await
-        .unwrap();
+    let resp = f.app.get(path).key("nope").answer().await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
-    let resp = f.get("/context/user/nobody").send().await.unwrap();
+    let resp = f.get("/context/user/nobody").answer().await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     let e: Value = resp.json().await.unwrap();
     assert_eq!(e["type"], "not_found");
@@ -392,15 +328,8 @@ async fn stale_intents_decay_below_fresh_ones() {
         "churn": {"score": 2.0, "last_seen": Utc::now() - Duration::minutes(2), "summary": "User may be about to churn.",
                   "half_life_secs": 259200.0, "evidence": ["Viewed page: /cancel"], "count": 1}
     });
-    store(&f._db.conn, "u", events, intents).await;
-    let body: Value = f
-        .get("/context/user/u")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    store(&f.db.conn, "u", events, intents).await;
+    let body: Value = f.json("/context/user/u").await;
     assert_eq!(body["intents"][0]["name"], "churn");
     assert!(
         body["summary"]
@@ -418,27 +347,18 @@ async fn stale_intents_decay_below_fresh_ones() {
 #[tokio::test]
 async fn freshness_counts_this_users_events_still_in_the_stream() {
     let f = spawn().await;
-    journey(&f._db.conn, "user_1").await;
+    journey(&f.db.conn, "user_1").await;
     for user in ["user_1", "user_1", "someone_else"] {
         let resp = f
             .app
-            .http
-            .post(f.app.url("/capture"))
-            .header("X-API-Key", SECRET)
+            .post("/capture")
+            .key(SECRET)
             .json(&json!({"event": "$pageview", "distinct_id": user}))
-            .send()
-            .await
-            .unwrap();
+            .answer()
+            .await;
         assert_eq!(resp.status(), StatusCode::OK);
     }
-    let body: Value = f
-        .get("/context/user/user_1")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = f.json("/context/user/user_1").await;
     assert_eq!(body["freshness"]["pending_events"], 2);
     assert_eq!(body["freshness"]["stream_backlog"], 3);
 }
@@ -446,36 +366,27 @@ async fn freshness_counts_this_users_events_still_in_the_stream() {
 #[tokio::test]
 async fn delete_erases_everything_about_the_user() {
     let f = spawn().await;
-    journey(&f._db.conn, "user_1").await;
-    journey(&f._db.conn, "user_2").await;
-    let del = |key: &str| {
-        f.app
-            .http
-            .delete(f.app.url("/context/user/user_1"))
-            .header("X-API-Key", key)
-            .send()
-    };
-    assert_eq!(
-        del(INGEST_KEY).await.unwrap().status(),
-        StatusCode::FORBIDDEN
-    );
-    let resp = del(SECRET).await.unwrap();
+    journey(&f.db.conn, "user_1").await;
+    journey(&f.db.conn, "user_2").await;
+    let del = |key: &str| f.app.delete("/context/user/user_1").key(key).answer();
+    assert_eq!(del(INGEST_KEY).await.status(), StatusCode::FORBIDDEN);
+    let resp = del(SECRET).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["events_deleted"], 5);
     assert_eq!(body["profile_deleted"], true);
     assert_eq!(
-        f.get("/context/user/user_1").send().await.unwrap().status(),
+        f.get("/context/user/user_1").answer().await.status(),
         StatusCode::NOT_FOUND
     );
     // Erasing again is safe: nothing more to delete.
-    let again = del(SECRET).await.unwrap();
+    let again = del(SECRET).await;
     assert_eq!(again.status(), StatusCode::OK);
     let again: Value = again.json().await.unwrap();
     assert_eq!(again["events_deleted"], 0);
     assert_eq!(again["profile_deleted"], false);
     assert_eq!(
-        f.get("/context/user/user_2").send().await.unwrap().status(),
+        f.get("/context/user/user_2").answer().await.status(),
         StatusCode::OK,
         "others untouched"
     );
@@ -484,16 +395,7 @@ async fn delete_erases_everything_about_the_user() {
 #[tokio::test]
 async fn docs_describe_both_formats_and_every_error() {
     let f = spawn().await;
-    let spec: Value = f
-        .app
-        .http
-        .get(f.app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spec: Value = f.json("/openapi.json").await;
     let get = &spec["paths"]["/context/user/{user_id}"]["get"];
     let content = &get["responses"]["200"]["content"];
     assert!(
@@ -535,26 +437,10 @@ async fn docs_describe_both_formats_and_every_error() {
     );
 }
 
-/// Closes every connection to the test's database but the caller's (as a server restart would).
-async fn terminate_connections(db: &TestDb) {
-    use sea_orm::ConnectionTrait;
-    let admin = sea_orm::Database::connect(common::database_url())
-        .await
-        .unwrap();
-    admin
-        .execute_unprepared(&format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = '{}' AND pid <> pg_backend_pid()",
-            db.name
-        ))
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn reads_survive_the_server_closing_kept_connections() {
     let f = spawn().await;
-    journey(&f._db.conn, "user_1").await;
+    journey(&f.db.conn, "user_1").await;
     let burst = || async {
         let mut reads = tokio::task::JoinSet::new();
         for _ in 0..12 {
@@ -565,7 +451,7 @@ async fn reads_survive_the_server_closing_kept_connections() {
         }
     };
     burst().await; // several kept connections
-    terminate_connections(&f._db).await;
+    f.db.terminate_connections().await;
     burst().await; // each one found closed, the read retried: no failed answer
 }
 

@@ -4,47 +4,30 @@
 
 mod common;
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
-use common::{INGEST_KEY, SECRET, TestApp, TestDb, test_config, wait_until, worker_config};
-use infra::dlq::{DeadLetters, Selection};
-use reqwest::StatusCode;
-use sea_orm::{
-    ConnectionTrait, DbBackend, Statement,
-    sqlx::{self, Connection, Executor, PgConnection},
+use common::{
+    INGEST_KEY, InProcessWorker, RequestExt, SECRET, TestApp, TestDb, WAIT, dead_letters,
+    publish_raw, redis, test_config, wait_until,
 };
+use infra::dlq::{DeadLetters, Selection};
+use redis::aio::ConnectionManager;
+use reqwest::StatusCode;
+use sea_orm::sqlx::{self, Connection, Executor, PgConnection};
 use serde_json::{Value, json};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-/// Longest any step of these tests waits for the worker.
-const WAIT: Duration = Duration::from_secs(20);
 
 struct Fixture {
     app: TestApp,
     db: TestDb,
+    redis: ConnectionManager,
 }
 
 async fn spawn() -> Fixture {
-    let db = TestDb::create().await;
-    let mut config = test_config();
-    config.database_url = db.url.clone();
-    let app = TestApp::spawn_with(config).await;
-    Fixture { app, db }
-}
-
-/// A worker replica running in this process.
-struct Worker {
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), worker::WorkerError>>,
-}
-
-impl Worker {
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.unwrap().expect("worker stops cleanly");
+    let (app, db) = TestApp::spawn_with_db(test_config()).await;
+    Fixture {
+        app,
+        db,
+        redis: redis().await,
     }
 }
 
@@ -60,11 +43,8 @@ fn custom(name: &str) -> Value {
 }
 
 impl Fixture {
-    fn worker(&self) -> Worker {
-        let config = worker_config(&self.app.config, &self.db.url, "erasure");
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(worker::run(config, shutdown.clone()));
-        Worker { shutdown, task }
+    fn worker(&self) -> InProcessWorker {
+        self.app.start_worker(&self.db, "erasure")
     }
 
     /// Sends `events` of `user` through `POST /batch`.
@@ -79,21 +59,18 @@ impl Fixture {
             .collect();
         let resp = self
             .app
-            .http
-            .post(self.app.url("/batch/"))
+            .post("/batch/")
             .json(&json!({"api_key": INGEST_KEY, "batch": batch}))
-            .send()
-            .await
-            .unwrap();
+            .answer()
+            .await;
         assert_eq!(resp.status(), StatusCode::OK);
     }
 
     fn delete_request(&self, user: &str) -> impl Future<Output = Value> + Send + 'static {
         let request = self
             .app
-            .http
-            .delete(self.app.url(&format!("/context/user/{user}")))
-            .header("X-API-Key", SECRET)
+            .delete(&format!("/context/user/{user}"))
+            .key(SECRET)
             .send();
         async move {
             let resp = request.await.unwrap();
@@ -107,25 +84,7 @@ impl Fixture {
     }
 
     async fn context_status(&self, user: &str) -> StatusCode {
-        self.app
-            .http
-            .get(self.app.url(&format!("/context/user/{user}")))
-            .header("X-API-Key", SECRET)
-            .send()
-            .await
-            .unwrap()
-            .status()
-    }
-
-    async fn count(&self, sql: &str) -> i64 {
-        self.db
-            .conn
-            .query_one_raw(Statement::from_string(DbBackend::Postgres, sql))
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get_by_index::<i64>(0)
-            .unwrap()
+        self.app.context(user).await.0
     }
 
     /// The user's stored events, sessions and profiles.
@@ -133,9 +92,9 @@ impl Fixture {
         let count =
             |table: &str| format!("SELECT count(*) FROM {table} WHERE distinct_id = '{user}'");
         (
-            self.count(&count("events")).await,
-            self.count(&count("user_sessions")).await,
-            self.count(&count("user_profiles")).await,
+            self.db.count(&count("events")).await,
+            self.db.count(&count("user_sessions")).await,
+            self.db.count(&count("user_profiles")).await,
         )
     }
 
@@ -158,43 +117,23 @@ impl Fixture {
     /// (`advisory`: an erasure's or a batch's bucket lock; `transactionid`: a row another
     /// transaction holds).
     async fn waiting_for(&self, wait_event: &str) -> i64 {
-        self.count(&format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+        self.db
+            .count(&format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
              AND wait_event_type = 'Lock' AND wait_event = '{wait_event}'"
-        ))
-        .await
-    }
-
-    async fn redis(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.app.config.redis_url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
+            ))
             .await
-            .unwrap()
     }
 
     /// Appends an entry with this envelope JSON to `key`, with `extra` fields.
     async fn xadd(&self, key: &str, event: &Value, extra: &[(&str, &str)]) {
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(key)
-            .arg("*")
-            .arg("v")
-            .arg("1")
-            .arg("event")
-            .arg(event.to_string());
-        for (k, v) in extra {
-            cmd.arg(*k).arg(*v);
-        }
-        let _: String = cmd.query_async(&mut self.redis().await).await.unwrap();
+        let event = event.to_string();
+        let fields = [[("v", "1"), ("event", event.as_str())].as_slice(), extra].concat();
+        publish_raw(&self.redis, key, &fields).await;
     }
 
     fn dead_letters(&self) -> DeadLetters {
-        let conn = redis::aio::ConnectionManager::new_lazy_with_config(
-            redis::Client::open(self.app.config.redis_url.as_str()).unwrap(),
-            redis::aio::ConnectionManagerConfig::new(),
-        )
-        .unwrap();
-        DeadLetters::new(conn, &self.app.config.dlq_name, &self.app.config.queue_name)
+        dead_letters(&self.redis, &self.app.keys)
     }
 
     /// The users of the dead letters, in order.
@@ -215,15 +154,10 @@ impl Fixture {
     async fn unmatched(&self) -> Vec<(String, String)> {
         let report: Value = self
             .app
-            .http
-            .get(self.app.url("/rules/unmatched?limit=1000"))
-            .header("X-API-Key", SECRET)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .get("/rules/unmatched?limit=1000")
+            .key(SECRET)
+            .answer_json()
+            .await;
         let mut shapes: Vec<(String, String)> = report["shapes"]
             .as_array()
             .unwrap()

@@ -14,10 +14,9 @@ use std::{
 use api::limits::{
     MAX_EVENT_NAME_CHARS, MAX_PROPERTIES_DEPTH, MAX_PROPERTY_KEY_CHARS, MAX_SESSION_ID_CHARS,
 };
-use common::{INGEST_KEY, SECRET, TestApp, TestDb, test_config, wait_until, worker_config};
+use common::{INGEST_KEY, RequestExt, SECRET, TestApp, test_config, wait_until};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 const MAX_EVENT_BYTES: usize = 64 * 1024;
 const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -189,29 +188,22 @@ async fn send(app: &TestApp, path: &str, body: String, key: Key, browser: bool) 
         Key::Body => with_body_key(&body, INGEST_KEY),
         Key::Header | Key::None => body,
     };
-    let mut req = app.http.post(app.url(path)).body(body);
+    let mut req = app.post(path).body(body);
     if let Key::Header = key {
-        req = req.header("X-API-Key", INGEST_KEY);
+        req = req.key(INGEST_KEY);
     }
     if browser {
         req = req.header("Origin", "https://shop.example.com");
     }
-    let resp = req.send().await.unwrap();
+    let resp = req.answer().await;
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
 #[tokio::test]
 async fn hostile_bodies_get_their_documented_answer_and_nothing_accepted_is_dead_lettered() {
-    let db = TestDb::create().await;
-    let mut config = hostile_config();
-    config.database_url = db.url.clone();
-    let app = TestApp::spawn_with(config.clone()).await;
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(worker::run(
-        worker_config(&config, &db.url, "hostile"),
-        shutdown.clone(),
-    ));
+    let (app, db) = TestApp::spawn_with_db(hostile_config()).await;
+    let worker = app.start_worker(&db, "hostile");
 
     let paths = ["/capture", "/batch/", "/e", "/i/v0/e"];
     for (i, case) in cases().iter().enumerate() {
@@ -268,12 +260,7 @@ async fn hostile_bodies_get_their_documented_answer_and_nothing_accepted_is_dead
         r#"{"event": "x", "distinct_id": "u"}"#,
         SECRET,
     ));
-    let resp = app
-        .http
-        .get(app.url(&format!("/e/?data={data}")))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.get(&format!("/e/?data={data}")).answer().await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 
     // Values at every bound are accepted, and stored without a dead letter.
@@ -298,23 +285,15 @@ async fn hostile_bodies_get_their_documented_answer_and_nothing_accepted_is_dead
         Duration::from_secs(30),
         "the events at the bounds stored",
         || async {
-            let resp = app
-                .http
-                .get(app.url("/context/user/edge_user"))
-                .header("X-API-Key", SECRET)
-                .send()
-                .await
-                .unwrap();
-            resp.status() == StatusCode::OK
-                && resp.json::<Value>().await.unwrap()["stats"]["event_count"] == 4
+            let (status, body) = app.context("edge_user").await;
+            status == StatusCode::OK && body["stats"]["event_count"] == 4
         },
     )
     .await;
     assert_eq!(app.dlq_len().await, 0, "nothing accepted was dead-lettered");
-    let resp = app.http.get(app.url("/health")).send().await.unwrap();
+    let resp = app.get("/health").answer().await;
     assert_eq!(resp.status(), StatusCode::OK, "the api is alive");
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 fn base64_of(text: &str) -> String {
@@ -395,13 +374,7 @@ async fn bytes_in_flight_are_bounded() {
         assert_eq!(status, 503, "{answer}");
         assert_eq!(answer["code"], "ingest_busy");
     }
-    let resp = app
-        .http
-        .post(app.url("/batch"))
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post("/batch").body(body.clone()).answer().await;
     assert_eq!(resp.headers()["retry-after"], "1");
     // A smaller request fits: the refused ones gave their bytes back.
     let small = json!({"api_key": INGEST_KEY, "event": "e", "distinct_id": "u"}).to_string();
@@ -416,23 +389,10 @@ async fn unknown_methods_do_not_grow_the_metric_series() {
     let app = TestApp::spawn().await;
     for method in ["BREW", "PROPFIND", "X-ANYTHING"] {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let resp = app
-            .http
-            .request(method, app.url("/capture"))
-            .send()
-            .await
-            .unwrap();
+        let resp = app.http.request(method, app.url("/capture")).answer().await;
         assert!(resp.status().is_client_error());
     }
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(metrics.contains(r#"method="other""#), "{metrics}");
     for method in ["BREW", "PROPFIND", "X-ANYTHING"] {
         assert!(!metrics.contains(method), "{method} is a label: {metrics}");

@@ -6,7 +6,7 @@ mod common;
 use std::io::Write;
 
 use base64::{Engine, engine::general_purpose::STANDARD};
-use common::{INGEST_KEY, SECRET, TestApp, test_config};
+use common::{INGEST_KEY, Proxy, RequestExt, SECRET, TestApp, WAIT, test_config, wait_until};
 use flate2::{Compression, write::GzEncoder};
 use reqwest::{StatusCode, header::CONTENT_TYPE};
 use serde_json::{Value, json};
@@ -105,11 +105,11 @@ async fn every_posthog_encoding_lands_the_same_envelopes() {
     ];
     let mut expected = 0;
     for (name, path, ct, body) in requests {
-        let mut req = app.http.post(app.url(path)).body(body);
+        let mut req = app.post(path).body(body);
         if let Some(ct) = ct {
             req = req.header(CONTENT_TYPE, ct);
         }
-        let resp = req.send().await.unwrap();
+        let resp = req.answer().await;
         assert_eq!(
             resp.status(),
             StatusCode::OK,
@@ -121,11 +121,9 @@ async fn every_posthog_encoding_lands_the_same_envelopes() {
     }
     // GET ?data= (legacy beacon)
     let resp = app
-        .http
-        .get(app.url(&format!("/e/?data={}", urlencode(&b64))))
-        .send()
-        .await
-        .unwrap();
+        .get(&format!("/e/?data={}", urlencode(&b64)))
+        .answer()
+        .await;
     assert_ok(resp).await;
     expected += 2;
 
@@ -161,27 +159,10 @@ async fn single_event_and_bare_array_shapes() {
     let app = TestApp::spawn().await;
     // posthog-js single event with the key in properties.token
     let single = json!({"event": "$pageview", "properties": {"distinct_id": 12345, "token": INGEST_KEY, "$pathname": "/"}});
-    assert_ok(
-        app.http
-            .post(app.url("/capture/"))
-            .json(&single)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    assert_ok(app.post("/capture/").json(&single).answer().await).await;
     // bare array, key in the header
     let array = json!([{"event": "a", "$distinct_id": "u2"}, {"event": "b", "distinct_id": "u3", "offset": 1000}]);
-    assert_ok(
-        app.http
-            .post(app.url("/batch"))
-            .header("X-API-Key", SECRET)
-            .json(&array)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    assert_ok(app.post("/batch").key(SECRET).json(&array).answer().await).await;
 
     let envs = app.stream_envelopes().await;
     assert_eq!(
@@ -202,14 +183,7 @@ async fn single_event_and_bare_array_shapes() {
 async fn webhook_ingest_takes_plain_events_and_posthog_destination_bodies() {
     let app = TestApp::spawn().await;
     let plain = json!({"event": "signup_completed", "distinct_id": "user_9", "properties": {"plan": "pro"}});
-    let resp = app
-        .http
-        .post(app.url("/ingest"))
-        .header("X-API-Key", SECRET)
-        .json(&plain)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post("/ingest").key(SECRET).json(&plain).answer().await;
     assert_eq!(resp.status(), StatusCode::OK);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["queued"], 1);
@@ -221,13 +195,11 @@ async fn webhook_ingest_takes_plain_events_and_posthog_destination_bodies() {
         "person": {"id": "p-1", "properties": {"email": "ada@example.com", "plan": "free"}, "name": "Ada"}
     });
     let resp = app
-        .http
-        .post(app.url("/ingest/"))
-        .header("X-API-Key", INGEST_KEY)
+        .post("/ingest/")
+        .key(INGEST_KEY)
         .json(&destination)
-        .send()
-        .await
-        .unwrap();
+        .answer()
+        .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(
@@ -253,58 +225,35 @@ async fn auth_errors() {
     let app = TestApp::spawn().await;
     let event = json!({"event": "a", "distinct_id": "u"});
     let e = error_of(
-        app.http
-            .post(app.url("/capture"))
-            .json(&event)
-            .send()
-            .await
-            .unwrap(),
+        app.post("/capture").json(&event).answer().await,
         StatusCode::UNAUTHORIZED,
     )
     .await;
     assert_eq!(e["type"], "authentication_error");
     let e = error_of(
-        app.http
-            .post(app.url("/capture"))
-            .header("X-API-Key", "wrong")
+        app.post("/capture")
+            .key("wrong")
             .json(&event)
-            .send()
-            .await
-            .unwrap(),
+            .answer()
+            .await,
         StatusCode::FORBIDDEN,
     )
     .await;
     assert_eq!(e["code"], "permission_denied");
     let with_bad_body_key = json!({"event": "a", "distinct_id": "u", "api_key": "wrong"});
     error_of(
-        app.http
-            .post(app.url("/e"))
-            .json(&with_bad_body_key)
-            .send()
-            .await
-            .unwrap(),
+        app.post("/e").json(&with_bad_body_key).answer().await,
         StatusCode::FORBIDDEN,
     )
     .await;
     // /ingest wants the header
     error_of(
-        app.http
-            .post(app.url("/ingest"))
-            .json(&event)
-            .send()
-            .await
-            .unwrap(),
+        app.post("/ingest").json(&event).answer().await,
         StatusCode::UNAUTHORIZED,
     )
     .await;
     error_of(
-        app.http
-            .post(app.url("/ingest"))
-            .header("X-API-Key", "wrong")
-            .json(&event)
-            .send()
-            .await
-            .unwrap(),
+        app.post("/ingest").key("wrong").json(&event).answer().await,
         StatusCode::FORBIDDEN,
     )
     .await;
@@ -315,12 +264,11 @@ async fn auth_errors() {
 async fn validation_errors_name_the_field_and_queue_nothing() {
     let app = TestApp::spawn().await;
     let post = |path: &'static str, body: Vec<u8>| {
-        app.http
-            .post(app.url(path))
-            .header("X-API-Key", SECRET)
+        app.post(path)
+            .key(SECRET)
             .header(CONTENT_TYPE, "application/json")
             .body(body)
-            .send()
+            .answer()
     };
     let cases: Vec<(&str, Vec<u8>, &str, Option<&str>)> = vec![
         (
@@ -348,7 +296,7 @@ async fn validation_errors_name_the_field_and_queue_nothing() {
         ("scalar JSON", b"[1]".to_vec(), "invalid_value", Some("[0]")),
     ];
     for (name, body, code, attr) in cases {
-        let e = error_of(post("/batch", body).await.unwrap(), StatusCode::BAD_REQUEST).await;
+        let e = error_of(post("/batch", body).await, StatusCode::BAD_REQUEST).await;
         assert_eq!(e["code"], code, "{name}: {e}");
         assert_eq!(e["attr"].as_str(), attr, "{name}: {e}");
         assert_eq!(e["type"], "validation_error", "{name}");
@@ -359,21 +307,18 @@ async fn validation_errors_name_the_field_and_queue_nothing() {
             "/ingest",
             br#"[{"event": "a", "distinct_id": "u"}, {"event": 5, "distinct_id": "u"}]"#.to_vec(),
         )
-        .await
-        .unwrap(),
+        .await,
         StatusCode::BAD_REQUEST,
     )
     .await;
     assert_eq!(e["attr"], "[1].event");
     // unsupported compression names the parameter
     let e = error_of(
-        app.http
-            .post(app.url("/e?compression=lz64"))
-            .header("X-API-Key", SECRET)
+        app.post("/e?compression=lz64")
+            .key(SECRET)
             .body("abc")
-            .send()
-            .await
-            .unwrap(),
+            .answer()
+            .await,
         StatusCode::BAD_REQUEST,
     )
     .await;
@@ -390,14 +335,7 @@ async fn nul_bytes_inside_properties_are_accepted_for_the_worker_to_clean() {
     let body =
         b"{\"event\": \"a\", \"distinct_id\": \"u\", \"properties\": {\"label\": \"x\\u0000y\"}}"
             .to_vec();
-    let resp = app
-        .http
-        .post(app.url("/capture"))
-        .header("X-API-Key", SECRET)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post("/capture").key(SECRET).body(body).answer().await;
     assert_ok(resp).await;
     assert_eq!(
         app.stream_envelopes().await[0].properties["label"],
@@ -414,13 +352,11 @@ async fn oversized_bodies_and_gzip_bombs_get_413() {
         json!({"event": "a", "distinct_id": "u", "properties": {"blob": "x".repeat(70 * 1024)}})
             .to_string();
     let e = error_of(
-        app.http
-            .post(app.url("/capture"))
-            .header("X-API-Key", SECRET)
+        app.post("/capture")
+            .key(SECRET)
             .body(big.clone())
-            .send()
-            .await
-            .unwrap(),
+            .answer()
+            .await,
         StatusCode::PAYLOAD_TOO_LARGE,
     )
     .await;
@@ -435,14 +371,12 @@ async fn oversized_bodies_and_gzip_bombs_get_413() {
     );
     assert!(bomb.len() < 64 * 1024);
     let e = error_of(
-        app.http
-            .post(app.url("/e"))
-            .header("X-API-Key", SECRET)
+        app.post("/e")
+            .key(SECRET)
             .header(CONTENT_TYPE, "text/plain")
             .body(bomb)
-            .send()
-            .await
-            .unwrap(),
+            .answer()
+            .await,
         StatusCode::PAYLOAD_TOO_LARGE,
     )
     .await;
@@ -451,13 +385,7 @@ async fn oversized_bodies_and_gzip_bombs_get_413() {
         "{e}"
     );
     error_of(
-        app.http
-            .post(app.url("/ingest"))
-            .header("X-API-Key", SECRET)
-            .body(big)
-            .send()
-            .await
-            .unwrap(),
+        app.post("/ingest").key(SECRET).body(big).answer().await,
         StatusCode::PAYLOAD_TOO_LARGE,
     )
     .await;
@@ -466,14 +394,7 @@ async fn oversized_bodies_and_gzip_bombs_get_413() {
 
 /// Posts `body` to `path` and expects 503 `queue_unavailable` with `Retry-After`.
 async fn assert_queue_unavailable(app: &TestApp, path: &str, body: &Value) {
-    let resp = app
-        .http
-        .post(app.url(path))
-        .header("X-API-Key", SECRET)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post(path).key(SECRET).json(body).answer().await;
     assert!(resp.headers().get("retry-after").is_some(), "{path}");
     let e = error_of(resp, StatusCode::SERVICE_UNAVAILABLE).await;
     assert_eq!(e["code"], "queue_unavailable", "{path}");
@@ -489,9 +410,8 @@ async fn redis_down_answers_503_with_retry_after() {
     for path in ["/capture", "/ingest"] {
         assert_queue_unavailable(&app, path, &event).await;
     }
-    let ready = app.http.get(app.url("/ready")).send().await.unwrap();
-    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let body: Value = ready.json().await.unwrap();
+    let (status, body) = app.ready().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["checks"][0]["name"], "redis");
     assert_eq!(body["checks"][0]["ok"], false);
 }
@@ -534,14 +454,7 @@ async fn backlog_over_the_bound_answers_503_and_queues_nothing() {
     // The backlog is sampled every 100 ms: wait (bounded) for the sample to see it.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
     let resp = loop {
-        let resp = app
-            .http
-            .post(app.url("/capture"))
-            .header("X-API-Key", SECRET)
-            .json(&event)
-            .send()
-            .await
-            .unwrap();
+        let resp = app.post("/capture").key(SECRET).json(&event).answer().await;
         if resp.status() != StatusCode::OK || tokio::time::Instant::now() > deadline {
             break resp;
         }
@@ -551,13 +464,11 @@ async fn backlog_over_the_bound_answers_503_and_queues_nothing() {
     assert_eq!(e["code"], "backlog_full");
     let before = app.stream_len().await;
     let resp = app
-        .http
-        .post(app.url("/batch"))
-        .header("X-API-Key", SECRET)
+        .post("/batch")
+        .key(SECRET)
         .json(&json!([event, event]))
-        .send()
-        .await
-        .unwrap();
+        .answer()
+        .await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
         app.stream_len().await,
@@ -574,15 +485,15 @@ async fn cors_is_open_on_capture_routes_only() {
             .request(reqwest::Method::OPTIONS, app.url(path))
             .header("Origin", "https://shop.test")
             .header("Access-Control-Request-Method", "POST")
-            .send()
+            .answer()
     };
-    let resp = preflight("/e/").await.unwrap();
+    let resp = preflight("/e/").await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(
         resp.headers()["access-control-allow-origin"],
         "https://shop.test"
     );
-    let resp = preflight("/ingest").await.unwrap();
+    let resp = preflight("/ingest").await;
     assert!(resp.headers().get("access-control-allow-origin").is_none());
 }
 
@@ -627,14 +538,14 @@ async fn capture_posts_answer_the_same_with_and_without_a_browser_origin() {
         ("/capture", Some(SECRET), vec![b' '; 5000]),
     ];
     let send = |path: &'static str, key: Option<&'static str>, body: Vec<u8>, origin: bool| {
-        let mut req = app.http.post(app.url(path)).body(body);
+        let mut req = app.post(path).body(body);
         if let Some(key) = key {
-            req = req.header("X-API-Key", key);
+            req = req.key(key);
         }
         if origin {
             req = req.header("Origin", "https://shop.test");
         }
-        req.send()
+        req.answer()
     };
     // Less the times taken from the server's clock (`sent_at` skew correction moves `timestamp`).
     let without_server_times = |envelopes: Vec<entity::Envelope>| {
@@ -653,7 +564,7 @@ async fn capture_posts_answer_the_same_with_and_without_a_browser_origin() {
     };
     for (path, key, body) in cases {
         let before = app.stream_envelopes().await.len();
-        let direct = send(path, key, body.clone(), false).await.unwrap();
+        let direct = send(path, key, body.clone(), false).await;
         let (status, retry) = (
             direct.status(),
             direct.headers().get("retry-after").cloned(),
@@ -666,7 +577,7 @@ async fn capture_posts_answer_the_same_with_and_without_a_browser_origin() {
         );
         let direct_body = direct.text().await.unwrap();
         let queued = without_server_times(app.stream_envelopes().await.split_off(before));
-        let routed = send(path, key, body, true).await.unwrap();
+        let routed = send(path, key, body, true).await;
         assert_eq!(routed.status(), status, "{path} {key:?}: {direct_body}");
         assert_eq!(
             routed.headers().get("retry-after").cloned(),
@@ -693,30 +604,13 @@ async fn capture_posts_answer_the_same_with_and_without_a_browser_origin() {
 #[tokio::test]
 async fn health_ready_docs_and_json_errors_for_unknown_routes() {
     let app = TestApp::spawn().await;
-    let health: Value = app
-        .http
-        .get(app.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = app.get("/health").answer_json().await;
     assert_eq!(health["status"], "ok");
-    let ready = app.http.get(app.url("/ready")).send().await.unwrap();
-    assert_eq!(ready.status(), StatusCode::OK);
-    let docs = app.http.get(app.url("/docs")).send().await.unwrap();
+    assert_eq!(app.ready().await.0, StatusCode::OK);
+    let docs = app.get("/docs").answer().await;
     assert_eq!(docs.status(), StatusCode::OK);
     assert!(docs.text().await.unwrap().contains("swagger"));
-    let spec: Value = app
-        .http
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spec: Value = app.get("/openapi.json").answer_json().await;
     for path in [
         "/capture", "/batch", "/e", "/i/v0/e", "/track", "/ingest", "/health", "/ready",
     ] {
@@ -738,11 +632,7 @@ async fn health_ready_docs_and_json_errors_for_unknown_routes() {
             .is_some()
     );
     let e = error_of(
-        app.http
-            .get(app.url("/no/such/route"))
-            .send()
-            .await
-            .unwrap(),
+        app.get("/no/such/route").answer().await,
         StatusCode::NOT_FOUND,
     )
     .await;
@@ -754,33 +644,42 @@ async fn postgres_down_makes_ready_503_but_ingest_keeps_working() {
     let mut config = test_config();
     config.database_url = "postgres://postgres@127.0.0.1:1/nowhere".into();
     let app = TestApp::spawn_with(config).await;
-    let ready = app.http.get(app.url("/ready")).send().await.unwrap();
-    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let body: Value = ready.json().await.unwrap();
+    let (status, body) = app.ready().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["checks"][1]["name"], "postgres");
     assert_eq!(body["checks"][1]["ok"], false);
     let resp = app
-        .http
-        .post(app.url("/capture"))
-        .header("X-API-Key", SECRET)
+        .post("/capture")
+        .key(SECRET)
         .json(&json!({"event": "a", "distinct_id": "u"}))
-        .send()
-        .await
-        .unwrap();
+        .answer()
+        .await;
     assert_ok(resp).await;
 }
 
+/// A readiness check in flight when shutdown begins answers 503 `shutting_down` though every
+/// dependency answers (load balancers stop sending at once), then `run` returns cleanly.
 #[tokio::test]
 async fn readiness_flips_when_shutdown_begins_and_run_returns() {
-    let app = TestApp::spawn().await;
-    assert_eq!(
-        app.http
-            .get(app.url("/ready"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
-    );
-    app.stop().await.expect("clean shutdown");
+    // Redis behind a proxy that can hold the check's PING while shutdown begins.
+    let redis = Proxy::redis(true).await;
+    let mut config = test_config();
+    config.redis_url = redis.url(&config.redis_url);
+    let app = TestApp::spawn_with(config).await;
+    let ready = json!({"status": "ready", "checks": [{"name": "redis", "ok": true}, {"name": "postgres", "ok": true}]});
+    assert_eq!(app.ready().await, (StatusCode::OK, ready));
+
+    redis.hold();
+    let check = tokio::spawn(app.get("/ready").send());
+    wait_until(WAIT, "the readiness check's PING held", || async {
+        redis.held().windows(6).any(|w| w == b"PING\r\n")
+    })
+    .await;
+    app.begin_shutdown();
+    redis.release();
+    let resp = check.await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let shutting_down = json!({"status": "shutting_down", "checks": [{"name": "redis", "ok": true}, {"name": "postgres", "ok": true}]});
+    assert_eq!(resp.json::<Value>().await.unwrap(), shutting_down);
+    app.stop().await.expect("run returns cleanly");
 }

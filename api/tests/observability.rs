@@ -5,141 +5,85 @@ mod common;
 use common::*;
 use serde_json::{Value, json};
 
-/// The value of one sample line of `/metrics` (`name{labels} value`), 0 when absent.
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-async fn metrics(app: &TestApp) -> String {
-    let resp = app.http.get(app.url("/metrics")).send().await.unwrap();
-    assert_eq!(resp.status(), 200);
-    assert!(
-        resp.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/plain")
-    );
-    resp.text().await.unwrap()
-}
-
 #[tokio::test]
 async fn metrics_move_when_events_flow() {
     let app = TestApp::spawn().await;
-    let before = metrics(&app).await;
-    assert_eq!(
-        sample(&before, "events_accepted_total{source=\"capture\"}"),
-        0.0
-    );
+    let before = app.metrics().await;
+    // a labelled series appears once something is counted under its labels
+    before.assert_absent("events_accepted_total{source=\"capture\"}");
 
     let batch = json!({"api_key": INGEST_KEY, "batch": [
         {"event": "$pageview", "distinct_id": "u1"},
         {"event": "$pageview", "distinct_id": "u2"},
         {"event": "signup", "distinct_id": "u3"}]});
-    let resp = app
-        .http
-        .post(app.url("/batch/"))
-        .json(&batch)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post("/batch/").json(&batch).answer().await;
     assert_eq!(resp.status(), 200);
     let resp = app
-        .http
-        .post(app.url("/ingest"))
-        .header("X-API-Key", SECRET)
+        .post("/ingest")
+        .key(SECRET)
         .json(&json!({"event": "webhook", "distinct_id": "u4"}))
-        .send()
-        .await
-        .unwrap();
+        .answer()
+        .await;
     assert_eq!(resp.status(), 200);
-    let resp = app
-        .http
-        .post(app.url("/capture"))
-        .body("{not json")
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post("/capture").body("{not json").answer().await;
     assert_eq!(resp.status(), 400);
 
-    let after = metrics(&app).await;
+    let after = app.metrics().await;
     assert_eq!(
-        sample(&after, "events_accepted_total{source=\"capture\"}"),
+        after.value("events_accepted_total{source=\"capture\"}"),
         3.0,
         "{after}"
     );
     assert_eq!(
-        sample(&after, "events_accepted_total{source=\"ingest\"}"),
+        after.value("events_accepted_total{source=\"ingest\"}"),
         1.0,
         "{after}"
     );
     assert_eq!(
-        sample(
-            &after,
-            "ingest_rejected_total{reason=\"invalid_json\",source=\"capture\"}"
-        ),
+        after.value("ingest_rejected_total{reason=\"invalid_json\",source=\"capture\"}"),
         1.0,
         "{after}"
     );
     assert_eq!(
-        sample(
-            &after,
-            "http_requests_total{method=\"POST\",route=\"/batch\",status=\"200\"}"
-        ),
+        after.value("http_requests_total{method=\"POST\",route=\"/batch\",status=\"200\"}"),
         1.0,
         "{after}"
     );
     assert_eq!(
-        sample(
-            &after,
-            "http_requests_total{method=\"POST\",route=\"/capture\",status=\"400\"}"
-        ),
+        after.value("http_requests_total{method=\"POST\",route=\"/capture\",status=\"400\"}"),
         1.0,
         "{after}"
     );
     assert!(
-        sample(
-            &after,
-            "http_request_duration_seconds_count{method=\"POST\",route=\"/batch\"}"
-        ) >= 1.0,
+        after.value("http_request_duration_seconds_count{method=\"POST\",route=\"/batch\"}") >= 1.0,
         "{after}"
     );
-    assert_eq!(
-        sample(&after, "xadd_duration_seconds_count"),
-        2.0,
-        "{after}"
-    );
-    assert_eq!(sample(&after, "stream_length"), 4.0, "{after}");
-    assert_eq!(sample(&after, "dlq_length"), 0.0, "{after}");
+    assert_eq!(after.value("xadd_duration_seconds_count"), 2.0, "{after}");
+    assert_eq!(after.value("stream_length"), 4.0, "{after}");
+    assert_eq!(after.value("dlq_length"), 0.0, "{after}");
 }
 
 #[tokio::test]
 async fn redis_settings_are_checked_at_start() {
     let app = TestApp::spawn().await;
-    let client = redis::Client::open(app.config.redis_url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let settings = infra::redis_settings::read_settings(&mut conn)
+    let settings = infra::redis_settings::read_settings(&mut redis().await)
         .await
         .unwrap();
     let expected = infra::redis_settings::hazards(&settings, false);
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    let text = loop {
-        let text = metrics(&app).await;
-        if text.contains("redis_config_unsafe{setting=\"persistence\"}") {
-            break text;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{text}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    wait_until(WAIT, "the Redis settings reported", || async {
+        app.metrics()
+            .await
+            .contains("redis_config_unsafe{setting=\"persistence\"}")
+    })
+    .await;
+    let text = app.metrics().await;
     for hazard in [
         infra::redis_settings::Hazard::Eviction,
         infra::redis_settings::Hazard::NoPersistence,
     ] {
         let series = format!("redis_config_unsafe{{setting=\"{}\"}}", hazard.setting());
         assert_eq!(
-            sample(&text, &series),
+            text.value(&series),
             f64::from(u8::from(expected.contains(&hazard))),
             "{settings:?} {text}"
         );
@@ -148,23 +92,19 @@ async fn redis_settings_are_checked_at_start() {
 
 #[tokio::test]
 async fn readiness_names_the_dependency_that_is_down() {
-    let closed_port = || {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        closed.local_addr().unwrap().port()
-    };
     // credentials in both URLs: the answer must carry neither them nor the URLs
     let mut config = test_config();
-    config.redis_url = format!("redis://:hunter2@127.0.0.1:{}", closed_port());
+    config.redis_url = format!("redis://:hunter2@{}", closed_addr());
     let redis_down = TestApp::spawn_with(config).await;
     let mut config = test_config();
-    config.database_url = format!("postgres://postgres:hunter2@127.0.0.1:{}/x", closed_port());
+    config.database_url = format!("postgres://postgres:hunter2@{}/x", closed_addr());
     let postgres_down = TestApp::spawn_with(config).await;
 
     for (app, down, error) in [
         (&redis_down, 0, "redis: connection refused"),
         (&postgres_down, 1, "postgres: connection refused"),
     ] {
-        let resp = app.http.get(app.url("/ready")).send().await.unwrap();
+        let resp = app.get("/ready").answer().await;
         assert_eq!(resp.status(), 503);
         let text = resp.text().await.unwrap();
         assert!(!text.contains("://") && !text.contains("hunter2"), "{text}");
@@ -183,45 +123,25 @@ async fn readiness_names_the_dependency_that_is_down() {
 #[tokio::test]
 async fn unmatched_report_is_served_to_the_secret_key_only() {
     let app = TestApp::spawn().await;
-    let url = app.url("/rules/unmatched");
-    let resp = app.http.get(&url).send().await.unwrap();
-    assert_eq!(resp.status(), 401);
-    let resp = app
-        .http
-        .get(&url)
-        .header("X-API-Key", INGEST_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 403);
-    let resp = app
-        .http
-        .get(format!("{url}?limit=0"))
-        .header("X-API-Key", SECRET)
-        .send()
-        .await
-        .unwrap();
+    let url = "/rules/unmatched";
+    let report = |query: &str, key: Option<&str>| {
+        let request = app.get(&format!("{url}{query}"));
+        match key {
+            Some(key) => request.key(key),
+            None => request,
+        }
+        .answer()
+    };
+    assert_eq!(report("", None).await.status(), 401);
+    assert_eq!(report("", Some(INGEST_KEY)).await.status(), 403);
+    let resp = report("?limit=0", Some(SECRET)).await;
     assert_eq!(resp.status(), 400);
     assert_eq!(resp.json::<Value>().await.unwrap()["attr"], "limit");
-
-    let empty: Value = app
-        .http
-        .get(&url)
-        .header("X-API-Key", SECRET)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let empty: Value = report("", Some(SECRET)).await.json().await.unwrap();
     assert_eq!(empty, json!({"total_shapes": 0, "shapes": []}));
 
     // What the workers write (see worker/tests/observability.rs for the whole loop).
-    let client = redis::Client::open(app.config.redis_url.as_str()).unwrap();
-    let report = infra::unmatched::UnmatchedReport::new(
-        client.get_connection_manager().await.unwrap(),
-        &app.config.queue_name,
-    );
+    let unmatched = infra::unmatched::UnmatchedReport::new(redis().await, &app.keys.stream);
     let shape = |event: &str, count| rules_engine::UnmatchedShape {
         event: event.into(),
         path: Some("/settings".into()),
@@ -232,21 +152,12 @@ async fn unmatched_report_is_served_to_the_secret_key_only() {
             json!({"event": event, "distinct_id": "u1", "properties": {"$pathname": "/settings"}}),
         ),
     };
-    report
+    unmatched
         .add(&[shape("rare", 1), shape("frequent", 5)])
         .await
         .unwrap();
-    report.add(&[shape("frequent", 2)]).await.unwrap();
-    let body: Value = app
-        .http
-        .get(format!("{url}?limit=1"))
-        .header("X-API-Key", SECRET)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    unmatched.add(&[shape("frequent", 2)]).await.unwrap();
+    let body: Value = report("?limit=1", Some(SECRET)).await.json().await.unwrap();
     assert_eq!(body["total_shapes"], 2);
     assert_eq!(body["shapes"].as_array().unwrap().len(), 1);
     assert_eq!(body["shapes"][0]["event"], "frequent");

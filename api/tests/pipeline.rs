@@ -3,12 +3,9 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{INGEST_KEY, SECRET, TestApp, TestDb, test_config, worker_config};
+use common::{INGEST_KEY, RequestExt, SECRET, TestApp, WAIT, test_config, wait_until};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 /// posthog-js shaped events of the prototype's journey: home, pricing three times, the upgrade button.
 fn journey(user: &str) -> Value {
@@ -27,46 +24,20 @@ fn journey(user: &str) -> Value {
 
 #[tokio::test]
 async fn events_flow_from_capture_to_context() {
-    let db = TestDb::create().await;
-    let mut api_config = test_config();
-    api_config.database_url = db.url.clone();
-    let app = TestApp::spawn_with(api_config.clone()).await;
+    let (app, db) = TestApp::spawn_with_db(test_config()).await;
+    let worker = app.start_worker(&db, "e2e");
 
-    let worker_config = worker_config(&api_config, &db.url, "e2e");
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(worker::run(worker_config, shutdown.clone()));
-
-    let resp = app
-        .http
-        .post(app.url("/batch/"))
-        .json(&journey("user_1"))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post("/batch/").json(&journey("user_1")).answer().await;
     assert_eq!(resp.status(), StatusCode::OK);
 
-    // Wait (bounded) until all five events are stored and counted.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let context = loop {
-        let resp = app
-            .http
-            .get(app.url("/context/user/user_1"))
-            .header("X-API-Key", SECRET)
-            .send()
-            .await
-            .unwrap();
-        if resp.status() == StatusCode::OK {
-            let body: Value = resp.json().await.unwrap();
-            if body["stats"]["event_count"] == 5 && body["freshness"]["pending_events"] == 0 {
-                break body;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "events were not stored in time"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    wait_until(WAIT, "all five events stored and counted", || async {
+        let (status, body) = app.context("user_1").await;
+        status == StatusCode::OK
+            && body["stats"]["event_count"] == 5
+            && body["freshness"]["pending_events"] == 0
+    })
+    .await;
+    let (_, context) = app.context("user_1").await;
 
     let history: Vec<&str> = context["recent_history"]
         .as_array()
@@ -97,12 +68,10 @@ async fn events_flow_from_capture_to_context() {
 
     // The prompt text form of the same context.
     let text = app
-        .http
-        .get(app.url("/context/user/user_1?format=text"))
-        .header("X-API-Key", SECRET)
-        .send()
+        .get("/context/user/user_1?format=text")
+        .key(SECRET)
+        .answer()
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
@@ -115,6 +84,5 @@ async fn events_flow_from_capture_to_context() {
         "{text}"
     );
 
-    shutdown.cancel();
-    worker.await.unwrap().expect("worker stops cleanly");
+    worker.stop().await;
 }

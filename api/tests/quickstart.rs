@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::{TestDb, redis_url, unique};
+use common::{Keys, TestDb, closed_addr, redis_url};
 use tokio::process::{Child, Command};
 
 fn workspace_root() -> PathBuf {
@@ -25,8 +25,8 @@ fn readme() -> String {
     std::fs::read_to_string(workspace_root().join("README.md")).unwrap()
 }
 
-/// The shell commands of README's quick start, one per line, comments removed.
-fn quickstart_commands(readme: &str) -> Vec<String> {
+/// The shell commands of README's quick start, one per line, as words (comments removed).
+fn quickstart_commands(readme: &str) -> Vec<Vec<String>> {
     let start = readme
         .find("<!-- quickstart -->")
         .expect("README.md marks its quick start with <!-- quickstart -->");
@@ -41,42 +41,20 @@ fn quickstart_commands(readme: &str) -> Vec<String> {
             in_code = !in_code;
             continue;
         }
-        let command = line.split(" #").next().unwrap().trim();
-        if in_code && !command.is_empty() {
-            commands.push(command.to_string());
+        if in_code {
+            let words = shlex::split(line)
+                .unwrap_or_else(|| panic!("quick start line {line:?} is not a shell command"));
+            if !words.is_empty() {
+                commands.push(words);
+            }
         }
     }
     commands
 }
 
-/// Splits a command line into words the way `sh` does for simple quoting.
-fn words(command: &str) -> Vec<String> {
-    let (mut words, mut word, mut quote, mut any) = (Vec::new(), String::new(), None, false);
-    for c in command.chars() {
-        match (quote, c) {
-            (None, '\'' | '"') => (quote, any) = (Some(c), true),
-            (Some(q), c) if c == q => quote = None,
-            (None, c) if c.is_whitespace() => {
-                if any {
-                    words.push(std::mem::take(&mut word));
-                    any = false;
-                }
-            }
-            (_, c) => {
-                word.push(c);
-                any = true;
-            }
-        }
-    }
-    if any {
-        words.push(word);
-    }
-    words
-}
-
 /// `cargo run -p api [--bin NAME] [-- ARGS…]` as the built binary and its arguments.
-fn cargo_run(command: &str) -> (&'static str, Vec<String>) {
-    let words = words(command);
+fn cargo_run(words: &[String]) -> (&'static str, Vec<String>) {
+    let command = words.join(" ");
     assert_eq!(
         words[..4],
         ["cargo", "run", "-p", "api"],
@@ -100,12 +78,8 @@ fn cargo_run(command: &str) -> (&'static str, Vec<String>) {
 }
 
 /// A `curl URL -H 'Name: value'` as its URL and headers.
-fn curl(command: &str) -> (String, Vec<(String, String)>) {
-    let words = words(command);
-    assert_eq!(
-        words[0], "curl",
-        "quick start ends with a curl: {command:?}"
-    );
+fn curl(words: &[String]) -> (String, Vec<(String, String)>) {
+    assert_eq!(words[0], "curl", "quick start ends with a curl: {words:?}");
     let url = words
         .iter()
         .find(|w| w.starts_with("http"))
@@ -150,14 +124,6 @@ fn env_example() -> Vec<Documented> {
         .collect()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A command with none of the product's variables set (as on a fresh clone with no `.env`),
 /// run from a directory with no `.env` above it, plus `overrides`.
 fn fresh_command(exe: &str, args: &[String], cwd: &Path, overrides: &[(&str, String)]) -> Command {
@@ -177,19 +143,6 @@ fn tail(path: &Path) -> String {
     let log = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-/// Deletes the run's stream keys when the test ends, passed or not.
-struct StreamKeys(Vec<String>);
-
-impl Drop for StreamKeys {
-    fn drop(&mut self) {
-        if let Ok(client) = redis::Client::open(redis_url())
-            && let Ok(mut conn) = client.get_connection()
-        {
-            let _: Result<(), _> = redis::cmd("DEL").arg(&self.0).query(&mut conn);
-        }
-    }
 }
 
 async fn terminate(child: &mut Child) -> std::process::ExitStatus {
@@ -225,9 +178,8 @@ async fn readme_quick_start_shows_a_users_context() {
 
     // Isolation: an empty database (the api applies the migrations), its own streams and port.
     let db = TestDb::create_empty().await;
-    let (queue, dlq) = (unique("quickstart_events"), unique("quickstart_dlq"));
-    let _keys = StreamKeys(vec![queue.clone(), dlq.clone()]);
-    let port = free_port();
+    let keys = Keys::new();
+    let port = closed_addr().port();
     let base = format!("http://127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("api.log");
@@ -235,10 +187,10 @@ async fn readme_quick_start_shows_a_users_context() {
     let overrides = [
         ("DATABASE_URL", db.url.clone()),
         ("REDIS_URL", redis_url()),
-        ("QUEUE_NAME", queue),
-        ("DLQ_NAME", dlq),
+        ("QUEUE_NAME", keys.stream.clone()),
+        ("DLQ_NAME", keys.dlq.clone()),
         ("API_BIND", format!("127.0.0.1:{port}")),
-        ("WORKER_METRICS_BIND", format!("127.0.0.1:{}", free_port())),
+        ("WORKER_METRICS_BIND", closed_addr().to_string()),
         (
             "RULES_DIR",
             workspace_root().join("rules").display().to_string(),
@@ -337,9 +289,11 @@ async fn readme_quick_start_shows_a_users_context() {
 #[tokio::test]
 async fn with_worker_exits_when_the_worker_cannot_start() {
     let dir = tempfile::tempdir().unwrap();
+    let keys = Keys::new();
     let overrides = [
-        ("API_BIND", format!("127.0.0.1:{}", free_port())),
-        ("QUEUE_NAME", unique("quickstart_events")),
+        ("API_BIND", closed_addr().to_string()),
+        ("QUEUE_NAME", keys.stream.clone()),
+        ("DLQ_NAME", keys.dlq.clone()),
         (
             "RULES_DIR",
             dir.path().join("missing").display().to_string(),

@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use chrono::{Duration, Utc};
-use common::{INGEST_KEY, SECRET, TestApp, TestDb, test_config};
+use common::{INGEST_KEY, RequestExt, SECRET, TestApp, TestDb, closed_addr, test_config};
 use entity::{event, user_profile};
 use reqwest::{Method, RequestBuilder};
 use sea_orm::{ActiveModelTrait, IntoActiveModel};
@@ -36,7 +36,7 @@ struct Answer {
 
 impl Spec {
     async fn fetch(app: &TestApp) -> Self {
-        let resp = app.http.get(app.url("/openapi.json")).send().await.unwrap();
+        let resp = app.get("/openapi.json").answer().await;
         assert_eq!(resp.status(), 200);
         let doc: Value = resp.json().await.unwrap();
         assert_eq!(doc["openapi"], "3.0.0");
@@ -148,7 +148,7 @@ impl Spec {
 }
 
 async fn send(request: RequestBuilder) -> Answer {
-    let resp = request.send().await.unwrap();
+    let resp = request.answer().await;
     let headers = resp.headers().clone();
     Answer {
         status: resp.status().as_u16(),
@@ -224,12 +224,6 @@ fn gzip_base64(value: &Value) -> String {
     base64::engine::general_purpose::STANDARD.encode(gz.finish().unwrap())
 }
 
-/// A port nothing listens on.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 #[tokio::test]
 async fn every_answer_matches_the_published_schema() {
     let db = TestDb::create().await;
@@ -242,10 +236,10 @@ async fn every_answer_matches_the_published_schema() {
         config.database_url = if postgres_up {
             db.url.clone()
         } else {
-            format!("postgres://postgres:secret@127.0.0.1:{}/x", closed_port())
+            format!("postgres://postgres:secret@{}/x", closed_addr())
         };
         if !redis_up {
-            config.redis_url = format!("redis://:secret@127.0.0.1:{}", closed_port());
+            config.redis_url = format!("redis://:secret@{}", closed_addr());
             config.redis_timeout = std::time::Duration::from_millis(300);
         }
         config
@@ -257,7 +251,6 @@ async fn every_answer_matches_the_published_schema() {
 
     let event = |key: &str| json!({"api_key": key, "event": "$pageview", "distinct_id": "u1"});
     let too_large = json!({"api_key": INGEST_KEY, "event": "x", "distinct_id": "u1", "pad": "x".repeat(MAX_BODY)});
-    let secret = |r: RequestBuilder| r.header("X-API-Key", SECRET);
 
     // (expected status, method, documented path, request)
     let mut cases: Vec<(u16, String, String, RequestBuilder)> = Vec::new();
@@ -328,49 +321,66 @@ async fn every_answer_matches_the_published_schema() {
 
     let webhook = r#"{"event": "signup", "distinct_id": "u1"}"#;
     add(200, "POST", "/ingest", &app, "/ingest", &|r| {
-        r.header("X-API-Key", INGEST_KEY).body(webhook)
+        r.key(INGEST_KEY).body(webhook)
     });
     add(400, "POST", "/ingest", &app, "/ingest", &|r| {
-        r.header("X-API-Key", INGEST_KEY).body("[{\"event\": 5}]")
+        r.key(INGEST_KEY).body("[{\"event\": 5}]")
     });
     add(401, "POST", "/ingest", &app, "/ingest", &|r| {
         r.body(webhook)
     });
     add(403, "POST", "/ingest", &app, "/ingest", &|r| {
-        r.header("X-API-Key", "nope").body(webhook)
+        r.key("nope").body(webhook)
     });
     add(413, "POST", "/ingest", &app, "/ingest", &|r| {
-        r.header("X-API-Key", INGEST_KEY)
-            .body(too_large.to_string())
+        r.key(INGEST_KEY).body(too_large.to_string())
     });
     add(503, "POST", "/ingest", &redis_down, "/ingest", &|r| {
-        r.header("X-API-Key", INGEST_KEY).body(webhook)
+        r.key(INGEST_KEY).body(webhook)
     });
 
     let user_path = "/context/user/{user_id}";
+    let unmatched = "/rules/unmatched";
+    // (expected status, method, documented path, app, URI, key): requests without a body
+    #[rustfmt::skip]
+    let keyed = [
+        (200, "GET", user_path, &app, "/context/user/u_read", Some(SECRET)),
+        (200, "GET", user_path, &app, "/context/user/u_read?format=text", Some(SECRET)),
+        // Redis down: the freshness figures are absent, not null
+        (200, "GET", user_path, &redis_down, "/context/user/u_read", Some(SECRET)),
+        (401, "GET", user_path, &app, "/context/user/u_read", None),
+        (403, "GET", user_path, &app, "/context/user/u_read", Some(INGEST_KEY)),
+        (404, "GET", user_path, &app, "/context/user/nobody", Some(SECRET)),
+        (503, "GET", user_path, &postgres_down, "/context/user/u_read", Some(SECRET)),
+        (200, "DELETE", user_path, &app, "/context/user/u_erase", Some(SECRET)),
+        // Redis down after the rows are erased: 503, erasing again finishes it
+        (503, "DELETE", user_path, &redis_down, "/context/user/u_erase_redis_down", Some(SECRET)),
+        (401, "DELETE", user_path, &app, "/context/user/u_erase", None),
+        (403, "DELETE", user_path, &app, "/context/user/u_erase", Some(INGEST_KEY)),
+        // An unknown user is erased all the same (a tombstone for events on their way): zeros
+        (200, "DELETE", user_path, &app, "/context/user/nobody", Some(SECRET)),
+        (503, "DELETE", user_path, &postgres_down, "/context/user/u_read", Some(SECRET)),
+        (200, "GET", unmatched, &app, "/rules/unmatched", Some(SECRET)),
+        (400, "GET", unmatched, &app, "/rules/unmatched?limit=0", Some(SECRET)),
+        (400, "GET", unmatched, &app, "/rules/unmatched?limit=abc", Some(SECRET)),
+        (401, "GET", unmatched, &app, "/rules/unmatched", None),
+        (403, "GET", unmatched, &app, "/rules/unmatched", Some(INGEST_KEY)),
+        (503, "GET", unmatched, &redis_down, "/rules/unmatched", Some(SECRET)),
+        (200, "GET", "/health", &app, "/health", None),
+        (200, "GET", "/metrics", &app, "/metrics", None),
+        (200, "GET", "/ready", &app, "/ready", None),
+        (503, "GET", "/ready", &redis_down, "/ready", None),
+        (503, "GET", "/ready", &postgres_down, "/ready", None),
+    ];
+    for (status, method, path, target, uri, key) in keyed {
+        add(status, method, path, target, uri, &|r| match key {
+            Some(key) => r.key(key),
+            None => r,
+        });
+    }
     add(200, "GET", user_path, &app, "/context/user/u_read", &|r| {
-        secret(r)
+        r.key(SECRET).header("Accept", "text/markdown")
     });
-    add(
-        200,
-        "GET",
-        user_path,
-        &app,
-        "/context/user/u_read?format=text",
-        &|r| secret(r),
-    );
-    add(200, "GET", user_path, &app, "/context/user/u_read", &|r| {
-        secret(r).header("Accept", "text/markdown")
-    });
-    // Redis down: the freshness figures are absent, not null
-    add(
-        200,
-        "GET",
-        user_path,
-        &redis_down,
-        "/context/user/u_read",
-        &|r| secret(r),
-    );
     for query in [
         "limit=0",
         "limit=abc",
@@ -378,136 +388,9 @@ async fn every_answer_matches_the_published_schema() {
         "since=yesterday",
         "max_tokens=-1",
     ] {
-        add(
-            400,
-            "GET",
-            user_path,
-            &app,
-            &format!("/context/user/u_read?{query}"),
-            &|r| secret(r),
-        );
+        let uri = format!("/context/user/u_read?{query}");
+        add(400, "GET", user_path, &app, &uri, &|r| r.key(SECRET));
     }
-    add(401, "GET", user_path, &app, "/context/user/u_read", &|r| r);
-    add(403, "GET", user_path, &app, "/context/user/u_read", &|r| {
-        r.header("X-API-Key", INGEST_KEY)
-    });
-    add(404, "GET", user_path, &app, "/context/user/nobody", &|r| {
-        secret(r)
-    });
-    add(
-        503,
-        "GET",
-        user_path,
-        &postgres_down,
-        "/context/user/u_read",
-        &|r| secret(r),
-    );
-
-    add(
-        200,
-        "DELETE",
-        user_path,
-        &app,
-        "/context/user/u_erase",
-        &|r| secret(r),
-    );
-    // Redis down after the rows are erased: 503, erasing again finishes it
-    add(
-        503,
-        "DELETE",
-        user_path,
-        &redis_down,
-        "/context/user/u_erase_redis_down",
-        &|r| secret(r),
-    );
-    add(
-        401,
-        "DELETE",
-        user_path,
-        &app,
-        "/context/user/u_erase",
-        &|r| r,
-    );
-    add(
-        403,
-        "DELETE",
-        user_path,
-        &app,
-        "/context/user/u_erase",
-        &|r| r.header("X-API-Key", INGEST_KEY),
-    );
-    // An unknown user is erased all the same (a tombstone for events on their way): zeros
-    add(
-        200,
-        "DELETE",
-        user_path,
-        &app,
-        "/context/user/nobody",
-        &|r| secret(r),
-    );
-    add(
-        503,
-        "DELETE",
-        user_path,
-        &postgres_down,
-        "/context/user/u_read",
-        &|r| secret(r),
-    );
-
-    add(
-        200,
-        "GET",
-        "/rules/unmatched",
-        &app,
-        "/rules/unmatched",
-        &|r| secret(r),
-    );
-    add(
-        400,
-        "GET",
-        "/rules/unmatched",
-        &app,
-        "/rules/unmatched?limit=0",
-        &|r| secret(r),
-    );
-    add(
-        400,
-        "GET",
-        "/rules/unmatched",
-        &app,
-        "/rules/unmatched?limit=abc",
-        &|r| secret(r),
-    );
-    add(
-        401,
-        "GET",
-        "/rules/unmatched",
-        &app,
-        "/rules/unmatched",
-        &|r| r,
-    );
-    add(
-        403,
-        "GET",
-        "/rules/unmatched",
-        &app,
-        "/rules/unmatched",
-        &|r| r.header("X-API-Key", INGEST_KEY),
-    );
-    add(
-        503,
-        "GET",
-        "/rules/unmatched",
-        &redis_down,
-        "/rules/unmatched",
-        &|r| secret(r),
-    );
-
-    add(200, "GET", "/health", &app, "/health", &|r| r);
-    add(200, "GET", "/metrics", &app, "/metrics", &|r| r);
-    add(200, "GET", "/ready", &app, "/ready", &|r| r);
-    add(503, "GET", "/ready", &redis_down, "/ready", &|r| r);
-    add(503, "GET", "/ready", &postgres_down, "/ready", &|r| r);
 
     let mut problems = Vec::new();
     let mut covered = BTreeSet::new();
@@ -545,12 +428,7 @@ async fn every_answer_matches_the_published_schema() {
         (405, Method::PUT, "/context/user/u_read"),
         (405, Method::POST, "/health"),
     ] {
-        let answer = send(
-            app.http
-                .request(method.clone(), app.url(uri))
-                .header("X-API-Key", SECRET),
-        )
-        .await;
+        let answer = send(app.http.request(method.clone(), app.url(uri)).key(SECRET)).await;
         if answer.status != expected {
             problems.push(format!(
                 "{method} {uri}: expected {expected}, got {}",

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::{INGEST_KEY, TestApp, TestDb, test_config, worker_config};
+use common::{INGEST_KEY, RequestExt, TestApp, WAIT, test_config, wait_until};
 use infra::telemetry::{self, TelemetryConfig};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse},
@@ -20,9 +20,7 @@ use opentelemetry_proto::tonic::{
 use poem::{EndpointExt, Response, Route, Server, handler, listener::TcpAcceptor, post, web::Data};
 use prost::Message;
 use reqwest::StatusCode;
-use sea_orm::{ConnectionTrait, Statement};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 /// A span as the receiver got it.
 #[derive(Debug, Clone)]
@@ -121,53 +119,31 @@ async fn one_trace_spans_request_xadd_batch_and_transaction() {
     );
     assert!(telemetry::is_exporting());
 
-    let db = TestDb::create().await;
-    let mut api_config = test_config();
-    api_config.database_url = db.url.clone();
-    let app = TestApp::spawn_with(api_config.clone()).await;
-    let worker_config = worker_config(&api_config, &db.url, "tracing");
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(worker::run(worker_config, shutdown.clone()));
+    let (app, db) = TestApp::spawn_with_db(test_config()).await;
+    let worker = app.start_worker(&db, "tracing");
 
     // The client's own trace: the request continues it.
     let client_trace = format!("{:032x}", rand::random::<u128>() | 1);
     let client_span = format!("{:016x}", rand::random::<u64>() | 1);
     let uuid = uuid::Uuid::now_v7();
     let resp = app
-        .http
-        .post(app.url("/capture"))
+        .post("/capture")
         .header("traceparent", format!("00-{client_trace}-{client_span}-01"))
         .json(
             &json!({"api_key": INGEST_KEY, "event": "$pageview", "distinct_id": "traced_user",
             "uuid": uuid, "properties": {"$current_url": "https://shop.example.com/pricing"}}),
         )
-        .send()
-        .await
-        .unwrap();
+        .answer()
+        .await;
     assert_eq!(resp.status(), StatusCode::OK);
 
     // The event is stored…
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let row = db
-            .conn
-            .query_one_raw(Statement::from_sql_and_values(
-                db.conn.get_database_backend(),
-                "SELECT count(*) AS n FROM events WHERE uuid = $1",
-                [uuid.into()],
-            ))
-            .await
-            .unwrap()
-            .unwrap();
-        if row.try_get::<i64>("", "n").unwrap() == 1 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "event not stored in time"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let stored = format!("SELECT count(*) FROM events WHERE uuid = '{uuid}'");
+    wait_until(WAIT, "the event stored", || async {
+        db.count(&stored).await == 1
+    })
+    .await;
 
     // …and its trace reaches the receiver, the worker's spans ending just after the commit.
     let names = [
@@ -212,10 +188,9 @@ async fn one_trace_spans_request_xadd_batch_and_transaction() {
     assert_eq!(request.attributes["http.request.method"], "POST");
     assert_eq!(request.attributes["http.response.status_code"], "200");
     assert_eq!(request.attributes["http.route"], "/capture", "{request:?}");
-    assert_eq!(xadd.attributes["stream"], api_config.queue_name);
+    assert_eq!(xadd.attributes["stream"], app.config.queue_name);
     assert_eq!(batch.attributes["entries"], "1");
 
-    shutdown.cancel();
-    worker.await.unwrap().expect("worker stops cleanly");
+    worker.stop().await;
     app.stop().await.unwrap();
 }

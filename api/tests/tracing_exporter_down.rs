@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{INGEST_KEY, TestApp};
+use common::{INGEST_KEY, RequestExt, TestApp, closed_addr, redis};
 use entity::envelope::FIELD_TRACEPARENT;
 use infra::telemetry::{self, TelemetryConfig};
 use redis::streams::StreamRangeReply;
@@ -14,10 +14,7 @@ const REQUESTS: usize = 200;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_answers_while_the_otlp_receiver_is_down() {
-    // A port nobody listens on.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let endpoint = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
+    let endpoint = format!("http://{}", closed_addr());
     let telemetry = telemetry::init(&TelemetryConfig {
         otlp_endpoint: Some(endpoint),
         ..TelemetryConfig::local("api")
@@ -26,27 +23,21 @@ async fn ingest_answers_while_the_otlp_receiver_is_down() {
 
     let app = TestApp::spawn().await;
     for i in 0..REQUESTS {
-        let resp = app
-            .http
-            .post(app.url("/capture"))
+        let resp = app.post("/capture")
             .json(&json!({"api_key": INGEST_KEY, "event": "$pageview", "distinct_id": format!("user_{i}")}))
-            .send()
-            .await
-            .unwrap();
+            .answer().await;
         assert_eq!(resp.status(), StatusCode::OK, "request {i}");
     }
 
-    let client = redis::Client::open(app.config.redis_url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let reply: StreamRangeReply = redis::cmd("XRANGE")
-        .arg(&app.config.queue_name)
+    let entries: StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&app.keys.stream)
         .arg("-")
         .arg("+")
-        .query_async(&mut conn)
+        .query_async(&mut redis().await)
         .await
         .unwrap();
-    assert_eq!(reply.ids.len(), REQUESTS);
-    for entry in &reply.ids {
+    assert_eq!(entries.ids.len(), REQUESTS);
+    for entry in &entries.ids {
         let Some(redis::Value::BulkString(traceparent)) = entry.map.get(FIELD_TRACEPARENT) else {
             panic!("entry {} has no traceparent: {:?}", entry.id, entry.map);
         };

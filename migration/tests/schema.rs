@@ -2,53 +2,9 @@
 
 use migration::{Migrator, MigratorTrait};
 use sea_orm_migration::sea_orm::{
-    ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement,
+    ConnectionTrait, Database, DatabaseConnection, DbBackend, EntityTrait, Statement,
 };
-
-const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
-fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_ADMIN_URL").unwrap_or_else(|_| ADMIN_URL.to_string())
-}
-
-/// A database created for one test and dropped at the end of it.
-struct TestDb {
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    async fn create() -> Self {
-        let name = format!("test_migration_{}", uuid::Uuid::new_v4().simple());
-        let admin = Database::connect(admin_url())
-            .await
-            .expect("connect admin database");
-        admin
-            .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
-            .await
-            .expect("create database");
-        admin.close().await.ok();
-        let base = admin_url();
-        let url = format!(
-            "{}/{name}",
-            &base[..base.rfind('/').expect("url has a database")]
-        );
-        Self { name, url }
-    }
-
-    async fn drop(self) {
-        let admin = Database::connect(admin_url())
-            .await
-            .expect("connect admin database");
-        admin
-            .execute_unprepared(&format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.name
-            ))
-            .await
-            .expect("drop database");
-    }
-}
+use testkit::TestDb;
 
 async fn columns(db: &DatabaseConnection, table: &str) -> Vec<(String, String, bool)> {
     db.query_all_raw(Statement::from_sql_and_values(
@@ -72,8 +28,8 @@ async fn columns(db: &DatabaseConnection, table: &str) -> Vec<(String, String, b
 
 #[tokio::test]
 async fn fresh_database_gets_the_full_schema_once_under_concurrent_starts() {
-    let test_db = TestDb::create().await;
-    let db = Database::connect(&test_db.url).await.unwrap();
+    let test_db = TestDb::create_empty().await;
+    let db = &test_db.conn;
 
     // Four replicas starting together: exactly one applies the migration.
     let runs = (0..4).map(|_| {
@@ -90,13 +46,13 @@ async fn fresh_database_gets_the_full_schema_once_under_concurrent_starts() {
     applied.sort();
     assert_eq!(applied, vec![0, 0, 0, Migrator::migrations().len()]);
     assert!(
-        Migrator::get_pending_migrations(&db)
+        Migrator::get_pending_migrations(db)
             .await
             .unwrap()
             .is_empty()
     );
 
-    let events = columns(&db, "events").await;
+    let events = columns(db, "events").await;
     let names: Vec<&str> = events.iter().map(|c| c.0.as_str()).collect();
     assert_eq!(
         names,
@@ -125,7 +81,7 @@ async fn fresh_database_gets_the_full_schema_once_under_concurrent_starts() {
     assert_eq!(ty(&events, "timestamp").1, "timestamp with time zone");
     assert!(ty(&events, "rule_id").2, "rule_id is nullable");
 
-    let profiles = columns(&db, "user_profiles").await;
+    let profiles = columns(db, "user_profiles").await;
     let names: Vec<&str> = profiles.iter().map(|c| c.0.as_str()).collect();
     assert_eq!(
         names,
@@ -141,8 +97,8 @@ async fn fresh_database_gets_the_full_schema_once_under_concurrent_starts() {
         ]
     );
     assert_eq!(ty(&profiles, "intents").1, "jsonb");
-    assert_eq!(columns(&db, "user_sessions").await.len(), 3);
-    let erasures = columns(&db, "erasures").await;
+    assert_eq!(columns(db, "user_sessions").await.len(), 3);
+    let erasures = columns(db, "erasures").await;
     assert_eq!(
         erasures,
         [
@@ -171,29 +127,12 @@ async fn fresh_database_gets_the_full_schema_once_under_concurrent_starts() {
     );
 
     // The entities describe the tables: a query through them works.
-    use sea_orm_migration::sea_orm::EntityTrait;
-    assert!(
-        entity::event::Entity::find()
-            .all(&db)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert!(
-        entity::user_profile::Entity::find()
-            .all(&db)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert!(
-        entity::user_session::Entity::find()
-            .all(&db)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(no_rows::<entity::event::Entity>(db).await);
+    assert!(no_rows::<entity::user_profile::Entity>(db).await);
+    assert!(no_rows::<entity::user_session::Entity>(db).await);
+}
 
-    db.close().await.ok();
-    test_db.drop().await;
+/// Whether a query of every row of `E`'s table works and finds none.
+async fn no_rows<E: EntityTrait>(db: &DatabaseConnection) -> bool {
+    E::find().all(db).await.unwrap().is_empty()
 }

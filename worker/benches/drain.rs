@@ -234,32 +234,6 @@ async fn scalar(db: &DatabaseConnection, sql: &str) -> i64 {
     row.try_get_by_index::<i64>(0).unwrap()
 }
 
-async fn publish(redis: &mut ConnectionManager, stream: &str, events: &[Envelope]) {
-    for chunk in events.chunks(1_000) {
-        let mut pipe = redis::pipe();
-        for e in chunk {
-            pipe.cmd("XADD")
-                .arg(stream)
-                .arg("*")
-                .arg(FIELD_VERSION)
-                .arg("1")
-                .arg(FIELD_EVENT)
-                .arg(e.to_json())
-                .ignore();
-        }
-        let () = pipe.query_async(redis).await.unwrap();
-    }
-}
-
-async fn stream_done(redis: &mut ConnectionManager, stream: &str) -> bool {
-    let len: i64 = redis::cmd("XLEN")
-        .arg(stream)
-        .query_async(redis)
-        .await
-        .unwrap();
-    len == 0
-}
-
 fn rss_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -420,7 +394,7 @@ async fn drain(
     sql(db, "TRUNCATE events, user_profiles, user_sessions").await;
     let stream = format!("bench:{}:events", Uuid::new_v4().simple());
     let filled = Instant::now();
-    publish(redis, &stream, events).await;
+    testkit::publish(redis, &stream, events).await;
     println!(
         "  pre-filled {} entries into {stream} in {:.1}s",
         events.len(),
@@ -433,7 +407,7 @@ async fn drain(
         .collect();
     let pids: Vec<u32> = children.iter().filter_map(|c| c.id()).collect();
     let deadline = Instant::now() + Duration::from_secs(600);
-    while !stream_done(redis, &stream).await {
+    while testkit::xlen(redis, &stream).await > 0 {
         assert!(
             Instant::now() < deadline,
             "drain did not finish within 10 minutes"
@@ -610,7 +584,7 @@ async fn large(
         let n = 20.min(s.large_events - chunk * 20);
         let events = large_events(n, s.large_event_bytes, 100 + chunk as u64);
         bytes += events.iter().map(|e| e.to_json().len()).sum::<usize>();
-        publish(redis, &stream, &events).await;
+        testkit::publish(redis, &stream, &events).await;
     }
     println!(
         "  pre-filled {} entries ({:.0} MiB) into {stream} in {:.1}s",
@@ -622,7 +596,7 @@ async fn large(
     let mut child = spawn_worker(s, db_url, &stream, "bench-large", None);
     let pid = child.id().unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(600);
-    while !stream_done(redis, &stream).await {
+    while testkit::xlen(redis, &stream).await > 0 {
         assert!(
             Instant::now() < deadline,
             "large drain did not finish within 10 minutes"

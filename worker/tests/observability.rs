@@ -9,35 +9,21 @@ use common::*;
 use infra::unmatched::UnmatchedReport;
 use serde_json::{Value, json};
 
-const WAIT: Duration = Duration::from_secs(20);
-
-/// A port nothing listens on right now.
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let resp = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
     (resp.status().as_u16(), resp.text().await.unwrap())
 }
 
-/// The value of one sample line of `/metrics` (`name{labels} value`), 0 when absent.
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
+async fn metrics(addr: SocketAddr) -> Scrape {
+    scrape(&format!("http://{addr}/metrics")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_readiness_and_unmatched_report_follow_the_pipeline() {
     let db = TestDb::create().await;
     let keys = Keys::new();
-    let mut redis = redis().await;
-    let proxy = PgProxy::start(true).await;
+    let redis = redis().await;
+    let proxy = Proxy::postgres(true).await;
     let rules = tempfile::tempdir().unwrap();
     for file in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../rules")).unwrap() {
         let path = file.unwrap().path();
@@ -45,8 +31,8 @@ async fn metrics_readiness_and_unmatched_report_follow_the_pipeline() {
             std::fs::copy(&path, rules.path().join(path.file_name().unwrap())).unwrap();
         }
     }
-    let addr = free_port();
-    let mut cfg = config(&db_url(&db.name, Some(proxy.addr)), &keys, "w");
+    let addr = closed_addr();
+    let mut cfg = config(&proxy.url(&db.url), &keys, "w");
     cfg.metrics_bind = Some(addr);
     let shutdown = tokio_util::sync::CancellationToken::new();
     let enricher = rules_engine::enrich::load(rules.path(), &shutdown).unwrap();
@@ -70,31 +56,30 @@ async fn metrics_readiness_and_unmatched_report_follow_the_pipeline() {
     assert_eq!(get(addr, "/health").await.0, 200);
 
     // the Redis settings checked at start, as the real Redis has them
-    let settings = infra::redis_settings::read_settings(&mut redis)
+    let settings = infra::redis_settings::read_settings(&mut redis.clone())
         .await
         .unwrap();
     let hazards = infra::redis_settings::hazards(&settings, false);
     wait_until(WAIT, "Redis settings reported", || async {
-        get(addr, "/metrics")
+        metrics(addr)
             .await
-            .1
             .contains("redis_config_unsafe{setting=\"persistence\"}")
     })
     .await;
-    let (_, before) = get(addr, "/metrics").await;
+    let before = metrics(addr).await;
     assert_eq!(
-        sample(&before, "redis_config_unsafe{setting=\"maxmemory-policy\"}"),
+        before.value("redis_config_unsafe{setting=\"maxmemory-policy\"}"),
         f64::from(u8::from(
             hazards.contains(&infra::redis_settings::Hazard::Eviction)
         )),
         "{settings:?}"
     );
-    assert_eq!(sample(&before, "worker_events_stored_total"), 0.0);
+    assert_eq!(before.value("worker_events_stored_total"), 0.0);
     assert!(before.contains("rules_version_info{version="), "{before}");
 
     let settings = json!({"$current_url": "https://app.example.com/settings/team", "$pathname": "/settings/team"});
     publish(
-        &mut redis,
+        &redis,
         &keys.stream,
         &[
             envelope("u1", "$pageview", json!({"$pathname": "/pricing"})),
@@ -105,29 +90,29 @@ async fn metrics_readiness_and_unmatched_report_follow_the_pipeline() {
     .await;
     wait_until(WAIT, "events stored", || async { db.events().await == 3 }).await;
 
-    let (_, after) = get(addr, "/metrics").await;
-    assert_eq!(sample(&after, "worker_events_stored_total"), 3.0, "{after}");
-    assert_eq!(sample(&after, "rules_unmatched_total"), 2.0, "{after}");
+    let after = metrics(addr).await;
+    assert_eq!(after.value("worker_events_stored_total"), 3.0, "{after}");
+    assert_eq!(after.value("rules_unmatched_total"), 2.0, "{after}");
     assert!(after.contains("rules_matched_total{rule="), "{after}");
-    assert!(sample(&after, "worker_batch_size_count") >= 1.0, "{after}");
+    assert!(after.value("worker_batch_size_count") >= 1.0, "{after}");
     assert!(
-        sample(&after, "worker_db_write_seconds_count") >= 1.0,
+        after.value("worker_db_write_seconds_count") >= 1.0,
         "{after}"
     );
     assert_eq!(
-        sample(&after, "stream_length"),
+        after.value("stream_length"),
         0.0,
         "acked entries are deleted: {after}"
     );
     assert_eq!(
-        sample(
-            &after,
-            &format!("consumer_group_pending{{group=\"{}\"}}", keys.group)
-        ),
+        after.value(&format!(
+            "consumer_group_pending{{group=\"{}\"}}",
+            keys.group
+        )),
         0.0,
         "{after}"
     );
-    assert_eq!(sample(&after, "dlq_length"), 0.0);
+    assert_eq!(after.value("dlq_length"), 0.0);
 
     // Every replica adds to the shared report; it lists the event no rule covers, with an example.
     let report = UnmatchedReport::new(redis.clone(), &keys.stream);
@@ -159,9 +144,9 @@ async fn metrics_readiness_and_unmatched_report_follow_the_pipeline() {
         report.top(10).await.unwrap().1 == 0
     })
     .await;
-    let (_, reloaded) = get(addr, "/metrics").await;
+    let reloaded = metrics(addr).await;
     assert!(
-        sample(&reloaded, "rules_reloads_total{result=\"ok\"}") >= 1.0,
+        reloaded.value("rules_reloads_total{result=\"ok\"}") >= 1.0,
         "{reloaded}"
     );
 
@@ -187,7 +172,7 @@ async fn metrics_readiness_and_unmatched_report_follow_the_pipeline() {
     // is still stored within the grace period.
     proxy.set_up(false);
     publish(
-        &mut redis,
+        &redis,
         &keys.stream,
         &[envelope(
             "u3",
@@ -197,8 +182,7 @@ async fn metrics_readiness_and_unmatched_report_follow_the_pipeline() {
     )
     .await;
     wait_until(WAIT, "entry held while Postgres is down", || async {
-        let mut r = redis.clone();
-        pending(&mut r, &keys).await == 1
+        pending(&redis, &keys).await == 1
     })
     .await;
     worker.shutdown.cancel();
@@ -261,11 +245,11 @@ fn signup_rules() -> (tempfile::TempDir, rules_engine::RulesHandle) {
 async fn unmatched_counts_survive_a_redis_outage() {
     use worker::{metrics::WorkerMetrics, unmatched};
     let (_rules_dir, rules) = signup_rules();
-    let proxy = PgProxy::start_to(true, "127.0.0.1:6379").await;
+    let proxy = Proxy::redis(true).await;
     // Connected as a worker connects (few, short reconnect attempts), so a flush fails while
     // Redis is away instead of waiting for it.
     let via_proxy = worker::stream::connection(
-        worker::stream::client(&format!("redis://{}", proxy.addr)).unwrap(),
+        worker::stream::client(&proxy.url(&redis_url())).unwrap(),
         worker::stream::COMMAND_TIMEOUT,
     )
     .unwrap();
@@ -277,6 +261,7 @@ async fn unmatched_counts_survive_a_redis_outage() {
         std::sync::Arc::new(WorkerMetrics::new()),
         shutdown.clone(),
     ));
+    let _stop = StopOnDrop::new(&shutdown, &report_loop);
     let unmatched = |n: usize| {
         let event = json!({"event": "team_invite_sent", "distinct_id": "u1", "properties": {"$pathname": "/team"}});
         let event = event.as_object().unwrap();
@@ -351,6 +336,7 @@ async fn unmatched_events_beyond_the_held_shapes_are_counted() {
         metrics.clone(),
         shutdown.clone(),
     ));
+    let _stop = StopOnDrop::new(&shutdown, &report_loop);
     wait_until(WAIT, "the held shapes reported", || async {
         report.top(1).await.unwrap().1 > 0
     })

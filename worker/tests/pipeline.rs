@@ -6,17 +6,15 @@ use std::{sync::atomic::Ordering, time::Duration};
 
 use common::*;
 use entity::{envelope::FIELD_EVENT, user_profile};
-use infra::dlq::{self, DeadLetters, Selection};
+use infra::dlq::{self, Selection};
 use sea_orm::{ConnectionTrait, EntityTrait};
 use serde_json::json;
-
-const WAIT: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stores_events_and_keeps_profiles_and_retention() {
     let db = TestDb::create().await;
     let keys = Keys::new();
-    let mut redis = redis().await;
+    let redis = redis().await;
     let mut events = Vec::new();
     for i in 0..30 {
         let user = format!("user_{}", i % 3);
@@ -34,7 +32,7 @@ async fn stores_events_and_keeps_profiles_and_retention() {
         json!({"$set": {"plan": "pro"}}),
     ));
     // Queued before any worker ever ran: the group must start at the stream's beginning.
-    publish(&mut redis, &keys.stream, &events).await;
+    publish(&redis, &keys.stream, &events).await;
 
     let worker = RunningWorker::start(config(&db.url, &keys, "w1"));
     wait_until(WAIT, "31 events stored", || async {
@@ -42,8 +40,7 @@ async fn stores_events_and_keeps_profiles_and_retention() {
     })
     .await;
     wait_until(WAIT, "stream emptied by XACK+XDEL", || async {
-        let mut r = redis.clone();
-        xlen(&mut r, &keys.stream).await == 0 && pending(&mut r, &keys).await == 0
+        xlen(&redis, &keys.stream).await == 0 && pending(&redis, &keys).await == 0
     })
     .await;
     // A later batch for existing users merges into their profiles.
@@ -54,7 +51,7 @@ async fn stores_events_and_keeps_profiles_and_retention() {
     );
     later.session_id = Some("user_0-s0".into());
     publish(
-        &mut redis,
+        &redis,
         &keys.stream,
         &[later, envelope("user_1", "click", json!({}))],
     )
@@ -104,14 +101,14 @@ async fn stores_events_and_keeps_profiles_and_retention() {
             .await,
         33
     );
-    assert_eq!(xlen(&mut redis, &keys.dlq).await, 0);
+    assert_eq!(xlen(&redis, &keys.dlq).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_share_one_group_without_duplicates() {
     let db = TestDb::create().await;
     let keys = Keys::new();
-    let mut redis = redis().await;
+    let redis = redis().await;
     let (count_a, enricher_a) = counting(false);
     let (count_b, enricher_b) = counting(false);
     let mut config_a = config(&db.url, &keys, "a");
@@ -121,15 +118,14 @@ async fn two_workers_share_one_group_without_duplicates() {
     let a = RunningWorker::start_with(config_a, enricher_a);
     let b = RunningWorker::start_with(config_b, enricher_b);
     wait_until(WAIT, "both consumers joined", || async {
-        let mut r = redis.clone();
-        group_created(&mut r, &keys).await && consumers(&mut r, &keys).await.len() == 2
+        group_created(&redis, &keys).await && consumers(&redis, &keys).await.len() == 2
     })
     .await;
     for chunk in 0..20 {
         let events: Vec<_> = (0..20)
             .map(|i| envelope(&format!("u{}", (chunk * 20 + i) % 7), "click", json!({})))
             .collect();
-        publish(&mut redis, &keys.stream, &events).await;
+        publish(&redis, &keys.stream, &events).await;
     }
     wait_until(WAIT, "400 events stored", || async {
         db.events().await == 400
@@ -156,32 +152,27 @@ async fn two_workers_share_one_group_without_duplicates() {
             .await,
         400
     );
-    assert_eq!(pending(&mut redis, &keys).await, 0);
+    assert_eq!(pending(&redis, &keys).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashed_worker_entries_are_claimed_and_stored_once() {
     let db = TestDb::create().await;
     let keys = Keys::new();
-    let mut redis = redis().await;
+    let redis = redis().await;
     // Worker A reads but cannot store (its Postgres is down), then crashes.
-    let proxy = PgProxy::start(false).await;
-    let a = RunningWorker::start(config(
-        &db_url(&db.name, Some(proxy.addr)),
-        &keys,
-        "crashing",
-    ));
+    let proxy = Proxy::postgres(false).await;
+    let a = RunningWorker::start(config(&proxy.url(&db.url), &keys, "crashing"));
     wait_until(WAIT, "group created", || async {
-        group_created(&mut redis.clone(), &keys).await
+        group_created(&redis, &keys).await
     })
     .await;
     let events: Vec<_> = (0..25)
         .map(|i| envelope(&format!("u{}", i % 4), "click", json!({})))
         .collect();
-    publish(&mut redis, &keys.stream, &events).await;
+    publish(&redis, &keys.stream, &events).await;
     wait_until(WAIT, "A holds all entries", || async {
-        let mut r = redis.clone();
-        pending(&mut r, &keys).await == 25
+        pending(&redis, &keys).await == 25
     })
     .await;
     a.task.abort();
@@ -200,9 +191,8 @@ async fn crashed_worker_entries_are_claimed_and_stored_once() {
         WAIT,
         "nothing pending and the dead consumer removed",
         || async {
-            let mut r = redis.clone();
-            pending(&mut r, &keys).await == 0
-                && !consumers(&mut r, &keys)
+            pending(&redis, &keys).await == 0
+                && !consumers(&redis, &keys)
                     .await
                     .contains(&"crashing".to_string())
         },
@@ -214,40 +204,21 @@ async fn crashed_worker_entries_are_claimed_and_stored_once() {
             .await,
         25
     );
-    assert_eq!(xlen(&mut redis, &keys.dlq).await, 0);
+    assert_eq!(xlen(&redis, &keys.dlq).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivery_after_commit_is_neither_stored_nor_counted_twice() {
     let db = TestDb::create().await;
     let keys = Keys::new();
-    let mut redis = redis().await;
+    let redis = redis().await;
     let events: Vec<_> = (0..10)
         .map(|i| envelope(&format!("u{}", i % 2), "click", json!({})))
         .collect();
     // A replica read them and committed, then died before XACK.
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&keys.stream)
-        .arg(&keys.group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    publish(&mut redis, &keys.stream, &events).await;
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(&keys.group)
-        .arg("died")
-        .arg("COUNT")
-        .arg(100)
-        .arg("STREAMS")
-        .arg(&keys.stream)
-        .arg(">")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    create_group(&redis, &keys).await;
+    publish(&redis, &keys.stream, &events).await;
+    read_group(&redis, &keys, "died", ">").await;
     let rows: Vec<_> = events.iter().map(stored).collect();
     assert_eq!(
         worker::store::write_batch(&db.conn, &Default::default(), &rows, "v0")
@@ -261,8 +232,7 @@ async fn redelivery_after_commit_is_neither_stored_nor_counted_twice() {
     config_b.claim_idle = Duration::from_millis(200);
     let b = RunningWorker::start(config_b);
     wait_until(WAIT, "redelivered entries acknowledged", || async {
-        let mut r = redis.clone();
-        pending(&mut r, &keys).await == 0 && xlen(&mut r, &keys.stream).await == 0
+        pending(&redis, &keys).await == 0 && xlen(&redis, &keys.stream).await == 0
     })
     .await;
     b.stop().await.unwrap();
@@ -278,26 +248,13 @@ async fn redelivery_after_commit_is_neither_stored_nor_counted_twice() {
 async fn poison_entries_go_to_the_dlq_and_the_rest_is_stored() {
     let db = TestDb::create().await;
     let keys = Keys::new();
-    let mut redis = redis().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&keys.stream)
-        .arg(&keys.group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let redis = redis().await;
+    create_group(&redis, &keys).await;
     // One read gets good and bad entries together.
-    publish(
-        &mut redis,
-        &keys.stream,
-        &[envelope("u1", "click", json!({}))],
-    )
-    .await;
+    publish(&redis, &keys.stream, &[envelope("u1", "click", json!({}))]).await;
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let not_json = publish_raw(
-        &mut redis,
+        &redis,
         &keys.stream,
         &[
             ("v", "1"),
@@ -306,11 +263,10 @@ async fn poison_entries_go_to_the_dlq_and_the_rest_is_stored() {
         ],
     )
     .await;
-    let future_version =
-        publish_raw(&mut redis, &keys.stream, &[("v", "9"), ("event", "{}")]).await;
+    let future_version = publish_raw(&redis, &keys.stream, &[("v", "9"), ("event", "{}")]).await;
     let boom = envelope("u2", "boom", json!({}));
     publish(
-        &mut redis,
+        &redis,
         &keys.stream,
         &[boom.clone(), envelope("u1", "click", json!({}))],
     )
@@ -322,19 +278,15 @@ async fn poison_entries_go_to_the_dlq_and_the_rest_is_stored() {
         WAIT,
         "2 stored, 3 dead-lettered, nothing pending",
         || async {
-            let mut r = redis.clone();
             db.events().await == 2
-                && xlen(&mut r, &keys.dlq).await == 3
-                && pending(&mut r, &keys).await == 0
+                && xlen(&redis, &keys.dlq).await == 3
+                && pending(&redis, &keys).await == 0
         },
     )
     .await;
     worker.stop().await.unwrap();
 
-    let letters = DeadLetters::new(redis.clone(), &keys.dlq, &keys.stream)
-        .list(10)
-        .await
-        .unwrap();
+    let letters = dead_letters(&redis, &keys).list(10).await.unwrap();
     let by_entry = |id: &str| {
         letters
             .iter()
@@ -379,18 +331,10 @@ async fn poison_entries_go_to_the_dlq_and_the_rest_is_stored() {
 async fn entry_delivered_too_often_goes_to_the_dlq() {
     let db = TestDb::create().await;
     let keys = Keys::new();
-    let mut redis = redis().await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&keys.stream)
-        .arg(&keys.group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let redis = redis().await;
+    create_group(&redis, &keys).await;
     let id = publish(
-        &mut redis,
+        &redis,
         &keys.stream,
         &[envelope("u1", "crashes_workers", json!({}))],
     )
@@ -398,31 +342,17 @@ async fn entry_delivered_too_often_goes_to_the_dlq() {
     .remove(0);
     // Delivered five times to a consumer that never acknowledged (it kept crashing).
     for start in [">", "0", "0", "0", "0"] {
-        let _: redis::Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(&keys.group)
-            .arg("crashy")
-            .arg("STREAMS")
-            .arg(&keys.stream)
-            .arg(start)
-            .query_async(&mut redis)
-            .await
-            .unwrap();
+        read_group(&redis, &keys, "crashy", start).await;
     }
     let mut cfg = config(&db.url, &keys, "w");
     cfg.claim_idle = Duration::from_millis(50);
     let worker = RunningWorker::start(cfg);
     wait_until(WAIT, "dead-lettered", || async {
-        let mut r = redis.clone();
-        xlen(&mut r, &keys.dlq).await == 1 && pending(&mut r, &keys).await == 0
+        xlen(&redis, &keys.dlq).await == 1 && pending(&redis, &keys).await == 0
     })
     .await;
     worker.stop().await.unwrap();
-    let letter = DeadLetters::new(redis.clone(), &keys.dlq, &keys.stream)
-        .list(1)
-        .await
-        .unwrap()
-        .remove(0);
+    let letter = dead_letters(&redis, &keys).list(1).await.unwrap().remove(0);
     assert_eq!(letter.field(dlq::FIELD_ENTRY_ID), Some(id));
     assert_eq!(letter.field(dlq::FIELD_DELIVERIES).as_deref(), Some("6"));
     assert!(
@@ -438,17 +368,12 @@ async fn entry_delivered_too_often_goes_to_the_dlq() {
 async fn postgres_outage_keeps_entries_pending_until_it_is_back() {
     let db = TestDb::create().await;
     let keys = Keys::new();
-    let mut redis = redis().await;
-    let proxy = PgProxy::start(true).await;
-    let mut cfg = config(&db_url(&db.name, Some(proxy.addr)), &keys, "w");
+    let redis = redis().await;
+    let proxy = Proxy::postgres(true).await;
+    let mut cfg = config(&proxy.url(&db.url), &keys, "w");
     cfg.claim_idle = Duration::from_millis(300); // its own held entries must not look idle
     let worker = RunningWorker::start(cfg);
-    publish(
-        &mut redis,
-        &keys.stream,
-        &[envelope("u1", "before", json!({}))],
-    )
-    .await;
+    publish(&redis, &keys.stream, &[envelope("u1", "before", json!({}))]).await;
     wait_until(WAIT, "first event stored", || async {
         db.events().await == 1
     })
@@ -458,18 +383,17 @@ async fn postgres_outage_keeps_entries_pending_until_it_is_back() {
     let events: Vec<_> = (0..40)
         .map(|i| envelope(&format!("u{}", i % 3), "during", json!({})))
         .collect();
-    publish(&mut redis, &keys.stream, &events).await;
+    publish(&redis, &keys.stream, &events).await;
     wait_until(WAIT, "entries read and held", || async {
-        let mut r = redis.clone();
-        pending(&mut r, &keys).await > 0
+        pending(&redis, &keys).await > 0
     })
     .await;
     // Several retries and keep-alive periods pass: nothing is lost, acknowledged or dead-lettered.
     let outage = tokio::time::Instant::now() + Duration::from_millis(1500);
     while tokio::time::Instant::now() < outage {
         assert_eq!(db.events().await, 1);
-        assert_eq!(xlen(&mut redis, &keys.dlq).await, 0);
-        assert_eq!(xlen(&mut redis, &keys.stream).await, 40);
+        assert_eq!(xlen(&redis, &keys.dlq).await, 0);
+        assert_eq!(xlen(&redis, &keys.stream).await, 40);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     proxy.set_up(true);
@@ -478,12 +402,11 @@ async fn postgres_outage_keeps_entries_pending_until_it_is_back() {
     })
     .await;
     wait_until(WAIT, "nothing pending", || async {
-        let mut r = redis.clone();
-        pending(&mut r, &keys).await == 0
+        pending(&redis, &keys).await == 0
     })
     .await;
     worker.stop().await.unwrap();
-    assert_eq!(xlen(&mut redis, &keys.dlq).await, 0);
+    assert_eq!(xlen(&redis, &keys.dlq).await, 0);
     assert_eq!(
         db.count("SELECT sum(event_count)::bigint FROM user_profiles")
             .await,
@@ -495,23 +418,22 @@ async fn postgres_outage_keeps_entries_pending_until_it_is_back() {
 async fn graceful_shutdown_stores_the_batch_in_flight_and_leaves_nothing_pending() {
     let db = TestDb::create().await;
     let keys = Keys::new();
-    let mut redis = redis().await;
-    let proxy = PgProxy::start(false).await;
-    let worker = RunningWorker::start(config(&db_url(&db.name, Some(proxy.addr)), &keys, "w"));
+    let redis = redis().await;
+    let proxy = Proxy::postgres(false).await;
+    let worker = RunningWorker::start(config(&proxy.url(&db.url), &keys, "w"));
     let events: Vec<_> = (0..20)
         .map(|i| envelope(&format!("u{i}"), "click", json!({})))
         .collect();
-    publish(&mut redis, &keys.stream, &events).await;
+    publish(&redis, &keys.stream, &events).await;
     wait_until(WAIT, "batch in flight", || async {
-        let mut r = redis.clone();
-        pending(&mut r, &keys).await == 20
+        pending(&redis, &keys).await == 20
     })
     .await;
     worker.shutdown.cancel();
     // Arrives during shutdown: the read already blocking may still take it (and then stores it);
     // no new read is issued, so it is either stored or still in the stream, never left pending.
     publish(
-        &mut redis,
+        &redis,
         &keys.stream,
         &[envelope("late", "click", json!({}))],
     )
@@ -523,21 +445,20 @@ async fn graceful_shutdown_stores_the_batch_in_flight_and_leaves_nothing_pending
     result.unwrap().unwrap();
     let stored = db.events().await;
     assert!(stored == 20 || stored == 21, "{stored}");
-    assert_eq!(pending(&mut redis, &keys).await, 0);
-    assert_eq!(stored + xlen(&mut redis, &keys.stream).await, 21);
+    assert_eq!(pending(&redis, &keys).await, 0);
+    assert_eq!(stored + xlen(&redis, &keys.stream).await, 21);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_opens_its_postgres_connections_and_prepares_its_statements_before_reading() {
     let db = TestDb::create().await;
     let keys = Keys::new();
-    let mut redis = redis().await;
+    let redis = redis().await;
     let cfg = config(&db.url, &keys, "w");
     let pool_size = i64::from(cfg.database_pool_size);
     let worker = RunningWorker::start(cfg);
     wait_until(WAIT, "consumer joined", || async {
-        let mut r = redis.clone();
-        group_created(&mut r, &keys).await && consumers(&mut r, &keys).await == ["w"]
+        group_created(&redis, &keys).await && consumers(&redis, &keys).await == ["w"]
     })
     .await;
     // Joined means it has read: by then each of the pool's connections has prepared the
@@ -547,12 +468,7 @@ async fn a_worker_opens_its_postgres_connections_and_prepares_its_statements_bef
         db.name
     );
     assert_eq!(db.count(&prepared).await, pool_size);
-    publish(
-        &mut redis,
-        &keys.stream,
-        &[envelope("u1", "click", json!({}))],
-    )
-    .await;
+    publish(&redis, &keys.stream, &[envelope("u1", "click", json!({}))]).await;
     wait_until(WAIT, "stored", || async { db.events().await == 1 }).await;
     worker.stop().await.unwrap();
 }
@@ -561,29 +477,24 @@ async fn a_worker_opens_its_postgres_connections_and_prepares_its_statements_bef
 async fn restarted_worker_rereads_its_own_pending_entries_first() {
     let db = TestDb::create().await;
     let keys = Keys::new();
-    let mut redis = redis().await;
-    let proxy = PgProxy::start(false).await;
-    let mut cfg = config(&db_url(&db.name, Some(proxy.addr)), &keys, "same-name");
+    let redis = redis().await;
+    let proxy = Proxy::postgres(false).await;
+    let mut cfg = config(&proxy.url(&db.url), &keys, "same-name");
     cfg.shutdown_timeout = Duration::from_millis(200);
     let worker = RunningWorker::start(cfg);
     let events: Vec<_> = (0..5)
         .map(|i| envelope(&format!("u{i}"), "click", json!({})))
         .collect();
-    publish(&mut redis, &keys.stream, &events).await;
-    wait_until(WAIT, "held", || async {
-        let mut r = redis.clone();
-        pending(&mut r, &keys).await == 5
-    })
-    .await;
+    publish(&redis, &keys.stream, &events).await;
+    wait_until(WAIT, "held", || async { pending(&redis, &keys).await == 5 }).await;
     worker.stop().await.unwrap(); // grace period runs out: entries stay pending
-    assert_eq!(pending(&mut redis, &keys).await, 5);
+    assert_eq!(pending(&redis, &keys).await, 5);
 
     // Same consumer name, Postgres reachable, claiming far off: only the pending re-read can store them.
     let worker = RunningWorker::start(config(&db.url, &keys, "same-name"));
     wait_until(WAIT, "stored", || async { db.events().await == 5 }).await;
     wait_until(WAIT, "acknowledged", || async {
-        let mut r = redis.clone();
-        pending(&mut r, &keys).await == 0
+        pending(&redis, &keys).await == 0
     })
     .await;
     worker.stop().await.unwrap();
@@ -593,21 +504,20 @@ async fn restarted_worker_rereads_its_own_pending_entries_first() {
 async fn dlq_replay_stores_a_fixed_event_and_purge_empties_it() {
     let db = TestDb::create().await;
     let keys = Keys::new();
-    let mut redis = redis().await;
+    let redis = redis().await;
     let boom = envelope("u1", "boom", json!({"plan": "pro"}));
-    publish(&mut redis, &keys.stream, std::slice::from_ref(&boom)).await;
+    publish(&redis, &keys.stream, std::slice::from_ref(&boom)).await;
     let (_, buggy) = counting(true);
     let worker = RunningWorker::start_with(config(&db.url, &keys, "w"), buggy);
     wait_until(WAIT, "dead-lettered", || async {
-        let mut r = redis.clone();
-        xlen(&mut r, &keys.dlq).await == 1
+        xlen(&redis, &keys.dlq).await == 1
     })
     .await;
     worker.stop().await.unwrap();
 
     // The rule is fixed; replay puts the event back and the worker stores it.
     let worker = RunningWorker::start(config(&db.url, &keys, "w"));
-    let dead = DeadLetters::new(redis.clone(), &keys.dlq, &keys.stream);
+    let dead = dead_letters(&redis, &keys);
     let letter = dead.list(10).await.unwrap().remove(0);
     let report = dead
         .replay(&Selection::Ids(vec![letter.id.clone(), "1-1".into()]))
@@ -630,8 +540,8 @@ async fn dlq_replay_stores_a_fixed_event_and_purge_empties_it() {
     assert_eq!(dead.count().await.unwrap(), 0);
     worker.stop().await.unwrap();
 
-    publish_raw(&mut redis, &keys.dlq, &[("v", "1"), ("event", "x")]).await;
-    publish_raw(&mut redis, &keys.dlq, &[("v", "1"), ("event", "y")]).await;
+    publish_raw(&redis, &keys.dlq, &[("v", "1"), ("event", "x")]).await;
+    publish_raw(&redis, &keys.dlq, &[("v", "1"), ("event", "y")]).await;
     assert_eq!(dead.purge(&Selection::All).await.unwrap().0, 2);
     assert_eq!(dead.count().await.unwrap(), 0);
 }
@@ -640,7 +550,7 @@ async fn dlq_replay_stores_a_fixed_event_and_purge_empties_it() {
 async fn nul_characters_are_removed_and_do_not_fail_the_batch() {
     let db = TestDb::create().await;
     let keys = Keys::new();
-    let mut redis = redis().await;
+    let redis = redis().await;
     let mut nul = envelope(
         "u\u{0}1",
         "click\u{0}",
@@ -648,7 +558,7 @@ async fn nul_characters_are_removed_and_do_not_fail_the_batch() {
     );
     nul.session_id = Some("s\u{0}".into());
     let fine = envelope("u2", "click", json!({}));
-    publish(&mut redis, &keys.stream, &[nul.clone(), fine]).await;
+    publish(&redis, &keys.stream, &[nul.clone(), fine]).await;
     let worker = RunningWorker::start(config(&db.url, &keys, "w"));
     wait_until(WAIT, "both stored", || async { db.events().await == 2 }).await;
     worker.stop().await.unwrap();
@@ -665,7 +575,7 @@ async fn nul_characters_are_removed_and_do_not_fail_the_batch() {
         json!({"text": "ab", "nested": [{"k": ""}]})
     );
     assert_eq!(stored.description, "Triggered 'click'");
-    assert_eq!(xlen(&mut redis, &keys.dlq).await, 0);
+    assert_eq!(xlen(&redis, &keys.dlq).await, 0);
 }
 
 /// An entry's properties are stored as the api wrote them (the text is not decoded and encoded
@@ -675,7 +585,7 @@ async fn nul_characters_are_removed_and_do_not_fail_the_batch() {
 async fn properties_are_stored_as_written_and_undecodable_ones_are_dead_lettered() {
     let db = TestDb::create().await;
     let keys = Keys::new();
-    let mut redis = redis().await;
+    let redis = redis().await;
     let entry = |properties: &str| {
         format!(
             r#"{{"uuid":"{}","distinct_id":"u1","event":"click","properties":{properties},"timestamp":"2026-11-28T10:00:00Z","received_at":"2026-11-28T10:00:01Z"}}"#,
@@ -687,12 +597,11 @@ async fn properties_are_stored_as_written_and_undecodable_ones_are_dead_lettered
             "nested": {"k": [1, "x"]}, "$current_url": "https://x.test/pricing?a=1" }"#,
     );
     let lone = entry(r#"{"s": "\ud800"}"#);
-    publish_raw(&mut redis, &keys.stream, &[("v", "1"), ("event", &written)]).await;
-    publish_raw(&mut redis, &keys.stream, &[("v", "1"), ("event", &lone)]).await;
+    publish_raw(&redis, &keys.stream, &[("v", "1"), ("event", &written)]).await;
+    publish_raw(&redis, &keys.stream, &[("v", "1"), ("event", &lone)]).await;
     let worker = RunningWorker::start(config(&db.url, &keys, "w"));
     wait_until(WAIT, "1 stored, 1 dead-lettered", || async {
-        let mut r = redis.clone();
-        db.events().await == 1 && xlen(&mut r, &keys.dlq).await == 1
+        db.events().await == 1 && xlen(&redis, &keys.dlq).await == 1
     })
     .await;
     worker.stop().await.unwrap();
@@ -705,10 +614,7 @@ async fn properties_are_stored_as_written_and_undecodable_ones_are_dead_lettered
         .await,
         1
     );
-    let letters = DeadLetters::new(redis.clone(), &keys.dlq, &keys.stream)
-        .list(10)
-        .await
-        .unwrap();
+    let letters = dead_letters(&redis, &keys).list(10).await.unwrap();
     let error = letters[0].field(dlq::FIELD_ERROR).unwrap();
     assert!(
         error.contains("undecodable") && error.contains("surrogate"),
@@ -722,16 +628,9 @@ async fn properties_are_stored_as_written_and_undecodable_ones_are_dead_lettered
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrates_on_start_and_events_postgres_rejects_go_to_the_dlq() {
     // An empty database: the worker creates the schema itself.
-    let fresh = TestDb::create().await;
-    sea_orm::ConnectionTrait::execute_unprepared(
-        &fresh.conn,
-        "DROP TABLE events, user_profiles, user_sessions, erasures, seaql_migrations; \
-         DROP FUNCTION erasures_locked",
-    )
-    .await
-    .unwrap();
+    let fresh = TestDb::create_empty().await;
     let keys = Keys::new();
-    let mut redis = redis().await;
+    let redis = redis().await;
     let mut ancient = envelope("u1", "click", json!({}));
     // Before Postgres' earliest date: the api would not let it through, but the worker must cope.
     ancient.timestamp = chrono::NaiveDate::from_ymd_opt(-9000, 1, 1)
@@ -750,22 +649,19 @@ async fn migrates_on_start_and_events_postgres_rejects_go_to_the_dlq() {
             _ => envelope(&format!("u{i}"), "click", json!({})),
         })
         .collect();
-    publish(&mut redis, &keys.stream, &batch).await;
+    publish(&redis, &keys.stream, &batch).await;
     let mut cfg = config(&fresh.url, &keys, "w");
     cfg.migrate_on_start = true;
     let worker = RunningWorker::start(cfg);
     wait_until(WAIT, "18 stored, 2 dead-lettered", || async {
-        let mut r = redis.clone();
-        fresh.events().await == 18
-            && xlen(&mut r, &keys.dlq).await == 2
-            && pending(&mut r, &keys).await == 0
+        // the table does not exist until the worker has migrated
+        fresh.try_count("SELECT count(*) FROM events").await.ok() == Some(18)
+            && xlen(&redis, &keys.dlq).await == 2
+            && pending(&redis, &keys).await == 0
     })
     .await;
     worker.stop().await.unwrap();
-    let letters = DeadLetters::new(redis.clone(), &keys.dlq, &keys.stream)
-        .list(10)
-        .await
-        .unwrap();
+    let letters = dead_letters(&redis, &keys).list(10).await.unwrap();
     assert_eq!(letters.len(), 2);
     for letter in letters {
         assert!(
@@ -790,7 +686,7 @@ async fn migrates_on_start_and_events_postgres_rejects_go_to_the_dlq() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_connections_disable_nagle() {
     let db = TestDb::create().await;
-    let pool = db.worker_pool().await;
+    let pool = worker_pool(&db).await;
     let mut conn = pool.get_postgres_connection_pool().acquire().await.unwrap();
     assert_eq!(
         infra::postgres::nagle_disabled(&mut conn).await.unwrap(),
@@ -855,7 +751,7 @@ async fn profile_statements_probe_by_key_whatever_the_table_size_when_planned() 
         }
         plans
     }
-    for plan in plans(&db.worker_pool().await).await {
+    for plan in plans(&worker_pool(&db).await).await {
         assert!(
             plan.contains("Index Scan using user_profiles_pkey") && !plan.contains("Seq Scan"),
             "{plan}"
@@ -874,7 +770,7 @@ async fn profile_statements_probe_by_key_whatever_the_table_size_when_planned() 
 async fn batches_store_each_event_once_and_text_exactly() {
     use worker::store::write_batch;
     let db = TestDb::create().await;
-    let pool = db.worker_pool().await;
+    let pool = worker_pool(&db).await;
     let hostile = "tab\there\nnew line \\N back\\slash \r \"quoted\" é ☃ \u{1}";
     let mut a = envelope(
         "u1",
@@ -947,7 +843,7 @@ async fn an_event_stored_concurrently_by_another_replica_is_stored_and_counted_o
     use sea_orm::{ConnectionTrait, TransactionTrait};
     use worker::store::write_batch;
     let db = TestDb::create().await;
-    let pool = db.worker_pool().await;
+    let pool = worker_pool(&db).await;
     let shared = envelope("u1", "$pageview", json!({}));
     let mine = envelope("u2", "$pageview", json!({}));
     let other = db.conn.begin().await.unwrap();
@@ -962,7 +858,7 @@ async fn an_event_stored_concurrently_by_another_replica_is_stored_and_counted_o
     let batch = vec![stored(&shared), stored(&mine)];
     let write =
         tokio::spawn(async move { write_batch(&pool, &Default::default(), &batch, "v1").await });
-    common::wait_until(Duration::from_secs(10), "the batch to wait on the event", || async {
+    wait_until(Duration::from_secs(10), "the batch to wait on the event", || async {
         db.count("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'").await > 0
     })
     .await;
@@ -990,7 +886,7 @@ async fn an_event_stored_concurrently_by_another_replica_is_stored_and_counted_o
 async fn a_batch_larger_than_one_statement_is_stored_whole() {
     use worker::store::{StoredEvent, write_batch};
     let db = TestDb::create().await;
-    let pool = db.worker_pool().await;
+    let pool = worker_pool(&db).await;
     let big = "x".repeat(12 << 20);
     let events: Vec<StoredEvent> = (0..4)
         .map(|i| {
@@ -1108,7 +1004,7 @@ async fn profile(
 async fn profiles_merge_details_batch_after_batch() {
     use worker::store::{KnownProfiles, write_batch};
     let db = TestDb::create().await;
-    let pool = db.worker_pool().await;
+    let pool = worker_pool(&db).await;
     // One replica's memory of the profiles it stored: the later batches skip creating them.
     let known = KnownProfiles::default();
     let mut first = envelope("u1", "$pageview", json!({"$set": {"plan": "free"}}));
@@ -1158,7 +1054,7 @@ async fn profiles_merge_details_batch_after_batch() {
 async fn a_batch_merges_the_intents_it_hits_and_keeps_the_others() {
     use worker::store::{KnownProfiles, write_batch};
     let db = TestDb::create().await;
-    let pool = db.worker_pool().await;
+    let pool = worker_pool(&db).await;
     let known = KnownProfiles::default();
     let hits = |envelope: &entity::Envelope, names: &[(&str, f64)]| {
         let mut event = stored(envelope);
@@ -1209,7 +1105,7 @@ async fn profiles_erased_after_a_replica_stored_them_are_created_again() {
     use sea_orm::ConnectionTrait;
     use worker::store::{KnownProfiles, write_batch};
     let db = TestDb::create().await;
-    let pool = db.worker_pool().await;
+    let pool = worker_pool(&db).await;
     let known = KnownProfiles::default();
     let mut first = envelope("u1", "$pageview", json!({"$set": {"plan": "free"}}));
     first.session_id = Some("s1".into());
@@ -1259,7 +1155,7 @@ async fn a_profile_created_concurrently_by_another_replica_merges_both() {
     use sea_orm::{ConnectionTrait, TransactionTrait};
     use worker::store::write_batch;
     let db = TestDb::create().await;
-    let pool = db.worker_pool().await;
+    let pool = worker_pool(&db).await;
     // Another replica's open transaction has created u1 with one intent.
     let other = db.conn.begin().await.unwrap();
     other
@@ -1282,7 +1178,7 @@ async fn a_profile_created_concurrently_by_another_replica_merges_both() {
     let write =
         tokio::spawn(async move { write_batch(&pool, &Default::default(), &batch, "v1").await });
     // This batch's insert of u1's profile now waits for the other transaction.
-    common::wait_until(Duration::from_secs(10), "the batch to wait on u1", || async {
+    wait_until(Duration::from_secs(10), "the batch to wait on u1", || async {
         db.count("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'").await > 0
     })
     .await;
@@ -1304,7 +1200,7 @@ async fn a_profile_created_concurrently_by_another_replica_merges_both() {
 async fn concurrent_batches_over_the_same_users_do_not_deadlock() {
     use worker::store::write_batch;
     let db = TestDb::create().await;
-    let pool = db.worker_pool().await;
+    let pool = worker_pool(&db).await;
     let (writers, batches, per_batch) = (4, 15, 12);
     let tasks: Vec<_> = (0..writers)
         .map(|w| {
@@ -1382,21 +1278,20 @@ fn weighing(users: usize, count: usize, bytes: usize) -> Vec<entity::Envelope> {
 async fn large_events_are_stored_once_without_holding_more_than_the_read_ahead_budget() {
     let db = TestDb::create().await;
     let keys = Keys::new();
-    let mut redis = redis().await;
+    let redis = redis().await;
     // Events just under MAX_EVENT_BYTES (1 MiB); the budget holds three.
     let events = weighing(3, 16, 1_000_000);
     assert!(events.iter().all(|e| e.to_json().len() <= 1 << 20));
-    publish(&mut redis, &keys.stream, &events).await;
+    publish(&redis, &keys.stream, &events).await;
     let mut cfg = config(&db.url, &keys, "w");
     cfg.max_event_bytes = 1 << 20;
     cfg.read_ahead_bytes = 3 * (1 << 20) + 64 * 1024;
     let budget = cfg.read_ahead_bytes as i64;
     let (worker, metrics) = RunningWorker::start_observed(cfg);
     wait_until(WAIT, "16 events stored, nothing pending", || async {
-        let mut r = redis.clone();
         db.events().await == 16
-            && xlen(&mut r, &keys.stream).await == 0
-            && pending(&mut r, &keys).await == 0
+            && xlen(&redis, &keys.stream).await == 0
+            && pending(&redis, &keys).await == 0
     })
     .await;
     worker.stop().await.unwrap();
@@ -1413,7 +1308,7 @@ async fn large_events_are_stored_once_without_holding_more_than_the_read_ahead_b
         events[0].properties["blob"].as_str().unwrap().len() as i64,
         "stored whole"
     );
-    assert_eq!(xlen(&mut redis, &keys.dlq).await, 0);
+    assert_eq!(xlen(&redis, &keys.dlq).await, 0);
     let peak = metrics.read_ahead_peak_bytes.get();
     assert!(
         (1_000_000..=budget).contains(&peak),
@@ -1426,26 +1321,25 @@ async fn large_events_are_stored_once_without_holding_more_than_the_read_ahead_b
 async fn an_event_larger_than_the_whole_read_ahead_budget_is_stored_not_stuck() {
     let db = TestDb::create().await;
     let keys = Keys::new();
-    let mut redis = redis().await;
+    let redis = redis().await;
     // Queued before the api refused events over MAX_EVENT_BYTES: 1 MB, with a 64 KiB limit and a
     // 128 KiB budget, between events of an ordinary size.
     let mut events = vec![envelope("u1", "click", json!({}))];
     events.extend(weighing(1, 1, 1_000_000));
     events.push(envelope("u2", "click", json!({})));
-    publish(&mut redis, &keys.stream, &events).await;
+    publish(&redis, &keys.stream, &events).await;
     let mut cfg = config(&db.url, &keys, "w");
     cfg.max_event_bytes = 64 * 1024;
     cfg.read_ahead_bytes = 128 * 1024;
     let (worker, metrics) = RunningWorker::start_observed(cfg);
     wait_until(WAIT, "3 events stored, nothing pending", || async {
-        let mut r = redis.clone();
         db.events().await == 3
-            && xlen(&mut r, &keys.stream).await == 0
-            && pending(&mut r, &keys).await == 0
+            && xlen(&redis, &keys.stream).await == 0
+            && pending(&redis, &keys).await == 0
     })
     .await;
     worker.stop().await.unwrap();
-    assert_eq!(xlen(&mut redis, &keys.dlq).await, 0);
+    assert_eq!(xlen(&redis, &keys.dlq).await, 0);
     assert!(metrics.read_ahead_peak_bytes.get() >= 1_000_000);
     assert_eq!(metrics.read_ahead_bytes.get(), 0);
 }
@@ -1454,34 +1348,33 @@ async fn an_event_larger_than_the_whole_read_ahead_budget_is_stored_not_stuck() 
 async fn the_dead_letter_stream_keeps_its_newest_dlq_maxlen_entries() {
     let db = TestDb::create().await;
     let keys = Keys::new();
-    let mut redis = redis().await;
+    let redis = redis().await;
     let mut poison = Vec::new();
     for i in 0..5 {
         let event = format!("{{not json {i}");
-        poison.push(publish_raw(&mut redis, &keys.stream, &[("v", "1"), ("event", &event)]).await);
+        poison.push(publish_raw(&redis, &keys.stream, &[("v", "1"), ("event", &event)]).await);
     }
     let mut cfg = config(&db.url, &keys, "w");
     cfg.dlq_maxlen = 3;
     let (worker, metrics) = RunningWorker::start_observed(cfg);
     wait_until(WAIT, "5 dead-lettered, nothing pending", || async {
-        let mut r = redis.clone();
         metrics
             .dead_lettered
             .with_label_values(&["undecodable"])
             .get()
             == 5
-            && pending(&mut r, &keys).await == 0
+            && pending(&redis, &keys).await == 0
     })
     .await;
     worker.stop().await.unwrap();
 
-    assert_eq!(xlen(&mut redis, &keys.dlq).await, 3);
+    assert_eq!(xlen(&redis, &keys.dlq).await, 3);
     assert_eq!(
         metrics.dead_letters_trimmed.get(),
         2,
         "the two oldest removed"
     );
-    let mut kept: Vec<String> = DeadLetters::new(redis.clone(), &keys.dlq, &keys.stream)
+    let mut kept: Vec<String> = dead_letters(&redis, &keys)
         .list(10)
         .await
         .unwrap()

@@ -1,5 +1,6 @@
-//! Test harness: runs the real api (`api::run`) on 127.0.0.1:0 against the real Redis, each test
-//! with its own stream key, removed when the test ends.
+//! The api's test harness on top of `testkit`: the real api (`api::run`) on 127.0.0.1:0 against
+//! the real Redis, with stream keys of its own removed when the test ends, and worker replicas
+//! run in-process beside it.
 
 #![allow(dead_code)]
 
@@ -7,52 +8,23 @@ use std::{net::SocketAddr, time::Duration};
 
 use api::Config;
 use entity::Envelope;
-use redis::streams::StreamRangeReply;
+use reqwest::{RequestBuilder, Response, StatusCode};
+use serde_json::Value;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+pub use testkit::*;
 
 pub const SECRET: &str = "test-secret-key";
 pub const INGEST_KEY: &str = "phc_test_ingest_key";
 
-pub fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-pub fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-/// Polls `check` every 20 ms until it holds; panics with `what` after `timeout`.
-pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if check().await {
-            return;
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A unique key for this test.
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}_{:016x}", rand::random::<u64>())
-}
-
-/// A config for one test: real local services, its own stream.
+/// A config for one test: real local services, its own stream keys.
 pub fn test_config() -> Config {
     let mut config = Config::for_local(SECRET);
     config.ingest_api_keys = vec![INGEST_KEY.into()];
     config.redis_url = redis_url();
     config.database_url = database_url();
-    config.queue_name = unique("test_events");
-    config.dlq_name = unique("test_dlq");
+    (config.queue_name, config.dlq_name) = stream_names();
     config.bind = "127.0.0.1:0".parse().unwrap();
     config.migrate_on_start = false;
     config
@@ -80,66 +52,40 @@ pub fn worker_config(api: &Config, database_url: &str, group: &str) -> worker::C
     .expect("valid worker config")
 }
 
-/// A database of its own for one test: created with the full schema, dropped when the test ends.
-pub struct TestDb {
-    pub name: String,
-    pub url: String,
-    pub conn: sea_orm::DatabaseConnection,
+/// What the tests do with a request.
+pub trait RequestExt: Sized {
+    /// With `key` in the `X-API-Key` header.
+    fn key(self, key: &str) -> Self;
+    /// Sends it; panics when no answer comes.
+    fn answer(self) -> impl Future<Output = Response> + Send;
+    /// Sends it and reads the answer's JSON body, whatever its status.
+    fn answer_json(self) -> impl Future<Output = Value> + Send;
 }
 
-impl TestDb {
-    pub async fn create() -> Self {
-        let db = Self::create_empty().await;
-        migration::apply(&db.conn).await.unwrap();
-        db
+impl RequestExt for RequestBuilder {
+    fn key(self, key: &str) -> Self {
+        self.header("X-API-Key", key)
     }
 
-    /// A database of its own without any schema (for code that must apply the migrations).
-    pub async fn create_empty() -> Self {
-        use sea_orm::ConnectionTrait;
-        let admin = sea_orm::Database::connect(database_url())
-            .await
-            .expect("postgres at DATABASE_URL");
-        let name = unique("test_api");
-        admin
-            .execute_unprepared(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        let url = format!("{}/{name}", server_url());
-        let conn = sea_orm::Database::connect(&url).await.unwrap();
-        Self { name, url, conn }
+    async fn answer(self) -> Response {
+        self.send().await.expect("the api answers")
+    }
+
+    async fn answer_json(self) -> Value {
+        self.answer().await.json().await.expect("a JSON body")
     }
 }
 
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("psql")
-            .arg(database_url())
-            .args([
-                "-q",
-                "-c",
-                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-            ])
-            .output();
-    }
-}
-
-/// `DATABASE_URL` without its database name.
-fn server_url() -> String {
-    let url = database_url();
-    match url.rfind('/') {
-        Some(i) if i > "postgres://".len() => url[..i].to_string(),
-        _ => url,
-    }
-}
-
+/// The api serving in this test.
 pub struct TestApp {
     pub addr: SocketAddr,
     pub base: String,
     pub http: reqwest::Client,
     pub config: Config,
+    /// The config's stream keys, deleted with the app.
+    pub keys: Keys,
     shutdown: CancellationToken,
-    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl TestApp {
@@ -151,8 +97,10 @@ impl TestApp {
         let listener = tokio::net::TcpListener::bind(config.bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
+        let keys = Keys::adopt(config.queue_name.clone(), config.dlq_name.clone());
+        // The listener is bound before `run` starts, so requests queue until it serves.
         let server = tokio::spawn(api::run(config.clone(), listener, shutdown.clone()));
-        let app = Self {
+        Self {
             addr,
             base: format!("http://{addr}"),
             http: reqwest::Client::builder()
@@ -160,77 +108,94 @@ impl TestApp {
                 .build()
                 .unwrap(),
             config,
+            keys,
             shutdown,
             server: Some(server),
-        };
-        // The listener is bound before `run` starts, so requests queue until it serves.
-        app
+        }
+    }
+
+    /// The api of `config` on a database of its own (with the schema).
+    pub async fn spawn_with_db(mut config: Config) -> (Self, TestDb) {
+        let db = TestDb::create().await;
+        config.database_url = db.url.clone();
+        (Self::spawn_with(config).await, db)
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
 
+    pub fn get(&self, path: &str) -> RequestBuilder {
+        self.http.get(self.url(path))
+    }
+
+    pub fn post(&self, path: &str) -> RequestBuilder {
+        self.http.post(self.url(path))
+    }
+
+    pub fn delete(&self, path: &str) -> RequestBuilder {
+        self.http.delete(self.url(path))
+    }
+
+    /// `GET /context/user/{user}` with the secret key: the answer's status and JSON body.
+    pub async fn context(&self, user: &str) -> (StatusCode, Value) {
+        let resp = self
+            .get(&format!("/context/user/{user}"))
+            .key(SECRET)
+            .answer()
+            .await;
+        (resp.status(), resp.json().await.unwrap())
+    }
+
+    /// `GET /ready`: the status and the body.
+    pub async fn ready(&self) -> (StatusCode, Value) {
+        let resp = self.get("/ready").answer().await;
+        (resp.status(), resp.json().await.unwrap())
+    }
+
+    /// `GET /metrics`.
+    pub async fn metrics(&self) -> Scrape {
+        scrape(&self.url("/metrics")).await
+    }
+
     /// Every entry of this test's stream, decoded.
     pub async fn stream_envelopes(&self) -> Vec<Envelope> {
-        let client = redis::Client::open(self.config.redis_url.as_str()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let reply: StreamRangeReply = redis::cmd("XRANGE")
-            .arg(&self.config.queue_name)
-            .arg("-")
-            .arg("+")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        reply
-            .ids
-            .iter()
-            .map(|entry| {
-                Envelope::from_fields(|name| match entry.map.get(name) {
-                    Some(redis::Value::BulkString(b)) => Some(b.as_slice()),
-                    _ => None,
-                })
-                .expect("stream entry decodes")
-            })
-            .collect()
+        envelopes(&redis().await, &self.keys.stream).await
     }
 
     /// Number of entries in this test's stream.
-    pub async fn stream_len(&self) -> u64 {
-        self.xlen(&self.config.queue_name).await
+    pub async fn stream_len(&self) -> i64 {
+        xlen(&redis().await, &self.keys.stream).await
     }
 
     /// Number of entries in this test's dead-letter stream.
-    pub async fn dlq_len(&self) -> u64 {
-        self.xlen(&self.config.dlq_name).await
+    pub async fn dlq_len(&self) -> i64 {
+        xlen(&redis().await, &self.keys.dlq).await
     }
 
-    async fn xlen(&self, key: &str) -> u64 {
-        let client = redis::Client::open(self.config.redis_url.as_str()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        redis::cmd("XLEN")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .unwrap()
-    }
-
-    /// Appends filler entries directly (to build a backlog).
+    /// Appends `n` filler entries directly (to build a backlog).
     pub async fn fill_stream(&self, n: usize) {
-        let client = redis::Client::open(self.config.redis_url.as_str()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let mut pipe = redis::pipe();
+        let redis = redis().await;
         for _ in 0..n {
-            pipe.cmd("XADD")
-                .arg(&self.config.queue_name)
-                .arg("*")
-                .arg("v")
-                .arg("1")
-                .arg("event")
-                .arg("{}")
-                .ignore();
+            publish_raw(&redis, &self.keys.stream, &[("v", "1"), ("event", "{}")]).await;
         }
-        let () = pipe.query_async(&mut conn).await.unwrap();
+    }
+
+    /// A worker replica in this process for this app's stream, storing in `db`.
+    pub fn start_worker(&self, db: &TestDb, group: &str) -> InProcessWorker {
+        let config = worker_config(&self.config, &db.url, group);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(worker::run(config, shutdown.clone()));
+        InProcessWorker {
+            _stop: StopOnDrop::new(&shutdown, &task),
+            shutdown,
+            task,
+        }
+    }
+
+    /// Begins shutdown the way SIGTERM does, without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
     }
 
     /// Stops the server the way SIGTERM does and waits for it.
@@ -243,14 +208,20 @@ impl TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
-        if let Ok(client) = redis::Client::open(self.config.redis_url.as_str())
-            && let Ok(mut conn) = client.get_connection()
-        {
-            let _: Result<(), _> = redis::cmd("DEL")
-                .arg(&self.config.queue_name)
-                .arg(&self.config.dlq_name)
-                .arg(&infra::unmatched::report_keys(&self.config.queue_name)[..])
-                .query(&mut conn);
-        }
+    }
+}
+
+/// A worker replica running in this process.
+pub struct InProcessWorker {
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), worker::WorkerError>>,
+    _stop: StopOnDrop,
+}
+
+impl InProcessWorker {
+    /// Stops it the way SIGTERM does; it must stop cleanly.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().expect("worker stops cleanly");
     }
 }
