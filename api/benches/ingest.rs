@@ -1,5 +1,5 @@
 //! Ingest CPU per event, without the network: turning a request body into stream envelopes
-//! (`fast::queue`, the path SDK traffic takes) and packing them into the XADD pipeline sent to
+//! (`parse::queue`, the path SDK traffic takes) and packing them into the XADD pipeline sent to
 //! Redis. Same 600-byte posthog-js pageview as `ingest-load.sh`; prints events/s (criterion's
 //! throughput) and allocations per event (a counting allocator, which costs a little itself).
 //!
@@ -13,7 +13,7 @@ use criterion::{Criterion, Throughput, criterion_group};
 use serde_json::{Value, json};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 
-use api::{fast, publisher::xadd_pipeline};
+use api::ingest::{parse, publish::xadd_pipeline};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -44,8 +44,8 @@ fn bodies() -> [(&'static str, Vec<u8>, u64); 2] {
     ]
 }
 
-fn queue(body: &[u8]) -> Vec<fast::Queued> {
-    fast::queue(body, Utc::now(), None, usize::MAX, |_| Ok(())).expect("valid body")
+fn queue(body: &[u8]) -> Vec<parse::Queued> {
+    parse::queue(body, Utc::now(), None, usize::MAX, |_| Ok(())).expect("valid body")
 }
 
 fn bench(c: &mut Criterion) {

@@ -12,9 +12,6 @@ pub mod ingest;
 pub mod routes;
 pub mod state;
 
-// The paths the api's tests and benches name.
-pub use ingest::{limits, parse as fast, publish as publisher};
-
 /// The fixed "now" of unit tests.
 #[cfg(test)]
 fn test_now() -> chrono::DateTime<chrono::Utc> {

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use api::limits::{
+use api::ingest::limits::{
     MAX_EVENT_NAME_CHARS, MAX_PROPERTIES_DEPTH, MAX_PROPERTY_KEY_CHARS, MAX_SESSION_ID_CHARS,
 };
 use common::{INGEST_KEY, RequestExt, SECRET, TestApp, test_config, wait_until};

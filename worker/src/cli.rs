@@ -97,7 +97,7 @@ pub enum RulesCommand {
 /// Runs a DLQ command, printing what it did.
 pub async fn dlq(config: &Config, action: &DlqCommand) -> Result<ExitCode, WorkerError> {
     let client =
-        crate::stream::client(&config.redis_url).map_err(crate::stream::StreamError::from)?;
+        infra::redis::client(&config.redis_url).map_err(infra::redis::StreamError::from)?;
     let conn = connection(client, COMMAND_TIMEOUT).map_err(crate::stream::StreamError::from)?;
     let dlq = DeadLetters::new(conn, &config.dlq_name, &config.queue_name);
     match action {
@@ -199,7 +199,7 @@ async fn unmatched(
     json: bool,
     clear: bool,
 ) -> Result<(), redis::RedisError> {
-    let conn = connection(crate::stream::client(&config.redis_url)?, COMMAND_TIMEOUT)?;
+    let conn = connection(infra::redis::client(&config.redis_url)?, COMMAND_TIMEOUT)?;
     let report = UnmatchedReport::new(conn, &config.queue_name);
     if clear {
         report.clear().await?;

@@ -5,7 +5,8 @@
 
 use std::{collections::HashMap, time::Duration};
 
-pub use infra::redis::{COMMAND_TIMEOUT, Entry, StreamError, client, connection};
+use infra::redis::{COMMAND_TIMEOUT, client, connection};
+pub use infra::redis::{Entry, StreamError};
 use infra::redis::{bytes, info_int, info_string, key_values, parse_entries};
 use redis::{RedisError, Value, aio::ConnectionManager};
 

@@ -248,9 +248,9 @@ async fn unmatched_counts_survive_a_redis_outage() {
     let proxy = Proxy::redis(true).await;
     // Connected as a worker connects (few, short reconnect attempts), so a flush fails while
     // Redis is away instead of waiting for it.
-    let via_proxy = worker::stream::connection(
-        worker::stream::client(&proxy.url(&redis_url())).unwrap(),
-        worker::stream::COMMAND_TIMEOUT,
+    let via_proxy = infra::redis::connection(
+        infra::redis::client(&proxy.url(&redis_url())).unwrap(),
+        infra::redis::COMMAND_TIMEOUT,
     )
     .unwrap();
     let keys = Keys::new();
