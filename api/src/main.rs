@@ -7,7 +7,7 @@ use infra::config::Vars;
 use infra::telemetry;
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc: the ingest path allocates many small JSON values; glibc malloc cost a quarter of the CPU.
+/// mimalloc: the ingest path allocates many small JSON values (docs/tuning.md, "Allocator").
 /// Started with lazy arena commit (see [`infra::allocator`]).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

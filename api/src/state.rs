@@ -8,8 +8,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Config,
     context::conns::ReadConnections,
-    http::{auth::Keys, body::InFlight, metrics::ApiMetrics},
-    ingest::publish::Publisher,
+    http::{auth::Keys, metrics::ApiMetrics},
+    ingest::{inflight::InFlight, publish::Publisher},
 };
 
 /// Most connections to Postgres of each of the two sets: the context reads' and everything else's.

@@ -158,12 +158,8 @@ impl DeadLetters {
     pub async fn erase(&self, ids: &[&str], erased_at: DateTime<Utc>) -> Result<u64, StreamError> {
         let tombstones = Tombstones::of(ids, erased_at);
         let mut deleted = 0;
-        let mut start = "-".to_string();
-        loop {
-            let page = self.range(&start, "+", PAGE).await?;
-            let Some(last) = page.last() else { break };
-            start = format!("({}", last.id);
-            let done = page.len() < PAGE;
+        let mut pages = Pages::default();
+        while let Some(page) = pages.next(self).await? {
             let erased: Vec<&str> = page
                 .iter()
                 .filter(|letter| {
@@ -183,9 +179,6 @@ impl DeadLetters {
                     .query_async(&mut self.conn.clone())
                     .await?;
                 deleted += n;
-            }
-            if done {
-                break;
             }
         }
         Ok(deleted)
@@ -209,16 +202,9 @@ impl DeadLetters {
             }
             Selection::All => {
                 let mut all = Vec::new();
-                let mut start = "-".to_string();
-                loop {
-                    let page = self.range(&start, "+", PAGE).await?;
-                    let Some(last) = page.last() else { break };
-                    start = format!("({}", last.id);
-                    let done = page.len() < PAGE;
+                let mut pages = Pages::default();
+                while let Some(page) = pages.next(self).await? {
                     all.extend(page);
-                    if done {
-                        break;
-                    }
                 }
                 Ok(all)
             }
@@ -247,5 +233,36 @@ impl DeadLetters {
                 fields: e.fields,
             })
             .collect())
+    }
+}
+
+/// The dead-letter stream read from its start, [`PAGE`] entries at a time.
+struct Pages {
+    /// Exclusive start of the next page (`-` before the first).
+    start: String,
+    done: bool,
+}
+
+impl Default for Pages {
+    fn default() -> Self {
+        Pages {
+            start: "-".to_string(),
+            done: false,
+        }
+    }
+}
+
+impl Pages {
+    async fn next(&mut self, dlq: &DeadLetters) -> Result<Option<Vec<DeadLetter>>, StreamError> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = dlq.range(&self.start, "+", PAGE).await?;
+        let Some(last) = page.last() else {
+            return Ok(None);
+        };
+        self.start = format!("({}", last.id);
+        self.done = page.len() < PAGE;
+        Ok(Some(page))
     }
 }

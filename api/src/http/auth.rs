@@ -113,7 +113,7 @@ impl Keys {
             .fold(false, |found, k| found | bool::from(k.ct_eq(&key)));
         match (is_secret, is_ingest, access) {
             (true, _, _) if source == KeySource::Body => Err(ApiError::forbidden(
-                "the secret key (API_SECRET_KEY) is accepted only in the X-API-Key header;                  bodies and query strings take ingest keys (INGEST_API_KEYS)",
+                "the secret key (API_SECRET_KEY) is accepted only in the X-API-Key header; bodies and query strings take ingest keys (INGEST_API_KEYS)",
             )),
             (true, _, _) => Ok(Principal::Secret),
             (false, true, Access::Ingest) => Ok(Principal::Ingest),

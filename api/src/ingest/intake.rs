@@ -15,9 +15,9 @@ use super::{
 use crate::{
     http::{
         auth::{Access, KeySource},
-        body::Held,
         error::ApiError,
     },
+    ingest::inflight::Held,
     state::AppState,
 };
 

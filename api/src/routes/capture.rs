@@ -11,11 +11,12 @@ use super::ApiTags;
 use crate::{
     http::{
         auth::{API_KEY_HEADER, Access, ApiKeyHeader, CaptureAuth},
-        body::{BodyDoc, Held, RawBody},
+        body::{BodyDoc, RawBody},
         error::{ApiError, responses},
     },
     ingest::{
         decode::Compression,
+        inflight::Held,
         intake::{self, BodyKey, Encoded},
     },
     state::AppState,
