@@ -35,12 +35,12 @@ async fn serve() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _ = dotenvy::dotenv();
     let vars = Vars::from_env();
-    let config = Config::from_vars(&vars).unwrap_or_else(|e| exit_config_error(&e));
+    let config = Config::from_vars(&vars).unwrap_or_else(|e| e.exit());
     let _telemetry = telemetry::init(&config.telemetry)?;
     config.warn_if_development_key();
     let worker_config = cli
         .with_worker
-        .then(|| worker::Config::from_vars(&vars).unwrap_or_else(|e| exit_config_error(&e)));
+        .then(|| worker::Config::from_vars(&vars).unwrap_or_else(|e| e.exit()));
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
         .with_context(|| format!("API_BIND: cannot listen on {}", config.bind))?;
@@ -52,12 +52,6 @@ async fn serve() -> anyhow::Result<()> {
         }
         None => api::run(config, listener, shutdown).await,
     }
-}
-
-/// A bad or missing variable: one line naming it, exit status 2.
-fn exit_config_error(e: &infra::config::ConfigError) -> ! {
-    eprintln!("{e}");
-    std::process::exit(2);
 }
 
 async fn shutdown_on_signal(token: CancellationToken) {

@@ -326,6 +326,7 @@ fn production_without_a_secret_key_refuses_to_start() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(infra::config::EXIT_CONFIG_ERROR));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).trim(),
         "configuration error: API_SECRET_KEY: is required but not set"

@@ -22,7 +22,18 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// The exit status of the api and the worker when a variable is bad or missing: 2, as clap's
+/// for a bad command-line argument (the spirit of sysexits' `EX_USAGE`). A supervisor can tell
+/// "fix the configuration" (2) from "failed while running" (1).
+pub const EXIT_CONFIG_ERROR: i32 = 2;
+
 impl ConfigError {
+    /// Prints the one-line error to stderr and exits with [`EXIT_CONFIG_ERROR`].
+    pub fn exit(&self) -> ! {
+        eprintln!("{self}");
+        std::process::exit(EXIT_CONFIG_ERROR);
+    }
+
     pub fn new(var: &str, message: impl Into<String>) -> Self {
         Self {
             var: var.to_string(),

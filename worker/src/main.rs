@@ -26,7 +26,8 @@ fn main() -> anyhow::Result<ExitCode> {
 async fn run() -> anyhow::Result<ExitCode> {
     dotenvy::dotenv().ok();
     let cli = Cli::parse();
-    let config = Config::from_vars(&Vars::from_env())?;
+    // A bad or missing variable: one line naming it, exit status 2 (as the api).
+    let config = Config::from_vars(&Vars::from_env()).unwrap_or_else(|e| e.exit());
     let _telemetry = telemetry::init(&config.telemetry)?;
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
