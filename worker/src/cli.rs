@@ -35,6 +35,9 @@ pub enum Command {
         #[command(subcommand)]
         action: RulesCommand,
     },
+    /// Exit 0 when this replica's `GET /health` on `WORKER_METRICS_BIND` answers 200, 1
+    /// otherwise, with a one-line reason: the container health check, without curl.
+    Healthcheck,
 }
 
 #[derive(Debug, Subcommand)]
