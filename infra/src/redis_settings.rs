@@ -143,8 +143,13 @@ pub async fn check(
 
 /// Runs [`check`] in the background on a connection of its own to `redis_url` (start-up must not
 /// wait on Redis).
-pub fn spawn_check(redis_url: &str, production: bool, gauge: IntGaugeVec) {
-    let client = crate::redis::client(redis_url);
+pub fn spawn_check(
+    redis_url: &str,
+    ca: Option<&std::path::Path>,
+    production: bool,
+    gauge: IntGaugeVec,
+) {
+    let client = crate::redis::client_with_ca(redis_url, ca);
     tokio::spawn(async move {
         let connect = async {
             client?
