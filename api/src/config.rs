@@ -8,6 +8,18 @@ use infra::config::{ConfigError, Shared, Vars, address, checked, list, millis, n
 /// The full-access key used when `ENVIRONMENT` is `development` and `API_SECRET_KEY` is unset:
 /// the value in `.env.example`, so a fresh clone runs with no `.env`. Public, hence never used
 /// in any other environment.
+/// Default of `API_BIND`.
+pub const DEFAULT_BIND: &str = "127.0.0.1:8000";
+
+/// `API_BIND` alone (default [`DEFAULT_BIND`]), for `api healthcheck`: the error names the
+/// variable.
+pub fn bind(vars: &Vars) -> Result<SocketAddr, String> {
+    let raw = vars
+        .get("API_BIND")
+        .unwrap_or_else(|| DEFAULT_BIND.to_string());
+    address(&raw).map_err(|e| format!("API_BIND: {e}"))
+}
+
 pub const DEVELOPMENT_SECRET_KEY: &str = "local_dev_secret_key_12345";
 /// The ingest key used when `ENVIRONMENT` is `development` and `INGEST_API_KEYS` is unset: what
 /// the simulator and the README's examples put in bodies (the secret key is only taken from the
@@ -44,7 +56,7 @@ pub struct Config {
     )]
     pub ingest_api_keys: std::vec::Vec<String>,
     /// Address the HTTP server binds.
-    #[arg(long, env = "API_BIND", default_value = "127.0.0.1:8000", value_parser = address)]
+    #[arg(long, env = "API_BIND", default_value = DEFAULT_BIND, value_parser = address)]
     pub bind: SocketAddr,
     /// Largest accepted request body, compressed or decompressed.
     #[arg(

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use api::Config;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use infra::config::Vars;
 use infra::telemetry;
 use tokio_util::sync::CancellationToken;
@@ -21,26 +21,42 @@ struct Cli {
     /// the whole pipeline in one process, for local work and small deployments.
     #[arg(long)]
     with_worker: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Exit 0 when this api's `GET /health` on `API_BIND` answers 200, 1 otherwise, with a
+    /// one-line reason: the container health check, without curl.
+    Healthcheck,
+}
+
+fn main() -> anyhow::Result<std::process::ExitCode> {
     infra::allocator::apply_options();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(serve())
-}
-
-async fn serve() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _ = dotenvy::dotenv();
     let vars = Vars::from_env();
-    let config = Config::from_vars(&vars).unwrap_or_else(|e| exit_config_error(&e));
+    if let Some(Command::Healthcheck) = cli.command {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        return Ok(runtime.block_on(infra::health::healthcheck(api::config::bind(&vars))));
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(cli, vars))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn serve(cli: Cli, vars: Vars) -> anyhow::Result<()> {
+    let config = Config::from_vars(&vars).unwrap_or_else(|e| e.exit());
     let _telemetry = telemetry::init(&config.telemetry)?;
     config.warn_if_development_key();
     let worker_config = cli
         .with_worker
-        .then(|| worker::Config::from_vars(&vars).unwrap_or_else(|e| exit_config_error(&e)));
+        .then(|| worker::Config::from_vars(&vars).unwrap_or_else(|e| e.exit()));
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
         .with_context(|| format!("API_BIND: cannot listen on {}", config.bind))?;
@@ -52,12 +68,6 @@ async fn serve() -> anyhow::Result<()> {
         }
         None => api::run(config, listener, shutdown).await,
     }
-}
-
-/// A bad or missing variable: one line naming it, exit status 2.
-fn exit_config_error(e: &infra::config::ConfigError) -> ! {
-    eprintln!("{e}");
-    std::process::exit(2);
 }
 
 async fn shutdown_on_signal(token: CancellationToken) {

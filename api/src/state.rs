@@ -61,6 +61,7 @@ impl AppState {
         let metrics = ApiMetrics::default();
         let publisher = Publisher::new(
             &config.redis_url,
+            config.redis_ca_cert.as_deref(),
             &config.queue_name,
             config.redis_timeout,
             config.stream_max_backlog,

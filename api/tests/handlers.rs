@@ -20,8 +20,8 @@ async fn readiness_answers_503_as_soon_as_shutdown_begins() {
     resp.assert_json(&serde_json::json!({
         "status": "shutting_down",
         "checks": [
-            {"name": "redis", "ok": true},
-            {"name": "postgres", "ok": true}
+            {"name": "redis", "ok": true, "required": true, "affects": ["ingest", "erasure", "rules"]},
+            {"name": "postgres", "ok": true, "required": false, "affects": ["context"]}
         ]
     }))
     .await;

@@ -6,7 +6,9 @@ mod common;
 use std::io::Write;
 
 use base64::{Engine, engine::general_purpose::STANDARD};
-use common::{INGEST_KEY, Proxy, RequestExt, SECRET, TestApp, WAIT, test_config, wait_until};
+use common::{
+    INGEST_KEY, Proxy, RequestExt, SECRET, TestApp, TestDb, WAIT, test_config, wait_until,
+};
 use flate2::{Compression, write::GzEncoder};
 use reqwest::{StatusCode, header::CONTENT_TYPE};
 use serde_json::{Value, json};
@@ -639,22 +641,71 @@ async fn health_ready_docs_and_json_errors_for_unknown_routes() {
     assert_eq!(e["type"], "not_found");
 }
 
+/// Postgres stopping takes no api pod out of service: readiness stays 200 (its check says
+/// Postgres is down, is not required and affects the context routes), ingest goes on into the
+/// stream, the context routes answer 503 naming Postgres, and they answer again once it is back.
 #[tokio::test]
-async fn postgres_down_makes_ready_503_but_ingest_keeps_working() {
+async fn postgres_down_keeps_the_api_ready_and_ingesting() {
+    let db = TestDb::create().await;
+    let postgres = Proxy::postgres(true).await;
     let mut config = test_config();
-    config.database_url = "postgres://postgres@127.0.0.1:1/nowhere".into();
+    config.database_url = postgres.url(&db.url);
     let app = TestApp::spawn_with(config).await;
     let (status, body) = app.ready().await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(body["checks"][1]["name"], "postgres");
-    assert_eq!(body["checks"][1]["ok"], false);
+    assert_eq!(
+        (status, &body["checks"][1]["ok"]),
+        (StatusCode::OK, &json!(true)),
+        "{body}"
+    );
+    // a context read before the outage: a connection is open and idle when Postgres goes
+    assert_eq!(app.context("x").await.0, StatusCode::NOT_FOUND);
+
+    postgres.set_up(false);
+    let (status, body) = app.ready().await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "ready");
+    let redis_check = json!({"name": "redis", "ok": true, "required": true, "affects": ["ingest", "erasure", "rules"]});
+    assert_eq!(body["checks"][0], redis_check);
+    let pg = &body["checks"][1];
+    assert_eq!(pg["name"], "postgres");
+    assert_eq!(pg["ok"], false);
+    assert_eq!(pg["required"], false);
+    assert_eq!(pg["affects"], json!(["context"]));
+    assert!(
+        pg["error"].as_str().unwrap().starts_with("postgres: "),
+        "{pg}"
+    );
+
     let resp = app
         .post("/capture")
         .key(SECRET)
-        .json(&json!({"event": "a", "distinct_id": "u"}))
+        .json(&json!({"event": "during_the_outage", "distinct_id": "u"}))
         .answer()
         .await;
     assert_ok(resp).await;
+    let queued = app.stream_envelopes().await;
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].event, "during_the_outage");
+
+    for request in [app.get("/context/user/x"), app.delete("/context/user/x")] {
+        let resp = request.key(SECRET).answer().await;
+        assert!(resp.headers().get("retry-after").is_some());
+        let e = error_of(resp, StatusCode::SERVICE_UNAVAILABLE).await;
+        assert_eq!(e["type"], "unavailable");
+        assert!(e["detail"].as_str().unwrap().contains("Postgres"), "{e}");
+    }
+
+    postgres.set_up(true);
+    wait_until(WAIT, "the context route answers again", || async {
+        app.context("x").await.0 == StatusCode::NOT_FOUND
+    })
+    .await;
+    let (status, body) = app.ready().await;
+    assert_eq!(
+        (status, &body["checks"][1]["ok"]),
+        (StatusCode::OK, &json!(true)),
+        "{body}"
+    );
 }
 
 /// A readiness check in flight when shutdown begins answers 503 `shutting_down` though every
@@ -666,7 +717,11 @@ async fn readiness_flips_when_shutdown_begins_and_run_returns() {
     let mut config = test_config();
     config.redis_url = redis.url(&config.redis_url);
     let app = TestApp::spawn_with(config).await;
-    let ready = json!({"status": "ready", "checks": [{"name": "redis", "ok": true}, {"name": "postgres", "ok": true}]});
+    let checks = json!([
+        {"name": "redis", "ok": true, "required": true, "affects": ["ingest", "erasure", "rules"]},
+        {"name": "postgres", "ok": true, "required": false, "affects": ["context"]},
+    ]);
+    let ready = json!({"status": "ready", "checks": checks});
     assert_eq!(app.ready().await, (StatusCode::OK, ready));
 
     redis.hold();
@@ -679,7 +734,7 @@ async fn readiness_flips_when_shutdown_begins_and_run_returns() {
     redis.release();
     let resp = check.await.unwrap().unwrap();
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let shutting_down = json!({"status": "shutting_down", "checks": [{"name": "redis", "ok": true}, {"name": "postgres", "ok": true}]});
+    let shutting_down = json!({"status": "shutting_down", "checks": checks});
     assert_eq!(resp.json::<Value>().await.unwrap(), shutting_down);
     app.stop().await.expect("run returns cleanly");
 }

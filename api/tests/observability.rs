@@ -10,7 +10,7 @@ async fn metrics_move_when_events_flow() {
     let app = TestApp::spawn().await;
     let before = app.metrics().await;
     // a labelled series appears once something is counted under its labels
-    before.assert_absent("events_accepted_total{source=\"capture\"}");
+    before.assert_absent("clickstream_events_accepted_total{source=\"capture\"}");
 
     let batch = json!({"api_key": INGEST_KEY, "batch": [
         {"event": "$pageview", "distinct_id": "u1"},
@@ -30,37 +30,50 @@ async fn metrics_move_when_events_flow() {
 
     let after = app.metrics().await;
     assert_eq!(
-        after.value("events_accepted_total{source=\"capture\"}"),
+        after.value("clickstream_events_accepted_total{source=\"capture\"}"),
         3.0,
         "{after}"
     );
     assert_eq!(
-        after.value("events_accepted_total{source=\"ingest\"}"),
+        after.value("clickstream_events_accepted_total{source=\"ingest\"}"),
         1.0,
         "{after}"
     );
     assert_eq!(
-        after.value("ingest_rejected_total{reason=\"invalid_json\",source=\"capture\"}"),
+        after
+            .value("clickstream_ingest_rejected_total{reason=\"invalid_json\",source=\"capture\"}"),
         1.0,
         "{after}"
     );
     assert_eq!(
-        after.value("http_requests_total{method=\"POST\",route=\"/batch\",status=\"200\"}"),
+        after.value(
+            "clickstream_http_requests_total{method=\"POST\",route=\"/batch\",status=\"200\"}"
+        ),
         1.0,
         "{after}"
     );
     assert_eq!(
-        after.value("http_requests_total{method=\"POST\",route=\"/capture\",status=\"400\"}"),
+        after.value(
+            "clickstream_http_requests_total{method=\"POST\",route=\"/capture\",status=\"400\"}"
+        ),
         1.0,
         "{after}"
     );
     assert!(
-        after.value("http_request_duration_seconds_count{method=\"POST\",route=\"/batch\"}") >= 1.0,
+        after.value(
+            "clickstream_http_request_duration_seconds_count{method=\"POST\",route=\"/batch\"}"
+        ) >= 1.0,
         "{after}"
     );
-    assert_eq!(after.value("xadd_duration_seconds_count"), 2.0, "{after}");
-    assert_eq!(after.value("stream_length"), 4.0, "{after}");
-    assert_eq!(after.value("dlq_length"), 0.0, "{after}");
+    assert_eq!(
+        after.value("clickstream_xadd_duration_seconds_count"),
+        2.0,
+        "{after}"
+    );
+    assert_eq!(after.value("clickstream_stream_length"), 4.0, "{after}");
+    assert_eq!(after.value("clickstream_dlq_length"), 0.0, "{after}");
+    // one application prefix on every series, and the process collector's process_*
+    after.assert_prefixed();
 }
 
 #[tokio::test]
@@ -73,7 +86,7 @@ async fn redis_settings_are_checked_at_start() {
     wait_until(WAIT, "the Redis settings reported", || async {
         app.metrics()
             .await
-            .contains("redis_config_unsafe{setting=\"persistence\"}")
+            .contains("clickstream_redis_config_unsafe{setting=\"persistence\"}")
     })
     .await;
     let text = app.metrics().await;
@@ -81,7 +94,10 @@ async fn redis_settings_are_checked_at_start() {
         infra::redis_settings::Hazard::Eviction,
         infra::redis_settings::Hazard::NoPersistence,
     ] {
-        let series = format!("redis_config_unsafe{{setting=\"{}\"}}", hazard.setting());
+        let series = format!(
+            "clickstream_redis_config_unsafe{{setting=\"{}\"}}",
+            hazard.setting()
+        );
         assert_eq!(
             text.value(&series),
             f64::from(u8::from(expected.contains(&hazard))),
@@ -100,16 +116,29 @@ async fn readiness_names_the_dependency_that_is_down() {
     config.database_url = format!("postgres://postgres:hunter2@{}/x", closed_addr());
     let postgres_down = TestApp::spawn_with(config).await;
 
-    for (app, down, error) in [
-        (&redis_down, 0, "redis: connection refused"),
-        (&postgres_down, 1, "postgres: connection refused"),
+    // Redis down fails readiness; Postgres down does not (ingest needs only Redis)
+    for (app, down, error, status, readiness) in [
+        (
+            &redis_down,
+            0,
+            "redis: connection refused",
+            503,
+            "not_ready",
+        ),
+        (
+            &postgres_down,
+            1,
+            "postgres: connection refused",
+            200,
+            "ready",
+        ),
     ] {
         let resp = app.get("/ready").answer().await;
-        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.status(), status);
         let text = resp.text().await.unwrap();
         assert!(!text.contains("://") && !text.contains("hunter2"), "{text}");
         let body: Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(body["status"], "not_ready");
+        assert_eq!(body["status"], readiness);
         assert_eq!(body["checks"][0]["name"], "redis");
         assert_eq!(body["checks"][1]["name"], "postgres");
         let (down, up) = (&body["checks"][down], &body["checks"][1 - down]);

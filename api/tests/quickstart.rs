@@ -326,10 +326,61 @@ fn production_without_a_secret_key_refuses_to_start() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(infra::config::EXIT_CONFIG_ERROR));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).trim(),
         "configuration error: API_SECRET_KEY: is required but not set"
     );
+}
+
+/// `api healthcheck` (the image's HEALTHCHECK) asks this api's `/health` on `API_BIND`: 0 while
+/// it serves (`0.0.0.0` asked on loopback), 1 with one line once it stopped or when something
+/// else answers there.
+#[tokio::test]
+async fn healthcheck_exits_0_while_the_api_serves_and_1_otherwise() {
+    let healthcheck = |bind: String| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_api"))
+            .arg("healthcheck")
+            .current_dir(dir.path())
+            // a production environment without a key: the healthcheck reads API_BIND alone
+            .env("ENVIRONMENT", "production")
+            .env_remove("API_SECRET_KEY")
+            .env("API_BIND", bind)
+            .output()
+            .await
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let app = common::TestApp::spawn().await;
+    let addr = app.addr;
+    let healthy = format!("healthy: http://{addr}/health answered 200");
+    for bind in [addr.to_string(), format!("0.0.0.0:{}", addr.port())] {
+        assert_eq!(
+            healthcheck(bind).await,
+            (Some(0), healthy.clone(), String::new())
+        );
+    }
+    app.stop().await.unwrap();
+    let refused = format!("unhealthy: http://{addr}/health: connection refused");
+    assert_eq!(
+        healthcheck(addr.to_string()).await,
+        (Some(1), String::new(), refused)
+    );
+
+    // something that is not this api answers there: a plain TCP server closing at once
+    let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other_addr = other.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = other.accept().await {
+            drop(conn);
+        }
+    });
+    let (code, _, stderr) = healthcheck(other_addr.to_string()).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.starts_with("unhealthy: http://"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
 /// README's configuration table and `.env.example` document the same variables, with the

@@ -22,7 +22,18 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// The exit status of the api and the worker when a variable is bad or missing: 2, as clap's
+/// for a bad command-line argument (the spirit of sysexits' `EX_USAGE`). A supervisor can tell
+/// "fix the configuration" (2) from "failed while running" (1).
+pub const EXIT_CONFIG_ERROR: i32 = 2;
+
 impl ConfigError {
+    /// Prints the one-line error to stderr and exits with [`EXIT_CONFIG_ERROR`].
+    pub fn exit(&self) -> ! {
+        eprintln!("{self}");
+        std::process::exit(EXIT_CONFIG_ERROR);
+    }
+
     pub fn new(var: &str, message: impl Into<String>) -> Self {
         Self {
             var: var.to_string(),
@@ -130,9 +141,14 @@ pub struct Shared {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     pub database_url: String,
-    /// Redis.
+    /// Redis: `redis://`, or `rediss://` for TLS.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+    /// With a `rediss://` `REDIS_URL`: a PEM file of the certificate authorities the server's
+    /// certificate is checked against, instead of the system's (a managed Redis with a private
+    /// CA). Unset: the system's roots.
+    #[arg(long, env = "REDIS_CA_CERT", value_parser = pem_file)]
+    pub redis_ca_cert: Option<std::path::PathBuf>,
     /// The Redis Stream the api appends accepted events to and the workers consume.
     #[arg(long, env = "QUEUE_NAME", default_value = "event_stream", value_parser = name)]
     pub queue_name: String,
@@ -274,6 +290,15 @@ pub fn name(raw: &str) -> Result<String, String> {
 }
 
 /// A `host:port` address to listen on.
+/// A readable file holding at least one PEM certificate.
+pub fn pem_file(raw: &str) -> Result<std::path::PathBuf, String> {
+    let text = std::fs::read_to_string(raw).map_err(|e| format!("cannot read {raw:?}: {e}"))?;
+    if !text.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(format!("{raw:?} holds no PEM certificate"));
+    }
+    Ok(raw.into())
+}
+
 pub fn address(raw: &str) -> Result<SocketAddr, String> {
     raw.parse()
         .map_err(|e| format!("invalid address {raw:?}: {e}"))

@@ -145,6 +145,75 @@ fn io_failure(error: &std::io::Error) -> &'static str {
     }
 }
 
+/// Longest `api healthcheck` / `worker healthcheck` wait for their own `/health`.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `GET /health` on this process's own server at `bind` (an unspecified address, `0.0.0.0` or
+/// `[::]`, is asked on loopback), within [`PROBE_TIMEOUT`]: `Ok` with the URL when it answers
+/// 200, else one line saying why. What `api healthcheck` and `worker healthcheck` run in
+/// containers that have no curl.
+pub async fn probe_health(bind: std::net::SocketAddr) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut addr = bind;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let url = format!("http://{addr}/health");
+    let ask = async {
+        let io = |e: std::io::Error| io_failure(&e).to_string();
+        let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
+        let request = format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.map_err(io)?;
+        // The status line is all we need: `HTTP/1.1 200 OK`.
+        let mut head = Vec::with_capacity(64);
+        let mut buf = [0; 256];
+        while !head.contains(&b'\n') && head.len() < 1024 {
+            match stream.read(&mut buf).await.map_err(io)? {
+                0 => break,
+                n => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let line = String::from_utf8_lossy(&head);
+        let line = line.lines().next().unwrap_or_default();
+        match line.split(' ').nth(1) {
+            _ if !line.starts_with("HTTP/") => Err("not an HTTP answer".to_string()),
+            Some("200") => Ok(()),
+            Some(status) => Err(format!("answered {status}")),
+            None => Err("not an HTTP answer".to_string()),
+        }
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, ask).await {
+        Ok(Ok(())) => Ok(url),
+        Ok(Err(why)) => Err(format!("{url}: {why}")),
+        Err(_) => Err(format!(
+            "{url}: no answer within {} s",
+            PROBE_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// Runs [`probe_health`] and says how it went in one line: on stdout and exit status 0 when
+/// `/health` answered 200, on stderr and status 1 otherwise.
+pub async fn healthcheck(bind: Result<std::net::SocketAddr, String>) -> std::process::ExitCode {
+    let probed = match bind {
+        Ok(bind) => probe_health(bind).await,
+        Err(why) => Err(why),
+    };
+    match probed {
+        Ok(url) => {
+            println!("healthy: {url} answered 200");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("unhealthy: {why}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// A `/ready` answer: only `Ready` is answered with 200.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Readiness {

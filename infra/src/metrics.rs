@@ -11,6 +11,26 @@ use redis::{Value, aio::ConnectionManager};
 
 use crate::redis::{info_int, info_string, key_values};
 
+/// The application prefix of every series this system exports (`clickstream_http_requests_total`,
+/// `clickstream_stream_length`, …); the process collector's `process_*` series keep their
+/// conventional names.
+pub const PREFIX: &str = "clickstream_";
+
+/// A registry for one api or worker replica, with the process collector (`process_cpu_seconds_total`,
+/// `process_resident_memory_bytes`, `process_open_fds`, `process_start_time_seconds`, … read
+/// from /proc at each scrape; Linux only). Register the application's own metrics with names
+/// that start with [`PREFIX`].
+pub fn registry() -> Registry {
+    let registry = Registry::new();
+    #[cfg(target_os = "linux")]
+    registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("the process collector registers once per registry");
+    registry
+}
+
 /// The Prometheus text exposition of `registry`, and its content type.
 pub fn render(registry: &Registry) -> (String, &'static str) {
     let encoder = TextEncoder::new();
@@ -37,6 +57,13 @@ pub fn register<M: prometheus::core::Collector + Clone + 'static>(
     registry: &Registry,
     metric: M,
 ) -> M {
+    for desc in metric.desc() {
+        debug_assert!(
+            desc.fq_name.starts_with(PREFIX),
+            "{} lacks the {PREFIX} prefix",
+            desc.fq_name
+        );
+    }
     registry
         .register(Box::new(metric.clone()))
         .expect("metric registered twice");
@@ -97,28 +124,31 @@ impl QueueGauges {
         };
         QueueGauges {
             stream_length: gauge(
-                "stream_length",
+                "clickstream_stream_length",
                 "Entries in the event stream (XLEN), acknowledged ones included until deleted",
             ),
             group_lag: group_gauge(
-                "consumer_group_lag",
+                "clickstream_consumer_group_lag",
                 "Entries of the stream not yet delivered to the consumer group",
             ),
             group_pending: group_gauge(
-                "consumer_group_pending",
+                "clickstream_consumer_group_pending",
                 "Entries delivered to the consumer group and not yet acknowledged",
             ),
-            dlq_length: gauge("dlq_length", "Entries in the dead-letter stream"),
+            dlq_length: gauge(
+                "clickstream_dlq_length",
+                "Entries in the dead-letter stream",
+            ),
             scrape_errors: counter(
                 registry,
-                "queue_scrape_errors_total",
+                "clickstream_queue_scrape_errors_total",
                 "Scrapes that could not read the queue state from Redis",
             ),
             redis_config_unsafe: register(
                 registry,
                 IntGaugeVec::new(
                     Opts::new(
-                        "redis_config_unsafe",
+                        "clickstream_redis_config_unsafe",
                         "1 when a Redis setting lets stream data be lost (maxmemory-policy other \
                          than noeviction; persistence off in production), read at start",
                     ),
@@ -130,7 +160,7 @@ impl QueueGauges {
     }
 
     /// Reads XLEN of both streams and XINFO GROUPS of the event stream. On failure the gauges keep
-    /// their last values and `queue_scrape_errors_total` grows.
+    /// their last values and `clickstream_queue_scrape_errors_total` grows.
     pub async fn refresh(&self, conn: &ConnectionManager, stream: &str, dlq: &str) {
         let read = async {
             let mut pipe = redis::pipe();

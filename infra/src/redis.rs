@@ -61,12 +61,51 @@ impl Entry {
 }
 
 /// A client whose connections disable Nagle's algorithm (redis-rs leaves it on by default), so a
-/// command written in parts does not wait for a delayed ACK.
+/// command written in parts does not wait for a delayed ACK. A `rediss://` URL connects with TLS,
+/// trusting the system's roots (`rediss://…#insecure` skips the check: for tests only).
 pub fn client(url: &str) -> Result<Client, RedisError> {
+    client_with_ca(url, None)
+}
+
+/// [`client`], trusting the certificate authorities of the PEM file `ca` (`REDIS_CA_CERT`)
+/// instead of the system's. `ca` needs a `rediss://` URL.
+pub fn client_with_ca(url: &str, ca: Option<&std::path::Path>) -> Result<Client, RedisError> {
     let info = url
         .into_connection_info()?
         .set_tcp_settings(TcpSettings::default().set_nodelay(true));
-    Client::open(info)
+    with_ca(info, ca)
+}
+
+/// A client for `info`, trusting the certificate authorities of the PEM file `ca` when given
+/// (which needs a `rediss://` address), else the system's.
+pub fn with_ca(
+    info: redis::ConnectionInfo,
+    ca: Option<&std::path::Path>,
+) -> Result<Client, RedisError> {
+    use redis::{ConnectionAddr, ErrorKind, TlsCertificates};
+    let Some(ca) = ca else {
+        return Client::open(info);
+    };
+    if !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
+        return Err(RedisError::from((
+            ErrorKind::InvalidClientConfig,
+            "REDIS_CA_CERT is set but REDIS_URL is not rediss:// (TLS)",
+        )));
+    }
+    let pem = std::fs::read(ca).map_err(|e| {
+        RedisError::from((
+            ErrorKind::InvalidClientConfig,
+            "REDIS_CA_CERT cannot be read",
+            format!("{}: {e}", ca.display()),
+        ))
+    })?;
+    Client::build_with_tls(
+        info,
+        TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        },
+    )
 }
 
 /// A lazily connecting, reconnecting connection.

@@ -1,7 +1,7 @@
 //! The start-up check of the Redis settings that decide whether accepted events can be lost
 //! before a worker stores them: a `maxmemory-policy` that evicts keys (the stream is a key), and,
 //! in production, no persistence at all. Both binaries run it once at start; it warns (a log line
-//! and `redis_config_unsafe{setting} 1`) and never stops the process. Managed Redis often refuses
+//! and `clickstream_redis_config_unsafe{setting} 1`) and never stops the process. Managed Redis often refuses
 //! `CONFIG`: that is logged once and the gauge stays absent.
 
 use std::time::Duration;
@@ -31,7 +31,7 @@ pub enum Hazard {
 }
 
 impl Hazard {
-    /// The `setting` label of `redis_config_unsafe`.
+    /// The `setting` label of `clickstream_redis_config_unsafe`.
     pub fn setting(self) -> &'static str {
         match self {
             Self::Eviction => "maxmemory-policy",
@@ -143,8 +143,13 @@ pub async fn check(
 
 /// Runs [`check`] in the background on a connection of its own to `redis_url` (start-up must not
 /// wait on Redis).
-pub fn spawn_check(redis_url: &str, production: bool, gauge: IntGaugeVec) {
-    let client = crate::redis::client(redis_url);
+pub fn spawn_check(
+    redis_url: &str,
+    ca: Option<&std::path::Path>,
+    production: bool,
+    gauge: IntGaugeVec,
+) {
+    let client = crate::redis::client_with_ca(redis_url, ca);
     tokio::spawn(async move {
         let connect = async {
             client?

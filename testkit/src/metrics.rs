@@ -58,6 +58,30 @@ impl Scrape {
         }
     }
 
+    /// The name of every series line (labels and value left off), in order.
+    pub fn series_names(&self) -> Vec<&str> {
+        self.0
+            .lines()
+            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+            .map(|line| line.split(['{', ' ']).next().unwrap_or_default())
+            .collect()
+    }
+
+    /// Panics unless every series carries the application prefix (`clickstream_`) but the
+    /// process collector's (`process_*`), and those are there.
+    #[track_caller]
+    pub fn assert_prefixed(&self) {
+        let names = self.series_names();
+        let stray: Vec<&&str> = names
+            .iter()
+            .filter(|n| !n.starts_with("clickstream_") && !n.starts_with("process_"))
+            .collect();
+        assert!(stray.is_empty(), "series without the prefix: {stray:?}");
+        for process in ["process_cpu_seconds_total", "process_resident_memory_bytes"] {
+            assert!(names.contains(&process), "{process} missing:\n{}", self.0);
+        }
+    }
+
     pub fn text(&self) -> &str {
         &self.0
     }

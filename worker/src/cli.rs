@@ -35,6 +35,9 @@ pub enum Command {
         #[command(subcommand)]
         action: RulesCommand,
     },
+    /// Exit 0 when this replica's `GET /health` on `WORKER_METRICS_BIND` answers 200, 1
+    /// otherwise, with a one-line reason: the container health check, without curl.
+    Healthcheck,
 }
 
 #[derive(Debug, Subcommand)]
@@ -96,8 +99,8 @@ pub enum RulesCommand {
 
 /// Runs a DLQ command, printing what it did.
 pub async fn dlq(config: &Config, action: &DlqCommand) -> Result<ExitCode, WorkerError> {
-    let client =
-        infra::redis::client(&config.redis_url).map_err(infra::redis::StreamError::from)?;
+    let client = infra::redis::client_with_ca(&config.redis_url, config.redis_ca_cert.as_deref())
+        .map_err(infra::redis::StreamError::from)?;
     let conn = connection(client, COMMAND_TIMEOUT).map_err(crate::stream::StreamError::from)?;
     let dlq = DeadLetters::new(conn, &config.dlq_name, &config.queue_name);
     match action {
@@ -199,7 +202,8 @@ async fn unmatched(
     json: bool,
     clear: bool,
 ) -> Result<(), redis::RedisError> {
-    let conn = connection(infra::redis::client(&config.redis_url)?, COMMAND_TIMEOUT)?;
+    let client = infra::redis::client_with_ca(&config.redis_url, config.redis_ca_cert.as_deref())?;
+    let conn = connection(client, COMMAND_TIMEOUT)?;
     let report = UnmatchedReport::new(conn, &config.queue_name);
     if clear {
         report.clear().await?;

@@ -175,6 +175,19 @@ pub const DEFAULT_DLQ_MAXLEN: u64 = 10_000;
 /// Default of `WORKER_METRICS_BIND`.
 pub const DEFAULT_METRICS_BIND: &str = "127.0.0.1:9100";
 
+/// `WORKER_METRICS_BIND` alone (default [`DEFAULT_METRICS_BIND`]), for `worker healthcheck`:
+/// the error names the variable, and says so when it is `off` (nothing to ask).
+pub fn metrics_bind_of(vars: &Vars) -> Result<SocketAddr, String> {
+    let raw = vars
+        .get("WORKER_METRICS_BIND")
+        .unwrap_or_else(|| DEFAULT_METRICS_BIND.to_string());
+    match metrics_bind(&raw) {
+        Ok(Some(addr)) => Ok(addr),
+        Ok(None) => Err("WORKER_METRICS_BIND is off: this worker serves no /health".into()),
+        Err(e) => Err(format!("WORKER_METRICS_BIND: {e}")),
+    }
+}
+
 /// `<hostname>-<pid>`: unique per replica, and stable for a process so its own pending entries
 /// are re-read when it reconnects.
 pub fn default_worker_name() -> String {

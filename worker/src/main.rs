@@ -26,7 +26,12 @@ fn main() -> anyhow::Result<ExitCode> {
 async fn run() -> anyhow::Result<ExitCode> {
     dotenvy::dotenv().ok();
     let cli = Cli::parse();
-    let config = Config::from_vars(&Vars::from_env())?;
+    if let Some(Command::Healthcheck) = cli.command {
+        let bind = worker::config::metrics_bind_of(&Vars::from_env());
+        return Ok(infra::health::healthcheck(bind).await);
+    }
+    // A bad or missing variable: one line naming it, exit status 2 (as the api).
+    let config = Config::from_vars(&Vars::from_env()).unwrap_or_else(|e| e.exit());
     let _telemetry = telemetry::init(&config.telemetry)?;
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
@@ -39,6 +44,7 @@ async fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Dlq { action } => Ok(worker::cli::dlq(&config, &action).await?),
         Command::Rules { action } => Ok(worker::cli::rules(&config, &action).await),
+        Command::Healthcheck => unreachable!("answered before the configuration is read"),
     }
 }
 

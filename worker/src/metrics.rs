@@ -54,13 +54,13 @@ impl Default for WorkerMetrics {
 
 impl WorkerMetrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
+        let registry = infra::metrics::registry();
         let r = &registry;
         WorkerMetrics {
             batch_size: register(
                 r,
                 Histogram::with_opts(
-                    HistogramOpts::new("worker_batch_size", "Entries per batch a writer stores")
+                    HistogramOpts::new("clickstream_worker_batch_size", "Entries per batch a writer stores")
                         .buckets(vec![
                             1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
                         ]),
@@ -69,39 +69,39 @@ impl WorkerMetrics {
             ),
             db_write_seconds: seconds_histogram(
                 r,
-                "worker_db_write_seconds",
+                "clickstream_worker_db_write_seconds",
                 "Time to store one batch in Postgres, retries included",
             ),
             events_stored: counter(
                 r,
-                "worker_events_stored_total",
+                "clickstream_worker_events_stored_total",
                 "Events stored (rows the insert created)",
             ),
             events_duplicate: counter(
                 r,
-                "worker_events_duplicate_total",
+                "clickstream_worker_events_duplicate_total",
                 "Events delivered again after they were stored (skipped, not counted twice)",
             ),
             events_erased: counter(
                 r,
-                "worker_events_erased_total",
+                "clickstream_worker_events_erased_total",
                 "Events dropped because their user was erased after they were received",
             ),
             dead_lettered: counter_vec(
                 r,
-                "worker_dead_lettered_total",
+                "clickstream_worker_dead_lettered_total",
                 "Entries sent to the dead-letter stream, by reason",
                 &["reason"],
             ),
             dead_letters_trimmed: counter(
                 r,
-                "worker_dead_letters_trimmed_total",
+                "clickstream_worker_dead_letters_trimmed_total",
                 "Oldest dead letters removed to keep the dead-letter stream within DLQ_MAXLEN",
             ),
             read_ahead_bytes: register(
                 r,
                 IntGauge::new(
-                    "worker_read_ahead_bytes",
+                    "clickstream_worker_read_ahead_bytes",
                     "Bytes of the entries read or claimed and not yet finished (bounded by READ_AHEAD_BYTES)",
                 )
                 .expect("valid gauge"),
@@ -109,47 +109,47 @@ impl WorkerMetrics {
             read_ahead_peak_bytes: register(
                 r,
                 IntGauge::new(
-                    "worker_read_ahead_peak_bytes",
+                    "clickstream_worker_read_ahead_peak_bytes",
                     "The most bytes of entries held at once since the worker started",
                 )
                 .expect("valid gauge"),
             ),
             redeliveries: counter(
                 r,
-                "worker_redeliveries_total",
+                "clickstream_worker_redeliveries_total",
                 "Entries delivered more than once (re-read after a restart or claimed)",
             ),
             claimed: counter(
                 r,
-                "worker_claimed_total",
+                "clickstream_worker_claimed_total",
                 "Entries taken over from other consumers (XAUTOCLAIM)",
             ),
             rules_matched: counter_vec(
                 r,
-                "rules_matched_total",
+                "clickstream_rules_matched_total",
                 "Events described by each rule",
                 &["rule"],
             ),
             rules_unmatched: counter(
                 r,
-                "rules_unmatched_total",
+                "clickstream_rules_unmatched_total",
                 "Events no rule described (fallback sentence)",
             ),
             rules_unmatched_unreported: counter(
                 r,
-                "rules_unmatched_unreported_total",
+                "clickstream_rules_unmatched_unreported_total",
                 "Unmatched events left out of the shared report (too many shapes held between flushes)",
             ),
             rules_reloads: counter_vec(
                 r,
-                "rules_reloads_total",
+                "clickstream_rules_reloads_total",
                 "Rule reloads by result",
                 &["result"],
             ),
             rules_version: register(
                 r,
                 IntGaugeVec::new(
-                    Opts::new("rules_version_info", "1 for the ruleset version in force"),
+                    Opts::new("clickstream_rules_version_info", "1 for the ruleset version in force"),
                     &["version"],
                 )
                 .expect("valid gauge"),

@@ -5,7 +5,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use infra::redis::{COMMAND_TIMEOUT, client, connection};
+use infra::redis::{COMMAND_TIMEOUT, client_with_ca, connection};
 pub use infra::redis::{Entry, StreamError};
 use infra::redis::{bytes, info_int, info_string, key_values, parse_entries};
 use redis::{RedisError, Value, aio::ConnectionManager};
@@ -31,7 +31,7 @@ pub struct Streams {
 impl Streams {
     /// Connects lazily: nothing touches the network until the first command.
     pub fn new(config: &Config) -> Result<Self, StreamError> {
-        let client = client(&config.redis_url)?;
+        let client = client_with_ca(&config.redis_url, config.redis_ca_cert.as_deref())?;
         let block = config.flush_interval;
         Ok(Self {
             reader: connection(client.clone(), block + COMMAND_TIMEOUT)?,

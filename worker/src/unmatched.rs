@@ -11,7 +11,7 @@ use crate::metrics::WorkerMetrics;
 
 /// Adds this replica's unmatched counts to the report every [`FLUSH_INTERVAL`] (counts that
 /// cannot be written while Redis is down are kept for the next flush; events beyond the shapes a
-/// replica holds are counted in `rules_unmatched_unreported_total`); after each
+/// replica holds are counted in `clickstream_rules_unmatched_unreported_total`); after each
 /// reload, records it in the metrics and drops the shapes the new rules describe. Ends when
 /// `shutdown` fires, after a last flush.
 pub async fn report_loop(

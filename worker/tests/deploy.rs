@@ -166,6 +166,34 @@ fn probes_use_the_health_routes_and_secrets_are_documented() {
     }
 }
 
+/// Containers check their own health with the binaries' `healthcheck` subcommands (the image
+/// has no curl): the image's HEALTHCHECK asks the api (its default command), compose asks each
+/// service with its own binary, and the one-shot migration has none.
+#[test]
+fn container_healthchecks_use_the_healthcheck_subcommands() {
+    let dockerfile = std::fs::read_to_string(deploy().join("Dockerfile")).unwrap();
+    let healthcheck = dockerfile
+        .lines()
+        .find(|l| l.starts_with("HEALTHCHECK "))
+        .expect("the Dockerfile declares a HEALTHCHECK");
+    assert!(
+        healthcheck.ends_with(r#"CMD ["api", "healthcheck"]"#),
+        "{healthcheck}"
+    );
+    assert!(dockerfile.contains(r#"CMD ["api"]"#));
+    let compose = &documents(&deploy().join("docker-compose.yml"))[0];
+    let services = &compose["services"];
+    for (service, binary) in [("api", "api"), ("worker", "worker")] {
+        let expected = serde_yaml::from_str::<Value>(&format!("[CMD, {binary}, healthcheck]"));
+        assert_eq!(
+            services[service]["healthcheck"]["test"],
+            expected.unwrap(),
+            "{service}"
+        );
+    }
+    assert_eq!(services["migrate"]["healthcheck"]["disable"], true);
+}
+
 #[test]
 fn compose_runs_the_promised_services() {
     let compose = &documents(&deploy().join("docker-compose.yml"))[0];

@@ -63,19 +63,22 @@ async fn metrics_readiness_and_unmatched_report_follow_the_pipeline() {
     wait_until(WAIT, "Redis settings reported", || async {
         metrics(addr)
             .await
-            .contains("redis_config_unsafe{setting=\"persistence\"}")
+            .contains("clickstream_redis_config_unsafe{setting=\"persistence\"}")
     })
     .await;
     let before = metrics(addr).await;
     assert_eq!(
-        before.value("redis_config_unsafe{setting=\"maxmemory-policy\"}"),
+        before.value("clickstream_redis_config_unsafe{setting=\"maxmemory-policy\"}"),
         f64::from(u8::from(
             hazards.contains(&infra::redis_settings::Hazard::Eviction)
         )),
         "{settings:?}"
     );
-    assert_eq!(before.value("worker_events_stored_total"), 0.0);
-    assert!(before.contains("rules_version_info{version="), "{before}");
+    assert_eq!(before.value("clickstream_worker_events_stored_total"), 0.0);
+    assert!(
+        before.contains("clickstream_rules_version_info{version="),
+        "{before}"
+    );
 
     let settings = json!({"$current_url": "https://app.example.com/settings/team", "$pathname": "/settings/team"});
     publish(
@@ -91,28 +94,44 @@ async fn metrics_readiness_and_unmatched_report_follow_the_pipeline() {
     wait_until(WAIT, "events stored", || async { db.events().await == 3 }).await;
 
     let after = metrics(addr).await;
-    assert_eq!(after.value("worker_events_stored_total"), 3.0, "{after}");
-    assert_eq!(after.value("rules_unmatched_total"), 2.0, "{after}");
-    assert!(after.contains("rules_matched_total{rule="), "{after}");
-    assert!(after.value("worker_batch_size_count") >= 1.0, "{after}");
-    assert!(
-        after.value("worker_db_write_seconds_count") >= 1.0,
+    assert_eq!(
+        after.value("clickstream_worker_events_stored_total"),
+        3.0,
         "{after}"
     );
     assert_eq!(
-        after.value("stream_length"),
+        after.value("clickstream_rules_unmatched_total"),
+        2.0,
+        "{after}"
+    );
+    assert!(
+        after.contains("clickstream_rules_matched_total{rule="),
+        "{after}"
+    );
+    assert!(
+        after.value("clickstream_worker_batch_size_count") >= 1.0,
+        "{after}"
+    );
+    assert!(
+        after.value("clickstream_worker_db_write_seconds_count") >= 1.0,
+        "{after}"
+    );
+    // one application prefix on every series, and the process collector's process_*
+    after.assert_prefixed();
+    assert_eq!(
+        after.value("clickstream_stream_length"),
         0.0,
         "acked entries are deleted: {after}"
     );
     assert_eq!(
         after.value(&format!(
-            "consumer_group_pending{{group=\"{}\"}}",
+            "clickstream_consumer_group_pending{{group=\"{}\"}}",
             keys.group
         )),
         0.0,
         "{after}"
     );
-    assert_eq!(after.value("dlq_length"), 0.0);
+    assert_eq!(after.value("clickstream_dlq_length"), 0.0);
 
     // Every replica adds to the shared report; it lists the event no rule covers, with an example.
     let report = UnmatchedReport::new(redis.clone(), &keys.stream);
@@ -146,7 +165,7 @@ async fn metrics_readiness_and_unmatched_report_follow_the_pipeline() {
     .await;
     let reloaded = metrics(addr).await;
     assert!(
-        reloaded.value("rules_reloads_total{result=\"ok\"}") >= 1.0,
+        reloaded.value("clickstream_rules_reloads_total{result=\"ok\"}") >= 1.0,
         "{reloaded}"
     );
 
@@ -315,7 +334,7 @@ async fn unmatched_counts_survive_a_redis_outage() {
 }
 
 /// Unmatched events beyond the shapes a replica holds between flushes are not lost silently: they
-/// are counted in `rules_unmatched_unreported_total`.
+/// are counted in `clickstream_rules_unmatched_unreported_total`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmatched_events_beyond_the_held_shapes_are_counted() {
     use rules_engine::{EventInput, MAX_UNMATCHED_SHAPES};

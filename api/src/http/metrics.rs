@@ -28,12 +28,12 @@ pub struct ApiMetrics {
 
 impl Default for ApiMetrics {
     fn default() -> Self {
-        let registry = Registry::new();
+        let registry = infra::metrics::registry();
         let r = &registry;
         ApiMetrics {
             requests: counter_vec(
                 r,
-                "http_requests_total",
+                "clickstream_http_requests_total",
                 "HTTP requests by route, method and status",
                 &["route", "method", "status"],
             ),
@@ -41,7 +41,7 @@ impl Default for ApiMetrics {
                 r,
                 HistogramVec::new(
                     HistogramOpts::new(
-                        "http_request_duration_seconds",
+                        "clickstream_http_request_duration_seconds",
                         "HTTP request latency by route and method",
                     )
                     .buckets(latency_buckets()),
@@ -51,24 +51,24 @@ impl Default for ApiMetrics {
             ),
             events_accepted: counter_vec(
                 r,
-                "events_accepted_total",
+                "clickstream_events_accepted_total",
                 "Events queued in the Redis Stream, by ingest route family (capture, ingest)",
                 &["source"],
             ),
             rejected: counter_vec(
                 r,
-                "ingest_rejected_total",
+                "clickstream_ingest_rejected_total",
                 "Ingest requests rejected whole (nothing of them queued), by error code",
                 &["source", "reason"],
             ),
             panics: counter(
                 r,
-                "http_panics_total",
+                "clickstream_http_panics_total",
                 "Requests whose handling panicked (answered 500)",
             ),
             xadd_seconds: seconds_histogram(
                 r,
-                "xadd_duration_seconds",
+                "clickstream_xadd_duration_seconds",
                 "Time to append one request's events to the stream (one pipeline)",
             ),
             queue: QueueGauges::new(r),

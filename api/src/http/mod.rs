@@ -30,7 +30,7 @@ pub fn layered(
 }
 
 /// Answers a request whose handler panicked with the standard 500 body, logged and counted
-/// (`http_panics_total`), instead of dropping the connection with no answer.
+/// (`clickstream_http_panics_total`), instead of dropping the connection with no answer.
 fn catch_panic(metrics: ApiMetrics) -> CatchPanic<impl poem::middleware::PanicHandler> {
     CatchPanic::new().with_handler(move |panic: Box<dyn std::any::Any + Send>| {
         metrics.panicked(panic.as_ref()).as_response()
@@ -115,9 +115,11 @@ mod tests {
         let text = prometheus::TextEncoder::new()
             .encode_to_string(&metrics.registry.gather())
             .unwrap();
-        assert!(text.contains("http_panics_total 1"), "{text}");
+        assert!(text.contains("clickstream_http_panics_total 1"), "{text}");
         assert!(
-            text.contains(r#"http_requests_total{method="POST",route="other",status="500"} 1"#),
+            text.contains(
+                r#"clickstream_http_requests_total{method="POST",route="other",status="500"} 1"#
+            ),
             "{text}"
         );
     }

@@ -122,11 +122,15 @@ impl Publisher {
     /// Connects lazily: the api starts (and answers 503 on ingest) while Redis is down.
     pub fn new(
         redis_url: &str,
+        redis_ca_cert: Option<&std::path::Path>,
         stream: &str,
         timeout: Duration,
         max_backlog: u64,
     ) -> Result<Self, PublishError> {
-        let client = redis::Client::open(redis_url)?;
+        // Nagle's algorithm left on: concurrent requests share this connection, and their
+        // appends may go out together.
+        let info = redis::IntoConnectionInfo::into_connection_info(redis_url)?;
+        let client = infra::redis::with_ca(info, redis_ca_cert)?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(timeout))
             .set_connection_timeout(Some(timeout))

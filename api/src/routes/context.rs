@@ -164,7 +164,7 @@ responses! {
         403 Forbidden,
         /// Nothing is stored for this user.
         404 NotFound,
-        /// The database is unavailable: retry after the given seconds.
+        /// The database (Postgres) is unavailable: retry after the given seconds.
         503 Unavailable(u32),
     }
 }
@@ -198,7 +198,7 @@ fn db_error(err: sea_orm::DbErr) -> ApiError {
     tracing::warn!(error = %err, "database unavailable for the read path");
     ApiError::unavailable(
         "database_unavailable",
-        "the database is unavailable: retry later",
+        "the database (Postgres) is unavailable: retry later",
         2,
     )
 }
@@ -391,7 +391,7 @@ fn erase_error(err: erase::EraseError) -> ApiError {
     tracing::warn!(error = %err, "erasure did not finish");
     let detail = match err {
         erase::EraseError::Database(_) => {
-            "the database is unavailable: nothing was erased, retry later"
+            "the database (Postgres) is unavailable: nothing was erased, retry later"
         }
         erase::EraseError::Redis(_) => {
             "stored rows are erased, but the dead-letter stream and the unmatched-events report \

@@ -1,4 +1,5 @@
-//! `GET /health` (the process is alive) and `GET /ready` (its dependencies answer).
+//! `GET /health` (the process is alive) and `GET /ready` (what ingest needs answers: Redis;
+//! Postgres is reported beside it, and only the context routes need it).
 
 use poem::web::Data;
 use poem_openapi::{
@@ -27,6 +28,14 @@ pub struct Check {
     pub name: String,
     /// Whether it answered in time.
     pub ok: bool,
+    /// Whether the api is ready only while it answers: `true` for Redis (every ingest route
+    /// needs it), `false` for Postgres (only the context routes do; they answer 503
+    /// `database_unavailable` while it is down, and ingest goes on).
+    pub required: bool,
+    /// The routes that answer 503 while it is down: `ingest` (`/capture`, `/batch`, `/e`,
+    /// `/i/v0/e`, `/track`, `/ingest`), `context` (`GET` and `DELETE /context/user/{user_id}`),
+    /// `erasure` (`DELETE /context/user/{user_id}` alone), `rules` (`/rules/unmatched`).
+    pub affects: Vec<String>,
     /// When it did not: the dependency and the kind of failure, e.g. `redis: connection refused`,
     /// `postgres: timeout`, `redis: authentication failed`.
     pub error: Option<String>,
@@ -41,10 +50,10 @@ pub struct Readiness {
 
 #[derive(ApiResponse)]
 pub enum ReadyResponse {
-    /// Every dependency answers.
+    /// Every required dependency (Redis) answers; Postgres may be down (its check says so).
     #[oai(status = 200)]
     Ready(Json<Readiness>),
-    /// A dependency is down, or shutdown has begun.
+    /// Redis is down, or shutdown has begun.
     #[oai(status = 503)]
     NotReady(Json<Readiness>),
 }
@@ -82,7 +91,11 @@ impl HealthApi {
         PlainText(infra::metrics::render(&state.metrics.registry).0)
     }
 
-    /// Readiness: Redis and Postgres answer
+    /// Readiness: Redis answers
+    ///
+    /// Ingest needs only Redis, so only Redis decides: with Postgres down the api stays ready
+    /// (the stream absorbs the outage) and the context routes answer 503 until it is back. Both
+    /// checks are listed, each with `required` and the routes it `affects`.
     #[oai(path = "/ready", method = "get")]
     async fn ready(&self, state: Data<&AppState>) -> ReadyResponse {
         let (redis, postgres) =
@@ -91,17 +104,21 @@ impl HealthApi {
             Check {
                 name: "redis".into(),
                 ok: redis.is_ok(),
+                required: true,
+                affects: vec!["ingest".into(), "erasure".into(), "rules".into()],
                 error: redis.err(),
             },
             Check {
                 name: "postgres".into(),
                 ok: postgres.is_ok(),
+                required: false,
+                affects: vec!["context".into()],
                 error: postgres.err(),
             },
         ];
         let status = infra::health::Readiness::of(
             state.shutdown.is_cancelled(),
-            checks.iter().all(|c| c.ok),
+            checks.iter().all(|c| c.ok || !c.required),
         );
         let body = Json(Readiness {
             status: status.as_str().into(),

@@ -34,7 +34,11 @@ pub fn test_config() -> Config {
 /// `database_url`, the shipped rules, its own consumer group, short reads, no metrics port.
 pub fn worker_config(api: &Config, database_url: &str, group: &str) -> worker::Config {
     let name = format!("{group}-worker");
-    worker::Config::from_vars(&infra::config::Vars::from_map([
+    let ca = api
+        .redis_ca_cert
+        .as_ref()
+        .map(|path| path.display().to_string());
+    let mut vars = vec![
         ("REDIS_URL", api.redis_url.as_str()),
         ("DATABASE_URL", database_url),
         ("QUEUE_NAME", api.queue_name.as_str()),
@@ -48,8 +52,11 @@ pub fn worker_config(api: &Config, database_url: &str, group: &str) -> worker::C
             "RULES_DIR",
             concat!(env!("CARGO_MANIFEST_DIR"), "/../rules"),
         ),
-    ]))
-    .expect("valid worker config")
+    ];
+    if let Some(ca) = ca.as_deref() {
+        vars.push(("REDIS_CA_CERT", ca));
+    }
+    worker::Config::from_vars(&infra::config::Vars::from_map(vars)).expect("valid worker config")
 }
 
 /// What the tests do with a request.

@@ -46,7 +46,7 @@ struct Taken {
     entries: usize,
     /// Bytes of the entries held, and assumed for reads in flight.
     bytes: usize,
-    /// Bytes of the entries held only (what `worker_read_ahead_bytes` shows).
+    /// Bytes of the entries held only (what `clickstream_worker_read_ahead_bytes` shows).
     held: usize,
     peak: usize,
     /// A writer is gone: nothing will be given back.
