@@ -216,7 +216,7 @@ trap 'on_signal TERM' TERM
 SUDO=
 APT_UPDATED=
 
-# install redis|postgres with the platform's package manager; fails when there is none to use.
+# install redis|postgres|openssl with the platform's package manager; fails when there is none to use.
 install() {
   if have apt-get || have dnf; then
     if is_root; then
@@ -231,6 +231,8 @@ install() {
   if have apt-get; then
     if [ "$1" = redis ]; then
       apt_install redis-server
+    elif [ "$1" = openssl ]; then
+      apt_install openssl
     else
       # postgresql-common first, told to make no system cluster: the package would otherwise
       # start one on 5432 with password logins, taking the port this script wants.
@@ -243,11 +245,13 @@ install() {
   elif have dnf; then
     local package=redis
     [ "$1" = postgres ] && package=postgresql-server
+    [ "$1" = openssl ] && package=openssl
     log "installing $package with: $SUDO dnf install -y $package"
     $SUDO dnf install -y -q "$package"
   elif have brew; then
     local package=redis
     [ "$1" = postgres ] && package=postgresql@17
+    [ "$1" = openssl ] && package=openssl
     log "installing $package with: brew install $package"
     brew install --quiet "$package"
   else
@@ -550,6 +554,22 @@ case $MODE in
     else
       command=$(awk '/<!-- ci:test-command -->/ { getline; getline; print; exit }' README.md)
       [ -n "$command" ] || die "README.md has no test command after <!-- ci:test-command -->"
+    fi
+    # The suite also starts servers of its own (a TLS-only Redis; a private Postgres for the
+    # dev.sh test) and makes certificates: those binaries must be here even when the services
+    # answered without them.
+    if ! have redis-server; then
+      log "the tests start redis-server themselves"
+      install redis || die "cannot install redis-server: install it, then run this again"
+    fi
+    if ! find_pg_bin; then
+      log "the tests run initdb themselves"
+      install postgres || die "cannot install Postgres: install it, then run this again"
+      find_pg_bin || die "no initdb after installing Postgres"
+    fi
+    if ! have openssl; then
+      log "the tests make certificates with openssl"
+      install openssl || die "cannot install openssl: install it, then run this again"
     fi
     # Both spellings the test suites read.
     export TEST_REDIS_URL=$REDIS_URL TEST_DATABASE_ADMIN_URL=$DATABASE_URL
