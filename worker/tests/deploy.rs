@@ -3,27 +3,11 @@
 //! updates arrive), every secret key referenced is documented, and docker-compose runs the
 //! services the README promises. No Docker or Kubernetes here: this reads the files.
 
-use std::path::{Path, PathBuf};
-
 use infra::config::Vars;
 use serde_yaml::Value;
 
-fn deploy() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
-/// Every document of a YAML file, with merge keys (`<<: *anchor`) applied.
-fn documents(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| {
-            let mut value = <Value as serde::Deserialize>::deserialize(doc)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            value.apply_merge().unwrap();
-            value
-        })
-        .collect()
-}
+mod deploy_files;
+use deploy_files::{deploy, documents};
 
 fn k8s(file: &str) -> Vec<Value> {
     documents(&deploy().join("k8s").join(file))

@@ -3,28 +3,13 @@
 //! hardened; and Docker Compose's Redis and Postgres serve the quick start at `.env.example`'s
 //! addresses. Reads the files (`deploy/k8s/validate.sh` checks them against the API schemas).
 
-use std::path::{Path, PathBuf};
-
 use serde_yaml::Value;
+
+mod deploy_files;
+use deploy_files::{deploy, documents};
 
 /// Seconds the api gives requests in flight once SIGTERM arrives (its graceful shutdown).
 const API_REQUEST_GRACE_S: u64 = 10;
-
-fn deploy() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
-/// Every document of a YAML file, with merge keys applied.
-fn documents(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| {
-            let mut value = <Value as serde::Deserialize>::deserialize(doc).unwrap();
-            value.apply_merge().unwrap();
-            value
-        })
-        .collect()
-}
 
 /// The one object of `kind` in deploy/k8s/`file`.
 fn object(file: &str, kind: &str) -> Value {
