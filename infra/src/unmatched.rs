@@ -98,21 +98,10 @@ impl UnmatchedReport {
     /// shape comes back, with another example, from the next unmatched event of its kind).
     /// Returns how many were removed.
     pub async fn erase(&self, ids: &[&str]) -> Result<u64, redis::RedisError> {
-        let all: Vec<(String, String)> = redis::cmd("HGETALL")
-            .arg(&self.shapes_key)
-            .query_async(&mut self.conn.clone())
+        let removed = self
+            .remove_where(|shape| example_user(shape).is_some_and(|u| ids.contains(&u)))
             .await?;
-        let erased: Vec<String> = all
-            .into_iter()
-            .filter(|(_, json)| {
-                serde_json::from_str::<UnmatchedShape>(json)
-                    .ok()
-                    .is_some_and(|shape| example_user(&shape).is_some_and(|u| ids.contains(&u)))
-            })
-            .map(|(id, _)| id)
-            .collect();
-        self.remove(&erased).await?;
-        Ok(erased.len() as u64)
+        Ok(removed as u64)
     }
 
     /// Adds counts (and, for shapes not seen before, their description and example), all or
@@ -238,22 +227,36 @@ impl UnmatchedReport {
 
     /// Drops the shapes whose example `rules` now describe. Returns how many were dropped.
     pub async fn prune(&self, rules: &RuleSet) -> Result<usize, redis::RedisError> {
+        self.remove_where(|shape| {
+            shape
+                .example
+                .as_ref()
+                .is_some_and(|example| describes(rules, example))
+        })
+        .await
+    }
+
+    /// Removes the shapes (and their counts) for which `remove` holds; shapes that do not parse
+    /// are kept. Returns how many were removed.
+    async fn remove_where(
+        &self,
+        remove: impl Fn(&UnmatchedShape) -> bool,
+    ) -> Result<usize, redis::RedisError> {
         let all: Vec<(String, String)> = redis::cmd("HGETALL")
             .arg(&self.shapes_key)
             .query_async(&mut self.conn.clone())
             .await?;
-        let described: Vec<String> = all
+        let ids: Vec<String> = all
             .into_iter()
             .filter(|(_, json)| {
                 serde_json::from_str::<UnmatchedShape>(json)
                     .ok()
-                    .and_then(|shape| shape.example)
-                    .is_some_and(|example| describes(rules, &example))
+                    .is_some_and(|shape| remove(&shape))
             })
             .map(|(id, _)| id)
             .collect();
-        self.remove(&described).await?;
-        Ok(described.len())
+        self.remove(&ids).await?;
+        Ok(ids.len())
     }
 
     /// Deletes the whole report.
