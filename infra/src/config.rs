@@ -347,6 +347,29 @@ mod tests {
     }
 
     #[test]
+    fn a_redis_ca_cert_that_is_no_certificate_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = read::<Shared>(&Vars::from_map([(
+            "REDIS_CA_CERT",
+            missing.to_str().unwrap(),
+        )]))
+        .unwrap_err();
+        assert_eq!(err.var, "REDIS_CA_CERT");
+        assert!(err.message.contains("cannot read"), "{err}");
+
+        let not_pem = dir.path().join("key.txt");
+        std::fs::write(&not_pem, "\0\u{1}not a certificate").unwrap();
+        let err = read::<Shared>(&Vars::from_map([(
+            "REDIS_CA_CERT",
+            not_pem.to_str().unwrap(),
+        )]))
+        .unwrap_err();
+        assert_eq!(err.var, "REDIS_CA_CERT");
+        assert!(err.message.contains("holds no PEM certificate"), "{err}");
+    }
+
+    #[test]
     fn reads_only_the_given_variables() {
         #[derive(Debug, clap::Args)]
         struct Path {
