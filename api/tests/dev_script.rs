@@ -223,7 +223,9 @@ fn assert_machine_has_the_services_binaries() {
     );
 }
 
-async fn wait_healthy(setup: &Setup, child: &mut Child, http: &reqwest::Client) {
+/// Waits until `/health` answers and dev.sh has said so: the test must not interrupt the script
+/// between the api answering and its progress line (`run` is which start of the script this is).
+async fn wait_healthy(setup: &Setup, child: &mut Child, http: &reqwest::Client, run: usize) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -233,11 +235,12 @@ async fn wait_healthy(setup: &Setup, child: &mut Child, http: &reqwest::Client) 
         }
         if let Ok(resp) = http.get(format!("{}/health", setup.base())).send().await
             && resp.status().is_success()
+            && setup.log().matches("dev: api answering at").count() >= run
         {
             return;
         }
         if Instant::now() > deadline {
-            setup.fail("/health did not answer within 120 s");
+            setup.fail("/health and dev.sh's \"api answering\" line did not come within 120 s");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -283,7 +286,7 @@ async fn first_command_runs_the_pipeline_and_ctrl_c_leaves_nothing_behind() {
 
     // First run: fresh data, an event in, its context out.
     let mut dev = setup.dev_sh(&[], &[]);
-    wait_healthy(&setup, &mut dev, &http).await;
+    wait_healthy(&setup, &mut dev, &http, 1).await;
     let accepted = http
         .post(format!("{}/batch/", setup.base()))
         .json(&serde_json::json!({
@@ -320,7 +323,7 @@ async fn first_command_runs_the_pipeline_and_ctrl_c_leaves_nothing_behind() {
 
     // Second run: the same data directory, so the user's context is there at once.
     let mut dev = setup.dev_sh(&[], &[]);
-    wait_healthy(&setup, &mut dev, &http).await;
+    wait_healthy(&setup, &mut dev, &http, 2).await;
     let again = context_with_events(&setup, &http, user).await;
     assert_eq!(
         again["stats"]["event_count"],
