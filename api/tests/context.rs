@@ -33,7 +33,7 @@ fn ev(
         uuid: Uuid::now_v7(),
         distinct_id: user.into(),
         event: name.into(),
-        description: description.into(),
+        description: Some(description.into()),
         rule_id: None,
         intents: json!({}),
         properties: json!({"$pathname": path}),

@@ -86,3 +86,103 @@ async fn events_flow_from_capture_to_context() {
 
     worker.stop().await;
 }
+
+/// The shipped rules plus an author's file (`ignore: true` for flag checks that came back off).
+fn rules_with_authors_file() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../rules");
+    for entry in std::fs::read_dir(shipped).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../worker/tests/fixtures/authoring/saas.yaml"
+        ),
+        dir.path().join("saas.yaml"),
+    )
+    .unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn ignored_events_are_stored_but_stay_out_of_the_context_and_the_unmatched_report() {
+    let (app, db) = TestApp::spawn_with_db(test_config()).await;
+    let rules = rules_with_authors_file();
+    let _worker = app.start_worker_with_rules(&db, "ignore", rules.path());
+    let user = "flag_user";
+    let flag = |response: bool| {
+        json!({"event": "$feature_flag_called", "distinct_id": user, "properties": {
+            "$feature_flag": "beta-banner", "$feature_flag_response": response,
+            "$session_id": if response { "s-on" } else { "s-off" }}})
+    };
+    let batch = json!({"api_key": INGEST_KEY, "batch": [
+        {"event": "$pageview", "distinct_id": user, "properties": {"$pathname": "/pricing", "$session_id": "s-1"}},
+        flag(false), flag(false), flag(true),
+        // No rule describes it: it marks that the unmatched report has been written.
+        {"event": "team_invite_removed", "distinct_id": user, "properties": {"$session_id": "s-1"}},
+    ]});
+    let resp = app.post("/batch/").json(&batch).answer().await;
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    let stored = format!("SELECT count(*) FROM events WHERE distinct_id = '{user}'");
+    wait_until(WAIT, "all five events stored", || async {
+        db.count(&stored).await == 5
+    })
+    .await;
+    // Stored with no sentence, by the author's rule.
+    let ignored = db
+        .column(&format!(
+            "SELECT rule_id FROM events WHERE distinct_id = '{user}' AND description IS NULL"
+        ))
+        .await;
+    assert_eq!(ignored, ["flags-off", "flags-off"]);
+
+    let (status, context) = app.context(user).await;
+    assert_eq!(status, StatusCode::OK, "{context}");
+    let history: Vec<&str> = context["recent_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["description"].as_str().unwrap())
+        .collect();
+    assert_eq!(history.len(), 3, "{context}");
+    assert!(
+        history.contains(&"Was shown feature flag 'beta-banner' (true)"),
+        "{context}"
+    );
+    assert!(!history.iter().any(|h| h.contains("(false)")), "{context}");
+    assert_eq!(context["stats"]["event_count"], 3, "{context}");
+    assert_eq!(
+        context["stats"]["session_count"], 2,
+        "s-1 and s-on; the ignored events' s-off is not counted: {context}"
+    );
+
+    let unmatched = || async {
+        let report: Value = app
+            .get("/rules/unmatched?limit=1000")
+            .key(SECRET)
+            .answer_json()
+            .await;
+        report["shapes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["event"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    wait_until(WAIT, "the unmatched report written", || async {
+        unmatched()
+            .await
+            .contains(&"team_invite_removed".to_string())
+    })
+    .await;
+    assert!(
+        !unmatched()
+            .await
+            .contains(&"$feature_flag_called".to_string())
+    );
+}

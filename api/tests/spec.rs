@@ -173,7 +173,7 @@ fn stored_event(
         uuid: Uuid::now_v7(),
         distinct_id: user.into(),
         event: "$pageview".into(),
-        description: format!("Viewed page: {}", page.unwrap_or("(none)")),
+        description: Some(format!("Viewed page: {}", page.unwrap_or("(none)"))),
         rule_id: None,
         intents: json!({}),
         properties: json!({}),

@@ -12,8 +12,9 @@ pub struct Model {
     pub distinct_id: String,
     /// Event name, e.g. `$pageview`.
     pub event: String,
-    /// The sentence the rules made of it, e.g. "Viewed page: /pricing".
-    pub description: String,
+    /// The sentence the rules made of it, e.g. "Viewed page: /pricing"; `None` when a rule
+    /// ignores the event (`ignore: true`): stored, but left out of the context.
+    pub description: Option<String>,
     /// Id of the rule that matched; `None` when the fallback sentence was used.
     pub rule_id: Option<String>,
     /// Intent weights this event added, `{"purchase": 2.0}`.

@@ -16,7 +16,8 @@ use crate::engine::{
     CandidateList, Candidates, Dispatch, EventKey, IntentDef, MAX_DISPATCH, MAX_PREFIX_LENGTHS,
     Rule, RuleSet, RuleSplit, UnmatchedCounter, first4,
 };
-use crate::model::{ElementSpec, MatcherSpec, RuleFile, WhenSpec};
+use crate::locate::KeyPositions;
+use crate::model::{ElementSpec, MatcherSpec, RuleFile, Tier, WhenSpec};
 use crate::template::{CaptureSource, Template};
 use crate::{Diagnostic, RulesError};
 
@@ -145,8 +146,9 @@ fn version_of(sources: &[Source]) -> String {
 struct Pending {
     rule: Rule,
     key: EventKey,
-    intent_names: Vec<(String, f64)>,
-    order: (Reverse<i32>, usize, usize),
+    /// (intent, weight, where the weight is written)
+    intent_names: Vec<(String, f64, (usize, usize))>,
+    order: (Tier, Reverse<i32>, usize, usize),
 }
 
 pub(crate) fn compile(sources: &[Source]) -> Result<RuleSet, RulesError> {
@@ -167,15 +169,20 @@ pub(crate) fn compile(sources: &[Source]) -> Result<RuleSet, RulesError> {
                         .location()
                         .map(|l| (l.line(), l.column()))
                         .unwrap_or((1, 1));
-                    diags.push(Diagnostic::new(&src.name, line, col, yaml_message(&e)));
+                    let mut message = yaml_message(&e);
+                    if let Some(hint) = yaml_hint(&src.text, line) {
+                        message.push_str(" (");
+                        message.push_str(hint);
+                        message.push(')');
+                    }
+                    diags.push(Diagnostic::new(&src.name, line, col, message));
                     continue;
                 }
             }
         };
-        let intent_locs = locate_key(&src.text, "name");
-        let mut cursor = 0;
-        for spec in file.intents {
-            let (line, col) = next_loc(&intent_locs, &mut cursor, &spec.name);
+        let keys = KeyPositions::of(&src.text);
+        for (n, spec) in file.intents.into_iter().enumerate() {
+            let (line, col) = keys.at(&format!("intents.{n}.name"));
             let d = |m: String| Diagnostic::new(&src.name, line, col, m);
             if !valid_name(&spec.name) {
                 diags.push(d(format!(
@@ -185,10 +192,13 @@ pub(crate) fn compile(sources: &[Source]) -> Result<RuleSet, RulesError> {
                 continue;
             }
             if spec.summary.trim().is_empty() {
-                diags.push(d(format!(
-                    "intent `{}` needs a summary sentence",
-                    spec.name
-                )));
+                let (line, col) = keys.at(&format!("intents.{n}.summary"));
+                diags.push(Diagnostic::new(
+                    &src.name,
+                    line,
+                    col,
+                    format!("intent `{}` needs a summary sentence", spec.name),
+                ));
             }
             let here = format!("{}:{line}:{col}", src.name);
             if let Some(prev) = intent_at.insert(spec.name.clone(), here) {
@@ -206,12 +216,17 @@ pub(crate) fn compile(sources: &[Source]) -> Result<RuleSet, RulesError> {
             });
         }
 
-        let id_locs = locate_key(&src.text, "id");
-        let mut cursor = 0;
         for (pos, spec) in file.rules.into_iter().enumerate() {
-            let (line, col) = next_loc(&id_locs, &mut cursor, &spec.id);
+            let base = format!("rules.{pos}");
+            let (line, col) = keys.at(&format!("{base}.id"));
             let here = format!("{}:{line}:{col}", src.name);
-            let mut err = |m: String| {
+            // A problem with the rule, reported at `key` (a path below the rule) when given.
+            let mut err = |key: &str, m: String| {
+                let (line, col) = if key.is_empty() {
+                    (line, col)
+                } else {
+                    keys.at(&format!("{base}.{key}"))
+                };
                 diags.push(Diagnostic::new(
                     &src.name,
                     line,
@@ -220,21 +235,35 @@ pub(crate) fn compile(sources: &[Source]) -> Result<RuleSet, RulesError> {
                 ))
             };
             if !valid_name(&spec.id) {
-                err("id must be letters, digits, `_`, `-` or `.`".into());
+                err("", "id must be letters, digits, `_`, `-` or `.`".into());
                 continue;
             }
             if let Some(prev) = ids.insert(spec.id.clone(), here) {
-                err(format!("id already used at {prev}"));
+                err("", format!("id already used at {prev}"));
                 continue;
             }
-            if spec.say.is_none() && spec.intents.is_empty() {
-                err("needs `say`, `intents`, or both".into());
+            if spec.ignore && (spec.say.is_some() || !spec.intents.is_empty()) {
+                err(
+                    "ignore",
+                    "`ignore: true` drops the event: it takes neither `say` nor `intents`".into(),
+                );
                 continue;
             }
-            let conditions = match compile_when(&spec.when, 0) {
+            if spec.say.is_none() && spec.intents.is_empty() && !spec.ignore {
+                err("", "needs `say`, `intents`, or `ignore: true`".into());
+                continue;
+            }
+            if spec.say.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                err(
+                    "say",
+                    "say: empty sentence; to drop these events write `ignore: true`".into(),
+                );
+                continue;
+            }
+            let conditions = match compile_when(&spec.when, 0, "when") {
                 Ok(c) => c,
-                Err(m) => {
-                    err(m);
+                Err(p) => {
+                    err(&p.key, p.message);
                     continue;
                 }
             };
@@ -242,7 +271,7 @@ pub(crate) fn compile(sources: &[Source]) -> Result<RuleSet, RulesError> {
             let say = match spec.say.as_deref().map(Template::parse).transpose() {
                 Ok(t) => t,
                 Err(m) => {
-                    err(format!("say: {m}"));
+                    err("say", format!("say: {m}"));
                     continue;
                 }
             };
@@ -253,17 +282,24 @@ pub(crate) fn compile(sources: &[Source]) -> Result<RuleSet, RulesError> {
                         .any(|c| c.regex.capture_names().flatten().any(|g| g == *n))
                 })
             {
-                err(format!(
-                    "say: `{{{{ {missing} }}}}` is not a field nor a named group `(?P<{missing}>…)` of this rule's regexes"
-                ));
+                err(
+                    "say",
+                    format!(
+                        "say: `{{{{ {missing} }}}}` is not a field nor a named group `(?P<{missing}>…)` of this rule's regexes"
+                    ),
+                );
                 continue;
             }
             let mut weights = Vec::new();
             for (name, w) in &spec.intents {
+                let at = keys.at(&format!("{base}.intents.{name}"));
                 if !w.is_finite() {
-                    err(format!("intent `{name}`: weight must be a finite number"));
+                    err(
+                        &format!("intents.{name}"),
+                        format!("intent `{name}`: weight must be a finite number"),
+                    );
                 }
-                weights.push((name.clone(), *w));
+                weights.push((name.clone(), *w, at));
             }
             let key = event_key(&spec.when);
             let mut conditions = conditions;
@@ -282,17 +318,19 @@ pub(crate) fn compile(sources: &[Source]) -> Result<RuleSet, RulesError> {
                     file: src.name.clone(),
                     line,
                     column: col,
+                    tier: file.tier,
                     priority: spec.priority,
                     conditions: conditions.into(),
                     indexed_skip,
                     say,
+                    ignore: spec.ignore,
                     intents: Box::new([]),
                     captures: captures.into(),
                     examples: spec.examples,
                 },
                 key,
                 intent_names: weights,
-                order: (Reverse(spec.priority), file_idx, pos),
+                order: (file.tier, Reverse(spec.priority), file_idx, pos),
             });
         }
     }
@@ -310,13 +348,13 @@ pub(crate) fn compile(sources: &[Source]) -> Result<RuleSet, RulesError> {
         .collect();
     for p in &mut pending {
         let mut resolved = Vec::new();
-        for (name, w) in &p.intent_names {
+        for (name, w, (line, column)) in &p.intent_names {
             match intent_idx.get(name.as_str()) {
                 Some(&i) => resolved.push((i, *w)),
                 None => diags.push(Diagnostic::new(
                     &p.rule.file,
-                    p.rule.line,
-                    p.rule.column,
+                    *line,
+                    *column,
                     format!(
                         "rule `{}`: intent `{name}` is not declared (add it under `intents:`)",
                         p.rule.id
@@ -366,7 +404,7 @@ fn build_index(
                 regexes.push(r.as_str());
                 regex_rules.push(i as u32);
             }
-            EventKey::Any => any_event.push(i as u32, rules[i].say.is_some()),
+            EventKey::Any => any_event.push(i as u32, rules[i].describes()),
         }
     }
     let event_regexes = if regexes.is_empty() {
@@ -399,7 +437,7 @@ fn build_index(
                 EventKey::Any => true,
             };
             if candidate {
-                split.push(i as u32, rules[i].say.is_some());
+                split.push(i as u32, rules[i].describes());
             }
         }
         by_event.insert(name.into(), candidates(&rules, split));
@@ -625,15 +663,33 @@ fn event_key(when: &WhenSpec) -> EventKey {
     }
 }
 
-fn compile_when(w: &WhenSpec, depth: usize) -> Result<Vec<Condition>, String> {
+/// A problem in a rule's conditions, at `key` (a path below the rule, e.g. `when.element.text`).
+struct Problem {
+    key: String,
+    message: String,
+}
+
+fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
+    Problem {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Compiles the conditions of `w`, written at `at` (`when`, `when.any.0`…).
+fn compile_when(w: &WhenSpec, depth: usize, at: &str) -> Result<Vec<Condition>, Problem> {
     if depth > MAX_DEPTH {
-        return Err(format!("`any`/`not` nested deeper than {MAX_DEPTH}"));
+        return Err(problem(
+            at,
+            format!("`any`/`not` nested deeper than {MAX_DEPTH}"),
+        ));
     }
     let mut out = Vec::new();
+    // `what` is the key below `at`; a regex's own problem is reported at its `regex:` key.
     let field = |s: Subject, m: &MatcherSpec, what: &str| {
         Matcher::compile(m)
             .map(|m| Condition::Field(s, m))
-            .map_err(|e| format!("when.{what}: {e}"))
+            .map_err(|e| matcher_problem(&format!("{at}.{what}"), e))
     };
     if let Some(m) = &w.event {
         out.push(field(Subject::Event, m, "event")?);
@@ -645,7 +701,8 @@ fn compile_when(w: &WhenSpec, depth: usize) -> Result<Vec<Condition>, String> {
         out.push(field(Subject::Url, m, "url")?);
     }
     for (p, m) in &w.properties {
-        let path = PropPath::new(p).map_err(|e| format!("when.properties: {e}"))?;
+        let path = PropPath::new(p)
+            .map_err(|e| problem(format!("{at}.properties"), format!("{at}.properties: {e}")))?;
         out.push(field(
             Subject::Property(path),
             m,
@@ -653,11 +710,12 @@ fn compile_when(w: &WhenSpec, depth: usize) -> Result<Vec<Condition>, String> {
         )?);
     }
     for (p, m) in &w.person {
-        let path = PropPath::new(p).map_err(|e| format!("when.person: {e}"))?;
+        let path = PropPath::new(p)
+            .map_err(|e| problem(format!("{at}.person"), format!("{at}.person: {e}")))?;
         out.push(field(Subject::Person(path), m, &format!("person.{p}"))?);
     }
     if let Some(el) = &w.element {
-        for c in compile_element(el).map_err(|e| format!("when.element.{e}"))? {
+        for c in compile_element(el, &format!("{at}.element"))? {
             out.push(match c {
                 ElementCondition::Field(f, m) => Condition::Field(Subject::Element(f), m),
                 ElementCondition::Classes(cs) => Condition::Classes(cs),
@@ -665,24 +723,48 @@ fn compile_when(w: &WhenSpec, depth: usize) -> Result<Vec<Condition>, String> {
         }
     }
     if let Some(el) = &w.inside {
-        let conds = compile_element(el).map_err(|e| format!("when.inside.{e}"))?;
+        let conds = compile_element(el, &format!("{at}.inside"))?;
         out.push(Condition::Inside(conds.into()));
     }
-    if !w.any.is_empty() {
-        let groups = w
-            .any
+    if let Some(el) = &w.closest {
+        let conds = compile_element(el, &format!("{at}.closest"))?;
+        out.push(Condition::Closest(conds.into()));
+    }
+    if let Some(any) = &w.any {
+        if any.is_empty() {
+            return Err(problem(
+                format!("{at}.any"),
+                format!(
+                    "{at}.any: an empty list would always hold; give at least one group of conditions, or remove `any`"
+                ),
+            ));
+        }
+        let groups = any
             .iter()
-            .map(|g| compile_when(g, depth + 1).map(Into::into))
+            .enumerate()
+            .map(|(i, g)| compile_when(g, depth + 1, &format!("{at}.any.{i}")).map(Into::into))
             .collect::<Result<Vec<_>, _>>()?;
         out.push(Condition::Any(groups.into()));
     }
     if let Some(n) = &w.not {
-        out.push(Condition::Not(compile_when(n, depth + 1)?.into()));
+        out.push(Condition::Not(
+            compile_when(n, depth + 1, &format!("{at}.not"))?.into(),
+        ));
     }
     Ok(out)
 }
 
-fn compile_element(el: &ElementSpec) -> Result<Vec<ElementCondition>, String> {
+/// A matcher's compile error as a problem at `key` (at its `regex:` when the regex is at fault).
+fn matcher_problem(key: &str, e: String) -> Problem {
+    let at = if e.starts_with("invalid regex") || e.starts_with("regex longer") {
+        format!("{key}.regex")
+    } else {
+        key.to_owned()
+    };
+    problem(at, format!("{key}: {e}"))
+}
+
+fn compile_element(el: &ElementSpec, at: &str) -> Result<Vec<ElementCondition>, Problem> {
     let mut out = Vec::new();
     let fields = [
         (ElementField::Tag, &el.tag, "tag"),
@@ -694,23 +776,27 @@ fn compile_element(el: &ElementSpec) -> Result<Vec<ElementCondition>, String> {
         if let Some(m) = spec {
             out.push(ElementCondition::Field(
                 f,
-                Matcher::compile(m).map_err(|e| format!("{name}: {e}"))?,
+                Matcher::compile(m).map_err(|e| matcher_problem(&format!("{at}.{name}"), e))?,
             ));
         }
     }
     if let Some(cs) = &el.classes {
         if cs.0.is_empty() {
-            return Err("classes: empty".into());
+            return Err(problem(
+                format!("{at}.classes"),
+                format!("{at}.classes: empty"),
+            ));
         }
         out.push(ElementCondition::Classes(
             cs.0.iter().map(|c| c.as_str().into()).collect(),
         ));
     }
     for (a, m) in &el.attributes {
+        let key = format!("{at}.attributes.{a}");
         let a = a.strip_prefix("attr__").unwrap_or(a);
         out.push(ElementCondition::Field(
             ElementField::Attribute(a.into()),
-            Matcher::compile(m).map_err(|e| format!("attributes.{a}: {e}"))?,
+            Matcher::compile(m).map_err(|e| matcher_problem(&key, e))?,
         ));
     }
     Ok(out)
@@ -739,36 +825,6 @@ fn valid_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
-/// (value, line, column) of every `key: value` line, 1-based, in file order.
-fn locate_key(text: &str, key: &str) -> Vec<(String, usize, usize)> {
-    let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let indent = line.len() - line.trim_start().len();
-        let mut rest = line.trim_start();
-        let mut col = indent;
-        if let Some(r) = rest.strip_prefix("- ") {
-            col += 2 + (r.len() - r.trim_start().len());
-            rest = r.trim_start();
-        }
-        let Some(v) = rest.strip_prefix(key).and_then(|r| r.strip_prefix(':')) else {
-            continue;
-        };
-        let v = v.split(" #").next().unwrap_or("").trim();
-        let v = v.trim_matches(|c| c == '"' || c == '\'');
-        out.push((v.to_owned(), n + 1, col + 1));
-    }
-    out
-}
-
-fn next_loc(locs: &[(String, usize, usize)], cursor: &mut usize, value: &str) -> (usize, usize) {
-    if let Some(off) = locs[*cursor..].iter().position(|(v, _, _)| v == value) {
-        let (_, l, c) = &locs[*cursor + off];
-        *cursor += off + 1;
-        return (*l, *c);
-    }
-    (1, 1)
-}
-
 /// serde_yaml's message without its trailing " at line X column Y" (the diagnostic carries it).
 fn yaml_message(e: &serde_yaml::Error) -> String {
     let msg = e.to_string();
@@ -776,4 +832,25 @@ fn yaml_message(e: &serde_yaml::Error) -> String {
         Some(i) => msg[..i].to_owned(),
         None => msg,
     }
+}
+
+/// A hint for the YAML mistakes authors make most, from the line serde_yaml stopped at (or the
+/// line before it: a mapping's error often lands on the next line).
+fn yaml_hint(text: &str, line: usize) -> Option<&'static str> {
+    let lines: Vec<&str> = text.lines().collect();
+    let around = [line.checked_sub(1), line.checked_sub(2)];
+    for l in around.into_iter().flatten().filter_map(|i| lines.get(i)) {
+        let indent = &l[..l.len() - l.trim_start().len()];
+        if indent.contains('\t') {
+            return Some("YAML indents with spaces only; this line has a tab");
+        }
+        if let Some((_, value)) = l.split_once(": ")
+            && value.trim_start().starts_with("{{")
+        {
+            return Some(
+                "a value that starts with `{{` must be quoted: say: \"{{ element.text }}\"",
+            );
+        }
+    }
+    None
 }

@@ -343,9 +343,12 @@ impl<'a> EventCtx<'a> {
             return self
                 .text
                 .get_or_init(|| {
-                    self.clicked()
-                        .and_then(|e| e.text())
-                        .or_else(|| self.props.get("$el_text").and_then(json_text))
+                    self.clicked().and_then(|e| e.text()).or_else(|| {
+                        self.props
+                            .get("$el_text")
+                            .and_then(json_text)
+                            .and_then(crate::elements::tidy_text)
+                    })
                 })
                 .clone();
         }
@@ -473,6 +476,11 @@ pub enum Op {
     Contains(Box<str>),
     StartsWith(Box<str>),
     EndsWith(Box<str>),
+    /// The case-insensitive tests hold the operand lowercased.
+    IEquals(Box<str>),
+    IContains(Box<str>),
+    IStartsWith(Box<str>),
+    IEndsWith(Box<str>),
     Gt(f64),
     Gte(f64),
     Lt(f64),
@@ -545,6 +553,16 @@ impl Matcher {
         ] {
             if let Some(s) = v {
                 ops.push(f(s.as_str().into()));
+            }
+        }
+        for (v, f) in [
+            (&o.iequals, Op::IEquals as fn(Box<str>) -> Op),
+            (&o.icontains, Op::IContains),
+            (&o.istarts_with, Op::IStartsWith),
+            (&o.iends_with, Op::IEndsWith),
+        ] {
+            if let Some(s) = v {
+                ops.push(f(s.to_lowercase().into()));
             }
         }
         for (v, f) in [
@@ -630,10 +648,24 @@ fn op_test(op: &Op, v: Option<&Val<'_>>) -> bool {
         Op::Contains(s) => v.text().is_some_and(|t| t.contains(&**s)),
         Op::StartsWith(s) => v.text().is_some_and(|t| t.starts_with(&**s)),
         Op::EndsWith(s) => v.text().is_some_and(|t| t.ends_with(&**s)),
+        Op::IEquals(s) => lower(v).is_some_and(|t| *t == **s),
+        Op::IContains(s) => lower(v).is_some_and(|t| t.contains(&**s)),
+        Op::IStartsWith(s) => lower(v).is_some_and(|t| t.starts_with(&**s)),
+        Op::IEndsWith(s) => lower(v).is_some_and(|t| t.ends_with(&**s)),
         Op::Gt(x) => v.number().is_some_and(|n| n > *x),
         Op::Gte(x) => v.number().is_some_and(|n| n >= *x),
         Op::Lt(x) => v.number().is_some_and(|n| n < *x),
         Op::Lte(x) => v.number().is_some_and(|n| n <= *x),
+    }
+}
+
+/// The value's text lowercased (borrowed when it has no uppercase letters).
+fn lower<'a>(v: &Val<'a>) -> Option<Cow<'a, str>> {
+    let t = v.text()?;
+    if t.chars().any(char::is_uppercase) {
+        Some(Cow::Owned(t.to_lowercase()))
+    } else {
+        Some(t)
     }
 }
 
@@ -655,6 +687,10 @@ impl fmt::Display for Matcher {
                 Op::Contains(s) => write!(f, "contains {s:?}")?,
                 Op::StartsWith(s) => write!(f, "starts with {s:?}")?,
                 Op::EndsWith(s) => write!(f, "ends with {s:?}")?,
+                Op::IEquals(s) => write!(f, "equals {s:?} ignoring case")?,
+                Op::IContains(s) => write!(f, "contains {s:?} ignoring case")?,
+                Op::IStartsWith(s) => write!(f, "starts with {s:?} ignoring case")?,
+                Op::IEndsWith(s) => write!(f, "ends with {s:?} ignoring case")?,
                 Op::Gt(x) => write!(f, "> {x}")?,
                 Op::Gte(x) => write!(f, ">= {x}")?,
                 Op::Lt(x) => write!(f, "< {x}")?,
@@ -690,6 +726,8 @@ pub enum Condition {
     Classes(Box<[Box<str>]>),
     /// Some ancestor of the clicked element satisfies all these.
     Inside(Box<[ElementCondition]>),
+    /// The clicked element itself or some ancestor satisfies all these.
+    Closest(Box<[ElementCondition]>),
     /// At least one of the groups holds.
     Any(Box<[Box<[Condition]>]>),
     /// The group does not hold.
@@ -707,6 +745,10 @@ impl Condition {
                 .elements()
                 .iter()
                 .skip(1)
+                .any(|el| conds.iter().all(|c| c.test(&el))),
+            Condition::Closest(conds) => ctx
+                .elements()
+                .iter()
                 .any(|el| conds.iter().all(|c| c.test(&el))),
             Condition::Any(groups) => groups.iter().any(|g| all(g, ctx)),
             Condition::Not(g) => !all(g, ctx),
@@ -727,7 +769,7 @@ impl Condition {
                 base + if regex { 4 } else { 0 }
             }
             Condition::Classes(_) => 5,
-            Condition::Inside(_) => 12,
+            Condition::Inside(_) | Condition::Closest(_) => 12,
             Condition::Any(g) => 6 + g.len() as u32,
             Condition::Not(g) => 6 + g.len() as u32,
         }
@@ -752,6 +794,9 @@ impl Condition {
                     .unwrap_or_else(|| "no element classes".into())
             ),
             Condition::Inside(_) => "no ancestor element satisfies `inside`".into(),
+            Condition::Closest(_) => {
+                "neither the clicked element nor an ancestor satisfies `closest`".into()
+            }
             Condition::Any(_) => "none of the `any` groups holds".into(),
             Condition::Not(_) => "the `not` group holds".into(),
         }
@@ -769,7 +814,7 @@ pub fn for_each_subject_mut(conds: &mut [Condition], f: &mut impl FnMut(&mut Sub
                 }
             }
             Condition::Not(g) => for_each_subject_mut(g, f),
-            Condition::Classes(_) | Condition::Inside(_) => {}
+            Condition::Classes(_) | Condition::Inside(_) | Condition::Closest(_) => {}
         }
     }
 }
@@ -829,10 +874,10 @@ mod tests {
         assert!(anchored_prefixes("/pricing").is_none());
         assert!(anchored_prefixes("(?m)^x").is_none());
         assert!(anchored_prefixes("^\\s*x").is_none());
-        let m = Matcher::compile(&MatcherSpec::Ops(MatcherOps {
+        let m = Matcher::compile(&MatcherSpec::Ops(Box::new(MatcherOps {
             regex: Some("^/(pricing|plans)(/|$)".into()),
             ..Default::default()
-        }))
+        })))
         .unwrap();
         for (path, want) in [
             ("/pricing", true),

@@ -41,6 +41,7 @@ impl<'a> Element<'a> {
             Element::Json(m) => json_str(m, "$el_text").or_else(|| json_str(m, "text")),
             Element::Props(m) => json_str(m, "$el_text"),
         }
+        .and_then(tidy_text)
     }
 
     /// The `id` attribute.
@@ -356,6 +357,34 @@ impl<'a> Elements<'a> {
             )
             .chain(props.map(Element::Props))
     }
+}
+
+/// Text as a person reads it: trimmed, each whitespace run one space; `None` when nothing is left.
+/// Borrows when the text is already tidy (the usual case).
+pub fn tidy_text(t: Cow<'_, str>) -> Option<Cow<'_, str>> {
+    // Starts true so that leading whitespace, and an empty text, are untidy.
+    let mut after_space = true;
+    let mut tidy = true;
+    for c in t.chars() {
+        let space = c.is_whitespace();
+        if space && (c != ' ' || after_space) {
+            tidy = false;
+            break;
+        }
+        after_space = space;
+    }
+    let tidy = tidy && !after_space;
+    if tidy {
+        return Some(t);
+    }
+    let mut out = String::with_capacity(t.len());
+    for word in t.split_whitespace() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
+    (!out.is_empty()).then_some(Cow::Owned(out))
 }
 
 #[cfg(test)]

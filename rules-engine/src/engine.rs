@@ -12,7 +12,7 @@ use rustc_hash::FxHashMap;
 use serde_json::{Map, Value};
 
 use crate::condition::{Condition, EventCtx, PropSlots, PropertyKeys, Subject, Val, all};
-use crate::model::ExampleSpec;
+use crate::model::{ExampleSpec, Tier};
 use crate::template::{CaptureSource, Template, push_clean};
 
 /// A borrowed view of one event, as the worker decoded it.
@@ -70,12 +70,17 @@ pub struct IntentHit {
 /// What the rules say about one event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Enrichment {
+    /// The sentence; empty when `ignored`.
     pub description: String,
-    /// The rule that produced `description`; `None` for the fallback. Shared with the rule set.
+    /// The rule that produced `description` (or ignored the event); `None` for the fallback.
+    /// Shared with the rule set.
     pub rule_id: Option<Arc<str>>,
     pub intents: Vec<IntentHit>,
-    /// Whether a rule described the event (false: fallback sentence).
+    /// Whether a rule described (or ignored) the event (false: fallback sentence).
     pub matched: bool,
+    /// A rule with `ignore: true` matched: the event is stored without a description, adds no
+    /// intents and stays out of the context.
+    pub ignored: bool,
 }
 
 /// An intent declared in the rule files.
@@ -96,12 +101,16 @@ pub(crate) struct Rule {
     pub file: Arc<str>,
     pub line: usize,
     pub column: usize,
+    /// The tier of the rule's file: every specific rule is tried before any generic one.
+    pub tier: Tier,
     pub priority: i32,
     pub conditions: Box<[Condition]>,
     /// Conditions to skip when the rule is reached through the event-name index (which already
     /// checked the name): 1 when `conditions[0]` is that exact name test, else 0.
     pub indexed_skip: usize,
     pub say: Option<Template>,
+    /// `ignore: true`: a match drops the event from descriptions.
+    pub ignore: bool,
     /// (index into `RuleSet::intents`, weight)
     pub intents: Box<[(u32, f64)]>,
     pub captures: Box<[CaptureSource]>,
@@ -111,6 +120,12 @@ pub(crate) struct Rule {
 impl Rule {
     pub fn location(&self) -> String {
         format!("{}:{}:{}", self.file, self.line, self.column)
+    }
+
+    /// Whether a match decides the event's description (a sentence, or `ignore`): the first
+    /// such rule in priority order wins; the others only add intents.
+    pub fn describes(&self) -> bool {
+        self.say.is_some() || self.ignore
     }
 }
 
@@ -338,7 +353,7 @@ impl RuleSet {
             let rule = &self.rules[idx as usize];
             // Exact-name rules are only reached through their names: skip the name test.
             let skip = rule.indexed_skip;
-            let describes = rule.say.is_some();
+            let describes = rule.describes();
             if describes && described.is_some() {
                 return;
             }
@@ -381,15 +396,22 @@ impl RuleSet {
             }
         });
         let intents = intents.collect();
-        match described {
-            Some(idx) => {
-                let rule = &self.rules[idx as usize];
+        match described.map(|idx| &self.rules[idx as usize]) {
+            Some(rule) if rule.ignore => Enrichment {
+                description: String::new(),
+                rule_id: Some(rule.id.clone()),
+                intents: Vec::new(),
+                matched: true,
+                ignored: true,
+            },
+            Some(rule) => {
                 let say = rule.say.as_ref().expect("describing rules have a template");
                 Enrichment {
                     description: say.render(ctx, &rule.captures),
                     rule_id: Some(rule.id.clone()),
                     intents,
                     matched: true,
+                    ignored: false,
                 }
             }
             None => {
@@ -401,6 +423,7 @@ impl RuleSet {
                     rule_id: None,
                     intents,
                     matched: false,
+                    ignored: false,
                 }
             }
         }
@@ -412,7 +435,7 @@ impl RuleSet {
         if let Some(set) = &self.event_regexes {
             for i in set.matches(name).iter() {
                 let idx = self.regex_rules[i];
-                extra.push(idx, self.rules[idx as usize].say.is_some());
+                extra.push(idx, self.rules[idx as usize].describes());
             }
         }
         extra
@@ -428,7 +451,7 @@ impl RuleSet {
             let failed = rule.conditions.iter().find(|c| !c.test(&ctx));
             let outcome = match failed {
                 Some(c) => StepOutcome::NoMatch(c.explain_failure(&ctx)),
-                None if rule.say.is_none() => {
+                None if !rule.describes() => {
                     hits.add(&rule.intents);
                     StepOutcome::AddedIntents
                 }
@@ -436,13 +459,18 @@ impl RuleSet {
                 None => {
                     described = Some(idx as u32);
                     hits.add(&rule.intents);
-                    StepOutcome::Described
+                    if rule.ignore {
+                        StepOutcome::Ignored
+                    } else {
+                        StepOutcome::Described
+                    }
                 }
             };
             steps.push(ExplainStep {
                 rule_id: rule.id.to_string(),
                 description: rule.description.clone(),
                 location: rule.location(),
+                tier: rule.tier.name(),
                 priority: rule.priority,
                 outcome,
             });
@@ -511,6 +539,8 @@ pub struct ExplainStep {
     pub rule_id: String,
     pub description: Option<String>,
     pub location: String,
+    /// `specific` or `generic`.
+    pub tier: &'static str,
     pub priority: i32,
     pub outcome: StepOutcome,
 }
@@ -519,6 +549,8 @@ pub struct ExplainStep {
 pub enum StepOutcome {
     /// This rule's sentence describes the event.
     Described,
+    /// This rule (`ignore: true`) drops the event from descriptions.
+    Ignored,
     /// Matched, but an earlier rule already described the event.
     Shadowed,
     /// An intent-only rule matched and added its weights.

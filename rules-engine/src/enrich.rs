@@ -90,6 +90,7 @@ pub fn without_rules(event: &Envelope) -> Enrichment {
         rule_id: None,
         intents: Vec::new(),
         matched: false,
+        ignored: false,
     }
 }
 

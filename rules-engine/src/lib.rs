@@ -7,10 +7,14 @@ mod condition;
 pub mod elements;
 mod engine;
 pub mod enrich;
+mod locate;
 mod model;
+pub mod schema;
 mod template;
 mod watch;
 
+#[cfg(test)]
+mod authoring_tests;
 #[cfg(test)]
 mod tests;
 

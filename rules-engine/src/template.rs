@@ -24,7 +24,78 @@ pub struct Template {
 #[derive(Debug, Clone)]
 enum Part {
     Literal(Box<str>),
-    Value { var: Var, default: Option<Box<str>> },
+    /// `{{ var }}`, `{{ var | default: "x" }}` (the common cases, rendered without a copy), or
+    /// `{{ var | filter | … }}`.
+    Value {
+        var: Var,
+        default: Option<Box<str>>,
+        filters: Box<[Filter]>,
+    },
+}
+
+/// A filter of a template value, applied in order after the value is cleaned.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Filter {
+    /// The text when the value is missing or empty.
+    Default(Box<str>),
+    Lower,
+    Upper,
+    /// The first letter of each word upper-cased.
+    Title,
+    Trim,
+    /// `monthly-revenue`, `monthly_revenue` → `monthly revenue`.
+    Humanize,
+    /// At most this many characters, `…` marking a cut.
+    Truncate(usize),
+}
+
+/// The filters a template may use, for error messages.
+const FILTERS: &str = "default: \"text\", lower, upper, title, trim, humanize, truncate: N";
+
+impl Filter {
+    fn apply(&self, v: Option<String>) -> Option<String> {
+        let nonempty = |s: String| (!s.is_empty()).then_some(s);
+        match self {
+            Filter::Default(d) => v.or_else(|| Some(d.to_string())),
+            Filter::Lower => v.map(|s| s.to_lowercase()),
+            Filter::Upper => v.map(|s| s.to_uppercase()),
+            Filter::Title => v.map(|s| title(&s)),
+            Filter::Trim => v.and_then(|s| nonempty(s.trim().to_owned())),
+            Filter::Humanize => v.and_then(|s| {
+                let words: Vec<&str> = s
+                    .split(|c: char| c == '-' || c == '_' || c.is_whitespace())
+                    .filter(|w| !w.is_empty())
+                    .collect();
+                nonempty(words.join(" "))
+            }),
+            Filter::Truncate(n) => v.map(|s| truncate(s, *n)),
+        }
+    }
+}
+
+fn title(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut word_start = true;
+    for c in s.chars() {
+        if word_start && c.is_alphabetic() {
+            out.extend(c.to_uppercase());
+        } else {
+            out.push(c);
+        }
+        word_start = c.is_whitespace() || c == '-' || c == '/';
+    }
+    out
+}
+
+fn truncate(s: String, n: usize) -> String {
+    match s.char_indices().nth(n) {
+        None => s,
+        Some((cut, _)) => {
+            let mut out = s[..cut].trim_end().to_owned();
+            out.push('…');
+            out
+        }
+    }
 }
 
 /// A template variable.
@@ -105,17 +176,36 @@ impl Template {
         for part in &*self.parts {
             match part {
                 Part::Literal(s) => out.push_str(s),
-                Part::Value { var, default } => {
+                Part::Value {
+                    var,
+                    default,
+                    filters,
+                } => {
                     let v = match var {
                         Var::Subject(s) => ctx.get(s).and_then(|v| v.text()),
                         Var::Capture(name) => capture(ctx, captures, name),
                     };
-                    let before = out.len();
-                    if let Some(v) = v {
-                        push_clean(&mut out, &v);
+                    if filters.is_empty() {
+                        let before = out.len();
+                        if let Some(v) = v {
+                            push_clean(&mut out, &v);
+                        }
+                        if out.len() == before {
+                            out.push_str(default.as_deref().unwrap_or(MISSING));
+                        }
+                        continue;
                     }
-                    if out.len() == before {
-                        out.push_str(default.as_deref().unwrap_or(MISSING));
+                    let mut value = v.and_then(|v| {
+                        let mut s = String::new();
+                        push_clean(&mut s, &v);
+                        (!s.is_empty()).then_some(s)
+                    });
+                    for f in &**filters {
+                        value = f.apply(value);
+                    }
+                    match value {
+                        Some(v) => push_clean(&mut out, &v),
+                        None => out.push_str(MISSING),
                     }
                 }
             }
@@ -176,38 +266,100 @@ pub fn push_clean(out: &mut String, v: &str) {
 }
 
 fn parse_expr(expr: &str) -> Result<Part, String> {
-    let (name, filter) = match expr.split_once('|') {
-        Some((n, f)) => (n.trim(), Some(f.trim())),
-        None => (expr, None),
-    };
-    let default = match filter {
-        None => None,
-        Some(f) => Some(parse_default(f)?),
+    let mut pieces = split_filters(expr).into_iter();
+    let name = pieces.next().unwrap_or_default().trim();
+    let mut filters = pieces
+        .map(|f| parse_filter(f.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    // A lone trailing `default` keeps the copy-free path.
+    let default = match filters.as_slice() {
+        [Filter::Default(d)] => {
+            let d = d.clone();
+            filters.clear();
+            Some(d)
+        }
+        _ => None,
     };
     Ok(Part::Value {
         var: parse_var(name)?,
         default,
+        filters: filters.into(),
     })
 }
 
-/// `default: "x"`, `default: 'x'` or `default("x")`.
-fn parse_default(f: &str) -> Result<Box<str>, String> {
-    let err = || format!("unknown filter `{f}`; the only filter is `default: \"text\"`");
-    let rest = f.strip_prefix("default").ok_or_else(err)?.trim_start();
-    let (rest, paren) = match rest.strip_prefix(':') {
-        Some(r) => (r.trim(), false),
-        None => (rest.strip_prefix('(').ok_or_else(err)?.trim(), true),
-    };
-    let rest = if paren {
-        rest.strip_suffix(')').ok_or_else(err)?.trim()
-    } else {
-        rest
-    };
-    let q = rest.chars().next().ok_or_else(err)?;
-    if (q != '"' && q != '\'') || rest.len() < 2 || !rest.ends_with(q) {
-        return Err(err());
+/// Splits `a | b: "x|y" | c` at the bars outside quotes.
+fn split_filters(expr: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut quote = None;
+    let mut start = 0;
+    for (i, c) in expr.char_indices() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, '|') => {
+                out.push(&expr[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
     }
-    Ok(rest[1..rest.len() - 1].into())
+    out.push(&expr[start..]);
+    out
+}
+
+/// One filter: `lower`, `truncate: 20`, `truncate(20)`, `default: "x"`, `default("x")`.
+fn parse_filter(f: &str) -> Result<Filter, String> {
+    let unknown = || format!("unknown filter `{f}`; filters are {FILTERS}");
+    let name_len = f
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or(f.len());
+    let (name, rest) = f.split_at(name_len);
+    let arg = argument(rest.trim()).map_err(|()| unknown())?;
+    let no_arg = |filter: Filter| match arg {
+        None => Ok(filter),
+        Some(_) => Err(format!("filter `{name}` takes no argument")),
+    };
+    match name {
+        "lower" => no_arg(Filter::Lower),
+        "upper" => no_arg(Filter::Upper),
+        "title" => no_arg(Filter::Title),
+        "trim" => no_arg(Filter::Trim),
+        "humanize" => no_arg(Filter::Humanize),
+        "truncate" => {
+            let n = arg
+                .and_then(|a| a.parse::<usize>().ok())
+                .filter(|n| *n > 0)
+                .ok_or_else(|| "filter `truncate` needs a length: `truncate: 40`".to_string())?;
+            Ok(Filter::Truncate(n))
+        }
+        "default" => {
+            let text = arg
+                .and_then(|a| {
+                    let q = a.chars().next()?;
+                    ((q == '"' || q == '\'') && a.len() >= 2 && a.ends_with(q))
+                        .then(|| a[1..a.len() - 1].into())
+                })
+                .ok_or_else(|| {
+                    "filter `default` needs quoted text: `default: \"a page\"`".to_string()
+                })?;
+            Ok(Filter::Default(text))
+        }
+        _ => Err(unknown()),
+    }
+}
+
+/// The argument after a filter's name: `: x` or `(x)`; `Err` for anything else.
+fn argument(rest: &str) -> Result<Option<&str>, ()> {
+    if rest.is_empty() {
+        return Ok(None);
+    }
+    if let Some(a) = rest.strip_prefix(':') {
+        return Ok(Some(a.trim()));
+    }
+    match rest.strip_prefix('(').and_then(|r| r.strip_suffix(')')) {
+        Some(a) => Ok(Some(a.trim())),
+        None => Err(()),
+    }
 }
 
 fn parse_var(name: &str) -> Result<Var, String> {
@@ -294,7 +446,11 @@ mod tests {
     fn rejects_bad_templates() {
         assert!(Template::parse("{{ path").is_err());
         assert!(Template::parse("{{ }}").is_err());
-        assert!(Template::parse("{{ path | upper }}").is_err());
+        assert!(Template::parse("{{ path | shout }}").is_err());
+        assert!(Template::parse("{{ path | truncate }}").is_err());
+        assert!(Template::parse("{{ path | truncate: 0 }}").is_err());
+        assert!(Template::parse("{{ path | lower: 3 }}").is_err());
+        assert!(Template::parse("{{ path | default: x }}").is_err());
         assert!(Template::parse("{{ element.colour }}").is_err());
         assert!(Template::parse("{{ a-b }}").is_err());
     }

@@ -500,7 +500,8 @@ fn errors_carry_file_line_and_column() {
         "re.yaml",
         "rules:\n  - id: ok\n    say: fine\n  - id: broken\n    when: { event: { regex: \"(\" } }\n    say: x\n",
     )]);
-    assert_eq!((d[0].line, d[0].column), (4, 5));
+    // At the `regex:` key at fault, not at the rule's first line.
+    assert_eq!((d[0].line, d[0].column), (5, 22));
     assert!(d[0].message.contains("rule `broken`") && d[0].message.contains("regex"));
 
     let d = err_of(&[(
@@ -862,10 +863,17 @@ fn dispatch_agrees_with_full_evaluation() {
 #[test]
 fn readme_example_compiles() {
     let readme = std::fs::read_to_string(shipped_dir().join("README.md")).unwrap();
-    let start = readme.find("```yaml\nintents:").expect("README example") + "```yaml\n".len();
+    let start = readme
+        .find("```yaml\n# yaml-language-server")
+        .expect("README example")
+        + "```yaml\n".len();
     let end = start + readme[start..].find("```").unwrap();
-    let set = RuleSet::from_sources(&[("readme.yaml", &readme[start..end])])
-        .unwrap_or_else(|e| panic!("README example invalid:\n{e}"));
+    let intents = std::fs::read_to_string(shipped_dir().join("intents.yaml")).unwrap();
+    let set = RuleSet::from_sources(&[
+        ("intents.yaml", &intents),
+        ("readme.yaml", &readme[start..end]),
+    ])
+    .unwrap_or_else(|e| panic!("README example invalid:\n{e}"));
     let report = cli::run_examples(&set);
     assert!(report.failures.is_empty(), "{:?}", report.failures);
     assert_eq!(report.passed, 1);

@@ -197,7 +197,7 @@ fn copy_file(events: &[Envelope], rules: &dyn rules_engine::enrich::Describer) -
             Some(&row.uuid.to_string()[..]),
             Some(&row.distinct_id[..]),
             Some(&row.event[..]),
-            Some(&row.description[..]),
+            row.description.as_deref(),
             row.rule_id.as_deref(),
             Some(&intents[..]),
             Some(&properties[..]),

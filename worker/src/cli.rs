@@ -76,12 +76,37 @@ impl Select {
     }
 }
 
+/// The event shapes `worker rules explain` reads, shown under its `--help`.
+const EXPLAIN_HELP: &str = "\
+The event, as JSON: an object with `event` (required), `distinct_id`, `properties`,
+`elements_chain` and `person_properties` (or `person.properties`), e.g.
+
+  {\"event\": \"$autocapture\", \"properties\": {\"$current_url\": \"https://app.example.com/pricing\"},
+   \"elements_chain\": \"button:text=\\\"Upgrade Plan\\\"nth-child=\\\"1\\\"\"}
+
+That is the shape of a PostHog event (what SDKs send to /capture), of the api's stream envelope,
+and of the examples `worker rules unmatched --json` prints. A JSON array of events, or a PostHog
+batch body ({\"batch\": [...]}), explains each event in turn.
+
+  worker rules explain --rules rules/ event.json
+  echo '{\"event\": \"$pageview\", \"properties\": {\"$pathname\": \"/pricing\"}}' | worker rules explain -";
+
 #[derive(Debug, Subcommand)]
 pub enum RulesCommand {
     /// Validate a rules directory (default `RULES_DIR`) and run the rules' examples.
     Check { dir: Option<PathBuf> },
-    /// Show which rule describes an event (a JSON envelope file) and why.
-    Explain { event: PathBuf },
+    /// Show which rule describes an event, and why each other rule did not.
+    #[command(after_help = EXPLAIN_HELP)]
+    Explain {
+        /// The rules directory (default `RULES_DIR`, else `rules`).
+        #[arg(long = "rules", value_name = "DIR")]
+        rules: Option<PathBuf>,
+        /// A JSON file holding the event, or `-` to read it from stdin.
+        #[arg(value_name = "EVENT.json")]
+        event: PathBuf,
+    },
+    /// Print the JSON Schema of rule files (what `rules/schema.json` holds).
+    Schema,
     /// The most frequent events no rule describes (all replicas), with an example of each:
     /// what to translate next. A shape leaves the list once a reloaded rule describes it.
     Unmatched {
@@ -180,7 +205,13 @@ pub async fn rules(config: &Config, action: &RulesCommand) -> ExitCode {
         RulesCommand::Check { dir } => {
             rules_engine::cli::check(dir.as_deref().unwrap_or(&config.rules_dir))
         }
-        RulesCommand::Explain { event } => rules_engine::cli::explain(&config.rules_dir, event),
+        RulesCommand::Explain { rules, event } => {
+            rules_engine::cli::explain(rules.as_deref().unwrap_or(&config.rules_dir), event)
+        }
+        RulesCommand::Schema => {
+            print!("{}", rules_engine::schema::rule_file_schema());
+            ExitCode::SUCCESS
+        }
         RulesCommand::Unmatched { limit, json, clear } => {
             match unmatched(config, *limit, *json, *clear).await {
                 Ok(()) => ExitCode::SUCCESS,

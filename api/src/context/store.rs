@@ -41,7 +41,7 @@ pub const CONTEXT_SQL: &str = r#"SELECT p.first_seen, p.last_seen, p.event_count
      FROM (SELECT "timestamp" AS t, description AS d, event AS e, coalesce(path, url) AS p,
                   session_id AS s, uuid AS u
              FROM events
-            WHERE distinct_id = $1{filters}
+            WHERE distinct_id = $1 AND description IS NOT NULL{filters}
             ORDER BY "timestamp" DESC, uuid DESC
             LIMIT {limit}) h) AS history
 FROM user_profiles p WHERE p.distinct_id = $1"#;

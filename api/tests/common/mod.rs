@@ -190,7 +190,22 @@ impl TestApp {
 
     /// A worker replica in this process for this app's stream, storing in `db`.
     pub fn start_worker(&self, db: &TestDb, group: &str) -> InProcessWorker {
-        let config = worker_config(&self.config, &db.url, group);
+        self.start_worker_with(worker_config(&self.config, &db.url, group))
+    }
+
+    /// A worker replica as [`Self::start_worker`], describing events with the rules of `rules_dir`.
+    pub fn start_worker_with_rules(
+        &self,
+        db: &TestDb,
+        group: &str,
+        rules_dir: &std::path::Path,
+    ) -> InProcessWorker {
+        let mut config = worker_config(&self.config, &db.url, group);
+        config.rules_dir = rules_dir.to_path_buf();
+        self.start_worker_with(config)
+    }
+
+    fn start_worker_with(&self, config: worker::Config) -> InProcessWorker {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(worker::run(config, shutdown.clone()));
         InProcessWorker {

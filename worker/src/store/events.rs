@@ -76,7 +76,7 @@ pub(super) async fn insert_events(
             + e.properties.len()
             + e.distinct_id.len()
             + e.event.len()
-            + e.description.len()
+            + text(&e.description)
             + text(&e.rule_id)
             + text(&e.url)
             + text(&e.path)
@@ -122,7 +122,7 @@ async fn copy_events(
         rows.uuid(e.uuid);
         rows.text(Some(&e.distinct_id));
         rows.text(Some(&e.event));
-        rows.text(Some(&e.description));
+        rows.text(e.description.as_deref());
         rows.text(e.rule_id.as_deref());
         rows.jsonb(intents);
         rows.jsonb(&e.properties);
@@ -153,7 +153,7 @@ fn insert_event_rows<'q>(
         .bind(column(events, |e| e.uuid))
         .bind(column(events, |e| e.distinct_id.as_str()))
         .bind(column(events, |e| e.event.as_str()))
-        .bind(column(events, |e| e.description.as_str()))
+        .bind(column(events, |e| e.description.as_deref()))
         .bind(column(events, |e| e.rule_id.as_deref()))
         .bind(column(intents, String::as_str))
         .bind(column(events, |e| e.properties.as_str()))

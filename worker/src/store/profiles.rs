@@ -58,13 +58,17 @@ impl KnownProfiles {
 }
 
 /// What the newly stored `events` add to each of their users' profiles, in distinct_id order.
+/// Ignored events (no description) add nothing.
 pub(super) fn deltas(events: &[&StoredEvent]) -> Vec<ProfileDelta> {
     let mut deltas: BTreeMap<&str, ProfileDelta> = BTreeMap::new();
     for e in events {
+        let Some(description) = e.description.as_deref() else {
+            continue;
+        };
         let delta = deltas
             .entry(&e.distinct_id)
             .or_insert_with(|| ProfileDelta::new(e.distinct_id.clone(), e.timestamp));
-        delta.add_event(e.timestamp, &e.intents, &e.description, e.person.clone());
+        delta.add_event(e.timestamp, &e.intents, description, e.person.clone());
     }
     deltas.into_values().collect()
 }
@@ -101,7 +105,7 @@ pub(super) async fn insert_sessions_and_new_profiles(
     deltas: &[&ProfileDelta],
 ) -> Result<HashMap<String, i64>, StoreError> {
     let mut sessions: BTreeMap<(&str, &str), DateTime<Utc>> = BTreeMap::new();
-    for e in events {
+    for e in events.iter().filter(|e| e.description.is_some()) {
         if let Some(session) = e.session_id.as_deref() {
             let first = sessions
                 .entry((&e.distinct_id, session))

@@ -59,7 +59,8 @@ pub struct StoredEvent {
     pub uuid: Uuid,
     pub distinct_id: String,
     pub event: String,
-    pub description: String,
+    /// `None`: a rule ignores the event (stored, but out of the context and the profile).
+    pub description: Option<String>,
     pub rule_id: Option<String>,
     pub intents: Vec<IntentHit>,
     /// The `properties` column: JSON text without NUL characters.
@@ -139,7 +140,7 @@ impl StoredEvent {
             uuid: envelope.uuid,
             distinct_id: sanitize::text(envelope.distinct_id),
             event: sanitize::text(envelope.event),
-            description: sanitize::text(enrichment.description),
+            description: (!enrichment.ignored).then(|| sanitize::text(enrichment.description)),
             rule_id: enrichment.rule_id.map(|r| sanitize::text(r.to_string())),
             intents,
             properties,
@@ -192,7 +193,7 @@ mod tests {
         assert_eq!(row.path.as_deref(), Some("/pricing"));
         assert_eq!(row.url.as_deref(), Some("https://x.test/pricing?x=1"));
         assert_eq!(row.session_id.as_deref(), Some("s1"));
-        assert_eq!(row.description, "Viewed page: /pricing");
+        assert_eq!(row.description.as_deref(), Some("Viewed page: /pricing"));
         let properties: Json = serde_json::from_str(&row.properties).unwrap();
         assert_eq!(properties["badkey"], "v");
         let person = row.person.unwrap();
