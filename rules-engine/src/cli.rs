@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use serde_json::Value;
 
 use crate::engine::{Enrichment, EventInput, Rule, RuleSet, StepOutcome};
-use crate::model::ExampleSpec;
+use crate::model::{ExampleSpec, Tier};
 
 /// Validates `dir` and runs every rule's `examples:`; non-zero exit on any error or failure.
 pub fn check(dir: &Path) -> ExitCode {
@@ -28,6 +28,9 @@ pub fn check(dir: &Path) -> ExitCode {
     let report = run_examples(&set);
     for line in &report.failures {
         println!("{line}");
+    }
+    for line in &report.overridden {
+        println!("note: {line}");
     }
     for id in &report.without_examples {
         println!("warning: rule `{id}` has no examples");
@@ -171,6 +174,8 @@ fn print_enrichment(e: &Enrichment) {
 pub(crate) struct ExampleReport {
     pub passed: usize,
     pub failures: Vec<String>,
+    /// Examples of generic rules that a specific rule now describes: not checked, listed.
+    pub overridden: Vec<String>,
     pub without_examples: Vec<String>,
 }
 
@@ -178,6 +183,7 @@ pub(crate) fn run_examples(set: &RuleSet) -> ExampleReport {
     let mut report = ExampleReport {
         passed: 0,
         failures: Vec::new(),
+        overridden: Vec::new(),
         without_examples: Vec::new(),
     };
     for rule in &set.rules {
@@ -185,6 +191,17 @@ pub(crate) fn run_examples(set: &RuleSet) -> ExampleReport {
             report.without_examples.push(rule.id.to_string());
         }
         for (n, ex) in rule.examples.iter().enumerate() {
+            if let Some(by) = overriding_rule(set, rule, ex) {
+                report.overridden.push(format!(
+                    "{}: rule `{}` example #{} is described by `{}` ({}), a specific rule: not checked",
+                    rule.location(),
+                    rule.id,
+                    n + 1,
+                    by.id,
+                    by.location()
+                ));
+                continue;
+            }
             let problems = example_problems(set, rule, ex);
             if problems.is_empty() {
                 report.passed += 1;
@@ -200,6 +217,20 @@ pub(crate) fn run_examples(set: &RuleSet) -> ExampleReport {
         }
     }
     report
+}
+
+/// The specific rule that describes (or ignores) an example of generic `rule`, when one does: the
+/// example documents the generic rule, and overriding it is what specific files are for.
+fn overriding_rule<'s>(set: &'s RuleSet, rule: &Rule, ex: &ExampleSpec) -> Option<&'s Rule> {
+    if rule.tier != Tier::Generic {
+        return None;
+    }
+    let got = set.enrich_inner(&example_input(ex), false);
+    let id = got.rule_id?;
+    set.rules
+        .iter()
+        .find(|r| r.id == id)
+        .filter(|r| r.tier == Tier::Specific)
 }
 
 /// What is wrong with one example of `rule`; empty when it passes.

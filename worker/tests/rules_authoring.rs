@@ -63,13 +63,22 @@ const SAAS: &str = include_str!("fixtures/authoring/saas.yaml");
 /// `priority` and no edit to those files.
 #[test]
 fn an_authors_file_wins_over_the_shipped_generic_rules_without_priority() {
-    assert!(!SAAS.contains("priority"));
+    assert!(
+        !SAAS
+            .lines()
+            .any(|l| l.trim_start().starts_with("priority:"))
+    );
     let dir = rules_dir_with(&[("saas.yaml", SAAS)]);
     let out = worker(&["rules", "check", dir.path().to_str().unwrap()], "");
     let text = stdout(&out);
     assert!(out.status.success(), "{text}");
     assert!(text.contains(" 0 failed"), "{text}");
     assert!(!text.contains("warning"), "{text}");
+    // The shipped example of an off flag's sentence is now the author's to decide.
+    assert!(
+        text.contains("rule `feature-flag-called` example #2 is described by `flags-off`"),
+        "{text}"
+    );
     // The shipped files are untouched: the copies equal the originals.
     for name in ["posthog.yaml", "product.yaml", "intents.yaml"] {
         assert_eq!(
@@ -208,9 +217,8 @@ fn readme_blocks() -> Vec<(String, String)> {
     blocks
 }
 
-/// Every YAML snippet is a rule file that passes `rules check` beside the shipped generic rules
-/// and intents (the product's file left out: snippets may reuse its ideas), and every shell
-/// snippet runs as written.
+/// Every YAML snippet is a rule file that passes `rules check` beside the shipped files (as the
+/// first file, so its rules come before the product's), and every shell snippet runs as written.
 #[test]
 fn every_snippet_of_the_rules_readme_works() {
     let blocks = readme_blocks();
@@ -226,20 +234,7 @@ fn every_snippet_of_the_rules_readme_works() {
         .collect();
     assert!(yaml.len() >= 6 && sh.len() >= 2, "{blocks:?}");
     for snippet in yaml {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::copy(
-            shipped_rules().join("posthog.yaml"),
-            dir.path().join("posthog.yaml"),
-        )
-        .unwrap();
-        if !snippet.contains("intents:\n  - name:") {
-            std::fs::copy(
-                shipped_rules().join("intents.yaml"),
-                dir.path().join("intents.yaml"),
-            )
-            .unwrap();
-        }
-        std::fs::write(dir.path().join("snippet.yaml"), snippet).unwrap();
+        let dir = rules_dir_with(&[("00-readme-snippet.yaml", snippet)]);
         let out = worker(&["rules", "check", dir.path().to_str().unwrap()], "");
         let text = stdout(&out);
         assert!(out.status.success(), "snippet:\n{snippet}\n{text}");
