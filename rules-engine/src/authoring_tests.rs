@@ -103,7 +103,8 @@ rules:
     ] {
         assert!(failure.contains(part), "{part:?} in {failure}");
     }
-    // A rule in a generic file losing to a specific one is told to move.
+    // A rule in a generic file losing to a specific one is told to move (an example that names
+    // its rule is checked even in a generic file; one that does not is listed as overridden).
     let generic_loser = r#"
 tier: generic
 rules:
@@ -114,6 +115,7 @@ rules:
     examples:
       - event: $autocapture
         say: "Exported"
+        rule: export
 "#;
     let mine = "rules:\n  - id: broad\n    when: { event: $autocapture }\n    say: Clicked\n";
     let report = cli::run_examples(&set(&[("g.yaml", generic_loser), ("mine.yaml", mine)]));

@@ -221,8 +221,9 @@ pub(crate) fn run_examples(set: &RuleSet) -> ExampleReport {
 
 /// The specific rule that describes (or ignores) an example of generic `rule`, when one does: the
 /// example documents the generic rule, and overriding it is what specific files are for.
+/// An example that names its expected `rule:` is always checked.
 fn overriding_rule<'s>(set: &'s RuleSet, rule: &Rule, ex: &ExampleSpec) -> Option<&'s Rule> {
-    if rule.tier != Tier::Generic {
+    if rule.tier != Tier::Generic || ex.rule.is_some() {
         return None;
     }
     let got = set.enrich_inner(&example_input(ex), false);
