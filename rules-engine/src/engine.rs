@@ -342,7 +342,13 @@ impl RuleSet {
     /// Whether a rule describes the event; unlike [`Self::enrich`], an unmatched event is not
     /// counted for the unmatched report.
     pub fn describes(&self, ev: &EventInput<'_>) -> bool {
-        self.enrich_inner(ev, false).matched
+        self.describe(ev).matched
+    }
+
+    /// Describes one event like [`Self::enrich`] without counting it for the unmatched report:
+    /// for events described before (re-enrichment, shadow runs).
+    pub fn describe(&self, ev: &EventInput<'_>) -> Enrichment {
+        self.enrich_inner(ev, false)
     }
 
     pub(crate) fn enrich_inner(&self, ev: &EventInput<'_>, count: bool) -> Enrichment {

@@ -26,6 +26,7 @@ pub use engine::{
     Enrichment, EventInput, ExplainStep, Explanation, IntentDef, IntentHit, MAX_UNMATCHED_SHAPES,
     RuleSet, StepOutcome, UnmatchedCounter, UnmatchedShape, fallback_sentence,
 };
+pub use model::parse_duration;
 pub use template::{MAX_VALUE_CHARS, MISSING};
 pub use watch::{ReloadStatus, RulesHandle, WatchOptions, spawn_watcher, spawn_watcher_with};
 

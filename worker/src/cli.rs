@@ -107,6 +107,28 @@ pub enum RulesCommand {
     },
     /// Print the JSON Schema of rule files (what `rules/schema.json` holds).
     Schema,
+    /// Describe stored events again with the rules of `RULES_DIR` (what workers do by themselves
+    /// when the rules change, unless `REENRICH_ON_RELOAD=false`), newest first, printing progress.
+    Reenrich {
+        /// Only events of the last DURATION (`30m`, `24h`, `7d`); default: all.
+        #[arg(long, value_name = "DURATION", value_parser = duration)]
+        since: Option<chrono::Duration>,
+        /// Print what would change (stored → live, grouped by rule and sentence), write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Compare a candidate rules directory with the live rules (`RULES_DIR`) on the newest stored
+    /// events: what would change, grouped by rule and by sentence, with examples. Writes nothing.
+    Shadow {
+        /// The candidate rules directory.
+        candidate: PathBuf,
+        /// The newest N stored events (default 10000).
+        #[arg(long, value_name = "N", conflicts_with = "since")]
+        last: Option<i64>,
+        /// The stored events of the last DURATION (`30m`, `24h`, `7d`).
+        #[arg(long, value_name = "DURATION", value_parser = duration)]
+        since: Option<chrono::Duration>,
+    },
     /// The most frequent events no rule describes (all replicas), with an example of each:
     /// what to translate next. A shape leaves the list once a reloaded rule describes it.
     Unmatched {
@@ -212,6 +234,30 @@ pub async fn rules(config: &Config, action: &RulesCommand) -> ExitCode {
             print!("{}", rules_engine::schema::rule_file_schema());
             ExitCode::SUCCESS
         }
+        RulesCommand::Reenrich { since, dry_run } => {
+            let since = since.map(|d| chrono::Utc::now() - d);
+            match reenrich(config, since, *dry_run).await {
+                Ok(code) => code,
+                Err(error) => {
+                    println!("rules reenrich: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        RulesCommand::Shadow {
+            candidate,
+            last,
+            since,
+        } => {
+            let since = since.map(|d| chrono::Utc::now() - d);
+            match shadow(config, candidate, *last, since).await {
+                Ok(code) => code,
+                Err(error) => {
+                    println!("rules shadow: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         RulesCommand::Unmatched { limit, json, clear } => {
             match unmatched(config, *limit, *json, *clear).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -225,6 +271,126 @@ pub async fn rules(config: &Config, action: &RulesCommand) -> ExitCode {
             }
         }
     }
+}
+
+/// `30m`, `24h`, `7d`, `2w` or seconds.
+fn duration(raw: &str) -> Result<chrono::Duration, String> {
+    rules_engine::parse_duration(raw)
+        .and_then(|secs| chrono::Duration::try_milliseconds((secs * 1000.0) as i64))
+        .ok_or_else(|| format!("invalid duration {raw:?}; write e.g. 30m, 24h, 7d"))
+}
+
+/// The live rules of `RULES_DIR`, or the message that says why they do not load.
+fn live_rules(config: &Config) -> Result<rules_engine::RuleSet, String> {
+    rules_engine::RuleSet::load_dir(&config.rules_dir).map_err(|e| {
+        format!(
+            "the live rules ({}) do not load:\n{e}",
+            config.rules_dir.display()
+        )
+    })
+}
+
+async fn reenrich(
+    config: &Config,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    dry_run: bool,
+) -> Result<ExitCode, String> {
+    use crate::history::reenrich::{self, Step};
+    let set = live_rules(config)?;
+    let db = crate::store::connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let pool = db.get_postgres_connection_pool();
+    if dry_run {
+        let comparison = reenrich::dry_run(pool, &set, since)
+            .await
+            .map_err(|e| e.to_string())?;
+        println!(
+            "dry run: stored events not described by the live rules (version {}), compared with what they would say now",
+            set.version()
+        );
+        print!("{}", comparison.render("stored", "live"));
+        return Ok(ExitCode::SUCCESS);
+    }
+    reenrich::begin(pool, set.version(), since, true)
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "re-enriching stored events{} with the rules of {} (version {}), newest first",
+        since.map_or(String::new(), |s| format!(" since {}", s.to_rfc3339())),
+        config.rules_dir.display(),
+        set.version()
+    );
+    let (mut described, mut changed) = (0, 0);
+    loop {
+        match reenrich::step(pool, &set, config.reenrich_batch_size)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Step::Batch {
+                described: d,
+                changed: c,
+                ..
+            } => {
+                described += d;
+                changed += c;
+                if d > 0 {
+                    println!("  {described} events described again, {changed} changed");
+                }
+            }
+            Step::Busy => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+            Step::Finished | Step::NoPass => break,
+            Step::OtherVersion(other) => {
+                println!(
+                    "stopped: a pass with other rules (version {other}) was started meanwhile; run the same rules as the workers"
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    println!("done: {described} events described again, {changed} changed");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shadow(
+    config: &Config,
+    candidate_dir: &std::path::Path,
+    last: Option<i64>,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<ExitCode, String> {
+    let candidate = rules_engine::RuleSet::load_dir(candidate_dir).map_err(|e| {
+        format!(
+            "the candidate rules ({}) do not load:\n{e}",
+            candidate_dir.display()
+        )
+    })?;
+    let live = live_rules(config)?;
+    let db = crate::store::connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let limit = match (last, since) {
+        (Some(n), _) => n,
+        (None, Some(_)) => i64::MAX,
+        (None, None) => 10_000,
+    };
+    let rows = crate::history::newest(db.get_postgres_connection_pool(), limit, since)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut comparison = crate::history::compare::Comparison::default();
+    for row in &rows {
+        comparison.add(row, &row.describe(&live), &row.describe(&candidate));
+    }
+    println!(
+        "shadow run: the newest {} stored events{}, described by the live rules ({}, version {}) and by the candidate ({}, version {})",
+        rows.len(),
+        since.map_or(String::new(), |s| format!(" since {}", s.to_rfc3339())),
+        config.rules_dir.display(),
+        live.version(),
+        candidate_dir.display(),
+        candidate.version()
+    );
+    print!("{}", comparison.render("live", "candidate"));
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn unmatched(

@@ -110,6 +110,32 @@ pub struct Config {
     /// The rule files.
     #[arg(long, env = "RULES_DIR", default_value = "rules")]
     pub rules_dir: PathBuf,
+    /// When the rules change, describe stored events again with the new set, in the background.
+    #[arg(
+        long,
+        env = "REENRICH_ON_RELOAD",
+        default_value = "true",
+        action = clap::ArgAction::Set,
+        value_parser = infra::config::flag,
+    )]
+    pub reenrich_on_reload: bool,
+    /// Stored events described again per transaction.
+    #[arg(
+        long,
+        env = "REENRICH_BATCH_SIZE",
+        default_value_t = 500,
+        value_parser = checked(number::<usize>, |n| (1..=10_000).contains(n), "must be between 1 and 10000"),
+    )]
+    pub reenrich_batch_size: usize,
+    /// Pause between two re-enrichment batches, in milliseconds: the throttle that keeps the
+    /// background pass from competing with the stream's events.
+    #[arg(
+        long,
+        env = "REENRICH_PAUSE_MS",
+        default_value = "200",
+        value_parser = infra::config::millis,
+    )]
+    pub reenrich_pause: Duration,
     /// Where `/metrics`, `/health` and `/ready` are served (`off`: nowhere).
     // `std::option::Option` spelled out: clap then parses the whole `Option` (`off` is `None`)
     // instead of making the variable optional.

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod history;
 pub mod metrics;
 pub mod pipeline;
 pub mod probe;

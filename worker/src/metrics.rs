@@ -43,6 +43,12 @@ pub struct WorkerMetrics {
     pub rules_reloads: IntCounterVec,
     /// 1 for the ruleset version in force.
     pub rules_version: IntGaugeVec,
+    /// Stored events of other rule set versions described again with the live one.
+    pub reenriched: IntCounter,
+    /// Of those, events whose sentence, rule or intents changed.
+    pub reenrich_changed: IntCounter,
+    /// 1 while this replica works on a re-enrichment pass.
+    pub reenrich_active: IntGauge,
     pub queue: QueueGauges,
 }
 
@@ -151,6 +157,24 @@ impl WorkerMetrics {
                 IntGaugeVec::new(
                     Opts::new("clickstream_rules_version_info", "1 for the ruleset version in force"),
                     &["version"],
+                )
+                .expect("valid gauge"),
+            ),
+            reenriched: counter(
+                r,
+                "clickstream_worker_reenriched_events_total",
+                "Stored events of other rule set versions described again with the live one",
+            ),
+            reenrich_changed: counter(
+                r,
+                "clickstream_worker_reenrich_changed_events_total",
+                "Events described again whose sentence, rule or intents changed",
+            ),
+            reenrich_active: register(
+                r,
+                IntGauge::new(
+                    "clickstream_worker_reenrich_active",
+                    "1 while this replica works on a re-enrichment pass",
                 )
                 .expect("valid gauge"),
             ),

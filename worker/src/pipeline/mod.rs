@@ -166,6 +166,18 @@ async fn consume(
         held: Held::default(),
         metrics,
     });
+    // Stored events described again when the rules change (rules from files only).
+    let reenrich = match (ctx.config.reenrich_on_reload, ctx.enricher.rules()) {
+        (true, Some(rules)) => Some(tokio::spawn(crate::history::reenrich::run(
+            ctx.db.get_postgres_connection_pool().clone(),
+            rules,
+            ctx.config.reenrich_batch_size,
+            ctx.config.reenrich_pause,
+            ctx.metrics.clone(),
+            shutdown.clone(),
+        ))),
+        _ => None,
+    };
     let budget = ReadAhead::new(
         2 * ctx.config.write_concurrency * ctx.config.batch_size,
         ctx.config.read_ahead_bytes,
@@ -224,6 +236,9 @@ async fn consume(
     if let Some(result) = early.filter(|_| !writers_done) {
         feeders.abort_all();
         hard_stop.cancel();
+        if let Some(reenrich) = &reenrich {
+            reenrich.abort();
+        }
         return Err(WorkerError::Stopped(format!(
             "writer ended before shutdown: {result:?}"
         )));
@@ -244,6 +259,9 @@ async fn consume(
     feeders.abort_all();
     while feeders.join_next().await.is_some() {}
     let _ = keep_alive.await;
+    if let Some(reenrich) = reenrich {
+        let _ = reenrich.await;
+    }
     ctx.db.close_by_ref().await.ok();
     tracing::info!("worker stopped");
     Ok(())

@@ -47,6 +47,9 @@ pub fn config(db_url: &str, keys: &Keys, worker_name: &str) -> Config {
         max_deliveries: 5,
         shutdown_timeout: Duration::from_secs(5),
         rules_dir: "rules".into(),
+        reenrich_on_reload: true,
+        reenrich_batch_size: 100,
+        reenrich_pause: Duration::from_millis(10),
         metrics_bind: None,
         metrics_bind_is_default: false,
     }
@@ -78,6 +81,11 @@ pub struct RunningWorker {
 impl RunningWorker {
     pub fn start(config: Config) -> Self {
         Self::start_with(config, counting(false).1)
+    }
+
+    /// The worker as its binary runs it: the rules of `config.rules_dir`, watched.
+    pub fn spawn_run(config: Config) -> Self {
+        Self::spawn(|shutdown| worker::run(config, shutdown))
     }
 
     pub fn start_with(config: Config, enricher: Arc<dyn Enricher>) -> Self {
