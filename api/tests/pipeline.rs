@@ -186,3 +186,64 @@ async fn ignored_events_are_stored_but_stay_out_of_the_context_and_the_unmatched
             .contains(&"$feature_flag_called".to_string())
     );
 }
+
+#[tokio::test]
+async fn a_rule_added_while_the_worker_runs_reaches_the_stored_history() {
+    let (app, db) = TestApp::spawn_with_db(test_config()).await;
+    // The shipped rules only: no translation of the invite, no churn intent yet.
+    let rules = tempfile::tempdir().unwrap();
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../rules");
+    for entry in std::fs::read_dir(shipped).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            std::fs::copy(&path, rules.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let _worker = app.start_worker_with_rules(&db, "history", rules.path());
+    let user = "history_user";
+    let batch = json!({"api_key": INGEST_KEY, "batch": [
+        {"event": "team_invite_sent", "distinct_id": user, "properties": {"role": "admin"}},
+        {"event": "$pageview", "distinct_id": user, "properties": {"$pathname": "/settings/cancel"}},
+    ]});
+    let resp = app.post("/batch/").json(&batch).answer().await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    wait_until(WAIT, "both events in the context", || async {
+        app.context(user).await.1["stats"]["event_count"] == 2
+    })
+    .await;
+    let (_, before) = app.context(user).await;
+    assert!(
+        before.to_string().contains("Triggered 'team_invite_sent'"),
+        "{before}"
+    );
+
+    // The author's file lands in the rules directory.
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../worker/tests/fixtures/authoring/saas.yaml"
+        ),
+        rules.path().join("saas.yaml"),
+    )
+    .unwrap();
+    wait_until(
+        WAIT,
+        "the stored events described by the new rules",
+        || async {
+            let (_, context) = app.context(user).await;
+            let text = context.to_string();
+            text.contains("Invited a admin to the team")
+                && text.contains("Opened the cancellation page")
+                && context["intents"]
+                    .as_array()
+                    .is_some_and(|i| i.iter().any(|i| i["name"] == "churn_risk"))
+        },
+    )
+    .await;
+    let (_, after) = app.context(user).await;
+    assert!(
+        !after.to_string().contains("Triggered 'team_invite_sent'"),
+        "{after}"
+    );
+    assert_eq!(after["stats"]["event_count"], 2, "{after}");
+}
