@@ -1,7 +1,8 @@
 //! Rule edits reach history: stored events are described again when the rules change.
 //!
 //! - `events_timestamp_uuid_idx`: the newest events first, for the re-enrichment pass (a keyset
-//!   walk from the newest event down) and the shadow run (`worker rules shadow`).
+//!   walk from the newest event down, which reads `rules_version` from the index alone to pass
+//!   over events already described by the live rules) and the shadow run (`worker rules shadow`).
 //! - `rules_reenrich`: the one pass in progress, shared by every worker replica: which rule set
 //!   version it describes with, where it is (`cursor_at`, `cursor_uuid`: every event newer than
 //!   this is done), since when (`since`: older events are left alone), and what it did. A replica
@@ -15,7 +16,7 @@ use sea_orm_migration::sea_orm::ConnectionTrait;
 pub struct Migration;
 
 const UP: &str = r#"
-CREATE INDEX events_timestamp_uuid_idx ON events ("timestamp" DESC, uuid DESC);
+CREATE INDEX events_timestamp_uuid_idx ON events ("timestamp" DESC, uuid DESC) INCLUDE (rules_version);
 
 CREATE TABLE rules_reenrich (
     id          smallint    PRIMARY KEY DEFAULT 1 CHECK (id = 1),

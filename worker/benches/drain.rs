@@ -15,6 +15,11 @@
 //!    property of random text fills them), and its peak RSS beside its read-ahead budget
 //!    (`LARGE_EVENTS=0` skips it; `LARGE_ONLY=1` runs only it).
 //!
+//! 5. With `REENRICH_HISTORY=N`: each drain again, beside `N` stored events of an older rule set
+//!    (2,000 users with profiles), once with `REENRICH_ON_RELOAD=false` and once with the
+//!    re-enrichment pass describing them while the workers drain; the drain rate of both, their
+//!    ratio, and how many old events the pass described meanwhile.
+//!
 //! Touches only 127.0.0.1 (its own database and stream keys, removed at the end) and stops by itself.
 
 use std::{
@@ -266,15 +271,19 @@ fn spawn_worker(
     stream: &str,
     name: &str,
     batch_size: Option<usize>,
+    extra: &[(&str, String)],
 ) -> Child {
     let mut command = Command::new(&s.worker_bin);
     command.env_clear();
+    command.envs(extra.iter().map(|(k, v)| (*k, v.as_str())));
     // Worker settings to try (the defaults otherwise).
     for var in [
         "WRITE_CONCURRENCY",
         "FLUSH_INTERVAL",
         "READ_AHEAD_BYTES",
         "MAX_EVENT_BYTES",
+        "REENRICH_BATCH_SIZE",
+        "REENRICH_PAUSE_MS",
     ] {
         if let Ok(value) = std::env::var(var) {
             command.env(var, value);
@@ -345,7 +354,22 @@ struct Drain {
     cpu: Cpu,
     /// Seconds of CPU the worker processes used (user + system), start-up included.
     worker_cpu: f64,
+    /// Older events the re-enrichment pass described during the drain.
+    reenriched: i64,
 }
+
+/// One drain: how many workers, their batch size, and the older events beside it (with
+/// `REENRICH_ON_RELOAD` as `reenrich` says).
+#[derive(Clone, Copy)]
+struct Run {
+    replicas: usize,
+    batch_size: usize,
+    history: usize,
+    reenrich: bool,
+}
+
+/// Users of the older events a drain with history has beside it.
+const HISTORY_USERS: usize = 2_000;
 
 /// The whole machine's CPU time, from the first line of `/proc/stat` (clock ticks of 1/100 s).
 #[derive(Clone, Copy)]
@@ -388,10 +412,26 @@ async fn drain(
     db_url: &str,
     redis: &mut ConnectionManager,
     events: &[Envelope],
-    replicas: usize,
-    batch_size: usize,
+    run: Run,
 ) -> Drain {
-    sql(db, "TRUNCATE events, user_profiles, user_sessions").await;
+    sql(
+        db,
+        "TRUNCATE events, user_profiles, user_sessions, rules_reenrich",
+    )
+    .await;
+    if history > 0 {
+        // Events of an older rule set, each of which the live rules describe differently.
+        sql(db, &format!(
+            "INSERT INTO events (uuid, distinct_id, event, description, intents, properties, path, session_id, \"timestamp\", received_at, rules_version) \
+             SELECT gen_random_uuid(), 'hist_' || (i % {HISTORY_USERS}), '$pageview', 'an older sentence', '{{}}', \
+                    jsonb_build_object('$pathname', '/pricing', '$current_url', 'https://app.example.com/pricing'), '/pricing', \
+                    'hist_s' || (i % 10000), now() - make_interval(secs => i), now() - make_interval(secs => i), 'older-rules' \
+               FROM generate_series(1, {history}) AS i"
+        )).await;
+        sql(db, "INSERT INTO user_profiles (distinct_id, first_seen, last_seen, event_count) \
+                 SELECT distinct_id, min(\"timestamp\"), max(\"timestamp\"), count(*) FROM events GROUP BY distinct_id").await;
+        sql(db, "VACUUM ANALYZE events").await;
+    }
     let stream = format!("bench:{}:events", Uuid::new_v4().simple());
     let filled = Instant::now();
     testkit::publish(redis, &stream, events).await;
@@ -403,7 +443,16 @@ async fn drain(
     let started = Instant::now();
     let cpu = Cpu::now();
     let mut children: Vec<Child> = (0..replicas)
-        .map(|i| spawn_worker(s, db_url, &stream, &format!("bench-{i}"), Some(batch_size)))
+        .map(|i| {
+            spawn_worker(
+                s,
+                db_url,
+                &stream,
+                &format!("bench-{i}"),
+                Some(batch_size),
+                &[("REENRICH_ON_RELOAD", reenrich.to_string())],
+            )
+        })
         .collect();
     let pids: Vec<u32> = children.iter().filter_map(|c| c.id()).collect();
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -427,10 +476,23 @@ async fn drain(
     for child in &mut children {
         exits.push(stop(child).await);
     }
-    let stored = scalar(db, "SELECT count(*) FROM events").await;
+    let stored = scalar(
+        db,
+        "SELECT count(*) FROM events WHERE distinct_id NOT LIKE 'hist\\_%'",
+    )
+    .await;
     assert_eq!(stored as usize, events.len(), "every event stored once");
-    let counted = scalar(db, "SELECT sum(event_count)::bigint FROM user_profiles").await;
+    let counted = scalar(
+        db,
+        "SELECT sum(event_count)::bigint FROM user_profiles WHERE distinct_id NOT LIKE 'hist\\_%'",
+    )
+    .await;
     assert_eq!(counted as usize, events.len(), "every event counted once");
+    let reenriched = scalar(
+        db,
+        "SELECT count(*) FROM events WHERE distinct_id LIKE 'hist\\_%' AND rules_version <> 'older-rules'",
+    )
+    .await;
     delete_keys(redis, &stream).await;
     Drain {
         secs,
@@ -438,6 +500,7 @@ async fn drain(
         exits,
         cpu,
         worker_cpu,
+        reenriched,
     }
 }
 
@@ -449,7 +512,7 @@ async fn latency(
 ) -> (Vec<f64>, f64, usize) {
     sql(db, "TRUNCATE events, user_profiles, user_sessions").await;
     let stream = format!("bench:{}:events", Uuid::new_v4().simple());
-    let mut child = spawn_worker(s, db_url, &stream, "bench-latency", None);
+    let mut child = spawn_worker(s, db_url, &stream, "bench-latency", None, &[]);
     let pid = child.id().unwrap_or(0);
     // Wait until the worker has joined its group.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -593,7 +656,7 @@ async fn large(
         filled.elapsed().as_secs_f64()
     );
     let started = Instant::now();
-    let mut child = spawn_worker(s, db_url, &stream, "bench-large", None);
+    let mut child = spawn_worker(s, db_url, &stream, "bench-large", None, &[]);
     let pid = child.id().unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(600);
     while testkit::xlen(redis, &stream).await > 0 {
@@ -744,7 +807,13 @@ async fn main() {
             // a COPY run just before it and one just after.
             let (copy_before, copy_cpu_before) = copied().await;
             println!("drain: {replicas} worker(s), BATCH_SIZE={batch_size}");
-            let d = drain(&s, &db, &db_url, &mut redis, &events, replicas, batch_size).await;
+            let run = Run {
+                replicas,
+                batch_size,
+                history: 0,
+                reenrich: true,
+            };
+            let d = drain(&s, &db, &db_url, &mut redis, &events, run).await;
             let (copy_after, copy_cpu_after) = copied().await;
             let rate = events.len() as f64 / d.secs;
             let ratio = rate / ((copy_before + copy_after) / 2.0);
@@ -775,6 +844,38 @@ async fn main() {
                 worker_us,
                 cpu_ratio,
             ));
+        }
+    }
+
+    // 5. Beside a re-enrichment pass over older events (run here: the same warm tables).
+    let history: usize = env_or("REENRICH_HISTORY", 0);
+    let mut beside = Vec::new();
+    if history > 0 && !large_only {
+        let batch_size = *s.batch_sizes.last().unwrap_or(&500);
+        for &replicas in &s.replicas {
+            println!(
+                "drain beside {history} older events: {replicas} worker(s), BATCH_SIZE={batch_size}"
+            );
+            let mut rates = Vec::new();
+            for reenrich in [false, true] {
+                let run = Run {
+                    replicas,
+                    batch_size,
+                    history,
+                    reenrich,
+                };
+                let d = drain(&s, &db, &db_url, &mut redis, &events, run).await;
+                let rate = events.len() as f64 / d.secs;
+                let cpu_us = d.cpu.busy * 1e6 / events.len() as f64;
+                println!(
+                    "  REENRICH_ON_RELOAD={reenrich}: {:.2}s = {rate:.0} events/s; machine CPU {cpu_us:.0} µs/event; older events described meanwhile {}",
+                    d.secs, d.reenriched
+                );
+                rates.push((rate, d.reenriched, cpu_us));
+            }
+            let ratio = rates[1].0 / rates[0].0;
+            println!("  drain rate with the pass / without: {ratio:.3}");
+            beside.push((replicas, batch_size, rates[0], rates[1], ratio));
         }
     }
 
@@ -825,6 +926,12 @@ async fn main() {
     {
         println!(
             "  {replicas} worker(s) BATCH_SIZE={batch:<4} {rate:>9.0} events/s  {ratio:.2}x COPY ({before:.0} rows/s before, {after:.0} after)  {secs:.1}s  peak RSS {rss:.1} MiB  CPU {cpu_us:.0} µs/event (worker {worker_us:.0}; {cpu_ratio:.2}x COPY per CPU-second)"
+        );
+    }
+    for (replicas, batch, off, on, ratio) in &beside {
+        println!(
+            "  beside {history} older events, {replicas} worker(s) BATCH_SIZE={batch}: {:.0} events/s without the pass, {:.0} with it ({ratio:.3}x; {} older events described meanwhile; CPU {:.0} vs {:.0} µs/event)",
+            off.0, on.0, on.1, off.2, on.2
         );
     }
     if !large_only {

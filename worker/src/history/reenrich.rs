@@ -28,6 +28,10 @@ use super::{Description, ROW_COLUMNS, StoredRow, compare::Comparison};
 use crate::metrics::WorkerMetrics;
 use crate::profile::add_intent;
 
+/// Keys of events looked at per event described, at most, in one batch: events the live rules
+/// described already are passed over reading the index alone.
+const KEYS_PER_EVENT: usize = 20;
+
 /// The pass recorded in `rules_reenrich`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PassState {
@@ -45,7 +49,7 @@ pub struct PassState {
 /// What one call of [`step`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
-    /// A batch was done: events read, described again (other versions), changed.
+    /// A batch was done: events walked past, described again (other versions), changed.
     Batch {
         read: usize,
         described: usize,
@@ -134,23 +138,49 @@ pub async fn step(pool: &sqlx::PgPool, set: &RuleSet, batch: usize) -> Result<St
     if pass.finished_at.is_some() {
         return Ok(Step::Finished);
     }
-    let sql = format!(
-        "SELECT {ROW_COLUMNS} FROM events \
+    // The next keys below the cursor, with their version (from the index alone), up to `batch`
+    // of other versions; then those events in full.
+    let (cursor_at, cursor_uuid) = pass.cursor.unzip();
+    let keys = sqlx::query(
+        "SELECT \"timestamp\", uuid, rules_version <> $4 FROM events \
          WHERE ($1::timestamptz IS NULL OR (\"timestamp\", uuid) < ($1, $2)) \
            AND ($3::timestamptz IS NULL OR \"timestamp\" >= $3) \
-         ORDER BY \"timestamp\" DESC, uuid DESC LIMIT $4"
-    );
-    let (cursor_at, cursor_uuid) = pass.cursor.unzip();
-    let rows: Vec<StoredRow> = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(cursor_at)
-        .bind(cursor_uuid)
-        .bind(pass.since)
-        .bind(batch as i64)
-        .fetch_all(&mut *txn)
-        .await?
-        .iter()
-        .map(StoredRow::read)
-        .collect::<Result<_, _>>()?;
+         ORDER BY \"timestamp\" DESC, uuid DESC LIMIT $5",
+    )
+    .bind(cursor_at)
+    .bind(cursor_uuid)
+    .bind(pass.since)
+    .bind(set.version())
+    .bind((batch * KEYS_PER_EVENT) as i64)
+    .fetch_all(&mut *txn)
+    .await?;
+    let mut walked = 0;
+    let mut wanted = Vec::new();
+    let mut last = None;
+    for key in &keys {
+        walked += 1;
+        let (at, uuid, other): (DateTime<Utc>, Uuid, bool) =
+            (key.try_get(0)?, key.try_get(1)?, key.try_get(2)?);
+        last = Some((at, uuid));
+        if other {
+            wanted.push(uuid);
+            if wanted.len() == batch {
+                break;
+            }
+        }
+    }
+    let sql = format!("SELECT {ROW_COLUMNS} FROM events WHERE uuid = ANY($1)");
+    let rows: Vec<StoredRow> = if wanted.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&wanted)
+            .fetch_all(&mut *txn)
+            .await?
+            .iter()
+            .map(StoredRow::read)
+            .collect::<Result<_, _>>()?
+    };
 
     let mut rewrites: Vec<(&StoredRow, Description)> = Vec::new();
     let mut touched = BTreeSet::new();
@@ -197,8 +227,7 @@ pub async fn step(pool: &sqlx::PgPool, set: &RuleSet, batch: usize) -> Result<St
         let users: Vec<&str> = touched.iter().copied().collect();
         recount_profiles(&mut txn, set, &users).await?;
     }
-    let finished = rows.len() < batch;
-    let last = rows.last().map(|r| (r.timestamp, r.uuid));
+    let finished = keys.len() < batch * KEYS_PER_EVENT && walked == keys.len();
     sqlx::query(
         "UPDATE rules_reenrich SET cursor_at = coalesce($1, cursor_at), \
            cursor_uuid = coalesce($2, cursor_uuid), described = described + $3, \
@@ -215,7 +244,7 @@ pub async fn step(pool: &sqlx::PgPool, set: &RuleSet, batch: usize) -> Result<St
     .await?;
     txn.commit().await?;
     Ok(Step::Batch {
-        read: rows.len(),
+        read: walked,
         described: rewrites.len(),
         changed,
     })
@@ -431,10 +460,12 @@ async fn pass(
             return Ok(());
         }
         let wait = match step(pool, set, batch).await? {
+            // Only events the live rules described already: no work to pace.
+            Step::Batch { described: 0, .. } => Duration::from_millis(1),
             Step::Batch {
                 described, changed, ..
             } => {
-                if !logged && described > 0 {
+                if !logged {
                     tracing::info!(
                         version = set.version(),
                         "re-enrichment: describing stored events with the new rules"
