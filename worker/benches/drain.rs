@@ -414,6 +414,12 @@ async fn drain(
     events: &[Envelope],
     run: Run,
 ) -> Drain {
+    let Run {
+        replicas,
+        batch_size,
+        history,
+        reenrich,
+    } = run;
     sql(
         db,
         "TRUNCATE events, user_profiles, user_sessions, rules_reenrich",
