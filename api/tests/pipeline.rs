@@ -87,31 +87,13 @@ async fn events_flow_from_capture_to_context() {
     worker.stop().await;
 }
 
-/// The shipped rules plus an author's file (`ignore: true` for flag checks that came back off).
-fn rules_with_authors_file() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../rules");
-    for entry in std::fs::read_dir(shipped).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "yaml") {
-            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-        }
-    }
-    std::fs::copy(
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../worker/tests/fixtures/authoring/saas.yaml"
-        ),
-        dir.path().join("saas.yaml"),
-    )
-    .unwrap();
-    dir
-}
+/// The author's file of B2B SaaS translations (`ignore: true` for flag checks that came back off).
+const SAAS: &str = include_str!("../../worker/tests/fixtures/authoring/saas.yaml");
 
 #[tokio::test]
 async fn ignored_events_are_stored_but_stay_out_of_the_context_and_the_unmatched_report() {
     let (app, db) = TestApp::spawn_with_db(test_config()).await;
-    let rules = rules_with_authors_file();
+    let rules = testkit::rules_dir_with(&[("saas.yaml", SAAS)]);
     let _worker = app.start_worker_with_rules(&db, "ignore", rules.path());
     let user = "flag_user";
     let flag = |response: bool| {
@@ -191,14 +173,7 @@ async fn ignored_events_are_stored_but_stay_out_of_the_context_and_the_unmatched
 async fn a_rule_added_while_the_worker_runs_reaches_the_stored_history() {
     let (app, db) = TestApp::spawn_with_db(test_config()).await;
     // The shipped rules only: no translation of the invite, no churn intent yet.
-    let rules = tempfile::tempdir().unwrap();
-    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../rules");
-    for entry in std::fs::read_dir(shipped).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "yaml") {
-            std::fs::copy(&path, rules.path().join(path.file_name().unwrap())).unwrap();
-        }
-    }
+    let rules = testkit::rules_dir_with(&[]);
     let _worker = app.start_worker_with_rules(&db, "history", rules.path());
     let user = "history_user";
     let batch = json!({"api_key": INGEST_KEY, "batch": [
@@ -218,14 +193,7 @@ async fn a_rule_added_while_the_worker_runs_reaches_the_stored_history() {
     );
 
     // The author's file lands in the rules directory.
-    std::fs::copy(
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../worker/tests/fixtures/authoring/saas.yaml"
-        ),
-        rules.path().join("saas.yaml"),
-    )
-    .unwrap();
+    std::fs::write(rules.path().join("saas.yaml"), SAAS).unwrap();
     wait_until(
         WAIT,
         "the stored events described by the new rules",

@@ -15,6 +15,7 @@
 mod db;
 mod metrics;
 mod proxy;
+mod rules;
 mod stream;
 
 use std::{net::SocketAddr, time::Duration};
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 pub use db::TestDb;
 pub use metrics::{Scrape, scrape};
 pub use proxy::Proxy;
+pub use rules::{rules_dir_with, shipped_rules};
 pub use stream::{
     Keys, consumers, create_group, dead_letters, envelope, envelopes, group_created, pending,
     publish, publish_raw, read_group, redis, stream_names, xlen,

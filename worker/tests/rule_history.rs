@@ -27,22 +27,6 @@ rules:
     ignore: true
 "#;
 
-/// A copy of the shipped rules, plus `extra` files.
-fn rules_dir(extra: &[(&str, &str)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
-    for entry in std::fs::read_dir(shipped).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "yaml") {
-            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-        }
-    }
-    for (name, text) in extra {
-        std::fs::write(dir.path().join(name), text).unwrap();
-    }
-    dir
-}
-
 fn invite(user: &str, n: i64) -> entity::Envelope {
     let mut e = envelope(
         user,
@@ -59,7 +43,7 @@ async fn stored_events_take_the_new_rules_while_the_worker_runs() {
     let db = TestDb::create().await;
     let keys = Keys::new();
     let redis = redis().await;
-    let dir = rules_dir(&[]);
+    let dir = rules_dir_with(&[]);
     let mut config = config(&db.url, &keys, "history");
     config.rules_dir = dir.path().to_path_buf();
     let worker = RunningWorker::spawn_run(config);
@@ -167,7 +151,7 @@ async fn stored_under_old_rules(db: &TestDb, n: usize) {
 async fn a_pass_resumes_after_a_restart_and_two_replicas_never_rewrite_the_same_rows() {
     let db = TestDb::create().await;
     stored_under_old_rules(&db, 450).await;
-    let dir = rules_dir(&[("saas.yaml", INVITES)]);
+    let dir = rules_dir_with(&[("saas.yaml", INVITES)]);
     let set = Arc::new(RuleSet::load_dir(dir.path()).unwrap());
     let pool = worker_pool(&db)
         .await
@@ -273,8 +257,8 @@ fn worker_cli(db: &TestDb, rules_dir: &Path, args: &[&str]) -> String {
 async fn shadow_and_dry_run_show_what_a_change_does_and_write_nothing() {
     let db = TestDb::create().await;
     stored_under_old_rules(&db, 12).await;
-    let live = rules_dir(&[]);
-    let candidate = rules_dir(&[("saas.yaml", INVITES)]);
+    let live = rules_dir_with(&[]);
+    let candidate = rules_dir_with(&[("saas.yaml", INVITES)]);
 
     let text = worker_cli(
         &db,
@@ -324,7 +308,7 @@ async fn shadow_and_dry_run_show_what_a_change_does_and_write_nothing() {
     );
 
     // A candidate that does not load: non-zero, with the reason.
-    let broken = rules_dir(&[(
+    let broken = rules_dir_with(&[(
         "bad.yaml",
         "rules:\n  - id: x\n    when: { event: { regex: \"(\" } }\n    say: X\n",
     )]);

@@ -6,12 +6,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use testkit::{rules_dir_with, shipped_rules};
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn shipped_rules() -> PathBuf {
-    repo().join("rules")
 }
 
 /// `worker` with `args` in the repository root, `stdin` written to it; no configuration needed.
@@ -40,21 +38,6 @@ fn stdout(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// A copy of the shipped rules plus `extra` files (name, text).
-fn rules_dir_with(extra: &[(&str, &str)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(shipped_rules()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "yaml") {
-            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-        }
-    }
-    for (name, text) in extra {
-        std::fs::write(dir.path().join(name), text).unwrap();
-    }
-    dir
 }
 
 const SAAS: &str = include_str!("fixtures/authoring/saas.yaml");
