@@ -6,6 +6,7 @@ use sea_orm_migration::sea_orm::{DatabaseConnection, DbBackend, Statement, Trans
 
 mod m20261128_000001_events_and_profiles;
 mod m20261210_000001_erasures;
+mod m20261212_000001_persons;
 
 /// Advisory lock key held while migrating (`pg_advisory_xact_lock`), so that replicas starting
 /// together apply each migration once. Arbitrary but fixed: "ctxmigr" in ASCII.
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261128_000001_events_and_profiles::Migration),
             Box::new(m20261210_000001_erasures::Migration),
+            Box::new(m20261212_000001_persons::Migration),
         ]
     }
 }

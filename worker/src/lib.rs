@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod identity;
 pub mod metrics;
 pub mod pipeline;
 pub mod probe;

@@ -19,9 +19,11 @@ pub struct HistoryFilter {
     pub session: Option<String>,
 }
 
-/// What the context of one user is built from.
+/// What the context of one person is built from: every id of the person combined.
 #[derive(Debug, Clone)]
 pub struct UserRecord {
+    /// The person's ids, sorted (byte order); the one asked for alone for a person of one id.
+    pub distinct_ids: Vec<String>,
     pub first_seen: DateTime<Utc>,
     pub last_seen: DateTime<Utc>,
     pub event_count: i64,
@@ -31,20 +33,38 @@ pub struct UserRecord {
     pub history: Vec<HistoryItem>,
 }
 
-/// The profile and the newest events in one statement (one round trip, one connection): the
-/// history through the `(distinct_id, timestamp DESC)` index, aggregated into one JSON array of
-/// `[time, description, event, page, session]`. No row: nothing is stored for the user.
-/// `{filters}` and `{limit}` are written into the text ([`context_sql`]), not bound: a generic
-/// plan for an unknown limit and optional filters would read every event of the user.
-pub const CONTEXT_SQL: &str = r#"SELECT p.first_seen, p.last_seen, p.event_count, p.session_count, p.intents,
+/// The person's profiles and newest events in one statement (one round trip, one connection).
+/// The person's ids (`person_distinct_ids` by the person's index; the id asked for alone when it
+/// belongs to no person), their profiles combined (counts summed, first and last seen, sessions
+/// counted once across ids; intents combined by the caller), and the history: each id's newest
+/// events through the `(distinct_id, timestamp DESC)` index, the newest of those aggregated into
+/// one JSON array of `[time, description, event, page, session]`. No row: nothing is stored for
+/// the person. `{filters}` and `{limit}` are written into the text ([`context_sql`]), not bound:
+/// a generic plan for an unknown limit and optional filters would read every event of the user.
+pub const CONTEXT_SQL: &str = r#"WITH person AS (
+  SELECT coalesce((SELECT array_agg(m.distinct_id ORDER BY m.distinct_id COLLATE "C")
+                     FROM person_distinct_ids m
+                    WHERE m.person_id = (SELECT o.person_id FROM person_distinct_ids o
+                                          WHERE o.distinct_id = $1)),
+                  ARRAY[$1::text]) AS ids)
+SELECT min(p.first_seen), max(p.last_seen), sum(p.event_count)::int8,
+  CASE WHEN count(*) = 1 THEN sum(p.session_count)::int8
+       ELSE (SELECT count(DISTINCT s.session_id) FROM user_sessions s
+              WHERE s.distinct_id = ANY(person.ids)) END,
+  json_agg(p.intents),
   (SELECT coalesce(json_agg(json_build_array(h.t, h.d, h.e, h.p, h.s) ORDER BY h.t DESC, h.u DESC), '[]')
-     FROM (SELECT "timestamp" AS t, description AS d, event AS e, coalesce(path, url) AS p,
-                  session_id AS s, uuid AS u
-             FROM events
-            WHERE distinct_id = $1{filters}
-            ORDER BY "timestamp" DESC, uuid DESC
-            LIMIT {limit}) h) AS history
-FROM user_profiles p WHERE p.distinct_id = $1"#;
+     FROM (SELECT x.* FROM unnest(person.ids) AS i(id) CROSS JOIN LATERAL
+            (SELECT "timestamp" AS t, description AS d, event AS e, coalesce(path, url) AS p,
+                    session_id AS s, uuid AS u
+               FROM events
+              WHERE distinct_id = i.id{filters}
+              ORDER BY "timestamp" DESC, uuid DESC
+              LIMIT {limit}) x
+           ORDER BY x.t DESC, x.u DESC
+           LIMIT {limit}) h) AS history,
+  person.ids
+FROM person JOIN user_profiles p ON p.distinct_id = ANY(person.ids)
+GROUP BY person.ids"#;
 
 /// [`CONTEXT_SQL`] for `filter`: `since` binds as `$2`, `session` as the next parameter.
 pub fn context_sql(filter: &HistoryFilter) -> String {
@@ -70,7 +90,8 @@ type HistoryTuple = (
     Option<String>,
 );
 
-/// The user's profile and newest events, or `None` for an unknown user.
+/// The profiles and newest events of the person `user_id` belongs to, or `None` when nothing
+/// is stored for them.
 pub async fn user_record(
     conns: &ReadConnections,
     user_id: &str,
@@ -107,14 +128,15 @@ pub async fn user_record(
     let Some(row) = row else { return Ok(None) };
     // Columns by position, in the order of CONTEXT_SQL's select list.
     let decode = |e: sqlx::Error| DbErr::Type(e.to_string());
-    let Json(intents): Json<Intents> = row.try_get(4).map_err(decode)?;
+    let Json(intents): Json<Vec<Intents>> = row.try_get(4).map_err(decode)?;
     let Json(history): Json<Vec<HistoryTuple>> = row.try_get(5).map_err(decode)?;
     Ok(Some(UserRecord {
+        distinct_ids: row.try_get(6).map_err(decode)?,
         first_seen: row.try_get(0).map_err(decode)?,
         last_seen: row.try_get(1).map_err(decode)?,
         event_count: row.try_get(2).map_err(decode)?,
         session_count: row.try_get(3).map_err(decode)?,
-        intents,
+        intents: super::combine_intents(intents),
         history: history
             .into_iter()
             .map(|(time, description, event, page, session_id)| HistoryItem {
