@@ -170,6 +170,21 @@ async fn after_identify_the_identified_id_answers_with_the_anonymous_history() {
     let (_, user) = f.context("user_42").await;
     assert_eq!(user["stats"]["event_count"], 6);
     assert!(descriptions(&user).contains(&"Viewed page: /checkout"));
+
+    // posthog.alias("crm-42"): an id with nothing stored of its own answers the person too.
+    f.capture(
+        "user_42",
+        &[json!({"event": "$create_alias", "properties": {"alias": "crm-42"}})],
+    )
+    .await;
+    f.wait_stored(7).await;
+    let (status, alias) = f.context("crm-42").await;
+    assert_eq!(status, StatusCode::OK, "{alias}");
+    assert_eq!(
+        alias["distinct_ids"],
+        json!([anonymous, "crm-42", "user_42"])
+    );
+    assert_eq!(alias["stats"]["event_count"], 7);
     worker.stop().await;
 }
 
@@ -275,28 +290,39 @@ async fn a_persons_context_is_read_through_indexes() {
         limit: 20,
         ..Default::default()
     };
-    let sql = api::context::store::context_sql(&filter);
-    let custom = plan(
-        &mut conn,
-        format!("EXPLAIN {}", sql.replace("$1", "'user_45'")),
-    )
-    .await;
-    assert!(!custom.contains("Seq Scan"), "{custom}");
-    assert!(
-        custom.contains("events_distinct_id_timestamp_idx"),
-        "{custom}"
-    );
-    let generic = plan(&mut conn, format!(
-        "SET plan_cache_mode = force_generic_plan; PREPARE ctx(text) AS {sql}; EXPLAIN EXECUTE ctx('user_45')"
+    // The id's own statement (which names its person), then the person's.
+    for sql in [
+        api::context::store::context_sql(&filter),
+        api::context::store::person_context_sql(&filter),
+    ] {
+        let custom = plan(
+            &mut conn,
+            format!("EXPLAIN {}", sql.replace("$1", "'user_45'")),
+        )
+        .await;
+        assert!(!custom.contains("Seq Scan"), "{custom}");
+        assert!(
+            custom.contains("events_distinct_id_timestamp_idx"),
+            "{custom}"
+        );
+        let generic = plan(
+            &mut conn,
+            format!(
+                "SET plan_cache_mode = force_generic_plan; DEALLOCATE ALL; \
+                 PREPARE ctx(text) AS {sql}; EXPLAIN EXECUTE ctx('user_45')"
+            ),
+        )
+        .await;
+        assert!(!generic.contains("Seq Scan"), "{generic}");
+    }
+    // And the answer is the person's: 20 ids, 400 events, 80 sessions, the newest 20 events.
+    let row = sqlx::query(sqlx::AssertSqlSafe(
+        api::context::store::person_context_sql(&filter),
     ))
-    .await;
-    assert!(!generic.contains("Seq Scan"), "{generic}");
-    // And the answer is the person's: 20 ids, 400 events, the newest 20.
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind("user_45")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+    .bind("user_45")
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
     assert_eq!(row.get::<i64, _>(2), 400);
     assert_eq!(row.get::<i64, _>(3), 80);
     assert_eq!(row.get::<Vec<String>, _>(6).len(), 20);
