@@ -244,3 +244,59 @@ async fn a_merge_waits_for_another_merging_the_same_person() {
         [person(&["anon-1", "anon-2", "user_1"])]
     );
 }
+
+/// A person merged into another by a replica while this merge waited for it: the merge finds
+/// where its ids went, takes that person's lock instead (in order again) and joins the id there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_follows_ids_moved_while_it_waited() {
+    use sea_orm::sqlx::{self, Connection, Executor, PgConnection};
+    let db = TestDb::create().await;
+    let pool = worker_pool(&db).await;
+    write(&pool, &[alias("$create_alias", "p1", "x")]).await;
+    write(&pool, &[alias("$create_alias", "q1", "q2")]).await;
+    let mut other = PgConnection::connect(&db.url).await.unwrap();
+    let person_of = |id: &'static str| {
+        sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+            "SELECT person_id FROM person_distinct_ids WHERE distinct_id = '{id}'"
+        )))
+    };
+    let p = person_of("x").fetch_one(&mut other).await.unwrap();
+    let q = person_of("q1").fetch_one(&mut other).await.unwrap();
+    // Another replica's merge of x's person into q1's, holding x's person meanwhile.
+    other.execute("BEGIN").await.unwrap();
+    sqlx::query("SELECT 1 FROM persons WHERE id = $1 FOR UPDATE")
+        .bind(p)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let waiting = {
+        let pool = pool.clone();
+        tokio::spawn(async move { write(&pool, &[identify("anon-9", "x")]).await })
+    };
+    wait_until(WAIT, "the merge to wait for x's person", || async {
+        db.count(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND wait_event = 'transactionid'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    for sql in [
+        "UPDATE person_distinct_ids SET person_id = $1 WHERE person_id = $2",
+        "DELETE FROM persons WHERE id = $2 AND $1 <> $2",
+    ] {
+        sqlx::query(sql)
+            .bind(q)
+            .bind(p)
+            .execute(&mut other)
+            .await
+            .unwrap();
+    }
+    other.execute("COMMIT").await.unwrap();
+    assert_eq!(waiting.await.unwrap().merged, 1);
+    assert_eq!(
+        persons(&db).await,
+        [person(&["anon-9", "p1", "q1", "q2", "x"])]
+    );
+}
