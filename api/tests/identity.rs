@@ -339,3 +339,73 @@ async fn plan(conn: &mut PgConnection, explain: String) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// An id joining the person while an erasure of it waits for the batch that joins it: the
+/// erasure sees the new id once it has the locks, starts again with it, and erases it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_joining_during_an_erasure_is_erased_with_the_person() {
+    use sea_orm::sqlx::Executor;
+    let db = TestDb::create().await;
+    let store = |user: &str, event: &str, properties: Value| {
+        let envelope = testkit::envelope(user, event, properties);
+        let enrichment = rules_engine::enrich::without_rules(&envelope);
+        worker::store::StoredEvent::new(envelope, enrichment, None)
+    };
+    let write = |events: Vec<worker::store::StoredEvent>| {
+        let conn = db.conn.clone();
+        async move {
+            worker::store::write_batch(&conn, &Default::default(), &events, "v1")
+                .await
+                .unwrap()
+        }
+    };
+    write(vec![
+        store("a", "$pageview", json!({})),
+        store("b", "$identify", json!({"$anon_distinct_id": "a"})),
+    ])
+    .await;
+    // The batch joining c waits inside its transaction (its bucket locks held) for the person.
+    let mut blocker = PgConnection::connect(&db.url).await.unwrap();
+    blocker.execute("BEGIN").await.unwrap();
+    blocker
+        .execute("SELECT 1 FROM persons FOR UPDATE")
+        .await
+        .unwrap();
+    let joining = tokio::spawn(write(vec![store(
+        "c",
+        "$create_alias",
+        json!({"alias": "a"}),
+    )]));
+    let waiting = |event: &'static str| {
+        let sql = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND wait_event = '{event}'"
+        );
+        let db = &db;
+        async move { db.count(&sql).await }
+    };
+    wait_until(WAIT, "the batch waiting for the person", || async {
+        waiting("transactionid").await == 1
+    })
+    .await;
+    let erasure = {
+        let conn = db.conn.clone();
+        tokio::spawn(async move { infra::erasure::erase_stored(&conn, &["b"], Utc::now()).await })
+    };
+    wait_until(WAIT, "the erasure waiting for the batch", || async {
+        waiting("advisory").await == 1
+    })
+    .await;
+    blocker.execute("ROLLBACK").await.unwrap();
+    // c's first event is its alias call naming a: c had no person yet, so it joins a's
+    // (identified) person, as in PostHog.
+    assert_eq!(joining.await.unwrap().merges.merged, 1);
+    let erased = erasure.await.unwrap().unwrap();
+    assert_eq!(erased.distinct_ids, ["a", "b", "c"]);
+    assert_eq!(db.events().await, 0);
+    assert_eq!(
+        db.count("SELECT count(*) FROM person_distinct_ids").await,
+        0
+    );
+    assert_eq!(db.count("SELECT count(*) FROM user_profiles").await, 0);
+}
