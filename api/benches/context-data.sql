@@ -1,9 +1,10 @@
 -- Bench data for the context read path: 1,000,000 events across 10,000 users (100 each, over
 -- the last 30 days, 5 sessions per user) and one profile per user with a purchase intent.
--- psql -v users=10000 -v per_user=100 -f api/benches/context-data.sql
+-- psql -v users=10000 -v per_user=100 [-v person_size=3] -f api/benches/context-data.sql
 \set ON_ERROR_STOP on
 \if :{?users} \else \set users 10000 \endif
 \if :{?per_user} \else \set per_user 100 \endif
+\if :{?person_size} \else \set person_size 1 \endif
 
 BEGIN;
 INSERT INTO events (uuid, distinct_id, event, description, rule_id, intents, properties, url, path,
@@ -37,6 +38,13 @@ FROM events GROUP BY distinct_id;
 
 INSERT INTO user_sessions (distinct_id, session_id, first_seen)
 SELECT distinct_id, session_id, min("timestamp") FROM events GROUP BY distinct_id, session_id;
+
+-- Persons of :person_size consecutive users (user_0 … user_{n-1} one person, and so on), as
+-- identify calls would have joined them; none for 1 (every user a person of one id).
+INSERT INTO persons (id, is_identified) OVERRIDING SYSTEM VALUE
+SELECT g, true FROM generate_series(0, (:users - 1) / :person_size) AS g WHERE :person_size > 1;
+INSERT INTO person_distinct_ids (distinct_id, person_id)
+SELECT 'user_' || u, u / :person_size FROM generate_series(0, :users - 1) AS u WHERE :person_size > 1;
 COMMIT;
 -- Steady state: hint bits set and the visibility map built now, not by autovacuum mid-run, and
 -- the load's dirty pages written now, not by a checkpoint during the measured phases.

@@ -6,6 +6,7 @@
 #
 #   api/benches/context-load.sh                 # 10 s per phase, 10 connections
 #   DURATION=20 CONNECTIONS=20 api/benches/context-load.sh
+#   PERSON_SIZE=3 api/benches/context-load.sh   # users joined into persons of 3 ids (1, 3, 20)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -14,6 +15,7 @@ CONNECTIONS=${CONNECTIONS:-10}
 THREADS=${THREADS:-2}
 USERS=${USERS:-10000}
 PER_USER=${PER_USER:-100}
+PERSON_SIZE=${PERSON_SIZE:-1}
 PORT=${PORT:-18182}
 PG=${PG:-postgres://postgres@127.0.0.1:5432}
 DB="bench_context_$$"
@@ -40,7 +42,7 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 echo "== loading $((USERS * PER_USER)) events for $USERS users"
-time psql "$PG/$DB" -q -v users="$USERS" -v per_user="$PER_USER" -f api/benches/context-data.sql
+time psql "$PG/$DB" -q -v users="$USERS" -v per_user="$PER_USER" -v person_size="$PERSON_SIZE" -f api/benches/context-data.sql
 
 cat > "$WORK/context.lua" <<LUA
 math.randomseed(os.time())

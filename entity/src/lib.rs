@@ -3,6 +3,8 @@
 
 pub mod envelope;
 pub mod event;
+pub mod person;
+pub mod person_distinct_id;
 pub mod user_profile;
 pub mod user_session;
 

@@ -33,6 +33,9 @@ pub enum Relation {}
 
 impl ActiveModelBehavior for ActiveModel {}
 
+/// Evidence descriptions kept per intent.
+pub const MAX_EVIDENCE: usize = 5;
+
 /// The `intents` column, decoded.
 pub type Intents = BTreeMap<String, IntentState>;
 
@@ -43,7 +46,7 @@ pub struct IntentState {
     pub score: f64,
     /// Timestamp of the newest event that added to this intent.
     pub last_seen: DateTime<Utc>,
-    /// Up to five most recent distinct descriptions supporting it, newest first.
+    /// Up to [`MAX_EVIDENCE`] most recent distinct descriptions supporting it, newest first.
     pub evidence: Vec<String>,
     /// The sentence a summary should use, e.g. "User showing Purchase Intent.".
     pub summary: String,

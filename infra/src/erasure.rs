@@ -16,7 +16,9 @@
 //! batch open while the user is erased never resurrects them.
 //!
 //! Everything that takes user ids takes a list: erasing a person means erasing all their
-//! `distinct_id`s at once.
+//! `distinct_id`s at once. [`erase_stored`] finds every id of the persons it is given (table
+//! `person_distinct_ids`) and drops their mapping; the workers also read the tombstones of the ids
+//! identity calls name, so a merge never maps an erased id again.
 
 use std::collections::HashMap;
 
@@ -138,11 +140,13 @@ pub fn round_up_to_micros(time: DateTime<Utc>) -> DateTime<Utc> {
 }
 
 /// What an erasure removed from Postgres.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ErasedRows {
     pub events: u64,
     pub sessions: u64,
     pub profiles: u64,
+    /// Every id erased: those asked for and the other ids of their persons, sorted.
+    pub distinct_ids: Vec<String>,
 }
 
 /// Takes the buckets of the users exclusively (`$2`, sorted), after which [`ERASE_ROWS`] sees
@@ -166,16 +170,30 @@ const ERASE_ROWS: &str = r#"WITH tombstones AS (
 SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM sessions),
        (SELECT count(*) FROM profiles)"#;
 
+/// The ids of the persons of `$1` (those of no person are not in the answer).
+const PERSON_IDS: &str = "SELECT m.distinct_id FROM person_distinct_ids AS m \
+     WHERE m.person_id IN (SELECT o.person_id FROM person_distinct_ids AS o WHERE o.distinct_id = ANY($1))";
+
+/// Drops the persons of the ids `$1` (all of each person's ids): their mapping rows, then them.
+const DELETE_PERSONS: &str = "WITH mapping AS (\
+     DELETE FROM person_distinct_ids WHERE distinct_id = ANY($1) RETURNING person_id) \
+     SELECT DISTINCT person_id FROM mapping";
+const DELETE_PERSON_ROWS: &str = "DELETE FROM persons WHERE id = ANY($1)";
+
+/// Rounds of locking before an erasure gives up, should merges keep adding ids to the person.
+const ERASE_ROUNDS: usize = 8;
+
 /// Deletes the users' events before the locked part of an erasure: the bulk of the work (a
 /// user with 100,000 events took 1.2 s here), done while worker batches go on.
 const DELETE_EVENTS: &str = "DELETE FROM events WHERE distinct_id = ANY($1)";
 
-/// Erases the users `ids` (the `distinct_id`s of one person) from Postgres as of `erased_at`:
-/// records their tombstones and deletes their events, sessions and profiles. The events stored
-/// so far are deleted first, on their own; then one transaction holding the users' buckets
-/// exclusively (it waits for the worker batches writing them, and batches of users of those
-/// buckets wait for it: a few milliseconds) records the tombstones and deletes the rest. Until
-/// that transaction commits a read may see the profile without its events; should it fail, the
+/// Erases the users `ids` and every other id of their persons from Postgres as of `erased_at`:
+/// records their tombstones and deletes their events, sessions, profiles and person mapping. The
+/// events stored so far are deleted first, on their own; then one transaction holding the users'
+/// buckets exclusively (it waits for the worker batches writing them, and batches of users of
+/// those buckets wait for it: a few milliseconds) records the tombstones and deletes the rest.
+/// Should a merge have added an id to the person meanwhile, that transaction starts again with
+/// it. Until it commits a read may see the profile without its events; should it fail, the
 /// events are gone and erasing again finishes the rest.
 pub async fn erase_stored(
     db: &DatabaseConnection,
@@ -183,29 +201,69 @@ pub async fn erase_stored(
     erased_at: DateTime<Utc>,
 ) -> Result<ErasedRows, StoreError> {
     let pool = db.get_postgres_connection_pool();
-    let early = sqlx::query(DELETE_EVENTS)
-        .bind(ids)
+    let mut ids = with_person_ids(pool, ids.iter().map(|id| id.to_string()).collect()).await?;
+    let mut early = sqlx::query(DELETE_EVENTS)
+        .bind(&ids)
         .execute(pool)
         .await?
         .rows_affected();
-    let mut txn = pool.begin().await?;
-    sqlx::query(LOCK_EXCLUSIVE)
-        .bind(LOCK_CLASS)
-        .bind(buckets(ids.iter().copied()))
-        .execute(&mut *txn)
+    for _ in 0..ERASE_ROUNDS {
+        let mut txn = pool.begin().await?;
+        sqlx::query(LOCK_EXCLUSIVE)
+            .bind(LOCK_CLASS)
+            .bind(buckets(ids.iter().map(String::as_str)))
+            .execute(&mut *txn)
+            .await?;
+        // Merges that committed while the locks were waited for are seen now; later ones wait.
+        let locked = with_person_ids(&mut *txn, ids.clone()).await?;
+        if locked.len() > ids.len() {
+            txn.rollback().await?;
+            ids = locked;
+            continue;
+        }
+        let row = sqlx::query(ERASE_ROWS)
+            .bind(&ids)
+            .bind(erased_at)
+            .fetch_one(&mut *txn)
+            .await?;
+        let persons: Vec<i64> = sqlx::query_scalar(DELETE_PERSONS)
+            .bind(&ids)
+            .fetch_all(&mut *txn)
+            .await?;
+        if !persons.is_empty() {
+            sqlx::query(DELETE_PERSON_ROWS)
+                .bind(&persons)
+                .execute(&mut *txn)
+                .await?;
+        }
+        txn.commit().await?;
+        let count = |i: usize| row.try_get::<i64, _>(i).map(|n| n as u64);
+        early += count(0)?;
+        return Ok(ErasedRows {
+            events: early,
+            sessions: count(1)?,
+            profiles: count(2)?,
+            distinct_ids: ids,
+        });
+    }
+    Err(StoreError::Db(sea_orm::DbErr::Custom(
+        "ids kept joining the person being erased".into(),
+    )))
+}
+
+/// `ids` and every other id of their persons, sorted and distinct.
+async fn with_person_ids<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
+    mut ids: Vec<String>,
+) -> Result<Vec<String>, StoreError> {
+    let others: Vec<String> = sqlx::query_scalar(PERSON_IDS)
+        .bind(&ids)
+        .fetch_all(conn)
         .await?;
-    let row = sqlx::query(ERASE_ROWS)
-        .bind(ids)
-        .bind(erased_at)
-        .fetch_one(&mut *txn)
-        .await?;
-    txn.commit().await?;
-    let count = |i: usize| row.try_get::<i64, _>(i).map(|n| n as u64);
-    Ok(ErasedRows {
-        events: early + count(0)?,
-        sessions: count(1)?,
-        profiles: count(2)?,
-    })
+    ids.extend(others);
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
 }
 
 /// Reads `distinct_id` and `received_at` of an event's JSON (a stream entry's `event` field)

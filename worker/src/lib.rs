@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod config;
 pub mod history;
+pub mod identity;
 pub mod metrics;
 pub mod pipeline;
 pub mod probe;

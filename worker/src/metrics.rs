@@ -22,6 +22,9 @@ pub struct WorkerMetrics {
     pub events_erased: IntCounter,
     /// Entries sent to the dead-letter stream, by reason.
     pub dead_lettered: IntCounterVec,
+    /// Identity calls (`$identify`, `$create_alias`, `$merge_dangerously`) stored, by result:
+    /// `merged`, or refused by PostHog's guards (`already_identified`, `illegal_id`, `erased`).
+    pub person_merges: IntCounterVec,
     /// Dead letters removed from the dead-letter stream to keep it within `DLQ_MAXLEN`.
     pub dead_letters_trimmed: IntCounter,
     /// Bytes of the entries this replica holds: read (or claimed) and not yet finished.
@@ -98,6 +101,12 @@ impl WorkerMetrics {
                 "clickstream_worker_dead_lettered_total",
                 "Entries sent to the dead-letter stream, by reason",
                 &["reason"],
+            ),
+            person_merges: counter_vec(
+                r,
+                "clickstream_worker_person_merges_total",
+                "Identity calls stored, by result (merged, or why not)",
+                &["result"],
             ),
             dead_letters_trimmed: counter(
                 r,

@@ -7,19 +7,20 @@ use serde_json::{Map, Value};
 
 use rules_engine::enrich::IntentHit;
 
-/// Evidence descriptions kept per intent.
-pub const MAX_EVIDENCE: usize = 5;
+pub use entity::user_profile::MAX_EVIDENCE;
 
-/// Person properties an event sets: `person.properties` and `$set` overwrite, `$set_once` fills gaps.
+/// Person properties an event sets, in PostHog's order: `$set_once` fills gaps, then
+/// `person.properties` and `$set` overwrite, then `$unset` removes.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PersonUpdate {
     pub set: Map<String, Value>,
     pub set_once: Map<String, Value>,
+    pub unset: Vec<String>,
 }
 
 impl PersonUpdate {
     pub fn is_empty(&self) -> bool {
-        self.set.is_empty() && self.set_once.is_empty()
+        self.set.is_empty() && self.set_once.is_empty() && self.unset.is_empty()
     }
 }
 
@@ -137,6 +138,9 @@ impl ProfileRow {
             for (key, value) in &update.set {
                 props.insert(key.clone(), value.clone());
             }
+            for key in &update.unset {
+                props.remove(key);
+            }
         }
     }
 }
@@ -236,7 +240,7 @@ mod tests {
         let mut delta = ProfileDelta::new("u".into(), at(10));
         let set = |k: &str, v: &str| PersonUpdate {
             set: [(k.to_string(), Value::from(v))].into_iter().collect(),
-            set_once: Map::new(),
+            ..PersonUpdate::default()
         };
         delta.add_event(at(10), &[], "a", Some(set("plan", "free")));
         delta.add_event(at(5), &[hit(1.0)], "b", None);
@@ -261,11 +265,20 @@ mod tests {
                 set_once: [("plan".to_string(), Value::from("x"))]
                     .into_iter()
                     .collect(),
+                unset: Vec::new(),
             },
         ));
         row.apply(&later);
         assert_eq!(row.event_count, 3);
         assert_eq!(row.last_seen, at(20));
-        assert_eq!(row.person_properties.unwrap()["plan"], "pro");
+        assert_eq!(row.person_properties.as_ref().unwrap()["plan"], "pro");
+
+        // `$unset` removes, after that event's `$set`.
+        let mut unset = ProfileDelta::new("u".into(), at(30));
+        let mut update = set("email", "a@x.test");
+        update.unset = vec!["plan".into(), "email".into()];
+        unset.add_event(at(30), &[], "d", Some(update));
+        row.apply(&unset);
+        assert_eq!(row.person_properties, Some(Map::new()));
     }
 }

@@ -1,8 +1,12 @@
 //! Traffic simulator: users browsing a shop, sent as PostHog (posthog-js shaped) events through
 //! the PostHog routes.
 //!
-//! Story mode (default) prints `P` per pageview, `C` per click or form submit, then `.` when the
-//! request was accepted or `x<status>` when it was not. Load mode (`--rate`, `--concurrency`,
+//! Every second user (`user_2`, `user_4`, …) browses anonymously first, as posthog-js does before
+//! sign-in (a random `distinct_id`), and signs in midway: an `$identify` naming the anonymous id,
+//! after which the context of `user_N` holds what the anonymous visitor did.
+//!
+//! Story mode (default) prints `P` per pageview, `C` per click or form submit, `I` per sign-in
+//! (`$identify`), then `.` when the request was accepted or `x<status>` when it was not. Load mode (`--rate`, `--concurrency`,
 //! `--duration`, `--batch`) prints a progress line each second and throughput and latency
 //! percentiles at the end. Either way it stops by itself.
 
@@ -32,7 +36,8 @@ struct Args {
     /// (environment or `.env`), else the development ingest key.
     #[arg(long)]
     key: Option<String>,
-    /// Simulated users (`user_1` … `user_N`).
+    /// Simulated users (`user_1` … `user_N`; every second one browses anonymously first and signs
+    /// in midway).
     #[arg(long, default_value_t = 5)]
     users: u32,
     /// Story mode: journeys to walk per user.
@@ -66,10 +71,17 @@ impl Args {
 
 /// One simulated user's browsing state.
 struct Visitor {
+    /// The `distinct_id` events are sent with: a random one until the visitor signs in.
     id: String,
+    /// `user_N`, the id the visitor signs in as.
+    user: String,
     session: String,
     step: usize,
+    signed_in: bool,
 }
+
+/// The journey step at which anonymous visitors sign in: after reading the pricing page.
+const SIGN_IN_STEP: usize = 3;
 
 const JOURNEY: [&str; 6] = [
     "/",
@@ -82,15 +94,37 @@ const JOURNEY: [&str; 6] = [
 
 impl Visitor {
     fn new(n: u32) -> Self {
+        let user = format!("user_{n}");
+        let anonymous = n.is_multiple_of(2);
         Self {
-            id: format!("user_{n}"),
+            id: if anonymous {
+                uuid::Uuid::now_v7().to_string()
+            } else {
+                user.clone()
+            },
+            user,
             session: uuid::Uuid::now_v7().to_string(),
             step: 0,
+            signed_in: !anonymous,
         }
     }
 
-    /// The next event of this user's journey; `(kind, event)` with kind `P` or `C`.
+    /// The next event of this user's journey; `(kind, event)` with kind `P`, `C` or `I`.
     fn next_event(&mut self, rng: &mut SmallRng) -> (char, Value) {
+        if !self.signed_in && self.step == SIGN_IN_STEP {
+            // posthog.identify(user): the identified id, naming the anonymous one it replaces.
+            self.signed_in = true;
+            let anonymous = std::mem::replace(&mut self.id, self.user.clone());
+            let properties = json!({
+                "$anon_distinct_id": anonymous, "$session_id": self.session, "$lib": "web",
+                "$set": {"email": format!("{}@example.com", self.user)}
+            });
+            return (
+                'I',
+                json!({"event": "$identify", "distinct_id": self.id, "uuid": uuid::Uuid::now_v7().to_string(),
+                       "timestamp": chrono::Utc::now().to_rfc3339(), "properties": properties}),
+            );
+        }
         let step = JOURNEY[self.step % JOURNEY.len()];
         self.step += 1;
         if self.step.is_multiple_of(JOURNEY.len()) {
@@ -211,8 +245,9 @@ async fn story(args: Args, http: reqwest::Client) -> anyhow::Result<()> {
     let (mut accepted, mut rejected) = (0u64, 0u64);
     for n in 1..=args.users {
         let mut visitor = Visitor::new(n);
-        print!("{:<8} ", visitor.id);
-        for _ in 0..args.journeys as usize * JOURNEY.len() {
+        print!("{:<8} ", visitor.user);
+        let sign_in = usize::from(!visitor.signed_in);
+        for _ in 0..args.journeys as usize * JOURNEY.len() + sign_in {
             let (kind, event) = visitor.next_event(&mut rng);
             print!("{kind}");
             match send(&http, &args, vec![event]).await {

@@ -14,9 +14,11 @@ use crate::state::AppState;
 const REDIS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What an erasure removed, and where.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Erased {
     pub erased_at: DateTime<Utc>,
+    /// Every id erased: those asked for and the other ids of their persons, sorted.
+    pub distinct_ids: Vec<String>,
     pub events: u64,
     pub sessions: u64,
     pub profiles: u64,
@@ -39,9 +41,9 @@ pub enum EraseError {
     Redis(String),
 }
 
-/// Erases the users `ids` (one person's `distinct_id`s) as of `erased_at` (now, on the api's
-/// clock, the clock that stamps events' `received_at`): events received until then are erased
-/// wherever they are, later ones are new activity. Postgres first (rows and tombstones, waiting
+/// Erases the users `ids` and every other id of their persons as of `erased_at` (now, on the
+/// api's clock, the clock that stamps events' `received_at`): events received until then are
+/// erased wherever they are, later ones are new activity. Postgres first (rows and tombstones, waiting
 /// for the worker batches writing these users); once it has committed, no worker adds the
 /// users to the dead-letter stream or the report any more, and what is there is removed.
 pub async fn erase(
@@ -51,6 +53,8 @@ pub async fn erase(
 ) -> Result<Erased, EraseError> {
     let erased_at = erasure::round_up_to_micros(erased_at);
     let rows = erasure::erase_stored(&state.db, ids, erased_at).await?;
+    let ids: Vec<&str> = rows.distinct_ids.iter().map(String::as_str).collect();
+    let ids = &ids[..];
     let dead_letters = DeadLetters::new(
         state.publisher.connection(),
         &state.config.dlq_name,
@@ -71,15 +75,15 @@ pub async fn erase(
     let (dead_letters, unmatched_examples) = tokio::time::timeout(REDIS_TIMEOUT, redis)
         .await
         .map_err(|_| EraseError::Redis(format!("no answer within {REDIS_TIMEOUT:?}")))??;
-    let mut pending_events = Some(0);
-    for id in ids {
-        let pending = state.publisher.pending_for_user(id).await.ok();
-        pending_events = pending_events
-            .zip(pending.and_then(|p| p.for_user))
-            .map(|(a, b)| a + b);
-    }
+    let pending_events = state
+        .publisher
+        .pending_for_users(ids)
+        .await
+        .ok()
+        .and_then(|p| p.for_user);
     Ok(Erased {
         erased_at,
+        distinct_ids: rows.distinct_ids.clone(),
         events: rows.events,
         sessions: rows.sessions,
         profiles: rows.profiles,

@@ -10,7 +10,7 @@ pub mod text;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Duration, Utc};
-use entity::user_profile::Intents;
+use entity::user_profile::{IntentState, Intents, MAX_EVIDENCE};
 
 /// Intents whose decayed score is at least this are "active" and named in the summary.
 pub const ACTIVE_INTENT_SCORE: f64 = 1.0;
@@ -39,6 +39,45 @@ pub struct ScoredIntent {
     pub last_seen: DateTime<Utc>,
     pub summary: String,
     pub evidence: Vec<String>,
+}
+
+/// The intents of a person's ids as one: each intent's scores decayed to its newest `last_seen`
+/// and summed, counts summed, evidence newest first (the newer id's first) and capped; summary
+/// and half-life from the newest. Independent of the order of `parts`.
+pub fn combine_intents(parts: Vec<Intents>) -> Intents {
+    let mut parts = parts.into_iter();
+    let mut combined = parts.next().unwrap_or_default();
+    for part in parts {
+        for (name, state) in part {
+            match combined.entry(name) {
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(state);
+                }
+                std::collections::btree_map::Entry::Occupied(mut slot) => {
+                    let mine = slot.get().clone();
+                    slot.insert(combine_intent(mine, state));
+                }
+            }
+        }
+    }
+    combined
+}
+
+/// Two ids' states of one intent as one.
+fn combine_intent(a: IntentState, b: IntentState) -> IntentState {
+    let newer_first = (b.last_seen, b.score, &b.summary) > (a.last_seen, a.score, &a.summary);
+    let (mut newer, older) = if newer_first { (b, a) } else { (a, b) };
+    newer.score += older.score_at(newer.last_seen);
+    newer.count += older.count;
+    for evidence in older.evidence {
+        if newer.evidence.len() >= MAX_EVIDENCE {
+            break;
+        }
+        if !newer.evidence.contains(&evidence) {
+            newer.evidence.push(evidence);
+        }
+    }
+    newer
 }
 
 /// Decays every stored intent to `now`, drops the faded ones, strongest first.
@@ -264,6 +303,50 @@ mod tests {
             summary,
             "User may be about to churn. Last active 3 days ago: \"Viewed page: /\"."
         );
+    }
+
+    #[test]
+    fn intents_of_a_persons_ids_combine_in_any_order() {
+        let at = |hours: i64| now() - Duration::hours(hours);
+        let state = |score: f64, hours: i64, evidence: &[&str]| IntentState {
+            score,
+            last_seen: at(hours),
+            evidence: evidence.iter().map(|e| e.to_string()).collect(),
+            summary: "User showing Purchase Intent.".into(),
+            half_life_secs: 3600.0,
+            count: 2,
+        };
+        let anonymous = Intents::from([
+            (
+                "purchase".to_string(),
+                state(2.0, 2, &["Viewed page: /pricing"]),
+            ),
+            (
+                "churn".to_string(),
+                state(1.0, 5, &["Viewed page: /cancel"]),
+            ),
+        ]);
+        let identified = Intents::from([(
+            "purchase".to_string(),
+            state(
+                1.0,
+                1,
+                &["Clicked 'Upgrade Plan' Button", "Viewed page: /pricing"],
+            ),
+        )]);
+        let combined = combine_intents(vec![anonymous.clone(), identified.clone()]);
+        assert_eq!(combined, combine_intents(vec![identified, anonymous]));
+        let purchase = &combined["purchase"];
+        // 2 decayed by one half-life to the newer last_seen, plus 1.
+        assert!((purchase.score - 2.0).abs() < 1e-9, "{}", purchase.score);
+        assert_eq!(purchase.last_seen, at(1));
+        assert_eq!(purchase.count, 4);
+        assert_eq!(
+            purchase.evidence,
+            ["Clicked 'Upgrade Plan' Button", "Viewed page: /pricing"]
+        );
+        assert_eq!(combined["churn"].score, 1.0);
+        assert!(combine_intents(Vec::new()).is_empty());
     }
 
     #[test]

@@ -19,9 +19,11 @@ pub struct HistoryFilter {
     pub session: Option<String>,
 }
 
-/// What the context of one user is built from.
+/// What the context of one person is built from: every id of the person combined.
 #[derive(Debug, Clone)]
 pub struct UserRecord {
+    /// The person's ids, sorted (byte order); the one asked for alone for a person of one id.
+    pub distinct_ids: Vec<String>,
     pub first_seen: DateTime<Utc>,
     pub last_seen: DateTime<Utc>,
     pub event_count: i64,
@@ -31,11 +33,13 @@ pub struct UserRecord {
     pub history: Vec<HistoryItem>,
 }
 
-/// The profile and the newest events in one statement (one round trip, one connection): the
-/// history through the `(distinct_id, timestamp DESC)` index, aggregated into one JSON array of
-/// `[time, description, event, page, session]`. No row: nothing is stored for the user.
-/// `{filters}` and `{limit}` are written into the text ([`context_sql`]), not bound: a generic
-/// plan for an unknown limit and optional filters would read every event of the user.
+/// The profile and the newest events of one id in one statement (one round trip, one
+/// connection): the history through the `(distinct_id, timestamp DESC)` index, aggregated into
+/// one JSON array of `[time, description, event, page, session]`; last, the person the id
+/// belongs to (NULL for most users: an id of no person), whose whole context is then read with
+/// [`PERSON_CONTEXT_SQL`]. No row: nothing is stored for the id. `{filters}` and `{limit}` are
+/// written into the text ([`context_sql`]), not bound: a generic plan for an unknown limit and
+/// optional filters would read every event of the user.
 pub const CONTEXT_SQL: &str = r#"SELECT p.first_seen, p.last_seen, p.event_count, p.session_count, p.intents,
   (SELECT coalesce(json_agg(json_build_array(h.t, h.d, h.e, h.p, h.s) ORDER BY h.t DESC, h.u DESC), '[]')
      FROM (SELECT "timestamp" AS t, description AS d, event AS e, coalesce(path, url) AS p,
@@ -43,11 +47,49 @@ pub const CONTEXT_SQL: &str = r#"SELECT p.first_seen, p.last_seen, p.event_count
              FROM events
             WHERE distinct_id = $1 AND description IS NOT NULL{filters}
             ORDER BY "timestamp" DESC, uuid DESC
-            LIMIT {limit}) h) AS history
+            LIMIT {limit}) h) AS history,
+  (SELECT m.person_id FROM person_distinct_ids m WHERE m.distinct_id = $1) AS person
 FROM user_profiles p WHERE p.distinct_id = $1"#;
+
+/// The context of the person `$1` belongs to, its ids combined: the ids by the mapping's person
+/// index, their profiles (counts summed, first and last seen, sessions counted once across ids;
+/// the intents of each, combined by the caller) and each id's newest events by the
+/// `(distinct_id, timestamp DESC)` index, the newest of those kept. No row: `$1` belongs to no
+/// person, or nothing is stored for it. Parameters and `{filters}` as [`CONTEXT_SQL`]'s.
+pub const PERSON_CONTEXT_SQL: &str = r#"WITH person AS MATERIALIZED (
+  SELECT array_agg(o.distinct_id ORDER BY o.distinct_id COLLATE "C") AS ids
+    FROM person_distinct_ids o
+   WHERE o.person_id = (SELECT m.person_id FROM person_distinct_ids m WHERE m.distinct_id = $1))
+SELECT min(p.first_seen), max(p.last_seen), sum(p.event_count)::int8,
+  CASE WHEN count(*) = 1 THEN sum(p.session_count)::int8
+       ELSE (SELECT count(DISTINCT s.session_id) FROM user_sessions s
+              WHERE s.distinct_id = ANY(person.ids)) END,
+  json_agg(p.intents),
+  (SELECT coalesce(json_agg(json_build_array(h.t, h.d, h.e, h.p, h.s) ORDER BY h.t DESC, h.u DESC), '[]')
+     FROM (SELECT x.* FROM unnest(person.ids) AS i(id) CROSS JOIN LATERAL
+            (SELECT "timestamp" AS t, description AS d, event AS e, coalesce(path, url) AS p,
+                    session_id AS s, uuid AS u
+               FROM events
+              WHERE distinct_id = i.id AND description IS NOT NULL{filters}
+              ORDER BY "timestamp" DESC, uuid DESC
+              LIMIT {limit}) x
+           ORDER BY x.t DESC, x.u DESC
+           LIMIT {limit}) h),
+  person.ids
+FROM person JOIN user_profiles p ON p.distinct_id = ANY(person.ids)
+GROUP BY person.ids"#;
 
 /// [`CONTEXT_SQL`] for `filter`: `since` binds as `$2`, `session` as the next parameter.
 pub fn context_sql(filter: &HistoryFilter) -> String {
+    with_filters(CONTEXT_SQL, filter)
+}
+
+/// [`PERSON_CONTEXT_SQL`] for `filter`, bound as [`context_sql`]'s.
+pub fn person_context_sql(filter: &HistoryFilter) -> String {
+    with_filters(PERSON_CONTEXT_SQL, filter)
+}
+
+fn with_filters(sql: &str, filter: &HistoryFilter) -> String {
     let mut filters = String::new();
     let mut next = 2;
     if filter.since.is_some() {
@@ -57,8 +99,7 @@ pub fn context_sql(filter: &HistoryFilter) -> String {
     if filter.session.is_some() {
         filters.push_str(&format!(" AND session_id = ${next}"));
     }
-    CONTEXT_SQL
-        .replace("{filters}", &filters)
+    sql.replace("{filters}", &filters)
         .replace("{limit}", &filter.limit.to_string())
 }
 
@@ -70,46 +111,41 @@ type HistoryTuple = (
     Option<String>,
 );
 
-/// The user's profile and newest events, or `None` for an unknown user.
+/// The profiles and newest events of the person `user_id` belongs to, or `None` when nothing
+/// is stored for them. Most ids belong to no person: one statement. The ids of a person (or an
+/// id with nothing stored of its own) take a second, over every id of the person.
 pub async fn user_record(
     conns: &ReadConnections,
     user_id: &str,
     filter: &HistoryFilter,
 ) -> Result<Option<UserRecord>, DbErr> {
-    // Only fixed text and the numeric limit are written into the statement; values are bound.
-    let sql: std::sync::Arc<str> = context_sql(filter).into();
-    // Each lost connection is dropped, and a new one's failure is final: at most every kept
-    // connection plus one new one are tried.
-    let mut attempts = conns.max() + 1;
-    let row = loop {
-        attempts -= 1;
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(user_id);
-        if let Some(since) = filter.since {
-            query = query.bind(since);
-        }
-        if let Some(session) = filter.session.as_deref() {
-            query = query.bind(session);
-        }
-        let mut conn = conns.acquire().await.map_err(db_err)?;
-        match query.fetch_optional(&mut *conn).await {
-            Ok(row) => {
-                conn.release();
-                break row;
-            }
-            // A kept connection the server closed meanwhile (a restart, an idle timeout): the
-            // read is retried on the next one, and at last on a new connection.
-            Err(e) if attempts > 0 && conn.reused() && is_connection_lost(&e) => {
-                tracing::debug!(error = %e, "context read: kept connection lost, retrying");
-            }
-            Err(e) => return Err(db_err(e)),
-        }
-    };
-    let Some(row) = row else { return Ok(None) };
-    // Columns by position, in the order of CONTEXT_SQL's select list.
     let decode = |e: sqlx::Error| DbErr::Type(e.to_string());
-    let Json(intents): Json<Intents> = row.try_get(4).map_err(decode)?;
+    let row = fetch(conns, context_sql(filter), user_id, filter).await?;
+    if let Some(row) = &row
+        && row.try_get::<Option<i64>, _>(6).map_err(decode)?.is_none()
+    {
+        let Json(intents): Json<Intents> = row.try_get(4).map_err(decode)?;
+        return record(row, vec![user_id.to_string()], intents).map(Some);
+    }
+    let Some(row) = fetch(conns, person_context_sql(filter), user_id, filter).await? else {
+        return Ok(None);
+    };
+    let Json(intents): Json<Vec<Intents>> = row.try_get(4).map_err(decode)?;
+    let distinct_ids = row.try_get(6).map_err(decode)?;
+    record(&row, distinct_ids, super::combine_intents(intents)).map(Some)
+}
+
+/// The record of a row of [`CONTEXT_SQL`] or [`PERSON_CONTEXT_SQL`] (columns by position, in the
+/// order of their select lists), given its ids and intents.
+fn record(
+    row: &sqlx::postgres::PgRow,
+    distinct_ids: Vec<String>,
+    intents: Intents,
+) -> Result<UserRecord, DbErr> {
+    let decode = |e: sqlx::Error| DbErr::Type(e.to_string());
     let Json(history): Json<Vec<HistoryTuple>> = row.try_get(5).map_err(decode)?;
-    Ok(Some(UserRecord {
+    Ok(UserRecord {
+        distinct_ids,
         first_seen: row.try_get(0).map_err(decode)?,
         last_seen: row.try_get(1).map_err(decode)?,
         event_count: row.try_get(2).map_err(decode)?,
@@ -125,7 +161,43 @@ pub async fn user_record(
                 session_id,
             })
             .collect(),
-    }))
+    })
+}
+
+/// Runs `sql` (fixed text and the numeric limit only; values are bound) for `user_id`.
+async fn fetch(
+    conns: &ReadConnections,
+    sql: String,
+    user_id: &str,
+    filter: &HistoryFilter,
+) -> Result<Option<sqlx::postgres::PgRow>, DbErr> {
+    let sql: std::sync::Arc<str> = sql.into();
+    // Each lost connection is dropped, and a new one's failure is final: at most every kept
+    // connection plus one new one are tried.
+    let mut attempts = conns.max() + 1;
+    loop {
+        attempts -= 1;
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(user_id);
+        if let Some(since) = filter.since {
+            query = query.bind(since);
+        }
+        if let Some(session) = filter.session.as_deref() {
+            query = query.bind(session);
+        }
+        let mut conn = conns.acquire().await.map_err(db_err)?;
+        match query.fetch_optional(&mut *conn).await {
+            Ok(row) => {
+                conn.release();
+                return Ok(row);
+            }
+            // A kept connection the server closed meanwhile (a restart, an idle timeout): the
+            // read is retried on the next one, and at last on a new connection.
+            Err(e) if attempts > 0 && conn.reused() && is_connection_lost(&e) => {
+                tracing::debug!(error = %e, "context read: kept connection lost, retrying");
+            }
+            Err(e) => return Err(db_err(e)),
+        }
+    }
 }
 
 /// Errors that mean the connection is gone, not that the statement failed.

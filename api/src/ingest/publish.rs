@@ -219,9 +219,9 @@ impl Publisher {
         Ok(len)
     }
 
-    /// How many events are still waiting in the stream, in all and for `user` (the worker deletes
-    /// entries once stored, so the stream holds only what is not stored yet).
-    pub async fn pending_for_user(&self, user: &str) -> Result<Pending, PublishError> {
+    /// How many events are still waiting in the stream, in all and for `users` (a person's ids;
+    /// the worker deletes entries once stored, so the stream holds only what is not stored yet).
+    pub async fn pending_for_users(&self, users: &[&str]) -> Result<Pending, PublishError> {
         #[derive(serde::Deserialize)]
         struct Who<'a> {
             #[serde(borrow)]
@@ -259,9 +259,8 @@ impl Publisher {
                 .ids
                 .iter()
                 .filter(|entry| match entry.map.get(FIELD_EVENT) {
-                    Some(redis::Value::BulkString(json)) => {
-                        serde_json::from_slice::<Who>(json).is_ok_and(|w| w.distinct_id == user)
-                    }
+                    Some(redis::Value::BulkString(json)) => serde_json::from_slice::<Who>(json)
+                        .is_ok_and(|w| users.contains(&w.distinct_id.as_ref())),
                     _ => false,
                 })
                 .count() as u64;

@@ -30,6 +30,8 @@ const DEFAULT_LIMIT: u32 = 20;
 const MAX_LIMIT: u32 = 500;
 /// Longest description in the JSON `summary`, in characters.
 const SUMMARY_VALUE_CHARS: usize = 2_000;
+/// Most ids the JSON `distinct_ids` lists.
+const MAX_DISTINCT_IDS: usize = 100;
 
 /// An intent with its score decayed to now.
 #[derive(Object, serde::Serialize)]
@@ -95,10 +97,14 @@ pub struct Freshness {
     pub stream_backlog: Option<u64>,
 }
 
-/// A user's context.
+/// A user's context: the whole person the id belongs to.
 #[derive(Object, serde::Serialize)]
 pub struct UserContext {
     pub user_id: String,
+    /// Every `distinct_id` of the person this context covers (the id asked for among them),
+    /// sorted; at most 100. `$identify`, `$create_alias` and `$merge_dangerously` join ids into
+    /// one person.
+    pub distinct_ids: Vec<String>,
     /// One or two sentences for a prompt: active intents, then recent activity. The descriptions
     /// in it are cleaned of control, invisible and format characters and line breaks (the other
     /// fields hold values as stored).
@@ -117,6 +123,8 @@ pub struct UserContext {
 #[oai(skip_serializing_if_is_none)]
 pub struct Erasure {
     pub user_id: String,
+    /// Every `distinct_id` erased: the one asked for and the other ids of its person, sorted.
+    pub distinct_ids: Vec<String>,
     /// The time of the erasure (the api's clock, which also stamps each event's `received_at`):
     /// the user's events received at or before it are erased, including any still on their way
     /// to the database; later ones are new activity.
@@ -216,7 +224,8 @@ impl ContextApi {
     ///
     /// Summary, intents (decayed to now), recent history, stats and freshness, as JSON or as a
     /// compact block for a system prompt (`format=text`, or `Accept: text/plain` / `text/markdown`).
-    /// Secret key only: ingest keys get 403.
+    /// Any id of a person answers for the whole person (every id `$identify`, `$create_alias` or
+    /// `$merge_dangerously` joined), listed in `distinct_ids`. Secret key only: ingest keys get 403.
     #[allow(clippy::too_many_arguments)]
     #[oai(path = "/:user_id", method = "get")]
     async fn get(
@@ -282,13 +291,21 @@ impl ContextApi {
                 since,
                 session: session.0.clone(),
             };
+            let asked = [user_id.0.as_str()];
             let (record, pending) = tokio::join!(
                 store::user_record(&state.reads, &user_id.0, &filter),
-                state.publisher.pending_for_user(&user_id.0),
+                state.publisher.pending_for_users(&asked),
             );
             let profile = record
                 .map_err(db_error)?
                 .ok_or_else(|| unknown_user(&user_id.0))?;
+            // A person of several ids: their events on the way count too.
+            let pending = if profile.distinct_ids.len() > 1 {
+                let ids: Vec<&str> = profile.distinct_ids.iter().map(String::as_str).collect();
+                state.publisher.pending_for_users(&ids).await
+            } else {
+                pending
+            };
             let history = profile.history;
             let intents = context::score_intents(&profile.intents, now);
 
@@ -297,6 +314,7 @@ impl ContextApi {
                 let body = text::render(
                     &TextContext {
                         user_id: &user_id.0,
+                        distinct_ids: &profile.distinct_ids,
                         summary: &summary,
                         intents: &intents,
                         history: &history,
@@ -319,8 +337,11 @@ impl ContextApi {
             let summary = context::summarize(&intents, &history, now, &|d| {
                 text::clean(d, SUMMARY_VALUE_CHARS)
             });
+            let mut distinct_ids = profile.distinct_ids;
+            distinct_ids.truncate(MAX_DISTINCT_IDS);
             Ok(ContextBody::Json(SerdeJson(UserContext {
                 user_id: user_id.0.clone(),
+                distinct_ids,
                 summary,
                 intents: intents.into_iter().map(intent_view).collect(),
                 recent_history: history.into_iter().map(|h| history_view(h, now)).collect(),
@@ -342,7 +363,8 @@ impl ContextApi {
 
     /// Erase a user
     ///
-    /// Removes the user everywhere this service holds them (privacy requests): stored events,
+    /// Removes the user, with every other id of their person, everywhere this service holds them
+    /// (privacy requests): the person's ids and their stored events,
     /// sessions and profile; their entries in the dead-letter stream; the unmatched-events
     /// report's examples taken from their events. Their events received before the erasure but
     /// not stored yet (still in the stream, retried, or replayed from the dead-letter stream
@@ -373,6 +395,7 @@ impl ContextApi {
             );
             Ok(Json(Erasure {
                 user_id: user_id.0.clone(),
+                distinct_ids: erased.distinct_ids,
                 erased_at: erased.erased_at,
                 events_deleted: erased.events,
                 sessions_deleted: erased.sessions,

@@ -117,6 +117,14 @@ async fn process(
     let duplicates = events.len() - written.stored - written.erased - rejected.len();
     metrics.events_stored.inc_by(written.stored as u64);
     metrics.events_erased.inc_by(written.erased as u64);
+    for (result, n) in written.merges.by_result() {
+        if n > 0 {
+            metrics
+                .person_merges
+                .with_label_values(&[result])
+                .inc_by(n as u64);
+        }
+    }
     metrics.events_duplicate.inc_by(duplicates as u64);
     let mut rejected: HashMap<usize, String> = rejected.into_iter().collect();
     for (i, entry) in good.into_iter().enumerate() {
@@ -236,6 +244,7 @@ async fn store_events(
             Ok(part) => {
                 written.stored += part.stored;
                 written.erased += part.erased;
+                written.merges.add(part.merges);
             }
             Err(error) if range.len() == 1 => rejected.push((range.start, error.to_string())),
             Err(error) => {

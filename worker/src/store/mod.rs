@@ -5,11 +5,12 @@
 //! The insert (a `COPY`) assumes every event is new and fails if one is stored already; the batch
 //! is then written again with `INSERT … ON CONFLICT (uuid) DO NOTHING RETURNING uuid`. Rows are
 //! written in key order (events by uuid, profiles by distinct_id) so concurrent replicas lock in
-//! the same order and do not deadlock. Rows are built in [`rows`], connections opened in
-//! [`pool`].
+//! the same order and do not deadlock. Last, the identity calls of the new events join their ids
+//! into persons ([`persons`]). Rows are built in [`rows`], connections opened in [`pool`].
 
 mod copy;
 mod events;
+mod persons;
 mod pool;
 mod profiles;
 mod rows;
@@ -19,6 +20,7 @@ use sea_orm::{DatabaseConnection, sqlx};
 use infra::postgres::StoreError;
 
 use events::Inserts;
+pub use persons::{Merges, PERSON_LOCK_CLASS, id_lock_key};
 pub use pool::{connect, connect_for_migrations, warm_up};
 pub use profiles::{KNOWN_PROFILES_MAX, KnownProfiles, LOCK_PROFILES, UPDATE_PROFILES};
 pub use rows::{STORED_PROPERTIES, StoredEvent, decode};
@@ -31,6 +33,8 @@ pub struct Written {
     /// Events dropped because their user was erased after they were received (a tombstone in
     /// `erasures`, see [`infra::erasure`]): done, not lost.
     pub erased: usize,
+    /// What the new events' identity calls did.
+    pub merges: Merges,
 }
 
 /// Stores a batch in one transaction. Events already stored (redeliveries) are skipped and not
@@ -73,7 +77,12 @@ async fn write_sorted(
 ) -> Result<Written, StoreError> {
     let started = std::time::Instant::now();
     let mut txn = db.get_postgres_connection_pool().begin().await?;
-    let mut users: Vec<&str> = sorted.iter().map(|e| e.distinct_id.as_str()).collect();
+    // The ids identity calls name are locked and read as the events' own are: an erasure of
+    // one is never undone by a merge naming it.
+    let mut users: Vec<&str> = sorted
+        .iter()
+        .flat_map(|e| std::iter::once(e.distinct_id.as_str()).chain(e.named_ids()))
+        .collect();
     users.sort_unstable();
     users.dedup();
     let tombstones = infra::erasure::lock_shared(&mut txn, &users).await?;
@@ -118,13 +127,45 @@ async fn write_sorted(
         profiles::upsert_profiles(&mut txn, &deltas).await?;
     }
     let profiles_done = started.elapsed();
+    let merges = merge_persons(&mut txn, &new, &tombstones).await?;
     txn.commit().await?;
     known.remember(created);
     tracing::trace!(events = ?events_done, sessions = ?sessions_done, profiles = ?profiles_done, total = ?started.elapsed(), "batch transaction");
     Ok(Written {
         stored: new.len(),
         erased,
+        merges,
     })
+}
+
+/// Applies the identity calls of the newly stored `events`, oldest first; a call naming an id
+/// erased after the call was received is dropped.
+async fn merge_persons(
+    txn: &mut Txn,
+    events: &[&StoredEvent],
+    tombstones: &infra::erasure::Tombstones,
+) -> Result<Merges, StoreError> {
+    let mut merges = Merges::default();
+    let mut calls: Vec<persons::MergeCall> = Vec::new();
+    for e in events {
+        let Some(merge) = &e.merge else { continue };
+        if tombstones.erases(&merge.other, Some(e.received_at)) {
+            tracing::info!(into = %e.distinct_id, "identity call naming an erased id: not merged");
+            merges.erased += 1;
+            continue;
+        }
+        calls.push(persons::MergeCall {
+            into: &e.distinct_id,
+            merge,
+            at: e.timestamp,
+            uuid: e.uuid,
+        });
+    }
+    if calls.is_empty() {
+        return Ok(merges);
+    }
+    calls.sort_by_key(|c| (c.at, c.uuid));
+    persons::apply_merges(txn, &calls, merges).await
 }
 
 /// The transaction a batch is written in.

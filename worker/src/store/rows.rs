@@ -11,17 +11,20 @@ use uuid::Uuid;
 
 use rules_engine::enrich::{Describer, Enrichment, IntentHit, absolute_url_path};
 
-use crate::{profile::PersonUpdate, sanitize};
+use crate::{identity::Merge, profile::PersonUpdate, sanitize};
 
 /// The properties a row is built from (beside those the rules read): page URL and path, session,
-/// elements chain, and the person properties an event sets.
-pub const STORED_PROPERTIES: [&str; 6] = [
+/// elements chain, the person properties an event sets or unsets, and the ids identity calls name.
+pub const STORED_PROPERTIES: [&str; 9] = [
     "$current_url",
     "$pathname",
     "$session_id",
     "elements_chain",
     "$set",
     "$set_once",
+    "$unset",
+    "$anon_distinct_id",
+    "alias",
 ];
 
 /// Decodes a stream entry (its fields by name) for [`StoredEvent::new`]: the envelope with only
@@ -72,6 +75,8 @@ pub struct StoredEvent {
     pub timestamp: DateTime<Utc>,
     pub received_at: DateTime<Utc>,
     pub person: Option<PersonUpdate>,
+    /// The identity call this event makes (`$identify`, `$create_alias`, `$merge_dangerously`).
+    pub merge: Option<Merge>,
 }
 
 impl StoredEvent {
@@ -120,8 +125,17 @@ impl StoredEvent {
                 .set_once
                 .extend(once.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
+        match properties.get("$unset") {
+            Some(Json::Array(keys)) => person
+                .unset
+                .extend(keys.iter().filter_map(Json::as_str).map(sanitize_key)),
+            Some(Json::Object(keys)) => person.unset.extend(keys.keys().map(|k| sanitize_key(k))),
+            _ => {}
+        }
         sanitize::object(&mut person.set);
         sanitize::object(&mut person.set_once);
+        let distinct_id = sanitize::text(envelope.distinct_id);
+        let merge = Merge::of(&envelope.event, &properties, &distinct_id);
 
         let intents = enrichment
             .intents
@@ -138,7 +152,7 @@ impl StoredEvent {
         };
         Self {
             uuid: envelope.uuid,
-            distinct_id: sanitize::text(envelope.distinct_id),
+            distinct_id,
             event: sanitize::text(envelope.event),
             description: (!enrichment.ignored).then(|| sanitize::text(enrichment.description)),
             rule_id: enrichment.rule_id.map(|r| sanitize::text(r.to_string())),
@@ -151,7 +165,13 @@ impl StoredEvent {
             timestamp: envelope.timestamp,
             received_at: envelope.received_at,
             person: (!person.is_empty()).then_some(person),
+            merge,
         }
+    }
+
+    /// The ids this event names beside its own: the one its identity call joins.
+    pub fn named_ids(&self) -> impl Iterator<Item = &str> {
+        self.merge.iter().map(|m| m.other.as_str())
     }
 
     /// The `intents` column: weight per intent name.
@@ -163,6 +183,11 @@ impl StoredEvent {
         }
         Json::Object(map)
     }
+}
+
+/// A person property key as stored: without NUL characters.
+fn sanitize_key(key: &str) -> String {
+    sanitize::text(key.to_string())
 }
 
 #[cfg(test)]
