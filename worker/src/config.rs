@@ -127,8 +127,9 @@ pub struct Config {
         value_parser = checked(number::<usize>, |n| (1..=10_000).contains(n), "must be between 1 and 10000"),
     )]
     pub reenrich_batch_size: usize,
-    /// Pause between two re-enrichment batches, in milliseconds: the throttle that keeps the
-    /// background pass from competing with the stream's events.
+    /// Least pause between two re-enrichment batches, in milliseconds (a pause is also at least
+    /// nine times the batch's own time): the throttle that keeps the background pass from
+    /// competing with the stream's events.
     #[arg(
         long,
         env = "REENRICH_PAUSE_MS",

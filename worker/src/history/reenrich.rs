@@ -28,6 +28,10 @@ use super::{Description, ROW_COLUMNS, StoredRow, compare::Comparison};
 use crate::metrics::WorkerMetrics;
 use crate::profile::add_intent;
 
+/// The most of its time a replica's pass spends in batches: after each, it waits at least
+/// `1 / WORK_SHARE - 1` times as long as the batch took.
+const WORK_SHARE: f64 = 0.1;
+
 /// Keys of events looked at per event described, at most, in one batch: events the live rules
 /// described already are passed over reading the index alone.
 const KEYS_PER_EVENT: usize = 20;
@@ -459,6 +463,7 @@ async fn pass(
         if shutdown.is_cancelled() {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let wait = match step(pool, set, batch).await? {
             // Only events the live rules described already: no work to pace.
             Step::Batch { described: 0, .. } => Duration::from_millis(1),
@@ -475,7 +480,9 @@ async fn pass(
                 metrics.reenriched.inc_by(described as u64);
                 metrics.reenrich_changed.inc_by(changed as u64);
                 metrics.reenrich_active.set(1);
-                pause
+                // At least `pause`, and at least WORK_SHARE's complement of the batch's own time:
+                // the pass slows down by itself when Postgres is busy with the stream's events.
+                pause.max(started.elapsed().mul_f64(1.0 / WORK_SHARE - 1.0))
             }
             Step::Busy => Duration::from_millis(500),
             Step::Finished => {
