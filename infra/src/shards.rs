@@ -32,22 +32,36 @@ pub fn shard_key(queue_name: &str, shard: usize, count: usize) -> String {
     }
 }
 
-/// The shards of one stream.
+/// The shards of one stream: the `count` in use, then every key a shard had under another
+/// `STREAM_SHARDS` (retired: drained by the workers, written no more).
 #[derive(Debug, Clone)]
 pub struct StreamShards {
     queue_name: Arc<str>,
+    /// The shards in use, then the retired ones.
     keys: Arc<[String]>,
+    count: usize,
 }
 
 impl StreamShards {
     /// `count` shards of `queue_name` (at least one).
     pub fn new(queue_name: &str, count: usize) -> Self {
         let count = count.clamp(1, MAX_SHARDS);
+        let in_use = (0..count).map(|i| shard_key(queue_name, i, count));
+        // With one shard the key is `QUEUE_NAME`; with several, `{QUEUE_NAME:i}` whatever the
+        // count: the keys no count in use now has are the unsharded one or those past `count`.
+        let retired: Vec<String> = if count == 1 {
+            (0..MAX_SHARDS)
+                .map(|i| shard_key(queue_name, i, MAX_SHARDS))
+                .collect()
+        } else {
+            std::iter::once(queue_name.to_string())
+                .chain((count..MAX_SHARDS).map(|i| shard_key(queue_name, i, MAX_SHARDS)))
+                .collect()
+        };
         Self {
             queue_name: queue_name.into(),
-            keys: (0..count)
-                .map(|i| shard_key(queue_name, i, count))
-                .collect(),
+            keys: in_use.chain(retired).collect(),
+            count,
         }
     }
 
@@ -56,24 +70,30 @@ impl StreamShards {
         &self.queue_name
     }
 
-    /// How many shards there are.
+    /// How many shards are in use (`STREAM_SHARDS`).
     pub fn count(&self) -> usize {
-        self.keys.len()
+        self.count
     }
 
-    /// Every shard's key, shard 0 first.
+    /// Every shard's key in use, shard 0 first.
     pub fn keys(&self) -> &[String] {
-        &self.keys
+        &self.keys[..self.count]
     }
 
-    /// The key of shard `shard`.
+    /// The key of shard `shard`: one in use (below [`Self::count`]) or a retired one.
     pub fn key(&self, shard: usize) -> &str {
         &self.keys[shard]
     }
 
+    /// The retired shards: the keys of any other `STREAM_SHARDS`, which events may still wait in
+    /// after the count changed.
+    pub fn retired(&self) -> std::ops::Range<usize> {
+        self.count..self.keys.len()
+    }
+
     /// The shard of a user whose [`user_hash`] is `hash`.
     pub fn shard_of_hash(&self, hash: u64) -> usize {
-        (hash % self.keys.len() as u64) as usize
+        (hash % self.count as u64) as usize
     }
 
     /// The shard of `distinct_id`'s events.
@@ -130,6 +150,10 @@ mod tests {
                 "{event_stream:3}"
             ]
         );
+        let retired: Vec<&str> = four.retired().map(|i| four.key(i)).collect();
+        assert_eq!(retired.len(), 1 + MAX_SHARDS - 4);
+        assert_eq!(retired[..2], ["event_stream", "{event_stream:4}"]);
+        assert_eq!(one.key(one.retired().start), "{event_stream:0}");
         for key in ["event_stream", "{event_stream:0}", "{event_stream:17}"] {
             assert!(four.is_shard_key(key), "{key}");
         }

@@ -319,3 +319,51 @@ async fn a_dead_replicas_shards_and_pending_entries_are_taken_over_after_its_lea
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_left_in_the_shards_of_an_earlier_count_are_drained() {
+    let db = TestDb::create().await;
+    let keys = sharded_keys();
+    let redis = redis().await;
+    let journal = Journal::default();
+    // Queued while the stream had one shard (its key QUEUE_NAME), then while it had eight.
+    let unsharded = StreamShards::new(&keys.stream, 1);
+    let eight = StreamShards::new(&keys.stream, 8);
+    for n in 0..3 {
+        publish_round(&redis, &unsharded, 6, n).await;
+    }
+    for n in 3..6 {
+        publish_round(&redis, &eight, 6, n).await;
+    }
+    let a = start(&db, &keys, "a", &journal);
+    let b = start(&db, &keys, "b", &journal);
+    for n in 6..9 {
+        publish_round(&redis, &shards_of(&keys), 6, n).await;
+    }
+    wait_until(WAIT, "every event of every count stored", || async {
+        db.events().await == 54
+    })
+    .await;
+    let mut old_keys = vec![keys.stream.clone()];
+    old_keys.extend(eight.keys()[SHARDS..].iter().cloned());
+    wait_until(WAIT, "the retired shards emptied", || async {
+        for key in &old_keys {
+            if xlen(&redis, key).await != 0 {
+                return false;
+            }
+        }
+        all_shards_empty(&redis, &keys).await
+    })
+    .await;
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    assert_eq!(
+        db.count("SELECT sum(event_count)::bigint FROM user_profiles")
+            .await,
+        54
+    );
+    for (user, (mut ns, _)) in journal.by_user() {
+        ns.sort_unstable();
+        assert_eq!(ns, (0..9).collect::<Vec<_>>(), "{user}: each event once");
+    }
+}

@@ -29,6 +29,7 @@ mod fixtures;
 mod held;
 mod owner;
 mod read;
+mod retired;
 mod retry;
 mod route;
 mod sort;
@@ -188,6 +189,11 @@ async fn consume(
     // shard is read by the one replica holding its lease, which lets go of it after shutdown,
     // once the writers are done (`release`).
     let release = CancellationToken::new();
+    feeders.spawn(retired::drain_retired(
+        ctx.clone(),
+        router.clone(),
+        shutdown.clone(),
+    ));
     let owner = if ctx.streams.shards.count() == 1 {
         feeders.spawn(read::feed_shard(ctx.clone(), router, 0, shutdown.clone()));
         None
