@@ -50,6 +50,9 @@ struct Settings {
     latency_secs: u64,
     batch_sizes: Vec<usize>,
     replicas: Vec<usize>,
+    /// `STREAM_SHARDS` of the drains: the events pre-filled into their users' shards, each
+    /// replica reading the shards it holds.
+    stream_shards: usize,
     redis_url: String,
     admin_url: String,
     worker_bin: PathBuf,
@@ -85,6 +88,7 @@ fn settings() -> Settings {
         latency_secs: env_or("LATENCY_SECS", 15),
         batch_sizes: list_or("BATCH_SIZES", "50,500"),
         replicas: list_or("REPLICAS", "1,2"),
+        stream_shards: env_or("STREAM_SHARDS", 1),
         redis_url: std::env::var("BENCH_REDIS_URL")
             .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
         admin_url: std::env::var("BENCH_ADMIN_URL")
@@ -259,11 +263,11 @@ fn process_cpu_secs(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-/// Starts a worker; `batch_size` `None` leaves its default.
+/// Starts a worker reading `shards` shards of `stream`; `batch_size` `None` leaves its default.
 fn spawn_worker(
     s: &Settings,
     db_url: &str,
-    stream: &str,
+    (stream, shards): (&str, usize),
     name: &str,
     batch_size: Option<usize>,
 ) -> Child {
@@ -275,6 +279,7 @@ fn spawn_worker(
         "FLUSH_INTERVAL",
         "READ_AHEAD_BYTES",
         "MAX_EVENT_BYTES",
+        "SHARD_LEASE_MS",
     ] {
         if let Ok(value) = std::env::var(var) {
             command.env(var, value);
@@ -288,6 +293,7 @@ fn spawn_worker(
         .env("REDIS_URL", &s.redis_url)
         .env("DATABASE_URL", db_url)
         .env("QUEUE_NAME", stream)
+        .env("STREAM_SHARDS", shards.to_string())
         .env("DLQ_NAME", format!("{stream}:dlq"))
         .env("CONSUMER_GROUP", "bench")
         .env("WORKER_NAME", name)
@@ -308,8 +314,18 @@ fn spawn_worker(
         .unwrap_or_else(|e| panic!("start {}: {e}", s.worker_bin.display()))
 }
 
-/// Deletes the stream and every key the workers kept beside it.
+/// Deletes the stream (every shard) and every key the workers kept beside it.
 async fn delete_keys(redis: &mut ConnectionManager, stream: &str) {
+    let shards = infra::shards::StreamShards::new(stream, infra::shards::MAX_SHARDS);
+    let shard_keys: Vec<String> = (0..shards.count())
+        .flat_map(|i| [shards.key(i).to_string(), shards.lease_key(i, "bench")])
+        .chain([shards.replicas_key("bench")])
+        .collect();
+    let _: () = redis::cmd("DEL")
+        .arg(&shard_keys[..])
+        .query_async(redis)
+        .await
+        .unwrap();
     let _: () = redis::cmd("DEL")
         .arg(stream)
         .arg(format!("{stream}:dlq"))
@@ -393,21 +409,44 @@ async fn drain(
 ) -> Drain {
     sql(db, "TRUNCATE events, user_profiles, user_sessions").await;
     let stream = format!("bench:{}:events", Uuid::new_v4().simple());
+    let shards = infra::shards::StreamShards::new(&stream, s.stream_shards);
     let filled = Instant::now();
-    testkit::publish(redis, &stream, events).await;
+    let mut by_shard: Vec<Vec<Envelope>> = vec![Vec::new(); shards.count()];
+    for e in events {
+        by_shard[shards.shard_of(&e.distinct_id)].push(e.clone());
+    }
+    for (shard, events) in by_shard.iter().enumerate() {
+        testkit::publish(redis, shards.key(shard), events).await;
+    }
     println!(
-        "  pre-filled {} entries into {stream} in {:.1}s",
+        "  pre-filled {} entries into {} shard(s) of {stream} in {:.1}s",
         events.len(),
+        shards.count(),
         filled.elapsed().as_secs_f64()
     );
     let started = Instant::now();
     let cpu = Cpu::now();
     let mut children: Vec<Child> = (0..replicas)
-        .map(|i| spawn_worker(s, db_url, &stream, &format!("bench-{i}"), Some(batch_size)))
+        .map(|i| {
+            spawn_worker(
+                s,
+                db_url,
+                (&stream, shards.count()),
+                &format!("bench-{i}"),
+                Some(batch_size),
+            )
+        })
         .collect();
     let pids: Vec<u32> = children.iter().filter_map(|c| c.id()).collect();
     let deadline = Instant::now() + Duration::from_secs(600);
-    while testkit::xlen(redis, &stream).await > 0 {
+    loop {
+        let mut left = 0;
+        for key in shards.keys() {
+            left += testkit::xlen(redis, key).await;
+        }
+        if left == 0 {
+            break;
+        }
         assert!(
             Instant::now() < deadline,
             "drain did not finish within 10 minutes"
@@ -449,7 +488,7 @@ async fn latency(
 ) -> (Vec<f64>, f64, usize) {
     sql(db, "TRUNCATE events, user_profiles, user_sessions").await;
     let stream = format!("bench:{}:events", Uuid::new_v4().simple());
-    let mut child = spawn_worker(s, db_url, &stream, "bench-latency", None);
+    let mut child = spawn_worker(s, db_url, (&stream, 1), "bench-latency", None);
     let pid = child.id().unwrap_or(0);
     // Wait until the worker has joined its group.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -593,7 +632,7 @@ async fn large(
         filled.elapsed().as_secs_f64()
     );
     let started = Instant::now();
-    let mut child = spawn_worker(s, db_url, &stream, "bench-large", None);
+    let mut child = spawn_worker(s, db_url, (&stream, 1), "bench-large", None);
     let pid = child.id().unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(600);
     while testkit::xlen(redis, &stream).await > 0 {
