@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 
 use api::ingest::{parse, publish::xadd_pipeline};
+use infra::shards::StreamShards;
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -49,6 +50,7 @@ fn queue(body: &[u8]) -> Vec<parse::Queued> {
 }
 
 fn bench(c: &mut Criterion) {
+    let shards = StreamShards::new("events", 1);
     let mut group = c.benchmark_group("ingest");
     for (name, body, events) in bodies() {
         group.throughput(Throughput::Elements(events));
@@ -57,21 +59,22 @@ fn bench(c: &mut Criterion) {
         });
         let queued = queue(&body);
         group.bench_function(format!("{name}/pack"), |b| {
-            b.iter(|| xadd_pipeline("events", black_box(&queued), None).get_packed_pipeline())
+            b.iter(|| xadd_pipeline(&shards, black_box(&queued), None).get_packed_pipeline())
         });
         group.bench_function(format!("{name}/normalize+pack"), |b| {
-            b.iter(|| xadd_pipeline("events", &queue(black_box(&body)), None).get_packed_pipeline())
+            b.iter(|| xadd_pipeline(&shards, &queue(black_box(&body)), None).get_packed_pipeline())
         });
     }
     group.finish();
 }
 
 fn allocations() {
+    let shards = StreamShards::new("events", 1);
     for (name, body, events) in bodies() {
         let region = Region::new(GLOBAL);
         let rounds = 200;
         for _ in 0..rounds {
-            black_box(xadd_pipeline("events", &queue(&body), None).get_packed_pipeline());
+            black_box(xadd_pipeline(&shards, &queue(&body), None).get_packed_pipeline());
         }
         let stats = region.change();
         let per_event = |n: usize| n as f64 / (rounds * events) as f64;

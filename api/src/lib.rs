@@ -107,7 +107,7 @@ pub async fn run(
         tokio::spawn(migrate_until_done(state.db.clone(), shutdown.clone()));
     }
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, stream = %state.publisher.stream(), "api listening");
+    tracing::info!(%addr, stream = %state.publisher.shards().queue_name(), shards = state.publisher.shards().count(), "api listening");
     let server = Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?)
         .idle_timeout(Duration::from_secs(60));
     server

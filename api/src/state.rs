@@ -62,7 +62,7 @@ impl AppState {
         let publisher = Publisher::new(
             &config.redis_url,
             config.redis_ca_cert.as_deref(),
-            &config.queue_name,
+            config.shards(),
             config.redis_timeout,
             config.stream_max_backlog,
         )?

@@ -152,6 +152,20 @@ pub struct Shared {
     /// The Redis Stream the api appends accepted events to and the workers consume.
     #[arg(long, env = "QUEUE_NAME", default_value = "event_stream", value_parser = name)]
     pub queue_name: String,
+    /// How many shards the event stream has: a user's events go to shard
+    /// `fnv1a64(distinct_id) mod STREAM_SHARDS`, each shard its own key (`QUEUE_NAME` itself
+    /// when 1, else `{QUEUE_NAME:i}`). Every api and worker must use the same value.
+    #[arg(
+        long,
+        env = "STREAM_SHARDS",
+        default_value_t = 1,
+        value_parser = checked(
+            number::<usize>,
+            |n| (1..=crate::shards::MAX_SHARDS).contains(n),
+            "must be between 1 and 1024",
+        ),
+    )]
+    pub stream_shards: usize,
     /// The dead-letter stream: written by workers, reported by the api's readiness.
     #[arg(long, env = "DLQ_NAME", default_value = "dlq_event_stream", value_parser = name)]
     pub dlq_name: String,
@@ -178,6 +192,11 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The event stream's shards (`QUEUE_NAME`, `STREAM_SHARDS`).
+    pub fn shards(&self) -> crate::shards::StreamShards {
+        crate::shards::StreamShards::new(&self.queue_name, self.stream_shards)
+    }
+
     /// `ENVIRONMENT` is `development`.
     pub fn is_development(&self) -> bool {
         self.environment == "development"
@@ -388,6 +407,7 @@ mod tests {
         assert_eq!(shared.queue_name, "event_stream");
         assert_eq!(shared.dlq_name, "dlq_event_stream");
         assert_eq!(shared.max_event_bytes, DEFAULT_MAX_EVENT_BYTES);
+        assert_eq!(shared.shards().keys(), ["event_stream"]);
         assert!(shared.migrate_on_start && shared.is_development());
         shared.for_service("api");
         assert_eq!(shared.telemetry.service_name, "api");
@@ -396,6 +416,8 @@ mod tests {
             ("QUEUE_NAME", "a b"),
             ("DLQ_NAME", "dead letters"),
             ("MAX_EVENT_BYTES", "100"),
+            ("STREAM_SHARDS", "0"),
+            ("STREAM_SHARDS", "1025"),
             ("MIGRATE_ON_START", "maybe"),
             ("LOG_FORMAT", "pretty"),
         ] {

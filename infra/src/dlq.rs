@@ -8,6 +8,7 @@ use redis::{Value, aio::ConnectionManager};
 use crate::{
     erasure::{self, Tombstones},
     redis::StreamError,
+    shards::StreamShards,
 };
 
 /// Stream the entry came from.
@@ -74,16 +75,37 @@ pub struct ReplayReport {
 pub struct DeadLetters {
     conn: ConnectionManager,
     dlq: String,
-    /// Where replayed entries go when they do not name their source stream.
-    default_target: String,
+    /// Where replayed entries go: the shard of their user.
+    shards: StreamShards,
 }
 
 impl DeadLetters {
-    pub fn new(conn: ConnectionManager, dlq: &str, default_target: &str) -> Self {
+    pub fn new(conn: ConnectionManager, dlq: &str, shards: StreamShards) -> Self {
         Self {
             conn,
             dlq: dlq.to_string(),
-            default_target: default_target.to_string(),
+            shards,
+        }
+    }
+
+    /// Where a replayed letter goes: the shard of its user under today's `STREAM_SHARDS` when it
+    /// came from this stream (any shard, under any count) or names no source; else its source.
+    fn target(&self, letter: &DeadLetter) -> String {
+        let source = letter.field(FIELD_SOURCE);
+        if let Some(source) = source.as_deref()
+            && !self.shards.is_shard_key(source)
+        {
+            return source.to_string();
+        }
+        let user = letter
+            .fields
+            .iter()
+            .find(|(k, _)| k == FIELD_EVENT)
+            .and_then(|(_, event)| entity::Envelope::distinct_id_of(event));
+        match (user, source) {
+            (Some(user), _) => self.shards.key_of(&user).to_string(),
+            (None, Some(source)) => source,
+            (None, None) => self.shards.key(0).to_string(),
         }
     }
 
@@ -105,9 +127,7 @@ impl DeadLetters {
     pub async fn replay(&self, selection: &Selection) -> Result<ReplayReport, StreamError> {
         let mut report = ReplayReport::default();
         for letter in self.select(selection, &mut report.missing).await? {
-            let target = letter
-                .field(FIELD_SOURCE)
-                .unwrap_or_else(|| self.default_target.clone());
+            let target = self.target(&letter);
             let mut pipe = redis::pipe();
             pipe.atomic();
             let xadd = pipe.cmd("XADD").arg(&target).arg("*");

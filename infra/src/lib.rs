@@ -11,5 +11,6 @@ pub mod metrics;
 pub mod postgres;
 pub mod redis;
 pub mod redis_settings;
+pub mod shards;
 pub mod telemetry;
 pub mod unmatched;

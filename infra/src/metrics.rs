@@ -1,7 +1,7 @@
 //! Prometheus helpers both binaries use, and the queue gauges (stream length, consumer-group lag
 //! and pending count, DLQ length) that both report.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -10,6 +10,7 @@ use prometheus::{
 use redis::{Value, aio::ConnectionManager};
 
 use crate::redis::{info_int, info_string, key_values};
+use crate::shards::StreamShards;
 
 /// The application prefix of every series this system exports (`clickstream_http_requests_total`,
 /// `clickstream_stream_length`, …); the process collector's `process_*` series keep their
@@ -125,15 +126,15 @@ impl QueueGauges {
         QueueGauges {
             stream_length: gauge(
                 "clickstream_stream_length",
-                "Entries in the event stream (XLEN), acknowledged ones included until deleted",
+                "Entries in the event stream (XLEN summed over its shards), acknowledged ones included until deleted",
             ),
             group_lag: group_gauge(
                 "clickstream_consumer_group_lag",
-                "Entries of the stream not yet delivered to the consumer group",
+                "Entries of the stream (all shards) not yet delivered to the consumer group",
             ),
             group_pending: group_gauge(
                 "clickstream_consumer_group_pending",
-                "Entries delivered to the consumer group and not yet acknowledged",
+                "Entries (all shards) delivered to the consumer group and not yet acknowledged",
             ),
             dlq_length: gauge(
                 "clickstream_dlq_length",
@@ -159,39 +160,58 @@ impl QueueGauges {
         }
     }
 
-    /// Reads XLEN of both streams and XINFO GROUPS of the event stream. On failure the gauges keep
-    /// their last values and `clickstream_queue_scrape_errors_total` grows.
-    pub async fn refresh(&self, conn: &ConnectionManager, stream: &str, dlq: &str) {
+    /// Reads XLEN of the DLQ and of every shard of the event stream, and their XINFO GROUPS: the
+    /// stream gauges are sums over the shards. On failure the gauges keep their last values and
+    /// `clickstream_queue_scrape_errors_total` grows.
+    pub async fn refresh(&self, conn: &ConnectionManager, shards: &StreamShards, dlq: &str) {
         let read = async {
             let mut pipe = redis::pipe();
-            pipe.cmd("XLEN").arg(stream);
             pipe.cmd("XLEN").arg(dlq);
-            let (len, dlq_len): (i64, i64) = pipe.query_async(&mut conn.clone()).await?;
-            let groups: Value = redis::cmd("XINFO")
-                .arg("GROUPS")
-                .arg(stream)
-                .query_async(&mut conn.clone())
-                .await
-                .unwrap_or(Value::Array(Vec::new()));
-            Ok::<_, redis::RedisError>((len, dlq_len, groups))
+            for key in shards.keys() {
+                pipe.cmd("XLEN").arg(key);
+            }
+            let lens: Vec<i64> = pipe.query_async(&mut conn.clone()).await?;
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for key in shards.keys() {
+                pipe.cmd("XINFO").arg("GROUPS").arg(key);
+            }
+            // A shard not created yet has no groups.
+            let groups: Vec<Value> = pipe
+                .query_async::<Vec<redis::RedisResult<Value>>>(&mut conn.clone())
+                .await?
+                .into_iter()
+                .map(|r| r.unwrap_or(Value::Array(Vec::new())))
+                .collect();
+            Ok::<_, redis::RedisError>((lens, groups))
         };
         match tokio::time::timeout(QUEUE_SCRAPE_TIMEOUT, read).await {
-            Ok(Ok((len, dlq_len, groups))) => {
-                self.stream_length.set(len);
-                self.dlq_length.set(dlq_len);
-                let Value::Array(groups) = groups else { return };
-                for group in groups {
-                    let info = key_values(group);
-                    let Some(name) = info_string(&info, "name") else {
-                        continue;
-                    };
-                    if let Some(pending) = info_int(&info, "pending") {
-                        self.group_pending.with_label_values(&[&name]).set(pending);
+            Ok(Ok((lens, groups))) => {
+                self.dlq_length.set(lens[0]);
+                self.stream_length.set(lens[1..].iter().sum());
+                let mut pending: HashMap<String, i64> = HashMap::new();
+                let mut lag: HashMap<String, i64> = HashMap::new();
+                for shard in groups {
+                    let Value::Array(shard) = shard else { continue };
+                    for group in shard {
+                        let info = key_values(group);
+                        let Some(name) = info_string(&info, "name") else {
+                            continue;
+                        };
+                        if let Some(n) = info_int(&info, "pending") {
+                            *pending.entry(name.clone()).or_default() += n;
+                        }
+                        // `lag` is nil when Redis cannot tell (after XDEL of undelivered entries).
+                        if let Some(n) = info_int(&info, "lag") {
+                            *lag.entry(name).or_default() += n;
+                        }
                     }
-                    // `lag` is nil when Redis cannot tell (after XDEL of undelivered entries).
-                    if let Some(lag) = info_int(&info, "lag") {
-                        self.group_lag.with_label_values(&[&name]).set(lag);
-                    }
+                }
+                for (name, n) in pending {
+                    self.group_pending.with_label_values(&[&name]).set(n);
+                }
+                for (name, n) in lag {
+                    self.group_lag.with_label_values(&[&name]).set(n);
                 }
             }
             Ok(Err(error)) => {

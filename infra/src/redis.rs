@@ -34,6 +34,8 @@ impl StreamError {
 /// One stream entry as read by this consumer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
+    /// The stream shard it was read from (`0` with one shard); ids are unique within one only.
+    pub shard: usize,
     pub id: String,
     /// Field/value pairs; empty when the entry was deleted while pending.
     pub fields: Vec<(String, Vec<u8>)>,
@@ -41,7 +43,15 @@ pub struct Entry {
     pub deliveries: u64,
 }
 
+/// Where an entry is: its shard and its id there.
+pub type EntryId = (usize, String);
+
 impl Entry {
+    /// Its shard and id.
+    pub fn entry_id(&self) -> EntryId {
+        (self.shard, self.id.clone())
+    }
+
     pub fn field(&self, name: &str) -> Option<&[u8]> {
         self.fields
             .iter()
@@ -155,6 +165,7 @@ pub fn parse_entries(value: Value) -> Result<Vec<Entry>, StreamError> {
             }
         }
         entries.push(Entry {
+            shard: 0,
             id: String::from_utf8_lossy(&id).into_owned(),
             fields,
             deliveries: 1,

@@ -18,7 +18,12 @@ pub struct Keys {
     pub dlq: String,
     /// The consumer group workers join on `stream`.
     pub group: String,
+    /// `STREAM_SHARDS` of the services using these keys (1 unless a test sets it).
+    pub shards: usize,
 }
+
+/// Shards of a test's stream whose keys are deleted with it, whatever its `STREAM_SHARDS`.
+const DELETED_SHARDS: usize = 64;
 
 /// Fresh names for a test's stream and dead-letter stream, for a configuration; the [`Keys`]
 /// that [`Keys::adopt`]s them deletes them.
@@ -39,6 +44,7 @@ impl Keys {
             stream,
             dlq,
             group: "enrichers".into(),
+            shards: 1,
         }
     }
 }
@@ -51,6 +57,13 @@ impl Default for Keys {
 
 impl Drop for Keys {
     fn drop(&mut self) {
+        // Every shard key a test may have used (they are only named: no SCAN of the keyspace),
+        // and the keys kept beside each.
+        let shards: Vec<String> = (0..DELETED_SHARDS)
+            .map(|i| infra::shards::shard_key(&self.stream, i, DELETED_SHARDS))
+            .flat_map(|key| [format!("{key}:owner"), key])
+            .chain([format!("{}:owner", self.stream)])
+            .collect();
         // A blocking connection: this may run while an async runtime unwinds.
         let deleted = redis::Client::open(redis_url())
             .and_then(|c| c.get_connection())
@@ -59,6 +72,7 @@ impl Drop for Keys {
                     .arg(&self.stream)
                     .arg(&self.dlq)
                     .arg(&infra::unmatched::report_keys(&self.stream)[..])
+                    .arg(&shards[..])
                     .query::<()>(&mut conn)
             });
         if let Err(e) = deleted {
@@ -129,7 +143,11 @@ pub async fn publish_raw(
 
 /// The dead-letter stream of `keys`, as the operators' commands see it.
 pub fn dead_letters(redis: &ConnectionManager, keys: &Keys) -> infra::dlq::DeadLetters {
-    infra::dlq::DeadLetters::new(redis.clone(), &keys.dlq, &keys.stream)
+    infra::dlq::DeadLetters::new(
+        redis.clone(),
+        &keys.dlq,
+        infra::shards::StreamShards::new(&keys.stream, keys.shards),
+    )
 }
 
 /// Every entry of `stream`, decoded as envelopes.

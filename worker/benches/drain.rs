@@ -55,6 +55,9 @@ struct Settings {
     latency_secs: u64,
     batch_sizes: Vec<usize>,
     replicas: Vec<usize>,
+    /// `STREAM_SHARDS` of the drains: the events pre-filled into their users' shards, each
+    /// replica reading the shards it holds.
+    stream_shards: usize,
     redis_url: String,
     admin_url: String,
     worker_bin: PathBuf,
@@ -90,6 +93,7 @@ fn settings() -> Settings {
         latency_secs: env_or("LATENCY_SECS", 15),
         batch_sizes: list_or("BATCH_SIZES", "50,500"),
         replicas: list_or("REPLICAS", "1,2"),
+        stream_shards: env_or("STREAM_SHARDS", 1),
         redis_url: std::env::var("BENCH_REDIS_URL")
             .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
         admin_url: std::env::var("BENCH_ADMIN_URL")
@@ -264,11 +268,11 @@ fn process_cpu_secs(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-/// Starts a worker; `batch_size` `None` leaves its default.
+/// Starts a worker reading `shards` shards of `stream`; `batch_size` `None` leaves its default.
 fn spawn_worker(
     s: &Settings,
     db_url: &str,
-    stream: &str,
+    (stream, shards): (&str, usize),
     name: &str,
     batch_size: Option<usize>,
     extra: &[(&str, String)],
@@ -284,6 +288,7 @@ fn spawn_worker(
         "MAX_EVENT_BYTES",
         "REENRICH_BATCH_SIZE",
         "REENRICH_PAUSE_MS",
+        "SHARD_LEASE_MS",
     ] {
         if let Ok(value) = std::env::var(var) {
             command.env(var, value);
@@ -297,6 +302,7 @@ fn spawn_worker(
         .env("REDIS_URL", &s.redis_url)
         .env("DATABASE_URL", db_url)
         .env("QUEUE_NAME", stream)
+        .env("STREAM_SHARDS", shards.to_string())
         .env("DLQ_NAME", format!("{stream}:dlq"))
         .env("CONSUMER_GROUP", "bench")
         .env("WORKER_NAME", name)
@@ -317,8 +323,18 @@ fn spawn_worker(
         .unwrap_or_else(|e| panic!("start {}: {e}", s.worker_bin.display()))
 }
 
-/// Deletes the stream and every key the workers kept beside it.
+/// Deletes the stream (every shard) and every key the workers kept beside it.
 async fn delete_keys(redis: &mut ConnectionManager, stream: &str) {
+    let shards = infra::shards::StreamShards::new(stream, infra::shards::MAX_SHARDS);
+    let shard_keys: Vec<String> = (0..shards.count())
+        .flat_map(|i| [shards.key(i).to_string(), shards.lease_key(i, "bench")])
+        .chain([shards.replicas_key("bench")])
+        .collect();
+    let _: () = redis::cmd("DEL")
+        .arg(&shard_keys[..])
+        .query_async(redis)
+        .await
+        .unwrap();
     let _: () = redis::cmd("DEL")
         .arg(stream)
         .arg(format!("{stream}:dlq"))
@@ -439,11 +455,19 @@ async fn drain(
         sql(db, "VACUUM ANALYZE events").await;
     }
     let stream = format!("bench:{}:events", Uuid::new_v4().simple());
+    let shards = infra::shards::StreamShards::new(&stream, s.stream_shards);
     let filled = Instant::now();
-    testkit::publish(redis, &stream, events).await;
+    let mut by_shard: Vec<Vec<Envelope>> = vec![Vec::new(); shards.count()];
+    for e in events {
+        by_shard[shards.shard_of(&e.distinct_id)].push(e.clone());
+    }
+    for (shard, events) in by_shard.iter().enumerate() {
+        testkit::publish(redis, shards.key(shard), events).await;
+    }
     println!(
-        "  pre-filled {} entries into {stream} in {:.1}s",
+        "  pre-filled {} entries into {} shard(s) of {stream} in {:.1}s",
         events.len(),
+        shards.count(),
         filled.elapsed().as_secs_f64()
     );
     let started = Instant::now();
@@ -453,7 +477,7 @@ async fn drain(
             spawn_worker(
                 s,
                 db_url,
-                &stream,
+                (&stream, shards.count()),
                 &format!("bench-{i}"),
                 Some(batch_size),
                 &[("REENRICH_ON_RELOAD", reenrich.to_string())],
@@ -462,7 +486,14 @@ async fn drain(
         .collect();
     let pids: Vec<u32> = children.iter().filter_map(|c| c.id()).collect();
     let deadline = Instant::now() + Duration::from_secs(600);
-    while testkit::xlen(redis, &stream).await > 0 {
+    loop {
+        let mut left = 0;
+        for key in shards.keys() {
+            left += testkit::xlen(redis, key).await;
+        }
+        if left == 0 {
+            break;
+        }
         assert!(
             Instant::now() < deadline,
             "drain did not finish within 10 minutes"
@@ -518,7 +549,7 @@ async fn latency(
 ) -> (Vec<f64>, f64, usize) {
     sql(db, "TRUNCATE events, user_profiles, user_sessions").await;
     let stream = format!("bench:{}:events", Uuid::new_v4().simple());
-    let mut child = spawn_worker(s, db_url, &stream, "bench-latency", None, &[]);
+    let mut child = spawn_worker(s, db_url, (&stream, 1), "bench-latency", None, &[]);
     let pid = child.id().unwrap_or(0);
     // Wait until the worker has joined its group.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -662,7 +693,7 @@ async fn large(
         filled.elapsed().as_secs_f64()
     );
     let started = Instant::now();
-    let mut child = spawn_worker(s, db_url, &stream, "bench-large", None, &[]);
+    let mut child = spawn_worker(s, db_url, (&stream, 1), "bench-large", None, &[]);
     let pid = child.id().unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(600);
     while testkit::xlen(redis, &stream).await > 0 {

@@ -11,6 +11,7 @@
 #   EVENTS=50000 BATCH_SIZES=50 RATE=1000 LATENCY_SECS=10 worker/benches/drain.sh
 #   WRITE_CONCURRENCY=2 worker/benches/drain.sh          # passed to the workers (else their default)
 #   REPLICAS=1 BATCH_SIZES=500 worker/benches/drain.sh    # only the one-worker drain, one batch size
+#   STREAM_SHARDS=8 REPLICAS=1,2,4,8 BATCH_SIZES=500 worker/benches/drain.sh  # the fleet on owned shards
 #   BENCH_WORKER_LOG=worker::store=trace BENCH_WORKER_STDOUT=1 worker/benches/drain.sh  # per-batch timings
 #   WORKER_BIN=/path/to/other/worker worker/benches/drain.sh   # measure another build (e.g. a baseline)
 #   LARGE_ONLY=1 READ_AHEAD_BYTES=33554432 worker/benches/drain.sh   # only the 1 MB events, a 32 MiB budget

@@ -149,7 +149,7 @@ pub async fn dlq(config: &Config, action: &DlqCommand) -> Result<ExitCode, Worke
     let client = infra::redis::client_with_ca(&config.redis_url, config.redis_ca_cert.as_deref())
         .map_err(infra::redis::StreamError::from)?;
     let conn = connection(client, COMMAND_TIMEOUT).map_err(crate::stream::StreamError::from)?;
-    let dlq = DeadLetters::new(conn, &config.dlq_name, &config.queue_name);
+    let dlq = DeadLetters::new(conn, &config.dlq_name, config.shards());
     match action {
         DlqCommand::List { limit } => {
             let total = dlq.count().await?;

@@ -96,6 +96,16 @@ pub struct Config {
         value_parser = checked(infra::config::millis, |d| *d >= Duration::from_millis(10), "must be at least 10"),
     )]
     pub claim_idle: Duration,
+    /// With `STREAM_SHARDS` > 1: how long a replica's lease on a shard lasts unless renewed
+    /// (every third of it). A replica that dies without handing its shards over holds them this
+    /// long; its pending entries are then taken over at once.
+    #[arg(
+        long,
+        env = "SHARD_LEASE_MS",
+        default_value = "10000",
+        value_parser = checked(infra::config::millis, |d| *d >= Duration::from_millis(100), "must be at least 100"),
+    )]
+    pub shard_lease: Duration,
     /// An entry delivered more often than this goes to the DLQ.
     #[arg(
         long,
@@ -243,6 +253,7 @@ mod tests {
         assert_eq!(config.dlq_maxlen, 10_000);
         assert_eq!(config.flush_interval, Duration::from_secs(2));
         assert_eq!(config.claim_idle, Duration::from_secs(30));
+        assert_eq!(config.shard_lease, Duration::from_secs(10));
         assert_eq!(config.max_deliveries, 5);
         assert_eq!(config.write_concurrency, 4);
         assert_eq!(config.database_pool_size, 5);
@@ -264,6 +275,7 @@ mod tests {
             ("FLUSH_INTERVAL", "soon"),
             ("FLUSH_INTERVAL", "0"),
             ("CLAIM_IDLE_MS", "-1"),
+            ("SHARD_LEASE_MS", "50"),
             ("MAX_DELIVERIES", "0"),
             ("WRITE_CONCURRENCY", "0"),
             ("MIGRATE_ON_START", "maybe"),

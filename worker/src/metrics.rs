@@ -35,6 +35,8 @@ pub struct WorkerMetrics {
     pub redeliveries: IntCounter,
     /// Entries taken over from other consumers with XAUTOCLAIM.
     pub claimed: IntCounter,
+    /// Stream shards whose lease this replica holds (`STREAM_SHARDS` > 1).
+    pub owned_shards: IntGauge,
     /// Events described by each rule.
     pub rules_matched: IntCounterVec,
     /// Events no rule described (they get a fallback sentence).
@@ -133,6 +135,14 @@ impl WorkerMetrics {
                 r,
                 "clickstream_worker_redeliveries_total",
                 "Entries delivered more than once (re-read after a restart or claimed)",
+            ),
+            owned_shards: register(
+                r,
+                IntGauge::new(
+                    "clickstream_worker_owned_shards",
+                    "Stream shards this replica holds the lease of and reads (STREAM_SHARDS > 1)",
+                )
+                .expect("valid gauge"),
             ),
             claimed: counter(
                 r,

@@ -78,11 +78,7 @@ pub async fn serve(listener: TcpListener, probe: Probe) {
 async fn metrics(probe: Data<&Probe>) -> Response {
     let m = &probe.metrics;
     m.queue
-        .refresh(
-            &probe.redis,
-            &probe.config.queue_name,
-            &probe.config.dlq_name,
-        )
+        .refresh(&probe.redis, &probe.config.shards(), &probe.config.dlq_name)
         .await;
     let (body, content_type) = infra::metrics::render(&m.registry);
     Response::builder().content_type(content_type).body(body)

@@ -1,25 +1,27 @@
-//! Redis side: the consumer group, reading, claiming, acknowledging and dead-lettering entries.
+//! Redis side: the consumer group on every shard of the stream, reading, claiming,
+//! acknowledging and dead-lettering entries.
 //!
-//! Blocking `XREADGROUP` runs on its own connection whose response timeout exceeds `BLOCK`
-//! (redis-rs defaults to 500 ms); every other command shares a second connection.
+//! Blocking `XREADGROUP` runs on connections of its own (one per shard reader) whose response
+//! timeout exceeds `BLOCK` (redis-rs defaults to 500 ms); every other command shares one.
 
 use std::{collections::HashMap, time::Duration};
 
 use infra::redis::{COMMAND_TIMEOUT, client_with_ca, connection};
-pub use infra::redis::{Entry, StreamError};
+pub use infra::redis::{Entry, EntryId, StreamError};
 use infra::redis::{bytes, info_int, info_string, key_values, parse_entries};
-use redis::{RedisError, Value, aio::ConnectionManager};
+use infra::shards::StreamShards;
+use redis::{Client, RedisError, Value, aio::ConnectionManager};
 
 use crate::config::Config;
 
-/// The group's view of one stream for one consumer.
+/// The group's view of the stream's shards for one consumer.
 #[derive(Clone)]
 pub struct Streams {
-    /// Blocking reads only.
-    reader: ConnectionManager,
-    /// Everything else.
+    /// Makes the blocking readers' connections.
+    client: Client,
+    /// Everything but blocking reads.
     commands: ConnectionManager,
-    pub stream: String,
+    pub shards: StreamShards,
     pub group: String,
     pub consumer: String,
     pub dlq: String,
@@ -34,9 +36,9 @@ impl Streams {
         let client = client_with_ca(&config.redis_url, config.redis_ca_cert.as_deref())?;
         let block = config.flush_interval;
         Ok(Self {
-            reader: connection(client.clone(), block + COMMAND_TIMEOUT)?,
-            commands: connection(client, COMMAND_TIMEOUT)?,
-            stream: config.queue_name.clone(),
+            commands: connection(client.clone(), COMMAND_TIMEOUT)?,
+            client,
+            shards: config.shards(),
             group: config.consumer_group.clone(),
             consumer: config.worker_name.clone(),
             dlq: config.dlq_name.clone(),
@@ -45,12 +47,28 @@ impl Streams {
         })
     }
 
-    /// Creates the consumer group (and the stream) if missing, starting from the stream's beginning
-    /// so that events queued before the first worker started are not skipped.
+    /// A connection for one reader's blocking reads (its response timeout exceeds `BLOCK`).
+    pub fn reader(&self) -> Result<ConnectionManager, StreamError> {
+        Ok(connection(
+            self.client.clone(),
+            self.block + COMMAND_TIMEOUT,
+        )?)
+    }
+
+    /// Creates the consumer group (and the stream) on every shard where missing, starting from the
+    /// stream's beginning so that events queued before the first worker started are not skipped.
     pub async fn ensure_group(&self) -> Result<(), StreamError> {
+        for shard in 0..self.shards.count() {
+            self.ensure_group_on(shard).await?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::ensure_group`] on one shard.
+    pub async fn ensure_group_on(&self, shard: usize) -> Result<(), StreamError> {
         let result: Result<(), RedisError> = redis::cmd("XGROUP")
             .arg("CREATE")
-            .arg(&self.stream)
+            .arg(self.shards.key(shard))
             .arg(&self.group)
             .arg("0")
             .arg("MKSTREAM")
@@ -62,9 +80,16 @@ impl Streams {
         }
     }
 
-    /// Reads up to `count` entries. `after = None` reads new entries (`>`), waiting at most
-    /// `FLUSH_INTERVAL`; `Some(id)` re-reads this consumer's own pending entries after `id`.
-    pub async fn read(&self, after: Option<&str>, count: usize) -> Result<Vec<Entry>, StreamError> {
+    /// Reads up to `count` entries of `shard` on `reader` (a [`Self::reader`] connection).
+    /// `after = None` reads new entries (`>`), waiting at most `FLUSH_INTERVAL`; `Some(id)`
+    /// re-reads this consumer's own pending entries after `id`.
+    pub async fn read(
+        &self,
+        reader: &ConnectionManager,
+        shard: usize,
+        after: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<Entry>, StreamError> {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.group)
@@ -75,28 +100,31 @@ impl Streams {
             cmd.arg("BLOCK").arg(self.block.as_millis().max(1) as u64);
         }
         cmd.arg("STREAMS")
-            .arg(&self.stream)
+            .arg(self.shards.key(shard))
             .arg(after.unwrap_or(">"));
-        let reply: Value = cmd.query_async(&mut self.reader.clone()).await?;
+        let reply: Value = cmd.query_async(&mut reader.clone()).await?;
         let mut entries = parse_read_reply(reply)?;
+        entries.iter_mut().for_each(|e| e.shard = shard);
         if after.is_some() {
-            self.fill_deliveries(&mut entries).await?;
+            self.fill_deliveries(shard, &mut entries).await?;
         } else {
             entries.iter_mut().for_each(|e| e.deliveries = 1);
         }
         Ok(entries)
     }
 
-    /// Takes over entries idle longer than `min_idle` from any consumer (`XAUTOCLAIM`), one page
-    /// from `cursor`. Returns the entries and the next cursor (`0-0` when the sweep is done).
+    /// Takes over entries of `shard` idle longer than `min_idle` from any consumer
+    /// (`XAUTOCLAIM`), one page from `cursor`. Returns the entries and the next cursor (`0-0`
+    /// when the sweep is done).
     pub async fn claim(
         &self,
+        shard: usize,
         min_idle: Duration,
         cursor: &str,
         count: usize,
     ) -> Result<(Vec<Entry>, String), StreamError> {
         let reply: Value = redis::cmd("XAUTOCLAIM")
-            .arg(&self.stream)
+            .arg(self.shards.key(shard))
             .arg(&self.group)
             .arg(&self.consumer)
             .arg(min_idle.as_millis() as u64)
@@ -119,17 +147,64 @@ impl Streams {
         let next = bytes(items.swap_remove(0)).map(|b| String::from_utf8_lossy(&b).into_owned());
         let next = next.ok_or_else(|| bad(&claimed))?;
         let mut entries = parse_entries(claimed)?;
-        self.fill_deliveries(&mut entries).await?;
+        entries.iter_mut().for_each(|e| e.shard = shard);
+        self.fill_deliveries(shard, &mut entries).await?;
         Ok((entries, next))
     }
 
+    /// Makes every entry pending in `shard` this consumer's (`XAUTOCLAIM` idle 0, `JUSTID`: not
+    /// counted as a delivery), for a replica that just took the shard's lease: the previous
+    /// owner's, if it died or left some unacknowledged. Its reader re-reads them first.
+    /// Returns how many moved.
+    pub async fn take_pending(&self, shard: usize) -> Result<usize, StreamError> {
+        let mut cursor = "0-0".to_string();
+        let mut moved = 0;
+        loop {
+            let reply: Value = redis::cmd("XAUTOCLAIM")
+                .arg(self.shards.key(shard))
+                .arg(&self.group)
+                .arg(&self.consumer)
+                .arg(0)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(1000)
+                .arg("JUSTID")
+                .query_async(&mut self.commands.clone())
+                .await?;
+            let bad = |reply: &Value| StreamError::Reply {
+                command: "XAUTOCLAIM",
+                reply: format!("{reply:?}"),
+            };
+            let Value::Array(mut items) = reply else {
+                return Err(bad(&reply));
+            };
+            if items.len() < 2 {
+                return Err(bad(&Value::Array(items)));
+            }
+            if let Value::Array(ids) = items.swap_remove(1) {
+                moved += ids.len();
+            }
+            let next = bytes(items.swap_remove(0))
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .ok_or_else(|| bad(&Value::Nil))?;
+            if next == "0-0" {
+                return Ok(moved);
+            }
+            cursor = next;
+        }
+    }
+
     /// Sets delivery counts from the pending list (`XPENDING`).
-    async fn fill_deliveries(&self, entries: &mut [Entry]) -> Result<(), StreamError> {
+    async fn fill_deliveries(
+        &self,
+        shard: usize,
+        entries: &mut [Entry],
+    ) -> Result<(), StreamError> {
         let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
             return Ok(());
         };
         let reply: Value = redis::cmd("XPENDING")
-            .arg(&self.stream)
+            .arg(self.shards.key(shard))
             .arg(&self.group)
             .arg(&first.id)
             .arg(&last.id)
@@ -157,37 +232,40 @@ impl Streams {
 
     /// Resets the idle time of entries this consumer still holds (`XCLAIM … JUSTID`, which does not
     /// count as a delivery), so other replicas do not take over work that is merely slow.
-    pub async fn keep_alive(&self, ids: &[String]) -> Result<(), StreamError> {
-        for chunk in ids.chunks(1000) {
-            let _: Value = redis::cmd("XCLAIM")
-                .arg(&self.stream)
-                .arg(&self.group)
-                .arg(&self.consumer)
-                .arg(0)
-                .arg(chunk)
-                .arg("JUSTID")
-                .query_async(&mut self.commands.clone())
-                .await?;
+    pub async fn keep_alive(&self, ids: &[EntryId]) -> Result<(), StreamError> {
+        for (shard, ids) in by_shard(ids) {
+            for chunk in ids.chunks(1000) {
+                let _: Value = redis::cmd("XCLAIM")
+                    .arg(self.shards.key(shard))
+                    .arg(&self.group)
+                    .arg(&self.consumer)
+                    .arg(0)
+                    .arg(chunk)
+                    .arg("JUSTID")
+                    .query_async(&mut self.commands.clone())
+                    .await?;
+            }
         }
         Ok(())
     }
 
-    /// Acknowledges entries and deletes them from the stream (retention without MAXLEN).
-    pub async fn ack(&self, ids: &[String]) -> Result<(), StreamError> {
-        if ids.is_empty() {
-            return Ok(());
+    /// Acknowledges entries and deletes them from their shard (retention without MAXLEN): one
+    /// MULTI/EXEC per shard.
+    pub async fn ack(&self, ids: &[EntryId]) -> Result<(), StreamError> {
+        for (shard, ids) in by_shard(ids) {
+            let key = self.shards.key(shard);
+            let _: Value = redis::pipe()
+                .atomic()
+                .cmd("XACK")
+                .arg(key)
+                .arg(&self.group)
+                .arg(&ids)
+                .cmd("XDEL")
+                .arg(key)
+                .arg(&ids)
+                .query_async(&mut self.commands.clone())
+                .await?;
         }
-        let _: Value = redis::pipe()
-            .atomic()
-            .cmd("XACK")
-            .arg(&self.stream)
-            .arg(&self.group)
-            .arg(ids)
-            .cmd("XDEL")
-            .arg(&self.stream)
-            .arg(ids)
-            .query_async(&mut self.commands.clone())
-            .await?;
         Ok(())
     }
 
@@ -206,7 +284,7 @@ impl Streams {
                 cmd.arg(field).arg(value);
             }
             cmd.arg(infra::dlq::FIELD_SOURCE)
-                .arg(&self.stream)
+                .arg(self.shards.key(entry.shard))
                 .arg(infra::dlq::FIELD_ENTRY_ID)
                 .arg(&entry.id)
                 .arg(infra::dlq::FIELD_ERROR)
@@ -229,15 +307,16 @@ impl Streams {
         Ok(trimmed)
     }
 
-    /// Deletes other consumers idle longer than `min_idle` that own no pending entries
-    /// (replicas that are gone). Returns their names.
+    /// Deletes other consumers of `shard` idle longer than `min_idle` that own no pending
+    /// entries (replicas that are gone). Returns their names.
     pub async fn remove_idle_consumers(
         &self,
+        shard: usize,
         min_idle: Duration,
     ) -> Result<Vec<String>, StreamError> {
         let reply: Value = redis::cmd("XINFO")
             .arg("CONSUMERS")
-            .arg(&self.stream)
+            .arg(self.shards.key(shard))
             .arg(&self.group)
             .query_async(&mut self.commands.clone())
             .await?;
@@ -259,7 +338,7 @@ impl Streams {
             }
             let had: i64 = redis::cmd("XGROUP")
                 .arg("DELCONSUMER")
-                .arg(&self.stream)
+                .arg(self.shards.key(shard))
                 .arg(&self.group)
                 .arg(&name)
                 .query_async(&mut self.commands.clone())
@@ -276,6 +355,15 @@ impl Streams {
     pub fn commands(&self) -> ConnectionManager {
         self.commands.clone()
     }
+}
+
+/// `ids` grouped by shard, in shard order, each shard's in the order given.
+fn by_shard(ids: &[EntryId]) -> Vec<(usize, Vec<&str>)> {
+    let mut shards: std::collections::BTreeMap<usize, Vec<&str>> = Default::default();
+    for (shard, id) in ids {
+        shards.entry(*shard).or_default().push(id);
+    }
+    shards.into_iter().collect()
 }
 
 /// Parses an `XREADGROUP` reply (RESP2 array or RESP3 map of streams).

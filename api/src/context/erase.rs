@@ -58,7 +58,7 @@ pub async fn erase(
     let dead_letters = DeadLetters::new(
         state.publisher.connection(),
         &state.config.dlq_name,
-        &state.config.queue_name,
+        state.publisher.shards().clone(),
     );
     let redis = async {
         let dead_letters = dead_letters

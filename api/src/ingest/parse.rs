@@ -34,6 +34,8 @@ pub struct Queued {
     pub uuid: Uuid,
     /// The envelope's JSON, as stored in the entry's `event` field.
     pub json: String,
+    /// [`infra::shards::user_hash`] of its `distinct_id`: which stream shard it goes to.
+    pub user_hash: u64,
 }
 
 impl From<&Envelope> for Queued {
@@ -41,6 +43,7 @@ impl From<&Envelope> for Queued {
         Self {
             uuid: env.uuid,
             json: env.to_json(),
+            user_hash: infra::shards::user_hash(&env.distinct_id),
         }
     }
 }
@@ -461,6 +464,7 @@ fn event(
     Some(Queued {
         uuid,
         json: out.to_json(),
+        user_hash: infra::shards::user_hash(&distinct_id),
     })
 }
 

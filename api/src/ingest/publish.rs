@@ -14,6 +14,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use infra::shards::StreamShards;
+
 use super::parse::Queued;
 use crate::http::error::ApiError;
 
@@ -73,10 +75,11 @@ impl From<PublishError> for ApiError {
     }
 }
 
-/// The commands that append `events` to `stream`: one XADD each, inside MULTI/EXEC when there
-/// are several so that a request is queued whole or not at all.
+/// The commands that append `events` to their shards of `shards`: one XADD each, inside
+/// MULTI/EXEC when there are several so that a request is queued whole or not at all (one Redis
+/// runs a transaction over several keys; see [`Publisher::publish`] for a cluster).
 pub fn xadd_pipeline(
-    stream: &str,
+    shards: &StreamShards,
     events: &[Queued],
     traceparent: Option<&str>,
 ) -> redis::Pipeline {
@@ -86,7 +89,7 @@ pub fn xadd_pipeline(
     }
     let fixed = [
         "XADD",
-        stream,
+        "",
         "*",
         FIELD_VERSION,
         ENVELOPE_VERSION,
@@ -96,9 +99,14 @@ pub fn xadd_pipeline(
     let trace = traceparent.map(|t| [FIELD_TRACEPARENT, t]);
     let trace_len: usize = trace.iter().flatten().map(|a| a.len()).sum();
     for event in events {
+        let stream = shards.key(shards.shard_of_hash(event.user_hash));
         // Sized once, not grown arg by arg: packing is on every request's path.
-        let mut cmd = redis::Cmd::with_capacity(9, fixed_len + event.json.len() + trace_len);
-        cmd.arg(&fixed[..]).arg(&event.json);
+        let mut cmd =
+            redis::Cmd::with_capacity(9, fixed_len + stream.len() + event.json.len() + trace_len);
+        cmd.arg("XADD")
+            .arg(stream)
+            .arg(&fixed[2..])
+            .arg(&event.json);
         if let Some(trace) = &trace {
             cmd.arg(&trace[..]);
         }
@@ -107,11 +115,11 @@ pub fn xadd_pipeline(
     pipe
 }
 
-/// Writes envelopes to `QUEUE_NAME`.
+/// Writes envelopes to the shards of `QUEUE_NAME`.
 #[derive(Clone)]
 pub struct Publisher {
     conn: ConnectionManager,
-    stream: Arc<str>,
+    shards: StreamShards,
     timeout: Duration,
     max_backlog: u64,
     backlog: Arc<AtomicU64>,
@@ -123,7 +131,7 @@ impl Publisher {
     pub fn new(
         redis_url: &str,
         redis_ca_cert: Option<&std::path::Path>,
-        stream: &str,
+        shards: StreamShards,
         timeout: Duration,
         max_backlog: u64,
     ) -> Result<Self, PublishError> {
@@ -139,7 +147,7 @@ impl Publisher {
         let conn = ConnectionManager::new_lazy_with_config(client, config)?;
         Ok(Self {
             conn,
-            stream: stream.into(),
+            shards,
             timeout,
             max_backlog,
             backlog: Arc::new(AtomicU64::new(UNKNOWN)),
@@ -158,9 +166,9 @@ impl Publisher {
         self.conn.clone()
     }
 
-    /// The stream key events go to.
-    pub fn stream(&self) -> &str {
-        &self.stream
+    /// The stream's shards events go to.
+    pub fn shards(&self) -> &StreamShards {
+        &self.shards
     }
 
     /// Appends a request's events in one round trip (MULTI/EXEC when there are several, so a
@@ -180,14 +188,14 @@ impl Publisher {
             tracing::info_span!(
                 "redis.xadd",
                 otel.kind = "producer",
-                stream = %self.stream,
+                stream = %self.shards.queue_name(),
                 entries = events.len()
             )
         } else {
             tracing::Span::none()
         };
         let traceparent = telemetry::traceparent(&span);
-        let pipe = xadd_pipeline(&self.stream, events, traceparent.as_deref());
+        let pipe = xadd_pipeline(&self.shards, events, traceparent.as_deref());
         let mut conn = self.conn.clone();
         let started = std::time::Instant::now();
         // The entry ids are not needed: `()` skips turning each into a `String`.
@@ -207,20 +215,18 @@ impl Publisher {
         Ok(())
     }
 
-    /// Length of the stream, straight from Redis.
+    /// Length of the stream (every shard's summed), straight from Redis.
     pub async fn stream_len(&self) -> Result<u64, PublishError> {
         let mut conn = self.conn.clone();
-        let len: u64 = tokio::time::timeout(
-            self.timeout,
-            redis::cmd("XLEN").arg(&*self.stream).query_async(&mut conn),
-        )
-        .await
-        .map_err(|_| PublishError::Timeout(self.timeout))??;
-        Ok(len)
+        let lens = tokio::time::timeout(self.timeout, shard_lengths(&self.shards, &mut conn))
+            .await
+            .map_err(|_| PublishError::Timeout(self.timeout))??;
+        Ok(lens.iter().sum())
     }
 
     /// How many events are still waiting in the stream, in all and for `users` (a person's ids;
     /// the worker deletes entries once stored, so the stream holds only what is not stored yet).
+    /// Only the users' shards are scanned.
     pub async fn pending_for_users(&self, users: &[&str]) -> Result<Pending, PublishError> {
         #[derive(serde::Deserialize)]
         struct Who<'a> {
@@ -236,34 +242,39 @@ impl Publisher {
             });
         }
         let mut conn = self.conn.clone();
+        let mut shards: Vec<usize> = users.iter().map(|u| self.shards.shard_of(u)).collect();
+        shards.sort_unstable();
+        shards.dedup();
         let work = async {
-            let backlog: u64 = redis::cmd("XLEN")
-                .arg(&*self.stream)
-                .query_async(&mut conn)
-                .await?;
-            if backlog == 0 || backlog > PENDING_SCAN_LIMIT {
+            let lens = shard_lengths(&self.shards, &mut conn).await?;
+            let backlog = lens.iter().sum();
+            let waiting: u64 = shards.iter().map(|&s| lens[s]).sum();
+            if waiting == 0 || shards.iter().any(|&s| lens[s] > PENDING_SCAN_LIMIT) {
                 return Ok(Pending {
                     backlog,
-                    for_user: (backlog == 0).then_some(0),
+                    for_user: (waiting == 0).then_some(0),
                 });
             }
-            let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-                .arg(&*self.stream)
-                .arg("-")
-                .arg("+")
-                .arg("COUNT")
-                .arg(PENDING_SCAN_LIMIT)
-                .query_async(&mut conn)
-                .await?;
-            let for_user = reply
-                .ids
-                .iter()
-                .filter(|entry| match entry.map.get(FIELD_EVENT) {
-                    Some(redis::Value::BulkString(json)) => serde_json::from_slice::<Who>(json)
-                        .is_ok_and(|w| users.contains(&w.distinct_id.as_ref())),
-                    _ => false,
-                })
-                .count() as u64;
+            let mut for_user = 0;
+            for &shard in shards.iter().filter(|&&s| lens[s] > 0) {
+                let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                    .arg(self.shards.key(shard))
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(PENDING_SCAN_LIMIT)
+                    .query_async(&mut conn)
+                    .await?;
+                for_user += reply
+                    .ids
+                    .iter()
+                    .filter(|entry| match entry.map.get(FIELD_EVENT) {
+                        Some(redis::Value::BulkString(json)) => serde_json::from_slice::<Who>(json)
+                            .is_ok_and(|w| users.contains(&w.distinct_id.as_ref())),
+                        _ => false,
+                    })
+                    .count() as u64;
+            }
             Ok::<_, redis::RedisError>(Pending {
                 backlog,
                 for_user: Some(for_user),
@@ -295,4 +306,23 @@ impl Publisher {
             }
         })
     }
+}
+
+/// XLEN of every shard, in shard order, in one round trip.
+async fn shard_lengths(
+    shards: &StreamShards,
+    conn: &mut ConnectionManager,
+) -> Result<Vec<u64>, redis::RedisError> {
+    if shards.count() == 1 {
+        let len: u64 = redis::cmd("XLEN")
+            .arg(shards.key(0))
+            .query_async(conn)
+            .await?;
+        return Ok(vec![len]);
+    }
+    let mut pipe = redis::pipe();
+    for key in shards.keys() {
+        pipe.cmd("XLEN").arg(key);
+    }
+    pipe.query_async(conn).await
 }

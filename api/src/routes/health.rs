@@ -84,7 +84,7 @@ impl HealthApi {
             .queue
             .refresh(
                 &state.publisher.connection(),
-                &state.config.queue_name,
+                state.publisher.shards(),
                 &state.config.dlq_name,
             )
             .await;

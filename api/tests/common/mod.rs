@@ -38,7 +38,9 @@ pub fn worker_config(api: &Config, database_url: &str, group: &str) -> worker::C
         .redis_ca_cert
         .as_ref()
         .map(|path| path.display().to_string());
+    let shards = api.stream_shards.to_string();
     let mut vars = vec![
+        ("STREAM_SHARDS", shards.as_str()),
         ("REDIS_URL", api.redis_url.as_str()),
         ("DATABASE_URL", database_url),
         ("QUEUE_NAME", api.queue_name.as_str()),

@@ -18,6 +18,7 @@ pub(super) fn entry(i: usize, event: Option<String>) -> Entry {
         None => Vec::new(),
     };
     Entry {
+        shard: 0,
         id: format!("{i}-0"),
         fields,
         deliveries: 1,

@@ -7,14 +7,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::stream::Entry;
+use crate::stream::{Entry, EntryId};
 
-/// Entry ids this replica holds (read or claimed, not yet acknowledged), with since when.
+/// Entries this replica holds (read or claimed, not yet acknowledged), with since when.
 #[derive(Default)]
-pub(super) struct Held(Mutex<HashMap<String, Instant>>);
+pub(super) struct Held(Mutex<HashMap<EntryId, Instant>>);
 
 impl Held {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<EntryId, Instant>> {
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -30,7 +30,7 @@ impl Held {
         let mut held = self.lock();
         entries
             .into_iter()
-            .filter(|e| match held.entry(e.id.clone()) {
+            .filter(|e| match held.entry(e.entry_id()) {
                 hash_map::Entry::Vacant(slot) => {
                     slot.insert(now);
                     true
@@ -40,14 +40,19 @@ impl Held {
             .collect()
     }
 
-    pub(super) fn release(&self, ids: &[String]) {
+    pub(super) fn release(&self, ids: &[EntryId]) {
         let mut held = self.lock();
         for id in ids {
             held.remove(id);
         }
     }
 
-    pub(super) fn older_than(&self, age: Duration) -> Vec<String> {
+    /// How many entries of `shard` are held.
+    pub(super) fn count_in(&self, shard: usize) -> usize {
+        self.lock().keys().filter(|(s, _)| *s == shard).count()
+    }
+
+    pub(super) fn older_than(&self, age: Duration) -> Vec<EntryId> {
         let now = Instant::now();
         self.lock()
             .iter()
@@ -72,7 +77,7 @@ mod tests {
             ids(&held.hold_new(vec![entry(2, None), entry(3, None)])),
             [3]
         );
-        held.release(&["2-0".to_string()]);
+        held.release(&[(0, "2-0".to_string())]);
         assert_eq!(ids(&held.hold_new(vec![entry(2, None)])), [2]);
     }
 }

@@ -16,6 +16,9 @@
 //! the reader and claimer stop, the writers store what was read, and anything still
 //! unacknowledged at `SHUTDOWN_TIMEOUT` stays pending for other replicas.
 //!
+//! With `STREAM_SHARDS` > 1 a replica reads only the shards whose lease it holds ([`owner`]), one
+//! reader and claimer each, and lets go of them after its writers are done on shutdown.
+//!
 //! [`read`]: the reader, claimer and keep-alive; [`held`]: the entries in flight; [`route`]:
 //! entries to writers' queues; [`sort`]: decoding, enriching, sorting out poison; [`write`]: the
 //! writers; [`retry`]: the backoff every retried step waits out.
@@ -24,7 +27,9 @@ mod budget;
 #[cfg(test)]
 mod fixtures;
 mod held;
+mod owner;
 mod read;
+mod retired;
 mod retry;
 mod route;
 mod sort;
@@ -152,6 +157,7 @@ async fn consume(
     }
     tracing::info!(
         stream = %config.queue_name,
+        shards = config.stream_shards,
         group = %config.consumer_group,
         consumer = %config.worker_name,
         batch_size = config.batch_size,
@@ -188,21 +194,27 @@ async fn consume(
     let hard_stop = CancellationToken::new();
 
     let mut feeders = JoinSet::new();
-    // The claimer starts once this consumer's own pending entries have been re-read: a claim
-    // can make them this consumer's, and reading them then counted a delivery of its own.
-    let own_pending_read = CancellationToken::new();
-    feeders.spawn(read::read_loop(
+    // Each shard's claimer starts once this consumer's own pending entries there have been
+    // re-read: a claim can make them this consumer's, and reading them then counted a delivery
+    // of its own.
+    // With one shard every replica reads it (the group shares it out); with several, each
+    // shard is read by the one replica holding its lease, which lets go of it after shutdown,
+    // once the writers are done (`release`).
+    let release = CancellationToken::new();
+    feeders.spawn(retired::drain_retired(
         ctx.clone(),
         router.clone(),
-        own_pending_read.clone(),
         shutdown.clone(),
     ));
-    feeders.spawn(read::claim_loop(
-        ctx.clone(),
-        router,
-        own_pending_read,
-        shutdown.clone(),
-    ));
+    let owner = if ctx.streams.shards.count() == 1 {
+        feeders.spawn(read::feed_shard(ctx.clone(), router, 0, shutdown.clone()));
+        None
+    } else {
+        // Aborted with this task (a replica's tasks end with it, as a process's would).
+        Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+            owner::own_shards(ctx.clone(), router, shutdown.clone(), release.clone()),
+        )))
+    };
     let keep_alive = tokio::spawn(read::keep_alive_loop(ctx.clone(), hard_stop.clone()));
     let mut writers = JoinSet::new();
     for queue in queues {
@@ -239,6 +251,7 @@ async fn consume(
         if let Some(reenrich) = &reenrich {
             reenrich.abort();
         }
+        release.cancel();
         return Err(WorkerError::Stopped(format!(
             "writer ended before shutdown: {result:?}"
         )));
@@ -258,6 +271,10 @@ async fn consume(
     hard_stop.cancel();
     feeders.abort_all();
     while feeders.join_next().await.is_some() {}
+    release.cancel();
+    if let Some(owner) = owner {
+        let _ = owner.await;
+    }
     let _ = keep_alive.await;
     if let Some(reenrich) = reenrich {
         let _ = reenrich.await;

@@ -1,6 +1,6 @@
-//! The feeders: the reader (this consumer's own pending entries after a restart, then new ones)
-//! and the claimer (entries idle too long at any consumer), each reading within the read-ahead
-//! budget; and the keep-alive of the entries this replica holds.
+//! The feeders of one shard: the reader (this consumer's own pending entries after a restart,
+//! then new ones) and the claimer (entries idle too long at any consumer), each reading within
+//! the read-ahead budget; and the keep-alive of the entries this replica holds (every shard's).
 
 use std::{sync::Arc, time::Duration};
 
@@ -14,15 +14,43 @@ use super::{
 };
 use crate::stream::Entry;
 
-/// Re-reads this consumer's own pending entries (a restart), then cancels `own_pending_read`
-/// (as it does when it ends) and reads new ones.
-pub(super) async fn read_loop(
+/// The reader and the claimer of `shard` until `stop`.
+pub(super) async fn feed_shard(
     ctx: Arc<Context>,
     router: Router,
+    shard: usize,
+    stop: CancellationToken,
+) {
+    let own_pending_read = CancellationToken::new();
+    tokio::join!(
+        read_loop(
+            ctx.clone(),
+            router.clone(),
+            shard,
+            own_pending_read.clone(),
+            stop.clone()
+        ),
+        claim_loop(ctx, router, shard, own_pending_read, stop),
+    );
+}
+
+/// Re-reads this consumer's own pending entries of `shard` (a restart), then cancels
+/// `own_pending_read` (as it does when it ends) and reads new ones.
+async fn read_loop(
+    ctx: Arc<Context>,
+    router: Router,
+    shard: usize,
     own_pending_read: CancellationToken,
     shutdown: CancellationToken,
 ) {
     let _own_pending_read = own_pending_read.clone().drop_guard();
+    let reader = match ctx.streams.reader() {
+        Ok(reader) => reader,
+        Err(error) => {
+            tracing::error!(%error, shard, "no connection to read the stream with");
+            return;
+        }
+    };
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut history = Some("0".to_string());
     let mut size = ReadSize::new(ctx.config.batch_size, ctx.config.max_event_bytes);
@@ -30,14 +58,22 @@ pub(super) async fn read_loop(
         let Some(room) = room_for(&router, size.next(), &shutdown, "reading").await else {
             break;
         };
-        match ctx.streams.read(history.as_deref(), room.count()).await {
+        match ctx
+            .streams
+            .read(&reader, shard, history.as_deref(), room.count())
+            .await
+        {
             Ok(entries) => {
                 backoff.reset();
                 size.read(&entries);
                 if let Some(after) = history.as_mut() {
                     match entries.last() {
                         Some(last) => {
-                            tracing::info!(count = entries.len(), "re-reading own pending entries");
+                            tracing::info!(
+                                count = entries.len(),
+                                shard,
+                                "re-reading own pending entries"
+                            );
                             after.clone_from(&last.id);
                         }
                         None => {
@@ -59,9 +95,9 @@ pub(super) async fn read_loop(
             Err(error) => {
                 drop(room);
                 let delay = backoff.next_delay();
-                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "reading the stream failed; retrying");
+                tracing::warn!(%error, shard, retry_in_ms = delay.as_millis() as u64, "reading the stream failed; retrying");
                 if error.is_no_group()
-                    && let Err(error) = ctx.streams.ensure_group().await
+                    && let Err(error) = ctx.streams.ensure_group_on(shard).await
                 {
                     tracing::warn!(%error, "could not recreate the consumer group");
                 }
@@ -73,12 +109,13 @@ pub(super) async fn read_loop(
     }
 }
 
-/// Every `CLAIM_INTERVAL`, from when `own_pending_read`: takes over entries idle longer than
-/// `CLAIM_IDLE_MS` (a crashed or stuck replica's), then removes consumers that are gone and own
-/// nothing.
-pub(super) async fn claim_loop(
+/// Every `CLAIM_INTERVAL`, from when `own_pending_read`: takes over entries of `shard` idle
+/// longer than `CLAIM_IDLE_MS` (a crashed or stuck replica's), then removes consumers that are
+/// gone and own nothing.
+async fn claim_loop(
     ctx: Arc<Context>,
     router: Router,
+    shard: usize,
     own_pending_read: CancellationToken,
     shutdown: CancellationToken,
 ) {
@@ -102,7 +139,7 @@ pub(super) async fn claim_loop(
             };
             match ctx
                 .streams
-                .claim(ctx.config.claim_idle, &cursor, room.count())
+                .claim(shard, ctx.config.claim_idle, &cursor, room.count())
                 .await
             {
                 Ok((entries, next)) => {
@@ -112,6 +149,7 @@ pub(super) async fn claim_loop(
                     if !entries.is_empty() {
                         tracing::info!(
                             count = entries.len(),
+                            shard,
                             "claimed idle entries of other consumers"
                         );
                         ctx.metrics.claimed.inc_by(entries.len() as u64);
@@ -131,7 +169,11 @@ pub(super) async fn claim_loop(
                 }
             }
         }
-        match ctx.streams.remove_idle_consumers(consumer_idle).await {
+        match ctx
+            .streams
+            .remove_idle_consumers(shard, consumer_idle)
+            .await
+        {
             Ok(removed) if !removed.is_empty() => {
                 tracing::info!(?removed, "removed idle consumers that own nothing")
             }

@@ -8,7 +8,7 @@ use rules_engine::enrich::Describer;
 use super::Context;
 use crate::{
     store::{self, StoredEvent},
-    stream::Entry,
+    stream::{Entry, EntryId},
 };
 
 /// Entries decoded and enriched between two yields to the other tasks.
@@ -29,7 +29,7 @@ impl Poison {
 /// A batch's entries, sorted.
 pub(super) struct Sorted {
     /// Ids to acknowledge as they are: pending entries no longer in the stream.
-    pub(super) ack: Vec<String>,
+    pub(super) ack: Vec<EntryId>,
     /// Entries for the dead-letter stream, and why.
     pub(super) poison: Vec<(Entry, Poison)>,
     /// Entries to store, with their rows.
@@ -42,7 +42,7 @@ pub(super) struct Sorted {
 pub(super) async fn sort(ctx: &Context, batch: Vec<Entry>, describer: &dyn Describer) -> Sorted {
     let entries = batch.len();
     let metrics = &ctx.metrics;
-    let mut ack: Vec<String> = Vec::with_capacity(entries);
+    let mut ack: Vec<EntryId> = Vec::with_capacity(entries);
     let mut poison: Vec<(Entry, Poison)> = Vec::new();
     let mut good: Vec<(Entry, StoredEvent)> = Vec::with_capacity(entries);
     for (i, entry) in batch.into_iter().enumerate() {
@@ -53,7 +53,7 @@ pub(super) async fn sort(ctx: &Context, batch: Vec<Entry>, describer: &dyn Descr
         }
         if entry.fields.is_empty() {
             tracing::warn!(id = %entry.id, "pending entry no longer in the stream: acknowledging it");
-            ack.push(entry.id);
+            ack.push(entry.entry_id());
             continue;
         }
         if entry.deliveries > 1 {

@@ -23,7 +23,7 @@ use super::{
 use crate::{
     config::Config,
     store::{self, StoredEvent, Written},
-    stream::Entry,
+    stream::{Entry, EntryId},
 };
 
 /// The writer was told to give up (shutdown grace period over): its entries stay pending.
@@ -42,7 +42,7 @@ pub(super) async fn write_loop(ctx: Arc<Context>, mut queue: Queue, hard_stop: C
             _ = hard_stop.cancelled() => None,
         };
         let Some(batch) = batch else { return };
-        let ids: Vec<String> = batch.iter().map(|e| e.id.clone()).collect();
+        let ids: Vec<EntryId> = batch.iter().map(Entry::entry_id).collect();
         let bytes = batch.iter().map(Entry::bytes).sum();
         let span = batch_span(&batch);
         if process(&ctx, batch, &hard_stop)
@@ -136,7 +136,7 @@ async fn process(
                     format!("rejected by Postgres: {error}"),
                 ),
             )),
-            None => ack.push(entry.id),
+            None => ack.push(entry.entry_id()),
         }
     }
 
@@ -163,7 +163,7 @@ async fn process(
                 "dead-letter stream full (DLQ_MAXLEN): its oldest entries removed"
             );
         }
-        ack.extend(poison.into_iter().map(|(e, _)| e.id));
+        ack.extend(poison.into_iter().map(|(e, _)| e.entry_id()));
     }
     retrying(hard_stop, "acknowledge entries", || ctx.streams.ack(&ack)).await?;
     tracing::debug!(

@@ -1,0 +1,187 @@
+//! A sharded stream (`STREAM_SHARDS` > 1): each user's events in their own shard, in order; the
+//! backlog, freshness and queue metrics summed over the shards; a worker storing every shard;
+//! dead letters replayed to their user's shard.
+
+mod common;
+
+use std::time::Duration;
+
+use api::ingest::publish::Publisher;
+use common::{RequestExt, SECRET, TestApp, WAIT, test_config, wait_until};
+use infra::shards::StreamShards;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const SHARDS: usize = 4;
+
+fn sharded_config() -> api::Config {
+    let mut config = test_config();
+    config.stream_shards = SHARDS;
+    config
+}
+
+fn shards_of(app: &TestApp) -> StreamShards {
+    StreamShards::new(&app.config.queue_name, SHARDS)
+}
+
+/// Five events each of eight users, interleaved in one request: `(user, n)` in property `n`.
+fn interleaved_batch() -> Value {
+    let batch: Vec<Value> = (0..5)
+        .flat_map(|n| {
+            (0..8).map(move |u| {
+                json!({"event": "step", "distinct_id": format!("user-{u}"), "properties": {"n": n}})
+            })
+        })
+        .collect();
+    json!(batch)
+}
+
+#[tokio::test]
+async fn a_users_events_go_to_their_shard_in_order_and_a_worker_stores_every_shard() {
+    let (app, db) = TestApp::spawn_with_db(sharded_config()).await;
+    let shards = shards_of(&app);
+    let resp = app
+        .post("/batch")
+        .key(SECRET)
+        .json(&interleaved_batch())
+        .answer()
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    let redis = common::redis().await;
+    assert_eq!(
+        common::xlen(&redis, &app.config.queue_name).await,
+        0,
+        "with several shards the unsharded key is not written"
+    );
+    let mut used = 0;
+    for key in shards.keys() {
+        let envelopes = common::envelopes(&redis, key).await;
+        used += usize::from(!envelopes.is_empty());
+        let mut last: std::collections::HashMap<String, i64> = Default::default();
+        for e in &envelopes {
+            assert_eq!(
+                shards.key_of(&e.distinct_id),
+                key,
+                "{} in {key}",
+                e.distinct_id
+            );
+            let n = e.properties["n"].as_i64().unwrap();
+            let previous = last.insert(e.distinct_id.clone(), n);
+            assert_eq!(
+                previous.map_or(0, |p| p + 1),
+                n,
+                "{}'s order",
+                e.distinct_id
+            );
+        }
+    }
+    assert!(used > 1, "eight users spread over more than one shard");
+
+    let metrics = app.metrics().await;
+    assert_eq!(metrics.value("clickstream_stream_length"), 40.0);
+
+    let worker = app.start_worker(&db, "sharded");
+    wait_until(WAIT, "every event of every shard stored", || async {
+        db.events().await == 40
+    })
+    .await;
+    wait_until(WAIT, "every shard acknowledged and emptied", || async {
+        let mut left = 0;
+        for key in shards.keys() {
+            left += common::xlen(&redis, key).await;
+        }
+        left == 0
+    })
+    .await;
+    let (status, body) = app.context("user-3").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["stats"]["event_count"], 5, "{body}");
+    assert_eq!(body["freshness"]["pending_events"], 0, "{body}");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn the_backlog_bound_and_freshness_count_every_shard() {
+    let mut config = sharded_config();
+    config.stream_max_backlog = 5;
+    let app = TestApp::spawn_with(config).await;
+    let shards = shards_of(&app);
+    let redis = common::redis().await;
+    // Three entries in each of two shards: no shard is over the bound, their sum is.
+    for key in &shards.keys()[..2] {
+        for _ in 0..3 {
+            common::publish_raw(&redis, key, &[("v", "1"), ("event", "{}")]).await;
+        }
+    }
+    let event = json!({"event": "a", "distinct_id": "u"});
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let resp = loop {
+        let resp = app.post("/capture").key(SECRET).json(&event).answer().await;
+        if resp.status() != StatusCode::OK || tokio::time::Instant::now() > deadline {
+            break resp;
+        }
+    };
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "backlog_full", "{body}");
+
+    // A user's waiting events are counted in their shard alone; the backlog is every shard's.
+    let publisher = Publisher::new(
+        &app.config.redis_url,
+        None,
+        shards.clone(),
+        Duration::from_secs(2),
+        1_000,
+    )
+    .unwrap();
+    let mine = (0..)
+        .map(|i| format!("u{i}"))
+        .find(|u| shards.shard_of(u) == 2)
+        .unwrap();
+    let envelope = common::envelope(&mine, "e", json!({}));
+    common::publish(&redis, shards.key(2), &[envelope.clone(), envelope]).await;
+    let mut total = 0;
+    for key in shards.keys() {
+        total += common::xlen(&redis, key).await as u64;
+    }
+    assert!(
+        total >= 8,
+        "six filler entries, the captures accepted, two of {mine}"
+    );
+    let pending = publisher.pending_for_users(&[mine.as_str()]).await.unwrap();
+    assert_eq!(pending.backlog, total);
+    assert_eq!(pending.for_user, Some(2));
+}
+
+#[tokio::test]
+async fn dead_letters_are_replayed_to_their_users_shard() {
+    let app = TestApp::spawn_with(sharded_config()).await;
+    let shards = shards_of(&app);
+    let redis = common::redis().await;
+    let mut keys = common::Keys::adopt(app.keys.stream.clone(), app.keys.dlq.clone());
+    keys.shards = SHARDS;
+    let envelope = common::envelope("replayed-user", "e", json!({}));
+    let json = envelope.to_json();
+    // Dead-lettered while the stream had one shard (its source the unsharded key).
+    common::publish_raw(
+        &redis,
+        &app.keys.dlq,
+        &[
+            ("v", "1"),
+            ("event", json.as_str()),
+            ("dlq_source", app.config.queue_name.as_str()),
+            ("dlq_entry_id", "1-0"),
+        ],
+    )
+    .await;
+    let report = common::dead_letters(&redis, &keys)
+        .replay(&infra::dlq::Selection::All)
+        .await
+        .unwrap();
+    assert_eq!(report.replayed.len(), 1);
+    assert_eq!(report.replayed[0].1, shards.key_of("replayed-user"));
+    let there = common::envelopes(&redis, shards.key_of("replayed-user")).await;
+    assert_eq!(there.len(), 1);
+    assert_eq!(there[0].uuid, envelope.uuid);
+}
