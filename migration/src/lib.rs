@@ -7,6 +7,7 @@ use sea_orm_migration::sea_orm::{DatabaseConnection, DbBackend, Statement, Trans
 mod m20261128_000001_events_and_profiles;
 mod m20261210_000001_erasures;
 mod m20261211_000001_ignored_events;
+mod m20261213_000001_intent_index;
 
 /// Advisory lock key held while migrating (`pg_advisory_xact_lock`), so that replicas starting
 /// together apply each migration once. Arbitrary but fixed: "ctxmigr" in ASCII.
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000001_events_and_profiles::Migration),
             Box::new(m20261210_000001_erasures::Migration),
             Box::new(m20261211_000001_ignored_events::Migration),
+            Box::new(m20261213_000001_intent_index::Migration),
         ]
     }
 }

@@ -391,7 +391,11 @@ async fn drain(
     replicas: usize,
     batch_size: usize,
 ) -> Drain {
-    sql(db, "TRUNCATE events, user_profiles, user_sessions").await;
+    sql(
+        db,
+        "TRUNCATE events, user_profiles, user_sessions, user_intents",
+    )
+    .await;
     let stream = format!("bench:{}:events", Uuid::new_v4().simple());
     let filled = Instant::now();
     testkit::publish(redis, &stream, events).await;
@@ -447,7 +451,11 @@ async fn latency(
     db_url: &str,
     redis: &mut ConnectionManager,
 ) -> (Vec<f64>, f64, usize) {
-    sql(db, "TRUNCATE events, user_profiles, user_sessions").await;
+    sql(
+        db,
+        "TRUNCATE events, user_profiles, user_sessions, user_intents",
+    )
+    .await;
     let stream = format!("bench:{}:events", Uuid::new_v4().simple());
     let mut child = spawn_worker(s, db_url, &stream, "bench-latency", None);
     let pid = child.id().unwrap_or(0);
@@ -575,7 +583,11 @@ async fn large(
     db_url: &str,
     redis: &mut ConnectionManager,
 ) -> LargeDrain {
-    sql(db, "TRUNCATE events, user_profiles, user_sessions").await;
+    sql(
+        db,
+        "TRUNCATE events, user_profiles, user_sessions, user_intents",
+    )
+    .await;
     let stream = format!("bench:{}:events", Uuid::new_v4().simple());
     let filled = Instant::now();
     let mut bytes = 0;
@@ -610,7 +622,11 @@ async fn large(
     assert_eq!(stored as usize, s.large_events, "every event stored once");
     let counted = scalar(db, "SELECT sum(event_count)::bigint FROM user_profiles").await;
     assert_eq!(counted as usize, s.large_events, "every event counted once");
-    sql(db, "TRUNCATE events, user_profiles, user_sessions").await;
+    sql(
+        db,
+        "TRUNCATE events, user_profiles, user_sessions, user_intents",
+    )
+    .await;
     delete_keys(redis, &stream).await;
     LargeDrain {
         secs,
