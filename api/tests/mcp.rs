@@ -341,9 +341,14 @@ async fn only_the_secret_key_reaches_the_mcp_server() {
     let none = post().answer().await;
     assert_eq!(none.status(), StatusCode::UNAUTHORIZED);
     assert!(none.headers().contains_key("www-authenticate"));
-    assert_eq!(
-        none.json::<Value>().await.unwrap()["type"],
-        "authentication_error"
+    let body: Value = none.json().await.unwrap();
+    assert_eq!(body["type"], "authentication_error");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Authorization: Bearer"),
+        "{body}"
     );
     for resp in [
         post().key(INGEST_KEY).answer().await,

@@ -28,9 +28,13 @@ impl<E: Endpoint> Endpoint for RequireSecretKey<E> {
     type Output = Response;
 
     async fn call(&self, req: Request) -> poem::Result<Response> {
-        if let Err(err) = self.state.keys.authorize(presented_key(&req), Access::Read) {
+        if let Err(mut err) = self.state.keys.authorize(presented_key(&req), Access::Read) {
+            let missing = err.status.as_u16() == 401;
+            if missing {
+                err.body.detail = "API key missing: send the secret key (API_SECRET_KEY) as `Authorization: Bearer <key>` or in the X-API-Key header".into();
+            }
             let mut resp = err.as_response();
-            if err.status.as_u16() == 401 {
+            if missing {
                 resp.headers_mut().insert(
                     header::WWW_AUTHENTICATE,
                     header::HeaderValue::from_static("Bearer realm=\"mcp\""),
