@@ -87,6 +87,19 @@ pub struct Config {
     /// Longest a Redis command may take (milliseconds) before the request answers 503.
     #[arg(long, env = "REDIS_TIMEOUT_MS", default_value = "2000", value_parser = millis)]
     pub redis_timeout: Duration,
+    /// Directory of the rule files `explain_event` (MCP) reads, read-only and reloaded when they
+    /// change: the same files the workers enrich with.
+    #[arg(long, env = "RULES_DIR", default_value = "rules")]
+    pub rules_dir: std::path::PathBuf,
+    /// Comma-separated `Host` values `/mcp` answers (names, or `name:port`); `*` takes any host.
+    /// Refusing other hosts stops DNS-rebinding pages from reaching a local server.
+    #[arg(
+        long,
+        env = "MCP_ALLOWED_HOSTS",
+        default_value = "localhost,127.0.0.1,::1",
+        value_parser = list,
+    )]
+    pub mcp_allowed_hosts: std::vec::Vec<String>,
     /// `API_SECRET_KEY` was unset and the development key taken.
     #[arg(skip)]
     development_key_taken: bool,

@@ -2,13 +2,14 @@
 //! path, documented with OpenAPI at `/docs`.
 //!
 //! [`ingest`] turns requests into envelopes on the stream, [`context`] reads a user's context
-//! back from Postgres, [`routes`] holds the thin handlers of both, and [`http`] the plumbing
-//! every route shares.
+//! back from Postgres, [`routes`] holds the thin handlers of both, [`mcp`] serves the context as
+//! MCP tools, and [`http`] the plumbing every route shares.
 
 pub mod config;
 pub mod context;
 pub mod http;
 pub mod ingest;
+pub mod mcp;
 pub mod routes;
 pub mod state;
 
@@ -64,6 +65,7 @@ pub fn app(state: AppState) -> impl Endpoint<Output = Response> {
         Route::new()
             .nest("/docs", docs)
             .at("/openapi.json", spec)
+            .at(mcp::MCP_PATH, mcp::endpoint(&state))
             .nest("/", api)
             .data(state.clone())
             .map_to_response(),

@@ -30,6 +30,13 @@ enum Command {
     /// Exit 0 when this api's `GET /health` on `API_BIND` answers 200, 1 otherwise, with a
     /// one-line reason: the container health check, without curl.
     Healthcheck,
+    /// Serve the MCP tools (the same as `/mcp`) to one local client over stdin/stdout, for
+    /// desktop MCP clients that start the server themselves. Logs go to stderr.
+    Mcp {
+        /// Speak MCP on stdin/stdout (the only transport of this command; `/mcp` is HTTP).
+        #[arg(long, required = true)]
+        stdio: bool,
+    },
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -43,10 +50,14 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             .build()?;
         return Ok(runtime.block_on(infra::health::healthcheck(api::config::bind(&vars))));
     }
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(serve(cli, vars))?;
+        .build()?;
+    if let Some(Command::Mcp { .. }) = cli.command {
+        runtime.block_on(mcp_stdio(vars))?;
+    } else {
+        runtime.block_on(serve(cli, vars))?;
+    }
     Ok(std::process::ExitCode::SUCCESS)
 }
 
@@ -68,6 +79,14 @@ async fn serve(cli: Cli, vars: Vars) -> anyhow::Result<()> {
         }
         None => api::run(config, listener, shutdown).await,
     }
+}
+
+async fn mcp_stdio(vars: Vars) -> anyhow::Result<()> {
+    let config = Config::from_vars(&vars).unwrap_or_else(|e| e.exit());
+    let _telemetry = telemetry::init(&config.telemetry)?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(shutdown_on_signal(shutdown.clone()));
+    api::mcp::stdio::run(config, shutdown).await
 }
 
 async fn shutdown_on_signal(token: CancellationToken) {

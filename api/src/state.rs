@@ -36,6 +36,8 @@ pub struct Inner {
     pub inflight: InFlight,
     /// The shared report of events no rule describes (written by the workers).
     pub unmatched: infra::unmatched::UnmatchedReport,
+    /// The rules of `RULES_DIR`, read by MCP's `explain_event`.
+    pub rules: crate::mcp::rules::LiveRules,
 }
 
 impl std::ops::Deref for AppState {
@@ -92,7 +94,9 @@ impl AppState {
             .sqlx_logging(false);
         infra::postgres::no_delay_on_connect(&mut opts);
         let db = Database::connect(opts).await?;
+        let rules = crate::mcp::rules::LiveRules::load(config.rules_dir.clone(), shutdown.clone());
         Ok(Self(Arc::new(Inner {
+            rules,
             keys: Keys::new(&config.api_secret_key, &config.ingest_api_keys),
             inflight: InFlight::new(config.ingest_max_inflight_bytes),
             config,

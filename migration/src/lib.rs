@@ -8,6 +8,7 @@ mod m20261128_000001_events_and_profiles;
 mod m20261210_000001_erasures;
 mod m20261211_000001_ignored_events;
 mod m20261212_000001_persons;
+mod m20261213_000001_intent_index;
 mod m20261214_000001_rule_history;
 
 /// Advisory lock key held while migrating (`pg_advisory_xact_lock`), so that replicas starting
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261210_000001_erasures::Migration),
             Box::new(m20261211_000001_ignored_events::Migration),
             Box::new(m20261212_000001_persons::Migration),
+            Box::new(m20261213_000001_intent_index::Migration),
             Box::new(m20261214_000001_rule_history::Migration),
         ]
     }

@@ -117,13 +117,26 @@ pub fn explain(dir: &Path, source: &Path) -> ExitCode {
 }
 
 fn print_explanation(set: &RuleSet, input: &EventInput<'_>) {
-    let name = input.event;
-    let ex = set.explain(input);
     println!();
-    println!("event: {name}");
-    print_enrichment(&ex.enrichment);
+    for line in explanation_lines(set, input, &|s| s.to_owned()) {
+        println!("{line}");
+    }
+}
+
+/// What `rules explain` says about one event, line by line: its description, the rule that
+/// matched, its intents, then every rule for its event name and why it did or did not match.
+/// `show` renders text taken from the event (descriptions, what a condition found): the CLI
+/// prints it as is, the api quotes it.
+pub fn explanation_lines(
+    set: &RuleSet,
+    input: &EventInput<'_>,
+    show: &dyn Fn(&str) -> String,
+) -> Vec<String> {
+    let ex = set.explain(input);
+    let mut lines = vec![format!("event: {}", show(input.event))];
+    enrichment_lines(&ex.enrichment, show, &mut lines);
     let mut other_event = 0;
-    println!("rules, in order (tier, priority, file, position):");
+    lines.push("rules, in order (tier, priority, file, position):".to_owned());
     for step in &ex.steps {
         let (mark, why) = match &step.outcome {
             StepOutcome::Described => ("✓", "describes the event".to_owned()),
@@ -140,33 +153,36 @@ fn print_explanation(set: &RuleSet, input: &EventInput<'_>) {
                 other_event += 1;
                 continue;
             }
-            StepOutcome::NoMatch(r) => ("✗", r.clone()),
+            StepOutcome::NoMatch(r) => ("✗", show(r)),
         };
-        println!(
+        lines.push(format!(
             "  {mark} {} ({} tier, priority {}, {}): {why}",
             step.rule_id, step.tier, step.priority, step.location
-        );
+        ));
     }
     if other_event > 0 {
-        println!("  ({other_event} rules for other event names not shown)");
+        lines.push(format!(
+            "  ({other_event} rules for other event names not shown)"
+        ));
     }
+    lines
 }
 
-fn print_enrichment(e: &Enrichment) {
+fn enrichment_lines(e: &Enrichment, show: &dyn Fn(&str) -> String, lines: &mut Vec<String>) {
     if e.ignored {
-        println!("description: none (ignored: stored, left out of the context)");
+        lines.push("description: none (ignored: stored, left out of the context)".to_owned());
     } else {
-        println!("description: {}", e.description);
+        lines.push(format!("description: {}", show(&e.description)));
     }
     match &e.rule_id {
-        Some(id) => println!("rule: {id}"),
-        None => println!("rule: none matched (fallback sentence)"),
+        Some(id) => lines.push(format!("rule: {id}")),
+        None => lines.push("rule: none matched (fallback sentence)".to_owned()),
     }
     for i in &e.intents {
-        println!(
+        lines.push(format!(
             "intent: {} +{} ({}; half-life {}s)",
             i.name, i.weight, i.summary, i.half_life_secs
-        );
+        ));
     }
 }
 

@@ -438,7 +438,7 @@ async fn drain(
     } = run;
     sql(
         db,
-        "TRUNCATE events, user_profiles, user_sessions, rules_reenrich",
+        "TRUNCATE events, user_profiles, user_sessions, rules_reenrich, user_intents",
     )
     .await;
     if history > 0 {
@@ -547,7 +547,11 @@ async fn latency(
     db_url: &str,
     redis: &mut ConnectionManager,
 ) -> (Vec<f64>, f64, usize) {
-    sql(db, "TRUNCATE events, user_profiles, user_sessions").await;
+    sql(
+        db,
+        "TRUNCATE events, user_profiles, user_sessions, user_intents",
+    )
+    .await;
     let stream = format!("bench:{}:events", Uuid::new_v4().simple());
     let mut child = spawn_worker(s, db_url, (&stream, 1), "bench-latency", None, &[]);
     let pid = child.id().unwrap_or(0);
@@ -675,7 +679,11 @@ async fn large(
     db_url: &str,
     redis: &mut ConnectionManager,
 ) -> LargeDrain {
-    sql(db, "TRUNCATE events, user_profiles, user_sessions").await;
+    sql(
+        db,
+        "TRUNCATE events, user_profiles, user_sessions, user_intents",
+    )
+    .await;
     let stream = format!("bench:{}:events", Uuid::new_v4().simple());
     let filled = Instant::now();
     let mut bytes = 0;
@@ -710,7 +718,11 @@ async fn large(
     assert_eq!(stored as usize, s.large_events, "every event stored once");
     let counted = scalar(db, "SELECT sum(event_count)::bigint FROM user_profiles").await;
     assert_eq!(counted as usize, s.large_events, "every event counted once");
-    sql(db, "TRUNCATE events, user_profiles, user_sessions").await;
+    sql(
+        db,
+        "TRUNCATE events, user_profiles, user_sessions, user_intents",
+    )
+    .await;
     delete_keys(redis, &stream).await;
     LargeDrain {
         secs,

@@ -83,9 +83,32 @@ fn keda_watches_the_stream_and_group_the_workers_consume() {
 }
 
 #[test]
-fn rules_are_mounted_as_a_directory_where_workers_read_them() {
-    let worker = &k8s("worker.yaml")[0];
-    let c = container(worker);
+fn rules_are_mounted_as_a_directory_where_workers_and_the_api_read_them() {
+    for file in ["worker.yaml", "api.yaml"] {
+        rules_mounted_as_a_directory(&k8s(file)[0]);
+    }
+    let compose = &documents(&deploy().join("docker-compose.yml"))[0];
+    let dockerfile = std::fs::read_to_string(deploy().join("Dockerfile")).unwrap();
+    let image_rules_dir = dockerfile
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("RULES_DIR="))
+        .expect("the image sets RULES_DIR");
+    for service in ["worker", "api"] {
+        let volumes = compose["services"][service]["volumes"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("compose mounts the rules in {service}"));
+        assert!(
+            volumes
+                .iter()
+                .any(|v| str_of(v).starts_with(&format!("../rules:{image_rules_dir}"))),
+            "compose mounts ../rules where the image's {service} reads rules"
+        );
+    }
+}
+
+/// `deployment` mounts the `rules` ConfigMap, whole, at its container's `RULES_DIR`.
+fn rules_mounted_as_a_directory(deployment: &Value) {
+    let c = container(deployment);
     let rules_dir = str_of(&env_value(c, "RULES_DIR").unwrap()["value"]);
     let mount = c["volumeMounts"]
         .as_sequence()
@@ -97,29 +120,13 @@ fn rules_are_mounted_as_a_directory_where_workers_read_them() {
         mount.get("subPath").is_none(),
         "subPath mounts never receive ConfigMap updates"
     );
-    let volume = worker["spec"]["template"]["spec"]["volumes"]
+    let volume = deployment["spec"]["template"]["spec"]["volumes"]
         .as_sequence()
         .unwrap()
         .iter()
         .find(|v| v["name"] == mount["name"])
         .unwrap();
     assert_eq!(volume["configMap"]["name"], "rules");
-
-    let compose = &documents(&deploy().join("docker-compose.yml"))[0];
-    let volumes = compose["services"]["worker"]["volumes"]
-        .as_sequence()
-        .unwrap();
-    let dockerfile = std::fs::read_to_string(deploy().join("Dockerfile")).unwrap();
-    let image_rules_dir = dockerfile
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("RULES_DIR="))
-        .expect("the image sets RULES_DIR");
-    assert!(
-        volumes
-            .iter()
-            .any(|v| str_of(v).starts_with(&format!("../rules:{image_rules_dir}"))),
-        "compose mounts ../rules where the image's workers read rules"
-    );
 }
 
 #[test]

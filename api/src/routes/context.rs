@@ -291,72 +291,16 @@ impl ContextApi {
                 since,
                 session: session.0.clone(),
             };
-            let asked = [user_id.0.as_str()];
-            let (record, pending) = tokio::join!(
-                store::user_record(&state.reads, &user_id.0, &filter),
-                state.publisher.pending_for_users(&asked),
-            );
-            let profile = record
-                .map_err(db_error)?
-                .ok_or_else(|| unknown_user(&user_id.0))?;
-            // A person of several ids: their events on the way count too.
-            let pending = if profile.distinct_ids.len() > 1 {
-                let ids: Vec<&str> = profile.distinct_ids.iter().map(String::as_str).collect();
-                state.publisher.pending_for_users(&ids).await
-            } else {
-                pending
-            };
-            let history = profile.history;
-            let intents = context::score_intents(&profile.intents, now);
-
+            let read = read_context(&state, &user_id.0, &filter, now).await?;
             if text {
-                let summary = context::summarize(&intents, &history, now, &text::quote);
-                let body = text::render(
-                    &TextContext {
-                        user_id: &user_id.0,
-                        distinct_ids: &profile.distinct_ids,
-                        summary: &summary,
-                        intents: &intents,
-                        history: &history,
-                        event_count: profile.event_count,
-                        session_count: profile.session_count,
-                        first_seen: profile.first_seen,
-                        last_seen: profile.last_seen,
-                        now,
-                    },
-                    max_tokens.0.map(|t| t as usize),
-                );
+                let body = read.text(max_tokens.0.map(|t| t as usize));
                 return Ok(if wants_markdown && format.0.is_none() {
                     ContextBody::Markdown(PlainText(body))
                 } else {
                     ContextBody::Text(PlainText(body))
                 });
             }
-            // The JSON keeps stored values as they are, but `summary` is text made for a
-            // prompt: the descriptions in it lose invisible characters and line breaks.
-            let summary = context::summarize(&intents, &history, now, &|d| {
-                text::clean(d, SUMMARY_VALUE_CHARS)
-            });
-            let mut distinct_ids = profile.distinct_ids;
-            distinct_ids.truncate(MAX_DISTINCT_IDS);
-            Ok(ContextBody::Json(SerdeJson(UserContext {
-                user_id: user_id.0.clone(),
-                distinct_ids,
-                summary,
-                intents: intents.into_iter().map(intent_view).collect(),
-                recent_history: history.into_iter().map(|h| history_view(h, now)).collect(),
-                stats: Stats {
-                    first_seen: profile.first_seen,
-                    last_seen: profile.last_seen,
-                    event_count: profile.event_count,
-                    session_count: profile.session_count,
-                },
-                freshness: Freshness {
-                    newest_event_at: profile.last_seen,
-                    pending_events: pending.as_ref().ok().and_then(|p| p.for_user),
-                    stream_backlog: pending.as_ref().ok().map(|p| p.backlog),
-                },
-            })))
+            Ok(ContextBody::Json(SerdeJson(read.json())))
         };
         result.await.into()
     }
@@ -406,6 +350,107 @@ impl ContextApi {
             }))
         };
         result.await.into()
+    }
+}
+
+/// A user's context as read for one request: what both forms (JSON and prompt text) are built
+/// from. `GET /context/user/:user_id` and the MCP tools read it the same way.
+pub struct ReadContext {
+    pub user_id: String,
+    pub record: store::UserRecord,
+    pub intents: Vec<ScoredIntent>,
+    pub pending: Option<crate::ingest::publish::Pending>,
+    pub now: DateTime<Utc>,
+}
+
+/// Reads `user_id`'s stored profile and history (and their events still in the stream):
+/// 404 when nothing is stored, 503 when Postgres is unavailable.
+pub async fn read_context(
+    state: &AppState,
+    user_id: &str,
+    filter: &HistoryFilter,
+    now: DateTime<Utc>,
+) -> Result<ReadContext, ApiError> {
+    let asked = [user_id];
+    let (record, pending) = tokio::join!(
+        store::user_record(&state.reads, user_id, filter),
+        state.publisher.pending_for_users(&asked),
+    );
+    let record = record
+        .map_err(db_error)?
+        .ok_or_else(|| unknown_user(user_id))?;
+    // A person of several ids: their events on the way count too.
+    let pending = if record.distinct_ids.len() > 1 {
+        let ids: Vec<&str> = record.distinct_ids.iter().map(String::as_str).collect();
+        state.publisher.pending_for_users(&ids).await
+    } else {
+        pending
+    };
+    let intents = context::score_intents(&record.intents, now);
+    Ok(ReadContext {
+        user_id: user_id.to_owned(),
+        record,
+        intents,
+        pending: pending.ok(),
+        now,
+    })
+}
+
+impl ReadContext {
+    /// The prompt text (`format=text`), bounded by `max_tokens`.
+    pub fn text(&self, max_tokens: Option<usize>) -> String {
+        let r = &self.record;
+        let summary = context::summarize(&self.intents, &r.history, self.now, &text::quote);
+        text::render(
+            &TextContext {
+                user_id: &self.user_id,
+                distinct_ids: &r.distinct_ids,
+                summary: &summary,
+                intents: &self.intents,
+                history: &r.history,
+                event_count: r.event_count,
+                session_count: r.session_count,
+                first_seen: r.first_seen,
+                last_seen: r.last_seen,
+                now: self.now,
+            },
+            max_tokens,
+        )
+    }
+
+    /// The JSON form.
+    pub fn json(self) -> UserContext {
+        let now = self.now;
+        let r = self.record;
+        // The JSON keeps stored values as they are, but `summary` is text made for a
+        // prompt: the descriptions in it lose invisible characters and line breaks.
+        let summary = context::summarize(&self.intents, &r.history, now, &|d| {
+            text::clean(d, SUMMARY_VALUE_CHARS)
+        });
+        let mut distinct_ids = r.distinct_ids;
+        distinct_ids.truncate(MAX_DISTINCT_IDS);
+        UserContext {
+            user_id: self.user_id,
+            distinct_ids,
+            summary,
+            intents: self.intents.into_iter().map(intent_view).collect(),
+            recent_history: r
+                .history
+                .into_iter()
+                .map(|h| history_view(h, now))
+                .collect(),
+            stats: Stats {
+                first_seen: r.first_seen,
+                last_seen: r.last_seen,
+                event_count: r.event_count,
+                session_count: r.session_count,
+            },
+            freshness: Freshness {
+                newest_event_at: r.last_seen,
+                pending_events: self.pending.as_ref().and_then(|p| p.for_user),
+                stream_backlog: self.pending.as_ref().map(|p| p.backlog),
+            },
+        }
     }
 }
 
