@@ -27,13 +27,20 @@ SELECT gen_random_uuid(),
        'bench'
 FROM generate_series(0, :users - 1) AS u, generate_series(0, :per_user - 1) AS n;
 
-INSERT INTO user_profiles (distinct_id, first_seen, last_seen, event_count, session_count, intents, updated_at)
+INSERT INTO user_profiles (distinct_id, first_seen, last_seen, event_count, session_count, intents, updated_at,
+                           person_properties, person_property_times)
 SELECT distinct_id, min("timestamp"), max("timestamp"), count(*), count(DISTINCT session_id),
        jsonb_build_object('purchase', jsonb_build_object(
            'score', 4.5, 'last_seen', max("timestamp"), 'summary', 'User showing Purchase Intent.',
            'half_life_secs', 259200, 'count', 20,
            'evidence', jsonb_build_array('Clicked ''Upgrade Plan'' Button', 'Viewed page: /pricing'))),
-       now()
+       now(),
+       -- what posthog-js sends: an email and a plan set, the first referrer set once
+       jsonb_build_object('email', distinct_id || '@example.com', 'plan', 'pro', '$initial_referrer', 'google'),
+       jsonb_build_object(
+           'email', jsonb_build_object('s', jsonb_build_array(distinct_id || '@example.com', max("timestamp"))),
+           'plan', jsonb_build_object('s', jsonb_build_array('pro', max("timestamp"))),
+           '$initial_referrer', jsonb_build_object('o', jsonb_build_array('google', min("timestamp"))))
 FROM events GROUP BY distinct_id;
 
 INSERT INTO user_sessions (distinct_id, session_id, first_seen)

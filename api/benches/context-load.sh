@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Context read path benchmark (issue 5): GET /context/user/:id (JSON) for random users under wrk,
-# side by side in the same run with pgbench running the same SQL the endpoint runs (one statement: profile by
-# id + the newest 20 events through the (distinct_id, timestamp DESC) index).
+# Context read path benchmark: GET /context/user/:id (JSON) for random users under wrk, side by
+# side in the same run with pgbench running the same SQL the endpoint runs (profile by id + the
+# newest 20 events through the (distinct_id, timestamp DESC) index; for an id of a person, the
+# person's statement over all its ids as well).
 # 1,000,000 events across 10,000 users in a fresh database, dropped at the end. Only 127.0.0.1.
 #
 #   api/benches/context-load.sh                 # 10 s per phase, 10 connections
@@ -57,13 +58,17 @@ end
 LUA
 # The endpoint's statement (CONTEXT_SQL in api/src/context/store.rs), with its parameters filled
 # in as the endpoint binds them for a plain request (limit 20, no since, no session).
-python3 - "$USERS" > "$WORK/context.sql" <<'PY'
+# With persons (PERSON_SIZE > 1) every id belongs to one, and the endpoint runs its second
+# statement (PERSON_CONTEXT_SQL) too: so does pgbench.
+python3 - "$USERS" "$PERSON_SIZE" > "$WORK/context.sql" <<'PY'
 import re, sys
 src = open("api/src/context/store.rs").read()
-sql = re.search(r'CONTEXT_SQL: &str = r#"(.*?)"#', src, re.S).group(1)
-sql = sql.replace("{filters}", "").replace("{limit}", "20").replace("$1", "('user_' || :uid)")
+names = ["CONTEXT_SQL"] + (["PERSON_CONTEXT_SQL"] if int(sys.argv[2]) > 1 else [])
 print(f"\\set uid random(0, {int(sys.argv[1]) - 1})")
-print(" ".join(sql.split()) + ";")
+for name in names:
+    sql = re.search(r'\bconst ' + name + r': &str = r#"(.*?)"#', src, re.S).group(1)
+    sql = sql.replace("{filters}", "").replace("{limit}", "20").replace("$1", "('user_' || :uid)")
+    print(" ".join(sql.split()) + ";")
 PY
 
 curl -sf -H "X-API-Key: $KEY" "http://127.0.0.1:$PORT/context/user/user_1" | head -c 300; echo

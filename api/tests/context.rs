@@ -69,6 +69,7 @@ async fn store(
         session_count: sessions.len() as i64,
         intents,
         person_properties: None,
+        person_property_times: None,
         updated_at: Utc::now(),
     }
     .into_active_model()

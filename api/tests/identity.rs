@@ -390,7 +390,11 @@ async fn an_id_joining_during_an_erasure_is_erased_with_the_person() {
     .await;
     let erasure = {
         let conn = db.conn.clone();
-        tokio::spawn(async move { infra::erasure::erase_stored(&conn, &["b"], Utc::now()).await })
+        tokio::spawn(async move {
+            let erased = infra::erasure::erase_stored(&conn, &["b"], Utc::now()).await?;
+            infra::erasure::forget_persons(&conn, &erased.distinct_ids).await?;
+            Ok::<_, infra::postgres::StoreError>(erased)
+        })
     };
     wait_until(WAIT, "the erasure waiting for the batch", || async {
         waiting("advisory").await == 1
@@ -408,4 +412,150 @@ async fn an_id_joining_during_an_erasure_is_erased_with_the_person() {
         0
     );
     assert_eq!(db.count("SELECT count(*) FROM user_profiles").await, 0);
+}
+
+/// Person properties belong to the person: `$set_once` keeps the first value of any id, `$set`
+/// the newest, `$unset` removes, over all the person's ids in time order whatever order their
+/// events arrive in (the anonymous id's late event sent before the identify changes nothing it
+/// should not). Either id answers the same properties; an id of no person answers its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn person_properties_combine_over_the_ids_in_posthogs_order() {
+    let f = spawn().await;
+    let worker = f.worker();
+    let anonymous = "0190f0c1-props";
+    let at = |minute: u32| format!("2026-11-20T10:{minute:02}:00Z");
+    let with = |mut event: Value, minute: u32, person: Value| {
+        event["timestamp"] = json!(at(minute));
+        for (key, value) in person.as_object().unwrap() {
+            event["properties"][key] = value.clone();
+        }
+        event
+    };
+    f.capture(
+        anonymous,
+        &[with(
+            pageview("/"),
+            1,
+            json!({"$set_once": {"initial_referrer": "google"},
+                   "$set": {"plan": "free", "theme": "dark"}}),
+        )],
+    )
+    .await;
+    f.wait_stored(1).await;
+    let (_, alone) = f.context(anonymous).await;
+    assert_eq!(
+        alone["person_properties"],
+        json!({"initial_referrer": "google", "plan": "free", "theme": "dark"}),
+        "an id of no person answers its own properties"
+    );
+
+    f.capture(
+        "user_42",
+        &[
+            with(
+                identify(anonymous),
+                2,
+                json!({"$set": {"email": "ada@example.com"}}),
+            ),
+            with(
+                pageview("/account"),
+                3,
+                json!({"$set": {"plan": "pro"}, "$set_once": {"initial_referrer": "bing"},
+                       "$unset": ["theme"]}),
+            ),
+        ],
+    )
+    .await;
+    // A late batch of the anonymous id, sent before the identify: its `$set` is older than the
+    // identified id's (the plan stays "pro"), its `$set_once` the oldest (it is the first
+    // referrer).
+    f.capture(
+        anonymous,
+        &[with(
+            pageview("/pricing"),
+            0,
+            json!({"$set": {"plan": "trial"}, "$set_once": {"initial_referrer": "ddg"}}),
+        )],
+    )
+    .await;
+    f.wait_stored(4).await;
+    let want = json!({"email": "ada@example.com", "initial_referrer": "ddg", "plan": "pro"});
+    for id in ["user_42", anonymous] {
+        let (status, context) = f.context(id).await;
+        assert_eq!(status, StatusCode::OK, "{context}");
+        assert_eq!(context["person_properties"], want, "asked as {id}");
+    }
+    worker.stop().await;
+}
+
+/// An erasure of a person that stops after the database part (Redis down) keeps the person's
+/// mapping, so retrying with any one id still finds every id: the other id's dead letter goes
+/// too, and only then does the mapping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_erasure_retried_after_redis_failed_finds_every_id() {
+    let redis_proxy = testkit::Proxy::redis(true).await;
+    let mut config = test_config();
+    config.redis_url = redis_proxy.url(&config.redis_url);
+    let (app, db) = TestApp::spawn_with_db(config).await;
+    let store = |user: &str, event: &str, properties: Value| {
+        let envelope = testkit::envelope(user, event, properties);
+        let enrichment = rules_engine::enrich::without_rules(&envelope);
+        worker::store::StoredEvent::new(envelope, enrichment, None)
+    };
+    worker::store::write_batch(
+        &db.conn,
+        &Default::default(),
+        &[
+            store("anon", "$pageview", json!({})),
+            store("known", "$identify", json!({"$anon_distinct_id": "anon"})),
+        ],
+        "v1",
+    )
+    .await
+    .unwrap();
+    // A dead letter of the anonymous id, which an erasure asked about the known id must find.
+    let letter = json!({"uuid": Uuid::now_v7(), "distinct_id": "anon", "event": 5,
+        "properties": {}, "timestamp": Utc::now(), "received_at": Utc::now()})
+    .to_string();
+    publish_raw(
+        &redis().await,
+        &app.keys.dlq,
+        &[("v", "1"), ("event", &letter), ("dlq_error", "test")],
+    )
+    .await;
+    let mappings = "SELECT count(*) FROM person_distinct_ids";
+    assert_eq!(db.count(mappings).await, 2);
+
+    redis_proxy.set_up(false);
+    let resp = app.delete("/context/user/known").key(SECRET).answer().await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "erasure_unfinished", "{body}");
+    assert_eq!(db.events().await, 0, "the database part is done");
+    assert_eq!(
+        db.count(mappings).await,
+        2,
+        "the mapping waits for the rest"
+    );
+    assert_eq!(app.dlq_len().await, 1);
+
+    redis_proxy.set_up(true);
+    // The api's Redis connection comes back within a few tries.
+    let deadline = std::time::Instant::now() + WAIT;
+    let erased: Value = loop {
+        let resp = app.delete("/context/user/known").key(SECRET).answer().await;
+        if resp.status() == StatusCode::OK {
+            break resp.json().await.unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the retried erasure never finished"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(erased["distinct_ids"], json!(["anon", "known"]), "{erased}");
+    assert_eq!(erased["dead_letters_deleted"], 1, "{erased}");
+    assert_eq!(app.dlq_len().await, 0);
+    assert_eq!(db.count(mappings).await, 0);
+    assert_eq!(db.count("SELECT count(*) FROM persons").await, 0);
 }

@@ -205,7 +205,8 @@ async fn seed(db: &sea_orm::DatabaseConnection, user: &str) {
         session_count: 1,
         intents: json!({"purchase": {"score": 3.0, "last_seen": now, "summary": "User showing Purchase Intent.",
                         "half_life_secs": 604800.0, "count": 1, "evidence": ["Viewed page: /pricing"]}}),
-        person_properties: None,
+        person_properties: Some(json!({"plan": "pro", "seats": 3})),
+        person_property_times: None,
         updated_at: now,
     }
     .into_active_model()

@@ -5,6 +5,7 @@ pub mod envelope;
 pub mod event;
 pub mod person;
 pub mod person_distinct_id;
+pub mod person_properties;
 pub mod user_profile;
 pub mod user_session;
 

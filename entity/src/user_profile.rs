@@ -26,6 +26,10 @@ pub struct Model {
     #[sea_orm(column_type = "JsonBinary", nullable)]
     pub person_properties: Option<Json>,
     pub updated_at: DateTimeUtc,
+    /// What decides each person property, with times, so a person's ids combine in PostHog's
+    /// order (the format of [`crate::person_properties`]).
+    #[sea_orm(column_type = "JsonBinary", nullable)]
+    pub person_property_times: Option<Json>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -17,8 +17,10 @@
 //!
 //! Everything that takes user ids takes a list: erasing a person means erasing all their
 //! `distinct_id`s at once. [`erase_stored`] finds every id of the persons it is given (table
-//! `person_distinct_ids`) and drops their mapping; the workers also read the tombstones of the ids
-//! identity calls name, so a merge never maps an erased id again.
+//! `person_distinct_ids`); [`forget_persons`] drops their mapping once everything else is erased,
+//! so an erasure that stops part way (Redis down) and is retried with any one id still finds
+//! them all. The workers also read the tombstones of the ids identity calls name, so a merge
+//! never maps an erased id again.
 
 use std::collections::HashMap;
 
@@ -174,11 +176,13 @@ SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM sessions),
 const PERSON_IDS: &str = "SELECT m.distinct_id FROM person_distinct_ids AS m \
      WHERE m.person_id IN (SELECT o.person_id FROM person_distinct_ids AS o WHERE o.distinct_id = ANY($1))";
 
-/// Drops the persons of the ids `$1` (all of each person's ids): their mapping rows, then them.
+/// Drops the mapping rows of the ids `$1`, then their persons left without any id (an id that
+/// joined one after the erasure, as new activity, keeps it).
 const DELETE_PERSONS: &str = "WITH mapping AS (\
      DELETE FROM person_distinct_ids WHERE distinct_id = ANY($1) RETURNING person_id) \
      SELECT DISTINCT person_id FROM mapping";
-const DELETE_PERSON_ROWS: &str = "DELETE FROM persons WHERE id = ANY($1)";
+const DELETE_PERSON_ROWS: &str = "DELETE FROM persons AS p WHERE p.id = ANY($1) \
+     AND NOT EXISTS (SELECT 1 FROM person_distinct_ids AS m WHERE m.person_id = p.id)";
 
 /// Rounds of locking before an erasure gives up, should merges keep adding ids to the person.
 const ERASE_ROUNDS: usize = 8;
@@ -188,7 +192,8 @@ const ERASE_ROUNDS: usize = 8;
 const DELETE_EVENTS: &str = "DELETE FROM events WHERE distinct_id = ANY($1)";
 
 /// Erases the users `ids` and every other id of their persons from Postgres as of `erased_at`:
-/// records their tombstones and deletes their events, sessions, profiles and person mapping. The
+/// records their tombstones and deletes their events, sessions and profiles; the person mapping
+/// stays until [`forget_persons`], the last step of an erasure. The
 /// events stored so far are deleted first, on their own; then one transaction holding the users'
 /// buckets exclusively (it waits for the worker batches writing them, and batches of users of
 /// those buckets wait for it: a few milliseconds) records the tombstones and deletes the rest.
@@ -226,16 +231,6 @@ pub async fn erase_stored(
             .bind(erased_at)
             .fetch_one(&mut *txn)
             .await?;
-        let persons: Vec<i64> = sqlx::query_scalar(DELETE_PERSONS)
-            .bind(&ids)
-            .fetch_all(&mut *txn)
-            .await?;
-        if !persons.is_empty() {
-            sqlx::query(DELETE_PERSON_ROWS)
-                .bind(&persons)
-                .execute(&mut *txn)
-                .await?;
-        }
         txn.commit().await?;
         let count = |i: usize| row.try_get::<i64, _>(i).map(|n| n as u64);
         early += count(0)?;
@@ -249,6 +244,29 @@ pub async fn erase_stored(
     Err(StoreError::Db(sea_orm::DbErr::Custom(
         "ids kept joining the person being erased".into(),
     )))
+}
+
+/// The last step of an erasure of `ids` (all of their persons' ids, as [`erase_stored`] answered):
+/// drops their person mapping, holding their buckets as [`erase_stored`] does.
+pub async fn forget_persons(db: &DatabaseConnection, ids: &[String]) -> Result<(), StoreError> {
+    let mut txn = db.get_postgres_connection_pool().begin().await?;
+    sqlx::query(LOCK_EXCLUSIVE)
+        .bind(LOCK_CLASS)
+        .bind(buckets(ids.iter().map(String::as_str)))
+        .execute(&mut *txn)
+        .await?;
+    let persons: Vec<i64> = sqlx::query_scalar(DELETE_PERSONS)
+        .bind(ids)
+        .fetch_all(&mut *txn)
+        .await?;
+    if !persons.is_empty() {
+        sqlx::query(DELETE_PERSON_ROWS)
+            .bind(&persons)
+            .execute(&mut *txn)
+            .await?;
+    }
+    txn.commit().await?;
+    Ok(())
 }
 
 /// `ids` and every other id of their persons, sorted and distinct.

@@ -10,6 +10,7 @@ mod m20261211_000001_ignored_events;
 mod m20261212_000001_persons;
 mod m20261213_000001_intent_index;
 mod m20261214_000001_rule_history;
+mod m20261215_000001_person_property_times;
 
 /// Advisory lock key held while migrating (`pg_advisory_xact_lock`), so that replicas starting
 /// together apply each migration once. Arbitrary but fixed: "ctxmigr" in ASCII.
@@ -27,6 +28,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261212_000001_persons::Migration),
             Box::new(m20261213_000001_intent_index::Migration),
             Box::new(m20261214_000001_rule_history::Migration),
+            Box::new(m20261215_000001_person_property_times::Migration),
         ]
     }
 }

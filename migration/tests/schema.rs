@@ -93,7 +93,8 @@ async fn fresh_database_gets_the_full_schema_once_under_concurrent_starts() {
             "session_count",
             "intents",
             "person_properties",
-            "updated_at"
+            "updated_at",
+            "person_property_times"
         ]
     );
     assert_eq!(ty(&profiles, "intents").1, "jsonb");
@@ -135,4 +136,54 @@ async fn fresh_database_gets_the_full_schema_once_under_concurrent_starts() {
 /// Whether a query of every row of `E`'s table works and finds none.
 async fn no_rows<E: EntityTrait>(db: &DatabaseConnection) -> bool {
     E::find().all(db).await.unwrap().is_empty()
+}
+
+/// Person properties stored before their times were kept read back as set at the profile's
+/// `last_seen`, in the format the worker and the api read (`entity::person_properties`).
+#[tokio::test]
+async fn person_properties_stored_before_times_count_as_set_at_last_seen() {
+    use entity::person_properties::{PropertyTimes, resolve};
+    let test_db = TestDb::create_empty().await;
+    let db = &test_db.conn;
+    let before = Migrator::migrations().len() - 1;
+    Migrator::up(db, Some(before as u32)).await.unwrap();
+    db.execute_unprepared(
+        r#"INSERT INTO user_profiles (distinct_id, first_seen, last_seen, event_count, session_count, intents, person_properties)
+           VALUES ('old', now(), '2026-11-20T10:00:00Z', 1, 0, '{}', '{"plan": "pro", "seats": 3}'),
+                  ('none', now(), now(), 1, 0, '{}', NULL),
+                  ('empty', now(), now(), 1, 0, '{}', '{}')"#,
+    )
+    .await
+    .unwrap();
+    Migrator::up(db, None).await.unwrap();
+
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT distinct_id, person_property_times::text FROM user_profiles ORDER BY distinct_id",
+        ))
+        .await
+        .unwrap();
+    let times: Vec<(String, Option<String>)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.try_get("", "distinct_id").unwrap(),
+                r.try_get("", "person_property_times").unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(times[0], ("empty".to_string(), None));
+    assert_eq!(times[1], ("none".to_string(), None));
+    let old: PropertyTimes = serde_json::from_str(times[2].1.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        serde_json::Value::Object(resolve(&old)),
+        serde_json::json!({"plan": "pro", "seats": 3})
+    );
+    assert_eq!(
+        old["plan"].set.as_ref().unwrap().1,
+        "2026-11-20T10:00:00Z"
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .unwrap()
+    );
 }

@@ -2,6 +2,7 @@
 //! row. Pure functions; the store runs them inside the batch transaction.
 
 use chrono::{DateTime, Utc};
+use entity::person_properties::{self, PropertyTimes};
 use entity::user_profile::{IntentState, Intents, decay};
 use serde_json::{Map, Value};
 
@@ -10,7 +11,8 @@ use rules_engine::enrich::IntentHit;
 pub use entity::user_profile::MAX_EVIDENCE;
 
 /// Person properties an event sets, in PostHog's order: `$set_once` fills gaps, then
-/// `person.properties` and `$set` overwrite, then `$unset` removes.
+/// `person.properties` and `$set` overwrite, then `$unset` removes (stamped with the event's time:
+/// [`entity::person_properties`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PersonUpdate {
     pub set: Map<String, Value>,
@@ -86,17 +88,19 @@ pub struct ProfileRow {
     pub event_count: i64,
     pub session_count: i64,
     pub intents: Intents,
+    /// The properties `person_property_times` gives (what the id alone says).
     pub person_properties: Option<Map<String, Value>>,
+    pub person_property_times: Option<PropertyTimes>,
 }
 
 impl ProfileRow {
-    /// The columns `delta` writes, given the stored intents and person properties (empty for a
-    /// new user): its own counts and times (the store adds those to the stored ones in SQL) and
-    /// the details merged.
+    /// The columns `delta` writes, given the stored intents and person property times (empty
+    /// for a new user): its own counts and times (the store adds those to the stored ones in SQL)
+    /// and the details merged.
     pub fn merged(
         delta: &ProfileDelta,
         intents: Intents,
-        person_properties: Option<Map<String, Value>>,
+        person_property_times: Option<PropertyTimes>,
     ) -> Self {
         let mut row = Self {
             first_seen: delta.first_seen,
@@ -104,7 +108,10 @@ impl ProfileRow {
             event_count: delta.events,
             session_count: delta.new_sessions,
             intents,
-            person_properties,
+            person_properties: person_property_times
+                .as_ref()
+                .map(person_properties::resolve),
+            person_property_times,
         };
         row.apply_details(delta);
         row
@@ -128,20 +135,30 @@ impl ProfileRow {
         for (at, hit, description) in hits {
             add_intent(&mut self.intents, *at, hit, description);
         }
-        let mut updates: Vec<_> = delta.person.iter().collect();
-        updates.sort_by_key(|(at, _)| *at);
-        for (_, update) in updates {
-            let props = self.person_properties.get_or_insert_with(Map::new);
+        if delta.person.is_empty() {
+            return;
+        }
+        let times = self
+            .person_property_times
+            .get_or_insert_with(PropertyTimes::new);
+        for (at, update) in &delta.person {
             for (key, value) in &update.set_once {
-                props.entry(key.clone()).or_insert_with(|| value.clone());
+                times
+                    .entry(key.clone())
+                    .or_default()
+                    .set_once(value.clone(), *at);
             }
             for (key, value) in &update.set {
-                props.insert(key.clone(), value.clone());
+                times
+                    .entry(key.clone())
+                    .or_default()
+                    .set(value.clone(), *at);
             }
             for key in &update.unset {
-                props.remove(key);
+                times.entry(key.clone()).or_default().unset(*at);
             }
         }
+        self.person_properties = Some(person_properties::resolve(times));
     }
 }
 

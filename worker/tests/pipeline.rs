@@ -733,7 +733,7 @@ async fn profile_statements_probe_by_key_whatever_the_table_size_when_planned() 
             (
                 "upd",
                 worker::store::UPDATE_PROFILES,
-                "('{u1}', '{2026-01-01}', '{2026-01-01}', '{1}', '{0}', '{f}', '{NULL}', '{NULL}')",
+                "('{u1}', '{2026-01-01}', '{2026-01-01}', '{1}', '{0}', '{f}', '{NULL}', '{NULL}', '{NULL}')",
             ),
         ] {
             sqlx::raw_sql(sqlx::AssertSqlSafe(format!(

@@ -39,13 +39,17 @@ pub enum EraseError {
     /// again finishes it.
     #[error("redis, after the database part was done: {0}")]
     Redis(String),
+    /// Everything is erased but the person mapping: erasing again finishes it.
+    #[error("database, dropping the person mapping after the rest was erased: {0}")]
+    Mapping(StoreError),
 }
 
 /// Erases the users `ids` and every other id of their persons as of `erased_at` (now, on the
 /// api's clock, the clock that stamps events' `received_at`): events received until then are
 /// erased wherever they are, later ones are new activity. Postgres first (rows and tombstones, waiting
 /// for the worker batches writing these users); once it has committed, no worker adds the
-/// users to the dead-letter stream or the report any more, and what is there is removed.
+/// users to the dead-letter stream or the report any more, and what is there is removed; last,
+/// the person mapping goes (so a retry after a failure part way still finds every id).
 pub async fn erase(
     state: &AppState,
     ids: &[&str],
@@ -75,6 +79,10 @@ pub async fn erase(
     let (dead_letters, unmatched_examples) = tokio::time::timeout(REDIS_TIMEOUT, redis)
         .await
         .map_err(|_| EraseError::Redis(format!("no answer within {REDIS_TIMEOUT:?}")))??;
+    // Last: until now a retry with any one id finds every id of the person by the mapping.
+    erasure::forget_persons(&state.db, &rows.distinct_ids)
+        .await
+        .map_err(EraseError::Mapping)?;
     let pending_events = state
         .publisher
         .pending_for_users(ids)

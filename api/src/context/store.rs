@@ -1,11 +1,13 @@
 //! Reads a user's stored events and profile (erasure: [`super::erase`]).
 
 use chrono::{DateTime, Utc};
+use entity::person_properties::{self, PropertyTimes};
 use entity::user_profile::Intents;
 use sea_orm::{
     DbErr,
     sqlx::{self, Row, types::Json},
 };
+use serde_json::{Map, Value};
 
 use infra::postgres::db_err;
 
@@ -29,6 +31,9 @@ pub struct UserRecord {
     pub event_count: i64,
     pub session_count: i64,
     pub intents: Intents,
+    /// The person's properties (`$set`, `$set_once`, `$unset` over all its ids, in PostHog's
+    /// order: [`entity::person_properties`]).
+    pub person_properties: Map<String, Value>,
     /// Newest first.
     pub history: Vec<HistoryItem>,
 }
@@ -48,14 +53,17 @@ pub const CONTEXT_SQL: &str = r#"SELECT p.first_seen, p.last_seen, p.event_count
             WHERE distinct_id = $1 AND description IS NOT NULL{filters}
             ORDER BY "timestamp" DESC, uuid DESC
             LIMIT {limit}) h) AS history,
-  (SELECT m.person_id FROM person_distinct_ids m WHERE m.distinct_id = $1) AS person
+  (SELECT m.person_id FROM person_distinct_ids m WHERE m.distinct_id = $1) AS person,
+  p.person_properties
 FROM user_profiles p WHERE p.distinct_id = $1"#;
 
 /// The context of the person `$1` belongs to, its ids combined: the ids by the mapping's person
 /// index, their profiles (counts summed, first and last seen, sessions counted once across ids;
 /// the intents of each, combined by the caller) and each id's newest events by the
-/// `(distinct_id, timestamp DESC)` index, the newest of those kept. No row: `$1` belongs to no
-/// person, or nothing is stored for it. Parameters and `{filters}` as [`CONTEXT_SQL`]'s.
+/// `(distinct_id, timestamp DESC)` index, the newest of those kept; last, each id's person
+/// property times (properties stored without times count as set at the id's `last_seen`), which
+/// the caller combines. No row: `$1` belongs to no person, or nothing is stored for it.
+/// Parameters and `{filters}` as [`CONTEXT_SQL`]'s.
 pub const PERSON_CONTEXT_SQL: &str = r#"WITH person AS MATERIALIZED (
   SELECT array_agg(o.distinct_id ORDER BY o.distinct_id COLLATE "C") AS ids
     FROM person_distinct_ids o
@@ -75,7 +83,12 @@ SELECT min(p.first_seen), max(p.last_seen), sum(p.event_count)::int8,
               LIMIT {limit}) x
            ORDER BY x.t DESC, x.u DESC
            LIMIT {limit}) h),
-  person.ids
+  person.ids,
+  json_agg(coalesce(p.person_property_times,
+    (SELECT jsonb_object_agg(e.key, jsonb_build_object('s', jsonb_build_array(e.value, to_jsonb(p.last_seen))))
+       FROM jsonb_each(CASE WHEN jsonb_typeof(p.person_properties) = 'object'
+                            THEN p.person_properties END) AS e)))
+    FILTER (WHERE p.person_property_times IS NOT NULL OR p.person_properties IS NOT NULL)
 FROM person JOIN user_profiles p ON p.distinct_id = ANY(person.ids)
 GROUP BY person.ids"#;
 
@@ -125,22 +138,35 @@ pub async fn user_record(
         && row.try_get::<Option<i64>, _>(6).map_err(decode)?.is_none()
     {
         let Json(intents): Json<Intents> = row.try_get(4).map_err(decode)?;
-        return record(row, vec![user_id.to_string()], intents).map(Some);
+        let person_properties = match row.try_get::<Option<Json<Value>>, _>(7).map_err(decode)? {
+            Some(Json(Value::Object(map))) => map,
+            _ => Map::new(),
+        };
+        return record(row, vec![user_id.to_string()], intents, person_properties).map(Some);
     }
     let Some(row) = fetch(conns, person_context_sql(filter), user_id, filter).await? else {
         return Ok(None);
     };
     let Json(intents): Json<Vec<Intents>> = row.try_get(4).map_err(decode)?;
     let distinct_ids = row.try_get(6).map_err(decode)?;
-    record(&row, distinct_ids, super::combine_intents(intents)).map(Some)
+    let times: Option<Json<Vec<Option<PropertyTimes>>>> = row.try_get(7).map_err(decode)?;
+    let times = person_properties::combine(times.into_iter().flat_map(|Json(t)| t).flatten());
+    record(
+        &row,
+        distinct_ids,
+        super::combine_intents(intents),
+        person_properties::resolve(&times),
+    )
+    .map(Some)
 }
 
 /// The record of a row of [`CONTEXT_SQL`] or [`PERSON_CONTEXT_SQL`] (columns by position, in the
-/// order of their select lists), given its ids and intents.
+/// order of their select lists), given its ids, intents and person properties.
 fn record(
     row: &sqlx::postgres::PgRow,
     distinct_ids: Vec<String>,
     intents: Intents,
+    person_properties: Map<String, Value>,
 ) -> Result<UserRecord, DbErr> {
     let decode = |e: sqlx::Error| DbErr::Type(e.to_string());
     let Json(history): Json<Vec<HistoryTuple>> = row.try_get(5).map_err(decode)?;
@@ -151,6 +177,7 @@ fn record(
         event_count: row.try_get(2).map_err(decode)?,
         session_count: row.try_get(3).map_err(decode)?,
         intents,
+        person_properties,
         history: history
             .into_iter()
             .map(|(time, description, event, page, session_id)| HistoryItem {

@@ -1,6 +1,8 @@
 //! `GET /context/user/:user_id` (what an assistant should know about a user, as JSON or prompt
 //! text) and `DELETE /context/user/:user_id` (erase it).
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use poem::web::Data;
 use poem_openapi::{
@@ -111,6 +113,10 @@ pub struct UserContext {
     pub summary: String,
     /// Intents strongest first, scores decayed to now.
     pub intents: Vec<IntentView>,
+    /// The person's properties, from `$set`, `$set_once` and `$unset` (and the webhook's
+    /// `person.properties`) over all its ids, as if every event had been applied in time order
+    /// (PostHog's precedence); `{}` when none were sent.
+    pub person_properties: BTreeMap<String, serde_json::Value>,
     /// Stored events, newest first (filtered by `limit`, `since`, `session`).
     pub recent_history: Vec<HistoryView>,
     pub stats: Stats,
@@ -434,6 +440,7 @@ impl ReadContext {
             distinct_ids,
             summary,
             intents: self.intents.into_iter().map(intent_view).collect(),
+            person_properties: r.person_properties.into_iter().collect(),
             recent_history: r
                 .history
                 .into_iter()
@@ -464,6 +471,10 @@ fn erase_error(err: erase::EraseError) -> ApiError {
         erase::EraseError::Redis(_) => {
             "stored rows are erased, but the dead-letter stream and the unmatched-events report \
              could not be cleaned (Redis is unavailable): retry later"
+        }
+        erase::EraseError::Mapping(_) => {
+            "the user is erased but for the link between the person's ids (the database is \
+             unavailable): retry later"
         }
     };
     ApiError::unavailable("erasure_unfinished", detail, 2)

@@ -4,12 +4,13 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
+use entity::person_properties::{self, PropertyTimes};
 use entity::user_profile::Intents;
 use sea_orm::{
     DbErr,
     sqlx::{self, Row, types::Json as SqlJson},
 };
-use serde_json::{Map, Value as Json};
+use serde_json::Value as Json;
 
 use infra::postgres::StoreError;
 
@@ -138,24 +139,33 @@ pub(super) async fn insert_sessions_and_new_profiles(
     Ok(counts)
 }
 
-/// A profile write: the delta's counts and times, and the intents and person properties to store
-/// (JSON encoded once), or `None` to keep the stored ones.
+/// A profile write: the delta's counts and times, and the intents and person properties (with
+/// their times) to store, JSON encoded once, or `None` to keep the stored ones.
 struct ProfileParams<'a> {
     delta: &'a ProfileDelta,
-    details: Option<(String, Option<String>)>,
+    details: Option<Details>,
+}
+
+/// The JSON texts of a profile's intents, person properties and their times.
+struct Details {
+    intents: String,
+    person: Option<String>,
+    person_times: Option<String>,
 }
 
 impl<'a> ProfileParams<'a> {
     /// Writes `row`'s intents and person properties.
     fn with_details(delta: &'a ProfileDelta, row: &ProfileRow) -> Self {
-        let intents = serde_json::to_string(&row.intents).unwrap_or_else(|_| "{}".into());
-        let person = row
-            .person_properties
-            .as_ref()
-            .and_then(|p| serde_json::to_string(p).ok());
+        fn text<T: serde::Serialize>(value: Option<&T>) -> Option<String> {
+            value.and_then(|v| serde_json::to_string(v).ok())
+        }
         Self {
             delta,
-            details: Some((intents, person)),
+            details: Some(Details {
+                intents: serde_json::to_string(&row.intents).unwrap_or_else(|_| "{}".into()),
+                person: text(row.person_properties.as_ref()),
+                person_times: text(row.person_property_times.as_ref()),
+            }),
         }
     }
 
@@ -168,26 +178,31 @@ impl<'a> ProfileParams<'a> {
     }
 
     fn intents(&self) -> Option<&str> {
-        self.details.as_ref().map(|(intents, _)| intents.as_str())
+        self.details.as_ref().map(|d| d.intents.as_str())
     }
 
     fn person(&self) -> Option<&str> {
+        self.details.as_ref().and_then(|d| d.person.as_deref())
+    }
+
+    fn person_times(&self) -> Option<&str> {
         self.details
             .as_ref()
-            .and_then(|(_, person)| person.as_deref())
+            .and_then(|d| d.person_times.as_deref())
     }
 }
 
-/// A stored profile's intents and person properties.
+/// A stored profile's intents and person property times.
 struct StoredDetails {
     intents: Intents,
-    person: Option<Map<String, Json>>,
+    person: Option<PropertyTimes>,
 }
 
 impl StoredDetails {
-    /// Columns 1 and 2 of a `LOCK_PROFILES` row: `intents` and `person_properties`, or `None`
-    /// when the batch carries no details for this user (the lock then reads them as NULL;
-    /// `intents` is never NULL in the table).
+    /// Columns 1 to 4 of a `LOCK_PROFILES` row: `intents`, `person_property_times`,
+    /// `person_properties` and `last_seen`, or `None` when the batch carries no details for this
+    /// user (the lock then reads them as NULL; `intents` is never NULL in the table). Properties
+    /// stored without times (by a worker of an earlier version) count as set at `last_seen`.
     fn read(row: &sqlx::postgres::PgRow, distinct_id: &str) -> Result<Option<Self>, StoreError> {
         let intents = match row.try_get::<Option<SqlJson<Intents>>, _>(1) {
             Ok(None) => return Ok(None),
@@ -197,9 +212,18 @@ impl StoredDetails {
                 Intents::new()
             }
         };
-        let person = match row.try_get::<Option<SqlJson<Json>>, _>(2)? {
-            Some(SqlJson(Json::Object(map))) => Some(map),
-            _ => None,
+        let person = match row.try_get::<Option<SqlJson<PropertyTimes>>, _>(2) {
+            Ok(Some(SqlJson(times))) => Some(times),
+            Ok(None) => match row.try_get::<Option<SqlJson<Json>>, _>(3)? {
+                Some(SqlJson(Json::Object(map))) => {
+                    Some(person_properties::stamped_at(&map, row.try_get(4)?))
+                }
+                _ => None,
+            },
+            Err(err) => {
+                tracing::warn!(%distinct_id, error = %err, "stored person property times unreadable: starting them afresh");
+                None
+            }
         };
         Ok(Some(Self { intents, person }))
     }
@@ -208,7 +232,8 @@ impl StoredDetails {
 /// Locks the batch's profiles in distinct_id byte order (as Rust sorts; `COLLATE "C"`) and reads
 /// the details of those whose delta carries some.
 pub const LOCK_PROFILES: &str = "SELECT p.distinct_id, CASE WHEN x.details THEN p.intents END, \
-       CASE WHEN x.details THEN p.person_properties END \
+       CASE WHEN x.details THEN p.person_property_times END, \
+       CASE WHEN x.details THEN p.person_properties END, p.last_seen \
      FROM user_profiles AS p JOIN unnest($1::text[], $2::bool[]) AS x(d, details) \
        ON p.distinct_id = x.d \
      ORDER BY p.distinct_id COLLATE \"C\" FOR UPDATE OF p";
@@ -219,9 +244,10 @@ pub const UPDATE_PROFILES: &str = "UPDATE user_profiles AS p SET \
        event_count = p.event_count + x.c, session_count = p.session_count + x.s, \
        intents = CASE WHEN x.m THEN x.i::jsonb ELSE p.intents END, \
        person_properties = CASE WHEN x.m THEN x.pp::jsonb ELSE p.person_properties END, \
+       person_property_times = CASE WHEN x.m THEN x.pt::jsonb ELSE p.person_property_times END, \
        updated_at = now() \
      FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::int8[], $5::int8[], \
-                 $6::bool[], $7::text[], $8::text[]) AS x(d, f, l, c, s, m, i, pp) \
+                 $6::bool[], $7::text[], $8::text[], $9::text[]) AS x(d, f, l, c, s, m, i, pp, pt) \
      WHERE p.distinct_id = x.d";
 
 /// Adds the deltas of a batch without any details: one sorted pass that locks and updates each
@@ -325,6 +351,7 @@ pub(super) async fn upsert_profiles(
         .bind(column(&updates, |p| p.details.is_some()))
         .bind(column(&updates, ProfileParams::intents))
         .bind(column(&updates, ProfileParams::person))
+        .bind(column(&updates, ProfileParams::person_times))
         .execute(&mut **txn)
         .await?;
     Ok(())
