@@ -156,7 +156,7 @@ pub struct Erasure {
 /// The response body: JSON, or the prompt text.
 #[derive(ResponseContent)]
 pub enum ContextBody {
-    Json(SerdeJson<UserContext>),
+    Json(SerdeJson<Box<UserContext>>),
     /// Prompt-ready text: summary, intents, then history as bullet lines.
     Text(PlainText<String>),
     #[oai(
@@ -306,7 +306,7 @@ impl ContextApi {
                     ContextBody::Text(PlainText(body))
                 });
             }
-            Ok(ContextBody::Json(SerdeJson(read.json())))
+            Ok(ContextBody::Json(SerdeJson(Box::new(read.json()))))
         };
         result.await.into()
     }
