@@ -75,7 +75,11 @@ curl -sf -H "X-API-Key: $KEY" "http://127.0.0.1:$PORT/context/user/user_1" | hea
 echo "== wrk GET /context/user/:id (JSON), -c $CONNECTIONS -d ${DURATION}s"
 # warm-up
 wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s "$WORK/context.lua" "http://127.0.0.1:$PORT" >/dev/null
+# The api's CPU time (user + system, in clock ticks) around the measured phase.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$API_PID/stat"; }
+CPU_BEFORE=$(cpu_ticks)
 API=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/context.lua" "http://127.0.0.1:$PORT" | grep RESULT)
+CPU_TICKS=$(( $(cpu_ticks) - CPU_BEFORE ))
 echo "$API"
 RSS_KB=$(awk '/VmHWM/ {print $2}' /proc/$API_PID/status)
 echo "== pgbench, same statement, -c $CONNECTIONS -T $DURATION"
@@ -87,9 +91,9 @@ lat = sorted(int(l.split()[2]) for l in sys.stdin)
 print(len(lat), lat[len(lat)//2] / 1000, lat[int(len(lat)*0.99)] / 1000)")
 
 field() { echo "$1" | tr ' ' '\n' | grep "^$2=" | cut -d= -f2; }
-python3 - "$(field "$API" rps)" "$(field "$API" p50_ms)" "$(field "$API" p99_ms)" "$(field "$API" non2xx)" $PG_STATS "$DURATION" "$RSS_KB" <<'PY'
+python3 - "$(field "$API" rps)" "$(field "$API" p50_ms)" "$(field "$API" p99_ms)" "$(field "$API" non2xx)" $PG_STATS "$DURATION" "$RSS_KB" "$CPU_TICKS" "$(getconf CLK_TCK)" "$PERSON_SIZE" <<'PY'
 import sys
-rps, p50, p99, non2xx, n, pg50, pg99, dur, rss = sys.argv[1:]
+rps, p50, p99, non2xx, n, pg50, pg99, dur, rss, ticks, hz, person = sys.argv[1:]
 rps, p50, p99, n, pg50, pg99, dur = map(float, (rps, p50, p99, n, pg50, pg99, dur))
 pg_rps = n / dur
 print()
@@ -98,5 +102,7 @@ print(f"{'requests/s':<34}{rps:>12.0f}{pg_rps:>12.0f}{rps/pg_rps:>8.2f}{'>=0.50'
 print(f"{'p50 latency, ms':<34}{p50:>12.2f}{pg50:>12.2f}")
 print(f"{'p99 latency, ms':<34}{p99:>12.2f}{pg99:>12.2f}{'':>8}{'<5':>10}")
 print(f"{'non-2xx answers':<34}{int(non2xx):>12}")
+print(f"{'api CPU per request, us':<34}{float(ticks) / float(hz) / (rps * dur) * 1e6:>12.1f}")
 print(f"{'api peak RSS, MiB':<34}{float(rss)/1024:>12.1f}")
+print(f"(ids per person: {person})")
 PY

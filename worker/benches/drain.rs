@@ -20,6 +20,11 @@
 //!    re-enrichment pass describing them while the workers drain; the drain rate of both, their
 //!    ratio, and how many old events the pass described meanwhile.
 //!
+//! 6. The ceiling and the fleet: `\copy` of the same rows split over 1, 4 and 8 concurrent psql
+//!    sessions (`COPY_SESSIONS`, plus every count of `REPLICAS`), measured once before the drains;
+//!    then, for the largest `BATCH_SIZES`, each replica count's rate beside the ceiling with as
+//!    many sessions, and the scale factor from the previous count.
+//!
 //! Touches only 127.0.0.1 (its own database and stream keys, removed at the end) and stops by itself.
 
 use std::{
@@ -55,6 +60,8 @@ struct Settings {
     latency_secs: u64,
     batch_sizes: Vec<usize>,
     replicas: Vec<usize>,
+    /// Concurrent `\copy` sessions the ceiling is measured with (with every count of `replicas`).
+    copy_sessions: Vec<usize>,
     /// `STREAM_SHARDS` of the drains: the events pre-filled into their users' shards, each
     /// replica reading the shards it holds.
     stream_shards: usize,
@@ -93,6 +100,7 @@ fn settings() -> Settings {
         latency_secs: env_or("LATENCY_SECS", 15),
         batch_sizes: list_or("BATCH_SIZES", "50,500"),
         replicas: list_or("REPLICAS", "1,2"),
+        copy_sessions: list_or("COPY_SESSIONS", "1,4,8"),
         stream_shards: env_or("STREAM_SHARDS", 1),
         redis_url: std::env::var("BENCH_REDIS_URL")
             .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
@@ -774,6 +782,31 @@ fn copy_rate(db_url: &str, csv: &std::path::Path, rows: usize, table_columns: &s
     (rate, cpu_us)
 }
 
+/// The `\copy` ceiling with `sessions` concurrent psql sessions, each loading its share of the
+/// rows (`parts`, one CSV file each) into `table_columns`: rows per second over all of them.
+fn copy_ceiling(db_url: &str, parts: &[PathBuf], rows: usize, table_columns: &str) -> f64 {
+    let started = Instant::now();
+    let children: Vec<std::process::Child> = parts
+        .iter()
+        .map(|part| {
+            std::process::Command::new("psql")
+                .arg(db_url)
+                .arg("-q")
+                .arg("-c")
+                .arg(format!(
+                    "\\copy {table_columns} FROM '{}' WITH (FORMAT csv)",
+                    part.display()
+                ))
+                .spawn()
+                .expect("run psql")
+        })
+        .collect();
+    for mut child in children {
+        assert!(child.wait().unwrap().success(), "psql \\copy failed");
+    }
+    rows as f64 / started.elapsed().as_secs_f64()
+}
+
 #[tokio::main]
 async fn main() {
     let s = settings();
@@ -824,14 +857,39 @@ async fn main() {
         rules.version()
     );
     std::fs::write(&csv_path, copy_file(&events, rules.as_ref())).unwrap();
-    let copy = |db_url: &str| {
-        copy_rate(
-            db_url,
-            &csv_path,
-            events.len(),
-            "events_copy (rules_version, uuid, distinct_id, event, description, rule_id, intents, properties, url, path, session_id, elements_chain, \"timestamp\", received_at)",
-        )
-    };
+    let copy_columns = "events_copy (rules_version, uuid, distinct_id, event, description, rule_id, intents, properties, url, path, session_id, elements_chain, \"timestamp\", received_at)";
+    let copy = |db_url: &str| copy_rate(db_url, &csv_path, events.len(), copy_columns);
+    // 6a. The ceiling with as many concurrent sessions as there will be replicas (and 1, 4, 8).
+    let mut ceilings: BTreeMap<usize, f64> = BTreeMap::new();
+    if !large_only && std::env::var("LATENCY_ONLY").is_err() {
+        let mut counts: Vec<usize> = s.copy_sessions.iter().chain(&s.replicas).copied().collect();
+        counts.sort_unstable();
+        counts.dedup();
+        for sessions in counts.into_iter().filter(|&n| n > 0) {
+            let parts: Vec<PathBuf> = (0..sessions)
+                .map(|i| {
+                    let path = std::env::temp_dir().join(format!("{name}-{sessions}-{i}.csv"));
+                    let share: Vec<Envelope> =
+                        events.iter().skip(i).step_by(sessions).cloned().collect();
+                    std::fs::write(&path, copy_file(&share, rules.as_ref())).unwrap();
+                    path
+                })
+                .collect();
+            sql(&db, "CHECKPOINT").await;
+            let rate = copy_ceiling(&db_url, &parts, events.len(), copy_columns);
+            assert_eq!(
+                scalar(&db, "SELECT count(*) FROM events_copy").await as usize,
+                events.len()
+            );
+            sql(&db, "TRUNCATE events_copy").await;
+            println!("ceiling: \\copy in {sessions} concurrent session(s): {rate:.0} rows/s");
+            ceilings.insert(sessions, rate);
+            for part in parts {
+                std::fs::remove_file(part).ok();
+            }
+        }
+    }
+
     // 2. Drains.
     let mut results = Vec::new();
     for &batch_size in if std::env::var("LATENCY_ONLY").is_ok() || large_only {
@@ -976,6 +1034,31 @@ async fn main() {
         println!(
             "  {replicas} worker(s) BATCH_SIZE={batch:<4} {rate:>9.0} events/s  {ratio:.2}x COPY ({before:.0} rows/s before, {after:.0} after)  {secs:.1}s  peak RSS {rss:.1} MiB  CPU {cpu_us:.0} µs/event (worker {worker_us:.0}; {cpu_ratio:.2}x COPY per CPU-second)"
         );
+    }
+    // 6b. The fleet beside the ceiling with as many writers, at the largest batch size.
+    if let Some(&batch) = s.batch_sizes.iter().max()
+        && !ceilings.is_empty()
+    {
+        println!(
+            "\nfleet (BATCH_SIZE={batch}, STREAM_SHARDS={})",
+            s.stream_shards
+        );
+        for (sessions, rate) in &ceilings {
+            println!("  ceiling: \\copy, {sessions} session(s) {rate:>9.0} rows/s");
+        }
+        let mut previous: Option<(usize, f64)> = None;
+        for r in results.iter().filter(|r| r.1 == batch) {
+            let (replicas, rate, rss) = (r.0, r.3, r.6);
+            let ceiling = ceilings.get(&replicas).copied().unwrap_or(f64::NAN);
+            let scale = previous
+                .map(|(n, prev)| format!("{:.2}x from {n}", rate / prev))
+                .unwrap_or_default();
+            println!(
+                "  {replicas} replica(s) {rate:>9.0} events/s  {:.2}x the {replicas}-session ceiling  {scale}  peak RSS per replica {rss:.1} MiB",
+                rate / ceiling
+            );
+            previous = Some((replicas, rate));
+        }
     }
     for (replicas, batch, off, on, ratio) in &beside {
         println!(
