@@ -71,7 +71,9 @@ for name in names:
     print(" ".join(sql.split()) + ";")
 PY
 
-curl -sf -H "X-API-Key: $KEY" "http://127.0.0.1:$PORT/context/user/user_1" | head -c 300; echo
+# (to a file: `curl | head` fails the script under pipefail when head closes the pipe first)
+curl -sf -o "$WORK/first.json" -H "X-API-Key: $KEY" "http://127.0.0.1:$PORT/context/user/user_1"
+head -c 300 "$WORK/first.json"; echo
 echo "== wrk GET /context/user/:id (JSON), -c $CONNECTIONS -d ${DURATION}s"
 # warm-up
 wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s "$WORK/context.lua" "http://127.0.0.1:$PORT" >/dev/null
