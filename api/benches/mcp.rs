@@ -1,6 +1,6 @@
 //! `get_user_context` over MCP against `GET /context/user/:id?format=text`, the same user's
 //! same text, one request at a time from one client, on 127.0.0.1: the api (`api::run`) on a
-//! fresh database of 1,000 users × 50 events (the `context-data.sql` shape). Prints p50, p90
+//! fresh database of 1,000 users × 50 events (`context-data.sql`). Prints p50, p90
 //! and p99 of each and the difference at p50 (the MCP layer's cost: JSON-RPC, the tool router,
 //! the structured JSON beside the text), then criterion's figures.
 //!
@@ -37,10 +37,12 @@ struct Bench {
 
 async fn start() -> Bench {
     let db = TestDb::create().await;
-    db.conn
-        .execute_unprepared(include_str!("mcp-data.sql"))
-        .await
-        .expect("bench data");
+    for statement in bench_data(USERS, 50) {
+        db.conn
+            .execute_unprepared(&statement)
+            .await
+            .expect("bench data");
+    }
     let mut config = api::Config::for_local(KEY);
     config.database_url = db.url.clone();
     config.redis_url = testkit::redis_url();
@@ -63,6 +65,28 @@ async fn start() -> Bench {
         _db: db,
         _shutdown: shutdown,
     }
+}
+
+/// `context-data.sql`, written for psql, as statements to run one after another: its `\`
+/// meta-commands dropped and its variables given (persons of one id); the load in one string, the
+/// upkeep after it (`VACUUM` cannot run inside a multi-statement string).
+fn bench_data(users: usize, per_user: usize) -> Vec<String> {
+    let sql = include_str!("context-data.sql")
+        .lines()
+        .filter(|line| !line.starts_with('\\'))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(":users", &users.to_string())
+        .replace(":per_user", &per_user.to_string())
+        .replace(":person_size", "1");
+    let (load, upkeep) = sql
+        .split_once("\nVACUUM")
+        .expect("context-data.sql ends with VACUUM");
+    let upkeep = format!("VACUUM{upkeep}");
+    let upkeep = upkeep.split(';').map(str::trim).filter(|s| !s.is_empty());
+    std::iter::once(load.to_string())
+        .chain(upkeep.map(String::from))
+        .collect()
 }
 
 impl Bench {

@@ -288,14 +288,14 @@ mod tests {
         assert!(none.ingest_api_keys.is_empty());
     }
 
-    /// README's configuration table documents every variable the api and the worker declare,
-    /// with the default they declare.
+    /// docs/configuration.md documents every variable the api and the worker declare, with the
+    /// default they declare.
     #[test]
-    fn readme_configuration_table_matches_the_declarations() {
+    fn configuration_table_matches_the_declarations() {
         use clap::Args;
 
-        let readme = include_str!("../../README.md");
-        let table: std::collections::HashMap<&str, &str> = readme
+        let doc = include_str!("../../docs/configuration.md");
+        let table: std::collections::HashMap<&str, &str> = doc
             .lines()
             .filter_map(|line| {
                 let mut cells = line.strip_prefix("| `")?.split(" | ");
@@ -310,13 +310,13 @@ mod tests {
             let var = arg.get_env().and_then(|v| v.to_str()).unwrap();
             let documented = table
                 .get(var)
-                .unwrap_or_else(|| panic!("README's configuration table lacks {var}"));
+                .unwrap_or_else(|| panic!("docs/configuration.md lacks {var}"));
             if let ([default], false) = (arg.get_default_values(), arg.is_hide_default_value_set())
             {
                 let default = default.to_str().unwrap();
                 assert!(
                     documented.starts_with(&format!("`{default}`")),
-                    "{var}: declared default {default:?}, README says {documented}"
+                    "{var}: declared default {default:?}, docs/configuration.md says {documented}"
                 );
             }
         }

@@ -3,22 +3,12 @@
 mod common;
 
 use chrono::{DateTime, Duration, Utc};
-use common::{INGEST_KEY, RequestExt, SECRET, TestApp, TestDb, test_config};
+use common::{Fixture, INGEST_KEY, RequestExt, SECRET, TestDb, spawn};
 use entity::{event, user_profile};
 use reqwest::StatusCode;
 use sea_orm::{ActiveModelTrait, IntoActiveModel};
 use serde_json::{Value, json};
 use uuid::Uuid;
-
-struct Fixture {
-    app: TestApp,
-    db: TestDb,
-}
-
-async fn spawn() -> Fixture {
-    let (app, db) = TestApp::spawn_with_db(test_config()).await;
-    Fixture { app, db }
-}
 
 fn ev(
     user: &str,

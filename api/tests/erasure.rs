@@ -6,8 +6,8 @@ mod common;
 
 use chrono::{DateTime, Utc};
 use common::{
-    INGEST_KEY, InProcessWorker, RequestExt, SECRET, TestApp, TestDb, WAIT, dead_letters,
-    publish_raw, redis, test_config, wait_until,
+    InProcessWorker, RequestExt, SECRET, TestApp, TestDb, WAIT, dead_letters, publish_raw, redis,
+    test_config, wait_until,
 };
 use infra::dlq::{DeadLetters, Selection};
 use redis::aio::ConnectionManager;
@@ -47,23 +47,8 @@ impl Fixture {
         self.app.start_worker(&self.db, "erasure")
     }
 
-    /// Sends `events` of `user` through `POST /batch`.
     async fn capture(&self, user: &str, events: &[Value]) {
-        let batch: Vec<Value> = events
-            .iter()
-            .map(|e| {
-                let mut e = e.clone();
-                e["distinct_id"] = json!(user);
-                e
-            })
-            .collect();
-        let resp = self
-            .app
-            .post("/batch/")
-            .json(&json!({"api_key": INGEST_KEY, "batch": batch}))
-            .answer()
-            .await;
-        assert_eq!(resp.status(), StatusCode::OK);
+        self.app.capture(user, events).await
     }
 
     fn delete_request(&self, user: &str) -> impl Future<Output = Value> + Send + 'static {

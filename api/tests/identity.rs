@@ -6,23 +6,13 @@ mod common;
 
 use chrono::{DateTime, Utc};
 use common::{
-    INGEST_KEY, InProcessWorker, RequestExt, SECRET, TestApp, TestDb, WAIT, publish_raw, redis,
-    test_config, wait_until,
+    Fixture, InProcessWorker, RequestExt, SECRET, TestDb, WAIT, publish_raw, redis, spawn,
+    wait_until,
 };
 use reqwest::StatusCode;
 use sea_orm::sqlx::{self, Connection, PgConnection, Row};
 use serde_json::{Value, json};
 use uuid::Uuid;
-
-struct Fixture {
-    app: TestApp,
-    db: TestDb,
-}
-
-async fn spawn() -> Fixture {
-    let (app, db) = TestApp::spawn_with_db(test_config()).await;
-    Fixture { app, db }
-}
 
 /// A posthog-js style pageview of `path` in session `s1`.
 fn pageview(path: &str) -> Value {
@@ -41,23 +31,8 @@ impl Fixture {
         self.app.start_worker(&self.db, "identity")
     }
 
-    /// Sends `events` of `user` through `POST /batch`, as the SDKs do.
     async fn capture(&self, user: &str, events: &[Value]) {
-        let batch: Vec<Value> = events
-            .iter()
-            .map(|e| {
-                let mut e = e.clone();
-                e["distinct_id"] = json!(user);
-                e
-            })
-            .collect();
-        let resp = self
-            .app
-            .post("/batch/")
-            .json(&json!({"api_key": INGEST_KEY, "batch": batch}))
-            .answer()
-            .await;
-        assert_eq!(resp.status(), StatusCode::OK);
+        self.app.capture(user, events).await
     }
 
     async fn stored(&self) -> i64 {
@@ -83,14 +58,7 @@ impl Fixture {
     }
 
     async fn text(&self, user: &str) -> String {
-        self.app
-            .get(&format!("/context/user/{user}?format=text"))
-            .key(SECRET)
-            .answer()
-            .await
-            .text()
-            .await
-            .unwrap()
+        self.app.context_text(user).await
     }
 }
 

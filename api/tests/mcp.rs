@@ -154,14 +154,7 @@ async fn an_agent_lists_and_calls_every_tool() {
     // get_user_context: the text of GET /context?format=text, the JSON alongside.
     let result = call(&client, "get_user_context", json!({"user_id": "mcp-buyer"})).await;
     assert_eq!(result.is_error, Some(false), "{result:?}");
-    let http_text = app
-        .get("/context/user/mcp-buyer?format=text")
-        .key(SECRET)
-        .answer()
-        .await
-        .text()
-        .await
-        .unwrap();
+    let http_text = app.context_text("mcp-buyer").await;
     assert_eq!(text_of(&result), http_text);
     assert!(http_text.contains("never instructions"), "{http_text}");
     let structured = result.structured_content.expect("structured context");

@@ -67,14 +67,7 @@ async fn events_flow_from_capture_to_context() {
     assert_eq!(context["stats"]["session_count"], 1);
 
     // The prompt text form of the same context.
-    let text = app
-        .get("/context/user/user_1?format=text")
-        .key(SECRET)
-        .answer()
-        .await
-        .text()
-        .await
-        .unwrap();
+    let text = app.context_text("user_1").await;
     assert!(
         text.contains("Summary: User showing Purchase Intent."),
         "{text}"

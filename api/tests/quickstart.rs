@@ -383,18 +383,13 @@ async fn healthcheck_exits_0_while_the_api_serves_and_1_otherwise() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
-/// README's configuration table and `.env.example` document the same variables, with the
+/// docs/configuration.md's table and `.env.example` document the same variables, with the
 /// same defaults.
 #[test]
-fn readme_configuration_table_matches_env_example() {
-    let readme = readme();
-    let section = readme
-        .split("\n## Configuration")
-        .nth(1)
-        .expect("README.md has a Configuration section");
-    let section = section.split("\n## ").next().unwrap();
+fn configuration_table_matches_env_example() {
+    let doc = std::fs::read_to_string(workspace_root().join("docs/configuration.md")).unwrap();
     let mut table = std::collections::BTreeMap::new();
-    for row in section.lines().filter(|l| l.starts_with("| `")) {
+    for row in doc.lines().filter(|l| l.starts_with("| `")) {
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
         table.insert(cells[1].trim_matches('`').to_string(), cells[2].to_string());
     }
@@ -402,7 +397,7 @@ fn readme_configuration_table_matches_env_example() {
         .into_iter()
         .map(|var| (var.name.clone(), var))
         .collect();
-    let only_readme: Vec<_> = table
+    let only_doc: Vec<_> = table
         .keys()
         .filter(|k| !documented.contains_key(*k))
         .collect();
@@ -411,13 +406,13 @@ fn readme_configuration_table_matches_env_example() {
         .filter(|k| !table.contains_key(*k))
         .collect();
     assert!(
-        only_readme.is_empty() && only_example.is_empty(),
-        "README's configuration table only: {only_readme:?}; .env.example only: {only_example:?}"
+        only_doc.is_empty() && only_example.is_empty(),
+        "docs/configuration.md only: {only_doc:?}; .env.example only: {only_example:?}"
     );
     for (name, var) in &documented {
         assert!(
             var.commented || var.value.is_empty() || table[name].contains(var.value.as_str()),
-            "{name}: README's default is {:?}, .env.example's is {:?}",
+            "{name}: docs/configuration.md's default is {:?}, .env.example's is {:?}",
             table[name],
             var.value
         );

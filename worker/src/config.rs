@@ -258,6 +258,9 @@ mod tests {
         assert_eq!(config.write_concurrency, 4);
         assert_eq!(config.database_pool_size, 5);
         assert!(config.migrate_on_start);
+        assert!(config.reenrich_on_reload);
+        assert_eq!(config.reenrich_batch_size, 500);
+        assert_eq!(config.reenrich_pause, Duration::from_millis(200));
         assert_eq!(
             config.metrics_bind,
             Some(DEFAULT_METRICS_BIND.parse().unwrap())
@@ -280,6 +283,7 @@ mod tests {
             ("WRITE_CONCURRENCY", "0"),
             ("MIGRATE_ON_START", "maybe"),
             ("WORKER_NAME", "a b"),
+            ("QUEUE_NAME", "event stream"),
             ("WORKER_METRICS_BIND", "9100"),
             ("READ_AHEAD_BYTES", "64MiB"),
             ("READ_AHEAD_BYTES", "1048575"),
@@ -287,6 +291,12 @@ mod tests {
             ("MAX_EVENT_BYTES", "100"),
             ("DLQ_MAXLEN", "0"),
             ("DLQ_MAXLEN", "lots"),
+            ("REENRICH_ON_RELOAD", "maybe"),
+            ("REENRICH_BATCH_SIZE", "0"),
+            ("REENRICH_BATCH_SIZE", "10001"),
+            ("REENRICH_BATCH_SIZE", "many"),
+            ("REENRICH_PAUSE_MS", "-1"),
+            ("REENRICH_PAUSE_MS", "soon"),
         ] {
             let err = Config::from_vars(&Vars::from_map([(var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{err}");

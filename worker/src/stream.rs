@@ -133,19 +133,7 @@ impl Streams {
             .arg(count)
             .query_async(&mut self.commands.clone())
             .await?;
-        let bad = |reply: &Value| StreamError::Reply {
-            command: "XAUTOCLAIM",
-            reply: format!("{reply:?}"),
-        };
-        let Value::Array(mut items) = reply else {
-            return Err(bad(&reply));
-        };
-        if items.len() < 2 {
-            return Err(bad(&Value::Array(items)));
-        }
-        let claimed = items.swap_remove(1);
-        let next = bytes(items.swap_remove(0)).map(|b| String::from_utf8_lossy(&b).into_owned());
-        let next = next.ok_or_else(|| bad(&claimed))?;
+        let (next, claimed) = autoclaim_reply(reply)?;
         let mut entries = parse_entries(claimed)?;
         entries.iter_mut().for_each(|e| e.shard = shard);
         self.fill_deliveries(shard, &mut entries).await?;
@@ -171,22 +159,10 @@ impl Streams {
                 .arg("JUSTID")
                 .query_async(&mut self.commands.clone())
                 .await?;
-            let bad = |reply: &Value| StreamError::Reply {
-                command: "XAUTOCLAIM",
-                reply: format!("{reply:?}"),
-            };
-            let Value::Array(mut items) = reply else {
-                return Err(bad(&reply));
-            };
-            if items.len() < 2 {
-                return Err(bad(&Value::Array(items)));
-            }
-            if let Value::Array(ids) = items.swap_remove(1) {
+            let (next, ids) = autoclaim_reply(reply)?;
+            if let Value::Array(ids) = ids {
                 moved += ids.len();
             }
-            let next = bytes(items.swap_remove(0))
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .ok_or_else(|| bad(&Value::Nil))?;
             if next == "0-0" {
                 return Ok(moved);
             }
@@ -364,6 +340,25 @@ fn by_shard(ids: &[EntryId]) -> Vec<(usize, Vec<&str>)> {
         shards.entry(*shard).or_default().push(id);
     }
     shards.into_iter().collect()
+}
+
+/// Splits an `XAUTOCLAIM` reply into the next cursor and the claimed part (entries, or ids with
+/// `JUSTID`); the deleted-ids part that Redis 7 appends is not needed here.
+fn autoclaim_reply(reply: Value) -> Result<(String, Value), StreamError> {
+    let bad = |reply: &Value| StreamError::Reply {
+        command: "XAUTOCLAIM",
+        reply: format!("{reply:?}"),
+    };
+    let Value::Array(mut items) = reply else {
+        return Err(bad(&reply));
+    };
+    if items.len() < 2 {
+        return Err(bad(&Value::Array(items)));
+    }
+    let claimed = items.swap_remove(1);
+    let next = bytes(items.swap_remove(0)).map(|b| String::from_utf8_lossy(&b).into_owned());
+    let next = next.ok_or_else(|| bad(&claimed))?;
+    Ok((next, claimed))
 }
 
 /// Parses an `XREADGROUP` reply (RESP2 array or RESP3 map of streams).

@@ -9,7 +9,7 @@ use std::{net::SocketAddr, time::Duration};
 use api::Config;
 use entity::Envelope;
 use reqwest::{RequestBuilder, Response, StatusCode};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -156,6 +156,31 @@ impl TestApp {
         (resp.status(), resp.json().await.unwrap())
     }
 
+    /// `GET /context/user/{user}?format=text` with the secret key: the prompt text.
+    pub async fn context_text(&self, user: &str) -> String {
+        let resp = self
+            .get(&format!("/context/user/{user}?format=text"))
+            .key(SECRET)
+            .answer()
+            .await;
+        resp.text().await.unwrap()
+    }
+
+    /// Sends `events` as `user`'s through `POST /batch`, as the SDKs do; expects 200.
+    pub async fn capture(&self, user: &str, events: &[Value]) {
+        let batch: Vec<Value> = events
+            .iter()
+            .map(|e| {
+                let mut e = e.clone();
+                e["distinct_id"] = json!(user);
+                e
+            })
+            .collect();
+        let body = json!({"api_key": INGEST_KEY, "batch": batch});
+        let resp = self.post("/batch/").json(&body).answer().await;
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+
     /// `GET /ready`: the status and the body.
     pub async fn ready(&self) -> (StatusCode, Value) {
         let resp = self.get("/ready").answer().await;
@@ -236,6 +261,17 @@ impl Drop for TestApp {
 }
 
 /// A worker replica running in this process.
+/// The api on a database of its own, as most read-path tests want it.
+pub struct Fixture {
+    pub app: TestApp,
+    pub db: TestDb,
+}
+
+pub async fn spawn() -> Fixture {
+    let (app, db) = TestApp::spawn_with_db(test_config()).await;
+    Fixture { app, db }
+}
+
 pub struct InProcessWorker {
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), worker::WorkerError>>,

@@ -116,20 +116,41 @@ impl Description {
     }
 }
 
+/// `SELECT columns FROM events`, newest first below the cursor (`$1`, `$2`; none: from the
+/// newest), not older than `$3` (none: all), at most `limit` rows: the one walk that re-enrichment,
+/// its dry run and the shadow comparison share, along the (timestamp, uuid) index.
+pub(crate) fn walk_sql(columns: &str, limit: &str) -> String {
+    format!(
+        "SELECT {columns} FROM events \
+         WHERE ($1::timestamptz IS NULL OR (\"timestamp\", uuid) < ($1, $2)) \
+           AND ($3::timestamptz IS NULL OR \"timestamp\" >= $3) \
+         ORDER BY \"timestamp\" DESC, uuid DESC LIMIT {limit}"
+    )
+}
+
+/// Up to `limit` stored events, newest first, below `cursor` and since `since` (see [`walk_sql`]).
+pub async fn page(
+    pool: &sqlx::PgPool,
+    cursor: Option<(DateTime<Utc>, Uuid)>,
+    since: Option<DateTime<Utc>>,
+    limit: i64,
+) -> Result<Vec<StoredRow>, StoreError> {
+    let (at, uuid) = cursor.unzip();
+    let rows = sqlx::query(sqlx::AssertSqlSafe(walk_sql(ROW_COLUMNS, "$4")))
+        .bind(at)
+        .bind(uuid)
+        .bind(since)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(StoredRow::read).collect()
+}
+
 /// The newest stored events, newest first: the last `limit`, or those since `since`.
 pub async fn newest(
     pool: &sqlx::PgPool,
     limit: i64,
     since: Option<DateTime<Utc>>,
 ) -> Result<Vec<StoredRow>, StoreError> {
-    let sql = format!(
-        "SELECT {ROW_COLUMNS} FROM events WHERE ($1::timestamptz IS NULL OR \"timestamp\" >= $1) \
-         ORDER BY \"timestamp\" DESC, uuid DESC LIMIT $2"
-    );
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(since)
-        .bind(limit)
-        .fetch_all(pool)
-        .await?;
-    rows.iter().map(StoredRow::read).collect()
+    page(pool, None, since, limit).await
 }

@@ -24,7 +24,7 @@ use infra::postgres::StoreError;
 use rules_engine::enrich::IntentHit;
 use rules_engine::{RuleSet, RulesHandle};
 
-use super::{Description, ROW_COLUMNS, StoredRow, compare::Comparison};
+use super::{Description, ROW_COLUMNS, StoredRow, compare::Comparison, walk_sql};
 use crate::metrics::WorkerMetrics;
 use crate::profile::add_intent;
 
@@ -145,19 +145,15 @@ pub async fn step(pool: &sqlx::PgPool, set: &RuleSet, batch: usize) -> Result<St
     // The next keys below the cursor, with their version (from the index alone), up to `batch`
     // of other versions; then those events in full.
     let (cursor_at, cursor_uuid) = pass.cursor.unzip();
-    let keys = sqlx::query(
-        "SELECT \"timestamp\", uuid, rules_version <> $4 FROM events \
-         WHERE ($1::timestamptz IS NULL OR (\"timestamp\", uuid) < ($1, $2)) \
-           AND ($3::timestamptz IS NULL OR \"timestamp\" >= $3) \
-         ORDER BY \"timestamp\" DESC, uuid DESC LIMIT $5",
-    )
-    .bind(cursor_at)
-    .bind(cursor_uuid)
-    .bind(pass.since)
-    .bind(set.version())
-    .bind((batch * KEYS_PER_EVENT) as i64)
-    .fetch_all(&mut *txn)
-    .await?;
+    let sql = walk_sql("\"timestamp\", uuid, rules_version <> $4", "$5");
+    let keys = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(cursor_at)
+        .bind(cursor_uuid)
+        .bind(pass.since)
+        .bind(set.version())
+        .bind((batch * KEYS_PER_EVENT) as i64)
+        .fetch_all(&mut *txn)
+        .await?;
     let mut walked = 0;
     let mut wanted = Vec::new();
     let mut last = None;
@@ -385,30 +381,16 @@ pub async fn dry_run(
     set: &RuleSet,
     since: Option<DateTime<Utc>>,
 ) -> Result<Comparison, StoreError> {
+    const PAGE: usize = 1000;
     let mut comparison = Comparison::default();
-    let mut cursor: Option<(DateTime<Utc>, Uuid)> = None;
-    let sql = format!(
-        "SELECT {ROW_COLUMNS} FROM events \
-         WHERE ($1::timestamptz IS NULL OR (\"timestamp\", uuid) < ($1, $2)) \
-           AND ($3::timestamptz IS NULL OR \"timestamp\" >= $3) \
-         ORDER BY \"timestamp\" DESC, uuid DESC LIMIT 1000"
-    );
+    let mut cursor = None;
     loop {
-        let (at, uuid) = cursor.unzip();
-        let rows: Vec<StoredRow> = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-            .bind(at)
-            .bind(uuid)
-            .bind(since)
-            .fetch_all(pool)
-            .await?
-            .iter()
-            .map(StoredRow::read)
-            .collect::<Result<_, _>>()?;
+        let rows = super::page(pool, cursor, since, PAGE as i64).await?;
         for row in rows.iter().filter(|r| r.rules_version != set.version()) {
             comparison.add(row, &row.stored, &row.describe(set));
         }
         match rows.last() {
-            Some(last) if rows.len() == 1000 => cursor = Some((last.timestamp, last.uuid)),
+            Some(last) if rows.len() == PAGE => cursor = Some((last.timestamp, last.uuid)),
             _ => return Ok(comparison),
         }
     }
