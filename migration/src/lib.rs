@@ -4,34 +4,6 @@
 pub use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::{DatabaseConnection, DbBackend, Statement, TransactionTrait};
 
-/// The migration trait for a file's `Migration` written as SQL: `up` and `down` each run as one
-/// batch of statements (`execute_unprepared`). The file keeps its `#[derive(DeriveMigrationName)]`,
-/// so its recorded name stays the file's.
-macro_rules! sql_migration {
-    ($up:expr, $down:expr $(,)?) => {
-        #[async_trait::async_trait]
-        impl MigrationTrait for Migration {
-            async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-                use sea_orm_migration::sea_orm::ConnectionTrait;
-                manager
-                    .get_connection()
-                    .execute_unprepared($up)
-                    .await
-                    .map(drop)
-            }
-
-            async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-                use sea_orm_migration::sea_orm::ConnectionTrait;
-                manager
-                    .get_connection()
-                    .execute_unprepared($down)
-                    .await
-                    .map(drop)
-            }
-        }
-    };
-}
-
 mod m20261128_000001_events_and_profiles;
 mod m20261210_000001_erasures;
 mod m20261211_000001_ignored_events;

@@ -2,6 +2,7 @@
 //! Written as SQL because the schema is Postgres-only (jsonb, timestamptz, DESC index).
 
 use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::ConnectionTrait;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -51,4 +52,21 @@ DROP TABLE IF EXISTS user_profiles;
 DROP TABLE IF EXISTS events;
 "#;
 
-sql_migration!(UP, DOWN);
+#[async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared(UP)
+            .await
+            .map(drop)
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared(DOWN)
+            .await
+            .map(drop)
+    }
+}

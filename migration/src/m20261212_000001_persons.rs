@@ -8,6 +8,7 @@
 //!   one id, not identified. Indexed by person, so reading every id of a person is an index scan.
 
 use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::ConnectionTrait;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -32,4 +33,21 @@ DROP TABLE IF EXISTS person_distinct_ids;
 DROP TABLE IF EXISTS persons;
 "#;
 
-sql_migration!(UP, DOWN);
+#[async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared(UP)
+            .await
+            .map(drop)
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared(DOWN)
+            .await
+            .map(drop)
+    }
+}

@@ -9,6 +9,7 @@
 //! - `user_profiles (last_seen DESC)` answers "who was active since …".
 
 use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::ConnectionTrait;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -74,4 +75,15 @@ DROP INDEX IF EXISTS user_profiles_last_seen_idx;
 DROP TABLE IF EXISTS user_intents;
 "#;
 
-sql_migration!(UP, DOWN);
+#[async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager.get_connection().execute_unprepared(UP).await?;
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager.get_connection().execute_unprepared(DOWN).await?;
+        Ok(())
+    }
+}

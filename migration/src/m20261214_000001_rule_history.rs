@@ -10,6 +10,7 @@
 //!   rows and a restart resumes from the cursor.
 
 use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::ConnectionTrait;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -36,4 +37,21 @@ DROP TABLE IF EXISTS rules_reenrich;
 DROP INDEX IF EXISTS events_timestamp_uuid_idx;
 "#;
 
-sql_migration!(UP, DOWN);
+#[async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared(UP)
+            .await
+            .map(drop)
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .get_connection()
+            .execute_unprepared(DOWN)
+            .await
+            .map(drop)
+    }
+}
