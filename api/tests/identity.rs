@@ -6,8 +6,8 @@ mod common;
 
 use chrono::{DateTime, Utc};
 use common::{
-    Fixture, InProcessWorker, RequestExt, SECRET, TestDb, WAIT, publish_raw, redis, spawn,
-    wait_until,
+    Fixture, InProcessWorker, RequestExt, SECRET, TestApp, TestDb, WAIT, publish_raw, redis, spawn,
+    test_config, wait_until,
 };
 use reqwest::StatusCode;
 use sea_orm::sqlx::{self, Connection, PgConnection, Row};
