@@ -268,7 +268,7 @@ async fn a_request_queued_in_part_answers_503_and_its_retry_stores_each_event_on
     );
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["code"], "queue_partially_written", "{body}");
-    assert_eq!(body["error"], "unavailable", "{body}");
+    assert_eq!(body["type"], "unavailable", "{body}");
     for shard in [0, 1, 3] {
         assert_eq!(
             common::xlen(&redis, shards.key(shard)).await,

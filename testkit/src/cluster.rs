@@ -2,7 +2,8 @@
 //! ports, `redis-cli --cluster create`), shared by every test of the process, and gone with it.
 //!
 //! Each node runs under a small shell watchdog that stops it once the test process has exited,
-//! however it exits (statics are never dropped): `cargo test` leaves no `redis-server` behind.
+//! however it exits (statics are never dropped), and removes the nodes' files: `cargo test`
+//! leaves no `redis-server` behind.
 
 use std::{
     net::TcpListener,
@@ -18,8 +19,6 @@ const FORM_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct RedisCluster {
     /// `redis://127.0.0.1:P` of each master.
     pub nodes: Vec<String>,
-    /// Their configuration files (`nodes-P.conf`), removed when the process exits.
-    _dir: tempfile::TempDir,
 }
 
 impl RedisCluster {
@@ -45,21 +44,22 @@ pub fn redis_cluster() -> &'static RedisCluster {
 }
 
 fn start() -> RedisCluster {
-    let dir = tempfile::tempdir().expect("a temporary directory");
+    // Removed by the nodes' watchdogs (a static's guard would never drop).
+    let dir = tempfile::tempdir().expect("a temporary directory").keep();
     let ports = free_ports(3);
     let parent = std::process::id();
     for port in &ports {
-        let conf = dir.path().join(format!("nodes-{port}.conf"));
+        let conf = dir.join(format!("nodes-{port}.conf"));
         // The node runs in the background of a shell that waits for the test process to be gone,
-        // then stops it (and stops waiting if the node died first).
+        // then stops it (and stops waiting if the node died first) and removes the files.
         let script = format!(
             "redis-server --cluster-enabled yes --port {port} --bind 127.0.0.1 \
              --cluster-config-file '{conf}' --dir '{dir}' --save '' --appendonly no \
              --daemonize no --loglevel warning & node=$!; \
              while kill -0 {parent} 2>/dev/null && kill -0 $node 2>/dev/null; do sleep 0.2; done; \
-             kill $node 2>/dev/null",
+             kill $node 2>/dev/null; wait $node; rm -rf '{dir}'",
             conf = conf.display(),
-            dir = dir.path().display(),
+            dir = dir.display(),
         );
         Command::new("sh")
             .arg("-c")
@@ -98,7 +98,7 @@ fn start() -> RedisCluster {
                 .is_some_and(|info| info.contains("cluster_state:ok"))
         });
     }
-    RedisCluster { nodes, _dir: dir }
+    RedisCluster { nodes }
 }
 
 /// `count` ports free now whose cluster bus port (`+10000`) is free too.

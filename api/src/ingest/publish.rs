@@ -54,11 +54,11 @@ pub enum PublishError {
     #[error("stream backlog is {backlog} entries, over the bound of {max}")]
     Backlog { backlog: u64, max: u64 },
     /// On a cluster: the events of some shards were queued, those of others were not.
-    #[error("{failed} of {shards} shards' appends failed after others were queued: {error}")]
+    #[error("{failed} of {shards} shards' appends failed while others were queued: {error}")]
     Partial {
         failed: usize,
         shards: usize,
-        error: redis::RedisError,
+        error: Box<PublishError>,
     },
 }
 
@@ -218,13 +218,9 @@ impl Publisher {
         let traceparent = telemetry::traceparent(&span);
         let started = std::time::Instant::now();
         if self.conn.is_cluster() {
-            tokio::time::timeout(
-                self.timeout,
-                self.publish_per_shard(events, traceparent.as_deref()),
-            )
-            .instrument(span)
-            .await
-            .map_err(|_| PublishError::Timeout(self.timeout))??;
+            self.publish_per_shard(events, traceparent.as_deref())
+                .instrument(span)
+                .await?;
         } else {
             let pipe = xadd_pipeline(&self.shards, events, traceparent.as_deref());
             let mut conn = self.conn.clone();
@@ -246,7 +242,8 @@ impl Publisher {
         Ok(())
     }
 
-    /// A cluster's appends: one MULTI/EXEC per shard the events go to, all sent at once.
+    /// A cluster's appends: one MULTI/EXEC per shard the events go to, all sent at once, each
+    /// within the timeout (so that which shards were queued is known).
     async fn publish_per_shard(
         &self,
         events: &[Queued],
@@ -262,7 +259,12 @@ impl Publisher {
         let appends = by_shard.values().map(|events| {
             let pipe = xadd_pipeline_of(&self.shards, events.iter().copied(), traceparent);
             let mut conn = self.conn.clone();
-            async move { pipe.query_async::<()>(&mut conn).await }
+            async move {
+                tokio::time::timeout(self.timeout, pipe.query_async::<()>(&mut conn))
+                    .await
+                    .map_err(|_| PublishError::Timeout(self.timeout))?
+                    .map_err(PublishError::from)
+            }
         });
         let results = futures_util::future::join_all(appends).await;
         let shards = results.len();
@@ -273,12 +275,12 @@ impl Publisher {
         let failed = 1 + errors.count();
         if failed == shards {
             // Nothing was queued: the same answer as on one Redis.
-            return Err(error.into());
+            return Err(error);
         }
         Err(PublishError::Partial {
             failed,
             shards,
-            error,
+            error: Box::new(error),
         })
     }
 
