@@ -175,6 +175,8 @@ fn is_tls(info: &redis::ConnectionInfo) -> bool {
 }
 
 /// Where Redis is: one server, or a Redis Cluster reached through its seed nodes.
+// A few made per process: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum RedisClient {
     Single(Client),

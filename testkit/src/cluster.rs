@@ -19,6 +19,8 @@ const FORM_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct RedisCluster {
     /// `redis://127.0.0.1:P` of each master.
     pub nodes: Vec<String>,
+    /// The nodes' watchdog shells: they outlive this process by design, so none is waited for.
+    _watchdogs: Vec<std::process::Child>,
 }
 
 impl RedisCluster {
@@ -48,6 +50,7 @@ fn start() -> RedisCluster {
     let dir = tempfile::tempdir().expect("a temporary directory").keep();
     let ports = free_ports(3);
     let parent = std::process::id();
+    let mut watchdogs = Vec::new();
     for port in &ports {
         let conf = dir.join(format!("nodes-{port}.conf"));
         // The node runs in the background of a shell that waits for the test process to be gone,
@@ -61,13 +64,14 @@ fn start() -> RedisCluster {
             conf = conf.display(),
             dir = dir.display(),
         );
-        Command::new("sh")
+        let watchdog = Command::new("sh")
             .arg("-c")
             .arg(script)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
             .expect("sh runs redis-server (is Redis installed?)");
+        watchdogs.push(watchdog);
     }
     let nodes: Vec<String> = ports
         .iter()
@@ -98,7 +102,10 @@ fn start() -> RedisCluster {
                 .is_some_and(|info| info.contains("cluster_state:ok"))
         });
     }
-    RedisCluster { nodes }
+    RedisCluster {
+        nodes,
+        _watchdogs: watchdogs,
+    }
 }
 
 /// `count` ports free now whose cluster bus port (`+10000`) is free too.
