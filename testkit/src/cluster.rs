@@ -38,11 +38,32 @@ impl RedisCluster {
     }
 }
 
-/// The process's cluster, started on first call (a few seconds); panics when `redis-server` or
-/// `redis-cli` is missing or the cluster does not form.
-pub fn redis_cluster() -> &'static RedisCluster {
-    static CLUSTER: OnceLock<RedisCluster> = OnceLock::new();
-    CLUSTER.get_or_init(start)
+/// The process's cluster, started on first call (a few seconds); panics when it does not form.
+/// `None` (with a note) where `redis-server` or `redis-cli` is not on PATH (a machine whose Redis
+/// runs in Docker), except in CI (`CI` set), where that fails the test.
+pub fn redis_cluster() -> Option<&'static RedisCluster> {
+    static CLUSTER: OnceLock<Option<RedisCluster>> = OnceLock::new();
+    CLUSTER
+        .get_or_init(|| match missing_tool() {
+            Some(tool) => {
+                assert!(std::env::var_os("CI").is_none(), "{tool} is not on PATH");
+                eprintln!("skipped: {tool} is not on PATH (install Redis 7 to run the cluster tests)");
+                None
+            }
+            None => Some(start()),
+        })
+        .as_ref()
+}
+
+fn missing_tool() -> Option<&'static str> {
+    ["redis-server", "redis-cli"].into_iter().find(|tool| {
+        Command::new(tool)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_err()
+    })
 }
 
 fn start() -> RedisCluster {
