@@ -25,7 +25,10 @@ fn cluster_config() -> Option<api::Config> {
 }
 
 async fn cluster_connection() -> RedisConn {
-    redis_cluster().expect("the cluster runs").connection().await
+    redis_cluster()
+        .expect("the cluster runs")
+        .connection()
+        .await
 }
 
 fn shards_of(app: &TestApp) -> StreamShards {

@@ -47,7 +47,9 @@ pub fn redis_cluster() -> Option<&'static RedisCluster> {
         .get_or_init(|| match missing_tool() {
             Some(tool) => {
                 assert!(std::env::var_os("CI").is_none(), "{tool} is not on PATH");
-                eprintln!("skipped: {tool} is not on PATH (install Redis 7 to run the cluster tests)");
+                eprintln!(
+                    "skipped: {tool} is not on PATH (install Redis 7 to run the cluster tests)"
+                );
                 None
             }
             None => Some(start()),
