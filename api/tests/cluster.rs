@@ -181,6 +181,20 @@ async fn a_batch_over_several_shards_reaches_the_context_in_order_and_once_on_a_
     })
     .await;
     assert_eq!(common::xlen(&redis, &app.config.dlq_name).await, 0);
+
+    // The unmatched-events report (two keys in one slot, one transaction) and the start-up check
+    // of the Redis settings reach the cluster too.
+    wait_until(WAIT, "the worker's unmatched shapes reported", || async {
+        let report = app.get("/rules/unmatched").key(SECRET).answer_json().await;
+        report["total_shapes"].as_u64() > Some(0)
+    })
+    .await;
+    wait_until(WAIT, "the Redis settings read from a node", || async {
+        app.metrics()
+            .await
+            .contains("clickstream_redis_config_unsafe{setting=\"persistence\"}")
+    })
+    .await;
     worker.stop().await;
 }
 
