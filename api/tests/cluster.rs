@@ -181,6 +181,11 @@ async fn a_batch_over_several_shards_reaches_the_context_in_order_and_once_on_a_
     })
     .await;
     assert_eq!(common::xlen(&redis, &app.config.dlq_name).await, 0);
+    // `worker dlq list`, as an operator runs it against the cluster.
+    let cli = common::worker_config(&app.config, &db.url, "cli");
+    let list = worker::cli::DlqCommand::List { limit: 10 };
+    let exit = worker::cli::dlq(&cli, &list).await.unwrap();
+    assert_eq!(exit, std::process::ExitCode::SUCCESS);
 
     // The unmatched-events report (two keys in one slot, one transaction) and the start-up check
     // of the Redis settings reach the cluster too.
