@@ -24,6 +24,9 @@ fn cluster_config() -> Option<api::Config> {
     Some(config)
 }
 
+/// Held shared by every test on the cluster, and alone by the one that stalls a node.
+static STALLS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 async fn cluster_connection() -> RedisConn {
     redis_cluster()
         .expect("the cluster runs")
@@ -95,6 +98,7 @@ async fn a_batch_over_several_shards_reaches_the_context_in_order_and_once_on_a_
     let Some(config) = cluster_config() else {
         return;
     };
+    let _shared = STALLS.read().await;
     let (app, db) = TestApp::spawn_with_db(config).await;
     let shards = shards_of(&app);
     let redis = cluster_connection().await;
@@ -208,6 +212,7 @@ async fn each_shard_is_owned_by_one_replica_on_a_cluster() {
     let Some(config) = cluster_config() else {
         return;
     };
+    let _shared = STALLS.read().await;
     let (app, db) = TestApp::spawn_with_db(config).await;
     let shards = shards_of(&app);
     let redis = cluster_connection().await;
@@ -271,6 +276,7 @@ async fn a_request_queued_in_part_answers_503_and_its_retry_stores_each_event_on
     let Some(config) = cluster_config() else {
         return;
     };
+    let _shared = STALLS.read().await;
     let (app, db) = TestApp::spawn_with_db(config).await;
     let shards = shards_of(&app);
     let redis = cluster_connection().await;
@@ -354,4 +360,86 @@ async fn redis_down_on_every_shard_answers_the_usual_503() {
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["code"], "queue_unavailable", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_whose_node_stalls_answers_503_and_the_retry_stores_each_event_once() {
+    let Some(mut config) = cluster_config() else {
+        return;
+    };
+    config.redis_timeout = Duration::from_millis(300);
+    let _alone = STALLS.write().await;
+    let (app, db) = TestApp::spawn_with_db(config).await;
+    let shards = shards_of(&app);
+    let redis = cluster_connection().await;
+    let users: Vec<String> = (0..SHARDS)
+        .map(|shard| {
+            (0..)
+                .map(|i| format!("s{i}"))
+                .find(|u| shards.shard_of(u) == shard)
+                .unwrap()
+        })
+        .collect();
+    let batch: Vec<Value> = users
+        .iter()
+        .map(|u| json!({"event": "e", "distinct_id": u, "uuid": uuid::Uuid::now_v7()}))
+        .collect();
+    // Shard 2's master takes no writes for a while: its shards time out, the others commit.
+    let stalled = node_of(&redis, shards.key(2)).await;
+    let mut on_stalled = Vec::new();
+    for shard in 0..SHARDS {
+        on_stalled.push(node_of(&redis, shards.key(shard)).await == stalled);
+    }
+    assert!(
+        on_stalled.contains(&false),
+        "some shard on another master: {on_stalled:?}"
+    );
+    let mut node = redis::Client::open(format!("redis://{stalled}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1_500)
+        .arg("WRITE")
+        .query_async(&mut node)
+        .await
+        .unwrap();
+    let resp = app.post("/batch").key(SECRET).json(&batch).answer().await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "queue_partially_written", "{body}");
+    for (shard, stalled) in on_stalled.iter().enumerate() {
+        if !stalled {
+            assert_eq!(
+                common::xlen(&redis, shards.key(shard)).await,
+                1,
+                "shard {shard}"
+            );
+        }
+    }
+
+    // The SDK retries once the node answers; the stalled appends may land as well (they were
+    // sent): the stream may hold an event twice, storage holds it once.
+    let () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut node)
+        .await
+        .unwrap();
+    let resp = app.post("/batch").key(SECRET).json(&batch).answer().await;
+    assert_eq!(resp.status(), StatusCode::OK, "the retry is queued whole");
+    let worker = app.start_worker(&db, "stalled");
+    wait_until(WAIT, "every shard stored and emptied", || async {
+        db.events().await == 4 && shards_empty(&redis, &shards).await
+    })
+    .await;
+    worker.stop().await;
+    assert_eq!(db.events().await, 4, "each event stored once");
+    assert_eq!(
+        db.count("SELECT sum(event_count)::bigint FROM user_profiles")
+            .await,
+        4,
+        "each event counted once"
+    );
 }
