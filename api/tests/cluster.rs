@@ -1,7 +1,9 @@
 //! The pipeline on a Redis Cluster (`REDIS_CLUSTER=true`, a local three-master cluster shared by
 //! this process's tests): a request's events queued with one MULTI per shard, each user's in order
-//! in one shard, stored once; shards owned by one replica each; a request whose shards were
-//! queued only in part answers 503, and its retry stores each event once.
+//! in one shard, stored once; a retired shard drained; erasure, the DLQ tools and the unmatched
+//! report on the cluster; shards owned by one replica each; a request whose shards were queued
+//! only in part (a shard's MULTI refused, or its master stalled) answers 503, and its retry stores
+//! each event once.
 
 mod common;
 
@@ -141,13 +143,22 @@ async fn a_batch_over_several_shards_reaches_the_context_in_order_and_once_on_a_
         "the backlog sums every shard of the cluster"
     );
 
+    // Two events left in the unsharded key (queued under STREAM_SHARDS=1): a retired shard,
+    // drained by the worker's sweep of the cluster.
+    let retired = [
+        common::envelope("retired-user", "e", json!({})),
+        common::envelope("retired-user", "e", json!({})),
+    ];
+    common::publish(&redis, &app.config.queue_name, &retired).await;
+
     let worker = app.start_worker(&db, "cluster");
     wait_until(WAIT, "every event stored", || async {
-        db.events().await == 40
+        db.events().await == 42
     })
     .await;
     wait_until(WAIT, "every shard acknowledged and emptied", || async {
         shards_empty(&redis, &shards).await
+            && common::xlen(&redis, &app.config.queue_name).await == 0
     })
     .await;
     let (status, body) = app.context("user-3").await;
@@ -156,7 +167,7 @@ async fn a_batch_over_several_shards_reaches_the_context_in_order_and_once_on_a_
     assert_eq!(body["freshness"]["pending_events"], 0, "{body}");
     assert_eq!(
         db.count("SELECT count(DISTINCT uuid) FROM events").await,
-        40
+        42
     );
 
     // Erasure (stored rows, dead letters, the unmatched report) and the DLQ tools on a cluster.
@@ -181,7 +192,7 @@ async fn a_batch_over_several_shards_reaches_the_context_in_order_and_once_on_a_
     assert_eq!(replayed.replayed.len(), 1);
     assert_eq!(replayed.replayed[0].1, shards.key_of("replayed-user"));
     wait_until(WAIT, "the replayed letter stored", || async {
-        db.events().await == 36
+        db.events().await == 38
     })
     .await;
     assert_eq!(common::xlen(&redis, &app.config.dlq_name).await, 0);
