@@ -7,6 +7,7 @@
 
 use std::{
     net::TcpListener,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::OnceLock,
     time::{Duration, Instant},
@@ -19,6 +20,8 @@ const FORM_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct RedisCluster {
     /// `redis://127.0.0.1:P` of each master.
     pub nodes: Vec<String>,
+    /// With TLS: the CA that signed the nodes' certificate (`REDIS_CA_CERT`).
+    pub ca: Option<PathBuf>,
     /// The nodes' watchdog shells: they outlive this process by design, so none is waited for.
     _watchdogs: Vec<std::process::Child>,
 }
@@ -31,7 +34,7 @@ impl RedisCluster {
 
     /// A connection to the cluster (commands routed by key), as the services make it.
     pub async fn connection(&self) -> infra::redis::RedisConn {
-        infra::redis::RedisClient::open(&self.redis_url(), true, None)
+        infra::redis::RedisClient::open(&self.redis_url(), true, self.ca.as_deref())
             .expect("the cluster's seeds parse")
             .connection(infra::redis::COMMAND_TIMEOUT)
             .expect("a cluster connection")
@@ -52,7 +55,7 @@ pub fn redis_cluster() -> Option<&'static RedisCluster> {
                 );
                 None
             }
-            None => Some(start()),
+            None => Some(start(None)),
         })
         .as_ref()
 }
@@ -68,7 +71,23 @@ fn missing_tool() -> Option<&'static str> {
     })
 }
 
-fn start() -> RedisCluster {
+/// The certificate files of a TLS cluster's nodes.
+pub struct TlsFiles<'a> {
+    /// The CA that signed `cert`.
+    pub ca: &'a Path,
+    /// The nodes' certificate (for 127.0.0.1) and its key.
+    pub cert: &'a Path,
+    pub key: &'a Path,
+}
+
+/// A cluster of its own whose nodes speak TLS only (client and cluster bus), `rediss://` seeds;
+/// its nodes stop when the test process ends. Needs `redis-server` and `redis-cli` built with
+/// TLS.
+pub fn start_tls_cluster(tls: &TlsFiles) -> RedisCluster {
+    start(Some(tls))
+}
+
+fn start(tls: Option<&TlsFiles>) -> RedisCluster {
     // Removed by the nodes' watchdogs (a static's guard would never drop).
     let dir = tempfile::tempdir().expect("a temporary directory").keep();
     let ports = free_ports(3);
@@ -78,8 +97,18 @@ fn start() -> RedisCluster {
         let conf = dir.join(format!("nodes-{port}.conf"));
         // The node runs in the background of a shell that waits for the test process to be gone,
         // then stops it (and stops waiting if the node died first) and removes the files.
+        let listen = match tls {
+            None => format!("--port {port}"),
+            Some(tls) => format!(
+                "--port 0 --tls-port {port} --tls-cluster yes --tls-auth-clients no \
+                 --tls-cert-file '{}' --tls-key-file '{}' --tls-ca-cert-file '{}'",
+                tls.cert.display(),
+                tls.key.display(),
+                tls.ca.display()
+            ),
+        };
         let script = format!(
-            "redis-server --cluster-enabled yes --port {port} --bind 127.0.0.1 \
+            "redis-server --cluster-enabled yes {listen} --bind 127.0.0.1 \
              --cluster-config-file '{conf}' --dir '{dir}' --save '' --appendonly no \
              --daemonize no --loglevel warning & node=$!; \
              while kill -0 {parent} 2>/dev/null && kill -0 $node 2>/dev/null; do sleep 0.2; done; \
@@ -96,37 +125,52 @@ fn start() -> RedisCluster {
             .expect("sh runs redis-server (is Redis installed?)");
         watchdogs.push(watchdog);
     }
+    let scheme = if tls.is_some() { "rediss" } else { "redis" };
     let nodes: Vec<String> = ports
         .iter()
-        .map(|p| format!("redis://127.0.0.1:{p}"))
+        .map(|p| format!("{scheme}://127.0.0.1:{p}"))
         .collect();
-    for node in &nodes {
-        wait_for(&format!("{node} answers PING"), || {
-            query::<String>(node, &redis::cmd("PING")).is_some()
+    for &port in &ports {
+        wait_for(&format!("node {port} answers PING"), || {
+            cli(port, tls, &["PING"]).is_some_and(|pong| pong.contains("PONG"))
         });
     }
-    let created = Command::new("redis-cli")
+    // It waits for the nodes to join for as long as it takes: bounded here.
+    let mut create = redis_cli(tls)
         .arg("--cluster")
         .arg("create")
         .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
         .args(["--cluster-replicas", "0", "--cluster-yes"])
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::null())
+        .spawn()
         .expect("redis-cli runs");
+    let deadline = Instant::now() + FORM_TIMEOUT;
+    let status = loop {
+        match create.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            _ if Instant::now() > deadline => {
+                let _ = create.kill();
+                let _ = create.wait();
+                break None;
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
     assert!(
-        created.status.success(),
-        "redis-cli --cluster create failed: {}{}",
-        String::from_utf8_lossy(&created.stdout),
-        String::from_utf8_lossy(&created.stderr)
+        status.is_some_and(|s| s.success()),
+        "redis-cli --cluster create failed or the nodes did not join: {status:?} (for TLS the \
+         nodes' certificate needs clientAuth too)"
     );
-    for node in &nodes {
-        wait_for(&format!("{node} reports cluster_state:ok"), || {
-            query::<String>(node, redis::cmd("CLUSTER").arg("INFO"))
+    for &port in &ports {
+        wait_for(&format!("node {port} reports cluster_state:ok"), || {
+            cli(port, tls, &["CLUSTER", "INFO"])
                 .is_some_and(|info| info.contains("cluster_state:ok"))
         });
     }
     RedisCluster {
         nodes,
+        ca: tls.map(|tls| tls.ca.to_path_buf()),
         _watchdogs: watchdogs,
     }
 }
@@ -151,12 +195,27 @@ fn free_ports(count: usize) -> Vec<u16> {
     ports
 }
 
-fn query<T: redis::FromRedisValue>(url: &str, cmd: &redis::Cmd) -> Option<T> {
-    let client = redis::Client::open(url).ok()?;
-    let mut conn = client
-        .get_connection_with_timeout(Duration::from_millis(500))
+/// `redis-cli`, with TLS (trusting the cluster's CA) when `tls`.
+fn redis_cli(tls: Option<&TlsFiles>) -> Command {
+    let mut cli = Command::new("redis-cli");
+    if let Some(tls) = tls {
+        cli.arg("--tls").arg("--cacert").arg(tls.ca);
+    }
+    cli
+}
+
+/// The reply of the node on `port` to `args` (`None` when it does not answer).
+fn cli(port: u16, tls: Option<&TlsFiles>, args: &[&str]) -> Option<String> {
+    let out = redis_cli(tls)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
         .ok()?;
-    cmd.query(&mut conn).ok()
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn wait_for(what: &str, mut check: impl FnMut() -> bool) {

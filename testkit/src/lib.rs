@@ -25,7 +25,7 @@ use std::{net::SocketAddr, time::Duration};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-pub use cluster::{RedisCluster, redis_cluster};
+pub use cluster::{RedisCluster, TlsFiles, redis_cluster, start_tls_cluster};
 pub use db::TestDb;
 pub use metrics::{Scrape, scrape};
 pub use proxy::Proxy;
