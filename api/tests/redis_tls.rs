@@ -1,6 +1,7 @@
 //! `rediss://`: the api, a worker and the worker's DLQ tool against a local `redis-server` that
 //! speaks TLS only, with a certificate authority this test makes (`openssl`) and passes as
-//! `REDIS_CA_CERT`. Without that CA the server's certificate is refused.
+//! `REDIS_CA_CERT`. Without that CA the server's certificate is refused. Then the same against a
+//! three-master Redis Cluster of its own speaking TLS only (`rediss://` seeds).
 
 mod common;
 
