@@ -245,16 +245,18 @@ impl RedisClient {
 
     /// A lazily connecting, reconnecting connection whose commands wait `response_timeout`.
     pub fn connection(&self, response_timeout: Duration) -> Result<RedisConn, RedisError> {
-        self.connection_with(response_timeout, COMMAND_TIMEOUT, 2)
+        self.connection_with(response_timeout, COMMAND_TIMEOUT, 2, Duration::from_secs(1))
     }
 
     /// [`Self::connection`], connecting within `connect_timeout` and retrying a failed command
-    /// `retries` times.
+    /// `retries` times, waiting at most `max_delay` before reconnecting to one Redis (a
+    /// cluster's client keeps its own backoff).
     pub fn connection_with(
         &self,
         response_timeout: Duration,
         connect_timeout: Duration,
         retries: u32,
+        max_delay: Duration,
     ) -> Result<RedisConn, RedisError> {
         match self {
             Self::Single(client) => {
@@ -262,7 +264,7 @@ impl RedisClient {
                     .set_response_timeout(Some(response_timeout))
                     .set_connection_timeout(Some(connect_timeout))
                     .set_number_of_retries(retries as usize)
-                    .set_max_delay(Duration::from_secs(1));
+                    .set_max_delay(max_delay);
                 Ok(RedisConn::Single(ConnectionManager::new_lazy_with_config(
                     client.clone(),
                     config,

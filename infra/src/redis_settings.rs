@@ -160,7 +160,7 @@ pub fn spawn_check(
                     .await
                     .map(Checked::Single),
                 cluster => cluster
-                    .connection_with(CHECK_TIMEOUT, CHECK_TIMEOUT, 0)
+                    .connection_with(CHECK_TIMEOUT, CHECK_TIMEOUT, 0, CHECK_TIMEOUT)
                     .map(Checked::Any),
             }
         };

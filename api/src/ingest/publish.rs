@@ -161,7 +161,7 @@ impl Publisher {
         timeout: Duration,
         max_backlog: u64,
     ) -> Result<Self, PublishError> {
-        let conn = client.connection_with(timeout, timeout, 1)?;
+        let conn = client.connection_with(timeout, timeout, 1, Duration::from_millis(500))?;
         Ok(Self {
             conn,
             shards,
