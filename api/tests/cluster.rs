@@ -3,7 +3,7 @@
 //! in one shard, stored once; a retired shard drained; erasure, the DLQ tools and the unmatched
 //! report on the cluster; shards owned by one replica each; a request whose shards were queued
 //! only in part (a shard's MULTI refused, or its master stalled) answers 503, and its retry stores
-//! each event once.
+//! each event once; an api started before the cluster answers queues once it does.
 
 mod common;
 
@@ -453,4 +453,30 @@ async fn a_shard_whose_node_stalls_answers_503_and_the_retry_stores_each_event_o
         4,
         "each event counted once"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_started_while_the_cluster_is_unreachable_queues_once_it_answers() {
+    let Some(mut config) = cluster_config() else {
+        return;
+    };
+    let _shared = STALLS.read().await;
+    // The one seed is a proxy, down at start; once up, the client learns the nodes through it.
+    let seed = &redis_cluster().expect("the cluster runs").nodes[0];
+    let proxy = common::Proxy::to(seed.trim_start_matches("redis://").to_string(), false).await;
+    config.redis_url = proxy.url(seed);
+    config.redis_timeout = Duration::from_millis(500);
+    let app = TestApp::spawn_with(config).await;
+    let event = json!({"event": "e", "distinct_id": "late"});
+    let resp = app.post("/capture").key(SECRET).json(&event).answer().await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(app.ready().await.0, StatusCode::SERVICE_UNAVAILABLE);
+
+    proxy.set_up(true);
+    wait_until(WAIT, "ingest queues once the cluster answers", || async {
+        let resp = app.post("/capture").key(SECRET).json(&event).answer().await;
+        resp.status() == StatusCode::OK
+    })
+    .await;
+    assert_eq!(app.ready().await.0, StatusCode::OK);
 }
