@@ -110,6 +110,7 @@ impl Config {
     pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
         let mut config: Self = read(vars)?;
         config.shared.for_service("api");
+        config.shared.validate()?;
         if config.ingest_max_inflight_bytes < config.max_body_bytes {
             return Err(ConfigError::new(
                 "INGEST_MAX_INFLIGHT_BYTES",

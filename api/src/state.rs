@@ -62,8 +62,15 @@ impl AppState {
     pub async fn new(config: Config, shutdown: CancellationToken) -> Result<Self, StateError> {
         let metrics = ApiMetrics::default();
         let publisher = Publisher::new(
-            &config.redis_url,
-            config.redis_ca_cert.as_deref(),
+            // Nagle's algorithm left on: concurrent requests share this connection, and their
+            // appends may go out together.
+            &infra::redis::RedisClient::open_with_nodelay(
+                &config.redis_url,
+                config.redis_cluster,
+                config.redis_ca_cert.as_deref(),
+                false,
+            )
+            .map_err(crate::ingest::publish::PublishError::from)?,
             config.shards(),
             config.redis_timeout,
             config.stream_max_backlog,

@@ -1,6 +1,7 @@
 //! `rediss://`: the api, a worker and the worker's DLQ tool against a local `redis-server` that
 //! speaks TLS only, with a certificate authority this test makes (`openssl`) and passes as
-//! `REDIS_CA_CERT`. Without that CA the server's certificate is refused.
+//! `REDIS_CA_CERT`. Without that CA the server's certificate is refused. Then the same against a
+//! three-master Redis Cluster of its own speaking TLS only (`rediss://` seeds).
 
 mod common;
 
@@ -14,14 +15,16 @@ use serde_json::json;
 /// have no `redis-server`. Then the test is skipped with a note, except in CI (`CI` set), where it
 /// fails.
 fn missing_tool() -> Option<&'static str> {
-    ["redis-server", "openssl"].into_iter().find(|tool| {
-        std::process::Command::new(tool)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_err()
-    })
+    ["redis-server", "redis-cli", "openssl"]
+        .into_iter()
+        .find(|tool| {
+            std::process::Command::new(tool)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_err()
+        })
 }
 
 /// Runs `openssl` with `args` in `dir`; panics with its stderr when it fails.
@@ -38,7 +41,8 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// A CA (`ca.pem`) and a certificate it signed for 127.0.0.1 (`server.pem`, `server.key`).
+/// A CA (`ca.pem`) and a certificate it signed for 127.0.0.1 (`server.pem`, `server.key`), for
+/// servers and clients alike: a cluster's nodes present it to each other on the cluster bus.
 fn make_certificates(dir: &Path) {
     let ec = [
         "-newkey",
@@ -67,7 +71,7 @@ fn make_certificates(dir: &Path) {
     std::fs::write(
         dir.join("server.ext"),
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-         keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+         keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n",
     )
     .unwrap();
     openssl(
@@ -173,4 +177,41 @@ async fn ingest_to_storage_over_rediss_with_a_private_ca() {
 
     server.start_kill().unwrap();
     server.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_to_storage_on_a_tls_cluster_with_a_private_ca() {
+    if let Some(tool) = missing_tool() {
+        assert!(std::env::var_os("CI").is_none(), "{tool} is not on PATH");
+        eprintln!("skipped: {tool} is not on PATH (install Redis 7 and OpenSSL to run this test)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    make_certificates(dir.path());
+    let ca = dir.path().join("ca.pem");
+    let cluster = common::start_tls_cluster(&common::TlsFiles {
+        ca: &ca,
+        cert: &dir.path().join("server.pem"),
+        key: &dir.path().join("server.key"),
+    });
+    // `rediss://` seeds and REDIS_CA_CERT: the nodes the client learns from them use TLS too.
+    let mut config = test_config();
+    config.redis_url = cluster.redis_url();
+    config.redis_cluster = true;
+    config.redis_ca_cert = Some(ca);
+    config.stream_shards = 4;
+    let (app, db) = TestApp::spawn_with_db(config).await;
+    let (status, ready) = app.ready().await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    let _worker = app.start_worker(&db, "tls-cluster");
+    let batch: Vec<serde_json::Value> = (0..8)
+        .map(|u| json!({"event": "e", "distinct_id": format!("tls_user_{u}")}))
+        .collect();
+    let resp = app.post("/batch").key(SECRET).json(&batch).answer().await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    wait_until(WAIT, "every event stored and read back", || async {
+        let (status, body) = app.context("tls_user_3").await;
+        status == StatusCode::OK && body["stats"]["event_count"] == 1 && db.events().await == 8
+    })
+    .await;
 }

@@ -128,8 +128,7 @@ async fn the_backlog_bound_and_freshness_count_every_shard() {
 
     // A user's waiting events are counted in their shard alone; the backlog is every shard's.
     let publisher = Publisher::new(
-        &app.config.redis_url,
-        None,
+        &app.config.redis_client().unwrap(),
         shards.clone(),
         Duration::from_secs(2),
         1_000,

@@ -141,9 +141,20 @@ pub struct Shared {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     pub database_url: String,
-    /// Redis: `redis://`, or `rediss://` for TLS.
+    /// Redis: `redis://`, or `rediss://` for TLS. With `REDIS_CLUSTER`: one or more of the
+    /// cluster's nodes, comma-separated (the client learns the others from them).
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+    /// `REDIS_URL` is a Redis Cluster: commands go to the node of their key's hash slot, and a
+    /// request's events are queued with one `MULTI` per shard (see docs/operations.md).
+    #[arg(
+        long,
+        env = "REDIS_CLUSTER",
+        default_value = "false",
+        action = clap::ArgAction::Set,
+        value_parser = flag,
+    )]
+    pub redis_cluster: bool,
     /// With a `rediss://` `REDIS_URL`: a PEM file of the certificate authorities the server's
     /// certificate is checked against, instead of the system's (a managed Redis with a private
     /// CA). Unset: the system's roots.
@@ -192,6 +203,22 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Checks what cannot be checked one variable at a time: `REDIS_URL` against `REDIS_CLUSTER`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::redis::seeds(&self.redis_url, self.redis_cluster)
+            .map(drop)
+            .map_err(|message| ConfigError::new("REDIS_URL", message))
+    }
+
+    /// The client of `REDIS_URL` (one server, or a cluster with `REDIS_CLUSTER`).
+    pub fn redis_client(&self) -> Result<crate::redis::RedisClient, redis::RedisError> {
+        crate::redis::RedisClient::open(
+            &self.redis_url,
+            self.redis_cluster,
+            self.redis_ca_cert.as_deref(),
+        )
+    }
+
     /// The event stream's shards (`QUEUE_NAME`, `STREAM_SHARDS`).
     pub fn shards(&self) -> crate::shards::StreamShards {
         crate::shards::StreamShards::new(&self.queue_name, self.stream_shards)
@@ -386,6 +413,26 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.var, "REDIS_CA_CERT");
         assert!(err.message.contains("holds no PEM certificate"), "{err}");
+    }
+
+    #[test]
+    fn a_seed_list_is_refused_naming_redis_url_unless_redis_cluster_is_set() {
+        let shared = |vars: &[(&str, &str)]| {
+            read::<Shared>(&Vars::from_map(vars.iter().copied()))
+                .unwrap()
+                .validate()
+        };
+        let seeds = "redis://10.0.0.1:7000,redis://10.0.0.2:7000";
+        let err = shared(&[("REDIS_URL", seeds)]).unwrap_err();
+        assert_eq!(err.var, "REDIS_URL");
+        assert!(err.message.contains("REDIS_CLUSTER=true"), "{err}");
+        shared(&[("REDIS_URL", seeds), ("REDIS_CLUSTER", "true")]).unwrap();
+        let err =
+            shared(&[("REDIS_URL", "redis://a:1,oops"), ("REDIS_CLUSTER", "true")]).unwrap_err();
+        assert_eq!(err.var, "REDIS_URL");
+        assert!(err.message.contains("\"oops\""), "{err}");
+        let err = read::<Shared>(&Vars::from_map([("REDIS_CLUSTER", "maybe")])).unwrap_err();
+        assert_eq!(err.var, "REDIS_CLUSTER");
     }
 
     #[test]

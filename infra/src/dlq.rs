@@ -3,7 +3,9 @@
 
 use chrono::{DateTime, Utc};
 use entity::envelope::FIELD_EVENT;
-use redis::{Value, aio::ConnectionManager};
+use redis::Value;
+
+use crate::redis::RedisConn;
 
 use crate::{
     erasure::{self, Tombstones},
@@ -73,16 +75,16 @@ pub struct ReplayReport {
 
 /// The DLQ of one deployment.
 pub struct DeadLetters {
-    conn: ConnectionManager,
+    conn: RedisConn,
     dlq: String,
     /// Where replayed entries go: the shard of their user.
     shards: StreamShards,
 }
 
 impl DeadLetters {
-    pub fn new(conn: ConnectionManager, dlq: &str, shards: StreamShards) -> Self {
+    pub fn new(conn: impl Into<RedisConn>, dlq: &str, shards: StreamShards) -> Self {
         Self {
-            conn,
+            conn: conn.into(),
             dlq: dlq.to_string(),
             shards,
         }
@@ -128,14 +130,25 @@ impl DeadLetters {
         let mut report = ReplayReport::default();
         for letter in self.select(selection, &mut report.missing).await? {
             let target = self.target(&letter);
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            let xadd = pipe.cmd("XADD").arg(&target).arg("*");
+            let mut xadd = redis::cmd("XADD");
+            xadd.arg(&target).arg("*");
             for (k, v) in letter.original_fields() {
                 xadd.arg(k).arg(v);
             }
-            pipe.cmd("XDEL").arg(&self.dlq).arg(&letter.id).ignore();
-            let (new_id,): (String,) = pipe.query_async(&mut self.conn.clone()).await?;
+            let mut xdel = redis::cmd("XDEL");
+            xdel.arg(&self.dlq).arg(&letter.id);
+            let new_id: String = if self.conn.is_cluster() {
+                // The stream and the DLQ are in different hash slots: appended, then deleted.
+                // Failing in between leaves the letter to replay again (its uuid deduplicates).
+                let new_id = xadd.query_async(&mut self.conn.clone()).await?;
+                let _: u64 = xdel.query_async(&mut self.conn.clone()).await?;
+                new_id
+            } else {
+                let mut pipe = redis::pipe();
+                pipe.atomic().add_command(xadd).add_command(xdel).ignore();
+                let (new_id,): (String,) = pipe.query_async(&mut self.conn.clone()).await?;
+                new_id
+            };
             report.replayed.push((letter.id, target, new_id));
         }
         Ok(report)

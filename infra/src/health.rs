@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::redis::RedisConn;
 use sea_orm::{ConnAcquireErr, DatabaseConnection, DbErr, RuntimeErr};
 
 /// Longest a readiness check waits for one dependency.
@@ -17,7 +17,7 @@ const DIAGNOSE_AFTER: Duration = Duration::from_millis(300);
 /// could carry a host or a URL. The api's `/ready` and the worker's both report these; the
 /// driver's error is logged.
 pub async fn ping_dependencies(
-    redis: &ConnectionManager,
+    redis: &RedisConn,
     db: &DatabaseConnection,
 ) -> (Result<(), String>, Result<(), String>) {
     let redis = async {
@@ -255,9 +255,11 @@ mod tests {
         listener.local_addr().unwrap().port()
     }
 
-    fn redis_at(url: &str) -> ConnectionManager {
+    fn redis_at(url: &str) -> RedisConn {
         let client = crate::redis::client(url).unwrap();
-        crate::redis::connection(client, Duration::from_secs(1)).unwrap()
+        crate::redis::connection(client, Duration::from_secs(1))
+            .unwrap()
+            .into()
     }
 
     async fn postgres_at(url: &str) -> DatabaseConnection {

@@ -7,7 +7,9 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-use redis::{Value, aio::ConnectionManager};
+use redis::Value;
+
+use crate::redis::{RedisConn, query_all, query_each};
 
 use crate::redis::{info_int, info_string, key_values};
 use crate::shards::StreamShards;
@@ -163,22 +165,23 @@ impl QueueGauges {
     /// Reads XLEN of the DLQ and of every shard of the event stream, and their XINFO GROUPS: the
     /// stream gauges are sums over the shards. On failure the gauges keep their last values and
     /// `clickstream_queue_scrape_errors_total` grows.
-    pub async fn refresh(&self, conn: &ConnectionManager, shards: &StreamShards, dlq: &str) {
+    pub async fn refresh(&self, conn: &RedisConn, shards: &StreamShards, dlq: &str) {
         let read = async {
-            let mut pipe = redis::pipe();
-            pipe.cmd("XLEN").arg(dlq);
-            for key in shards.keys() {
-                pipe.cmd("XLEN").arg(key);
-            }
-            let lens: Vec<i64> = pipe.query_async(&mut conn.clone()).await?;
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for key in shards.keys() {
-                pipe.cmd("XINFO").arg("GROUPS").arg(key);
-            }
+            let xlen = |key: &str| redis::cmd("XLEN").arg(key).clone();
+            let lens: Vec<i64> = query_all(
+                conn,
+                std::iter::once(xlen(dlq))
+                    .chain(shards.keys().iter().map(|key| xlen(key)))
+                    .collect(),
+            )
+            .await?;
+            let xinfo = shards
+                .keys()
+                .iter()
+                .map(|key| redis::cmd("XINFO").arg("GROUPS").arg(key).clone())
+                .collect();
             // A shard not created yet has no groups.
-            let groups: Vec<Value> = pipe
-                .query_async::<Vec<redis::RedisResult<Value>>>(&mut conn.clone())
+            let groups: Vec<Value> = query_each(conn, xinfo)
                 .await?
                 .into_iter()
                 .map(|r| r.unwrap_or(Value::Array(Vec::new())))

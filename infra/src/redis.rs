@@ -1,11 +1,14 @@
-//! Redis plumbing both services use: clients that disable Nagle's algorithm, reconnecting
-//! connections, and the parsing of stream and `INFO`-style replies.
+//! Redis plumbing both services use: one server or a Redis Cluster (`REDIS_CLUSTER`) behind one
+//! connection type, clients that disable Nagle's algorithm, reconnecting connections, and the
+//! parsing of stream and `INFO`-style replies.
 
 use std::{collections::HashMap, time::Duration};
 
 use redis::{
-    Client, IntoConnectionInfo, RedisError, Value,
+    Client, Cmd, IntoConnectionInfo, RedisError, RedisFuture, Value,
     aio::{ConnectionManager, ConnectionManagerConfig},
+    cluster::{ClusterClient, ClusterConfig},
+    cluster_async::ClusterConnection,
     io::tcp::TcpSettings,
 };
 
@@ -131,6 +134,254 @@ pub fn connection(
     ConnectionManager::new_lazy_with_config(client, config)
 }
 
+/// The seed nodes of `REDIS_URL`: one address, or with `cluster` (`REDIS_CLUSTER`) one or more,
+/// comma-separated. The message says what is wrong, for an error naming `REDIS_URL`.
+pub fn seeds(redis_url: &str, cluster: bool) -> Result<Vec<redis::ConnectionInfo>, String> {
+    let urls: Vec<&str> = redis_url.split(',').map(str::trim).collect();
+    if urls.iter().any(|u| u.is_empty()) {
+        return Err(format!("{redis_url:?} has an empty address in its list"));
+    }
+    if !cluster && urls.len() > 1 {
+        return Err(format!(
+            "lists {} addresses: set REDIS_CLUSTER=true for a Redis Cluster's seed nodes, or give one",
+            urls.len()
+        ));
+    }
+    let mut seeds = Vec::with_capacity(urls.len());
+    for url in &urls {
+        let info = url.into_connection_info().map_err(|e| {
+            format!("{url:?} is not a Redis address (redis://host:port or rediss://host:port): {e}")
+        })?;
+        if cluster && matches!(info.addr(), redis::ConnectionAddr::Unix(_)) {
+            return Err(format!(
+                "{url:?} is a Unix socket: a Redis Cluster's nodes are reached over TCP"
+            ));
+        }
+        if seeds
+            .first()
+            .is_some_and(|first| is_tls(first) != is_tls(&info))
+        {
+            return Err(
+                "mixes redis:// and rediss:// seeds: a cluster's nodes all use TLS or none".into(),
+            );
+        }
+        seeds.push(info);
+    }
+    Ok(seeds)
+}
+
+fn is_tls(info: &redis::ConnectionInfo) -> bool {
+    matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. })
+}
+
+/// Where Redis is: one server, or a Redis Cluster reached through its seed nodes.
+// A few made per process: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+pub enum RedisClient {
+    Single(Client),
+    Cluster(ClusterClient),
+}
+
+impl RedisClient {
+    /// The client of `redis_url` ([`seeds`]), trusting the certificate authorities of the PEM
+    /// file `ca` when given (`REDIS_CA_CERT`, with `rediss://` seeds). Connections disable
+    /// Nagle's algorithm.
+    pub fn open(
+        redis_url: &str,
+        cluster: bool,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Self, RedisError> {
+        Self::open_with_nodelay(redis_url, cluster, ca, true)
+    }
+
+    /// [`Self::open`], leaving Nagle's algorithm on when not `nodelay` (a connection many
+    /// concurrent requests share, whose writes may then go out together).
+    pub fn open_with_nodelay(
+        redis_url: &str,
+        cluster: bool,
+        ca: Option<&std::path::Path>,
+        nodelay: bool,
+    ) -> Result<Self, RedisError> {
+        if !cluster {
+            let info = redis_url
+                .into_connection_info()?
+                .set_tcp_settings(TcpSettings::default().set_nodelay(nodelay));
+            return Ok(Self::Single(with_ca(info, ca)?));
+        }
+        let seeds = seeds(redis_url, true).map_err(|message| {
+            RedisError::from((redis::ErrorKind::InvalidClientConfig, "REDIS_URL", message))
+        })?;
+        let tls = seeds.first().is_some_and(is_tls);
+        let mut builder = ClusterClient::builder(seeds)
+            .tcp_settings(TcpSettings::default().set_nodelay(nodelay))
+            .retries(2);
+        if let Some(ca) = ca {
+            if !tls {
+                return Err(RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "REDIS_CA_CERT is set but REDIS_URL is not rediss:// (TLS)",
+                )));
+            }
+            let pem = std::fs::read(ca).map_err(|e| {
+                RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "REDIS_CA_CERT cannot be read",
+                    format!("{}: {e}", ca.display()),
+                ))
+            })?;
+            builder = builder.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            });
+        }
+        Ok(Self::Cluster(builder.build()?))
+    }
+
+    /// Whether this is a Redis Cluster's client.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// A lazily connecting, reconnecting connection whose commands wait `response_timeout`.
+    pub fn connection(&self, response_timeout: Duration) -> Result<RedisConn, RedisError> {
+        self.connection_with(response_timeout, COMMAND_TIMEOUT, 2, Duration::from_secs(1))
+    }
+
+    /// [`Self::connection`], connecting within `connect_timeout` and retrying a failed command
+    /// `retries` times, waiting at most `max_delay` before reconnecting to one Redis (a
+    /// cluster's client keeps its own backoff).
+    pub fn connection_with(
+        &self,
+        response_timeout: Duration,
+        connect_timeout: Duration,
+        retries: u32,
+        max_delay: Duration,
+    ) -> Result<RedisConn, RedisError> {
+        match self {
+            Self::Single(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(response_timeout))
+                    .set_connection_timeout(Some(connect_timeout))
+                    .set_number_of_retries(retries as usize)
+                    .set_max_delay(max_delay);
+                Ok(RedisConn::Single(ConnectionManager::new_lazy_with_config(
+                    client.clone(),
+                    config,
+                )?))
+            }
+            // The cluster client connects to the nodes (and learns the slots) in the background;
+            // a command waits for that within its own timeout.
+            Self::Cluster(client) => Ok(RedisConn::Cluster(
+                client.get_pending_async_connection_with_config(
+                    ClusterConfig::new()
+                        .set_connection_timeout(connect_timeout)
+                        .set_response_timeout(response_timeout),
+                ),
+            )),
+        }
+    }
+}
+
+/// A connection to one Redis or to a Redis Cluster (each command routed to the node of its key's
+/// hash slot); cheap to clone, every clone sharing the same connections.
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl RedisConn {
+    /// Whether commands go to a Redis Cluster: a pipeline or a transaction must then stay within
+    /// one hash slot (see [`query_each`]).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+}
+
+impl From<ConnectionManager> for RedisConn {
+    fn from(conn: ConnectionManager) -> Self {
+        Self::Single(conn)
+    }
+}
+
+impl From<ClusterConnection> for RedisConn {
+    fn from(conn: ClusterConnection) -> Self {
+        Self::Cluster(conn)
+    }
+}
+
+impl redis::aio::ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// The replies of `commands`, each on keys of one hash slot, in order; a command's own error is
+/// its reply's (the others still run). One pipeline on one Redis; on a cluster, where a pipeline
+/// cannot span slots, each command on its own, all sent at once.
+pub async fn query_each(
+    conn: &RedisConn,
+    commands: Vec<Cmd>,
+) -> Result<Vec<Result<Value, RedisError>>, RedisError> {
+    if !conn.is_cluster() {
+        let mut pipe = redis::Pipeline::with_capacity(commands.len());
+        pipe.ignore_errors();
+        for cmd in commands {
+            pipe.add_command(cmd);
+        }
+        let replies: Vec<Value> = pipe.query_async(&mut conn.clone()).await?;
+        return Ok(replies
+            .into_iter()
+            .map(|v| match v {
+                Value::ServerError(e) => Err(e.into()),
+                v => Ok(v),
+            })
+            .collect());
+    }
+    Ok(
+        futures_util::future::join_all(commands.into_iter().map(|cmd| {
+            let mut conn = conn.clone();
+            async move { cmd.query_async::<Value>(&mut conn).await }
+        }))
+        .await,
+    )
+}
+
+/// [`query_each`] where every command must succeed, each reply read as a `T`.
+pub async fn query_all<T: redis::FromRedisValue>(
+    conn: &RedisConn,
+    commands: Vec<Cmd>,
+) -> Result<Vec<T>, RedisError> {
+    query_each(conn, commands)
+        .await?
+        .into_iter()
+        .map(|reply| Ok(redis::from_redis_value(reply?)?))
+        .collect()
+}
+
 /// Parses `[[id, [field, value, …] | nil], …]`.
 pub fn parse_entries(value: Value) -> Result<Vec<Entry>, StreamError> {
     let Value::Array(items) = value else {
@@ -220,4 +471,42 @@ pub fn key_values(value: Value) -> HashMap<String, Value> {
         _ => {}
     }
     map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_list_needs_redis_cluster_and_every_seed_must_be_an_address() {
+        assert_eq!(seeds("redis://a:1", false).unwrap().len(), 1);
+        let three = seeds("redis://a:1, redis://b:2,redis://c:3", true).unwrap();
+        assert_eq!(three.len(), 3);
+        assert_eq!(seeds("rediss://a:1,rediss://b:2", true).unwrap().len(), 2);
+        let one_only = seeds("redis://a:1,redis://b:2", false).unwrap_err();
+        assert!(one_only.contains("REDIS_CLUSTER=true"), "{one_only}");
+        for bad in [
+            "redis://a:1,",
+            "redis://a:1,nonsense",
+            "redis://a:1,redis+unix:///tmp/r.sock",
+        ] {
+            assert!(seeds(bad, true).is_err(), "{bad}");
+        }
+        let mixed = seeds("redis://a:1,rediss://b:2", true).unwrap_err();
+        assert!(mixed.contains("rediss://"), "{mixed}");
+    }
+
+    #[test]
+    fn a_cluster_client_is_made_lazily_from_its_seeds() {
+        let client = RedisClient::open("redis://127.0.0.1:1,redis://127.0.0.1:2", true, None);
+        assert!(client.as_ref().is_ok_and(RedisClient::is_cluster));
+        let tls = RedisClient::open("rediss://127.0.0.1:1,rediss://127.0.0.1:2", true, None);
+        assert!(tls.is_ok());
+        let ca_without_tls = RedisClient::open(
+            "redis://127.0.0.1:1",
+            true,
+            Some(std::path::Path::new("/nonexistent.pem")),
+        );
+        assert!(ca_without_tls.is_err());
+    }
 }

@@ -141,27 +141,38 @@ pub async fn check(
     Some(found)
 }
 
-/// Runs [`check`] in the background on a connection of its own to `redis_url` (start-up must not
-/// wait on Redis).
+/// Runs [`check`] in the background on a connection of its own made by `client` (start-up must
+/// not wait on Redis). On a cluster the settings are read from one node.
 pub fn spawn_check(
-    redis_url: &str,
-    ca: Option<&std::path::Path>,
+    client: Result<crate::redis::RedisClient, RedisError>,
     production: bool,
     gauge: IntGaugeVec,
 ) {
-    let client = crate::redis::client_with_ca(redis_url, ca);
     tokio::spawn(async move {
         let connect = async {
-            client?
-                .get_multiplexed_async_connection_with_config(
-                    &redis::AsyncConnectionConfig::new()
-                        .set_connection_timeout(Some(CHECK_TIMEOUT))
-                        .set_response_timeout(Some(CHECK_TIMEOUT)),
-                )
-                .await
+            match client? {
+                crate::redis::RedisClient::Single(client) => client
+                    .get_multiplexed_async_connection_with_config(
+                        &redis::AsyncConnectionConfig::new()
+                            .set_connection_timeout(Some(CHECK_TIMEOUT))
+                            .set_response_timeout(Some(CHECK_TIMEOUT)),
+                    )
+                    .await
+                    .map(Checked::Single),
+                cluster => cluster
+                    .connection_with(CHECK_TIMEOUT, CHECK_TIMEOUT, 0, CHECK_TIMEOUT)
+                    .map(Checked::Any),
+            }
         };
+        enum Checked {
+            Single(redis::aio::MultiplexedConnection),
+            Any(crate::redis::RedisConn),
+        }
         match connect.await {
-            Ok(mut conn) => {
+            Ok(Checked::Single(mut conn)) => {
+                check(&mut conn, production, &gauge).await;
+            }
+            Ok(Checked::Any(mut conn)) => {
                 check(&mut conn, production, &gauge).await;
             }
             Err(error) => tracing::info!(

@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::redis::RedisConn;
 use sea_orm::DatabaseConnection;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -31,7 +31,7 @@ pub const MAX_SHAPES: usize = 1000;
 /// The shared report of one stream.
 #[derive(Clone)]
 pub struct UnmatchedReport {
-    conn: ConnectionManager,
+    conn: RedisConn,
     counts_key: String,
     shapes_key: String,
     /// Where erasures are recorded, when [`Self::add`] must leave out erased users' examples.
@@ -64,8 +64,16 @@ fn shape_id(shape: &UnmatchedShape) -> String {
     digest[..12].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The report's keys beside the stream `queue_name`: the counts, then the shapes.
-pub fn report_keys(queue_name: &str) -> [String; 2] {
+/// The report's keys beside the stream `queue_name`: the counts, then the shapes. On a cluster
+/// (`cluster`) they share one hash tag.
+pub fn report_keys(queue_name: &str, cluster: bool) -> [String; 2] {
+    if cluster {
+        // One hash slot for both: they are written in one transaction.
+        return [
+            format!("{{{queue_name}:unmatched}}"),
+            format!("{{{queue_name}:unmatched}}:shapes"),
+        ];
+    }
     [
         format!("{queue_name}:unmatched"),
         format!("{queue_name}:unmatched:shapes"),
@@ -74,8 +82,9 @@ pub fn report_keys(queue_name: &str) -> [String; 2] {
 
 impl UnmatchedReport {
     /// The report of the stream `queue_name`.
-    pub fn new(conn: ConnectionManager, queue_name: &str) -> Self {
-        let [counts_key, shapes_key] = report_keys(queue_name);
+    pub fn new(conn: impl Into<RedisConn>, queue_name: &str) -> Self {
+        let conn = conn.into();
+        let [counts_key, shapes_key] = report_keys(queue_name, conn.is_cluster());
         UnmatchedReport {
             conn,
             counts_key,

@@ -1,6 +1,7 @@
 //! What every crate's tests share: a database of its own per test ([`TestDb`]), Redis keys of
 //! its own per test ([`Keys`]), [`wait_until`], strict reads of a `/metrics` scrape ([`Scrape`]),
-//! a TCP [`Proxy`] that takes a service "down", and [`StopOnDrop`] for the services a test runs.
+//! a TCP [`Proxy`] that takes a service "down", [`StopOnDrop`] for the services a test runs, and a
+//! local three-master Redis Cluster per test process ([`redis_cluster`]).
 //!
 //! Tests talk to the real services, never mocks:
 //!
@@ -12,6 +13,7 @@
 //! Everything a test creates is removed when its guard drops, also when the test panics:
 //! databases are named `test_<crate>_<uuid>`, stream keys `test:<uuid>:…`.
 
+mod cluster;
 mod db;
 mod metrics;
 mod proxy;
@@ -23,6 +25,7 @@ use std::{net::SocketAddr, time::Duration};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
+pub use cluster::{RedisCluster, TlsFiles, redis_cluster, start_tls_cluster};
 pub use db::TestDb;
 pub use metrics::{Scrape, scrape};
 pub use proxy::Proxy;

@@ -6,7 +6,11 @@ use entity::{
     Envelope,
     envelope::{FIELD_EVENT, FIELD_VERSION},
 };
-use redis::{Value, aio::ConnectionManager, streams::StreamRangeReply};
+use redis::{
+    Value,
+    aio::{ConnectionLike, ConnectionManager},
+    streams::StreamRangeReply,
+};
 use uuid::Uuid;
 
 use crate::redis_url;
@@ -71,7 +75,7 @@ impl Drop for Keys {
                 redis::cmd("DEL")
                     .arg(&self.stream)
                     .arg(&self.dlq)
-                    .arg(&infra::unmatched::report_keys(&self.stream)[..])
+                    .arg(&infra::unmatched::report_keys(&self.stream, false)[..])
                     .arg(&shards[..])
                     .query::<()>(&mut conn)
             });
@@ -108,7 +112,11 @@ pub fn envelope(distinct_id: &str, event: &str, properties: serde_json::Value) -
 }
 
 /// Appends `events` to `stream` the way the api does (`v`, `event`); returns the entry ids.
-pub async fn publish(redis: &ConnectionManager, stream: &str, events: &[Envelope]) -> Vec<String> {
+pub async fn publish(
+    redis: &(impl ConnectionLike + Clone),
+    stream: &str,
+    events: &[Envelope],
+) -> Vec<String> {
     let mut ids = Vec::with_capacity(events.len());
     for chunk in events.chunks(1_000) {
         let mut pipe = redis::pipe();
@@ -129,7 +137,7 @@ pub async fn publish(redis: &ConnectionManager, stream: &str, events: &[Envelope
 
 /// Appends an entry of `fields` to `stream`; returns its id.
 pub async fn publish_raw(
-    redis: &ConnectionManager,
+    redis: &(impl ConnectionLike + Clone),
     stream: &str,
     fields: &[(&str, &str)],
 ) -> String {
@@ -151,7 +159,7 @@ pub fn dead_letters(redis: &ConnectionManager, keys: &Keys) -> infra::dlq::DeadL
 }
 
 /// Every entry of `stream`, decoded as envelopes.
-pub async fn envelopes(redis: &ConnectionManager, stream: &str) -> Vec<Envelope> {
+pub async fn envelopes(redis: &(impl ConnectionLike + Clone), stream: &str) -> Vec<Envelope> {
     let reply: StreamRangeReply = redis::cmd("XRANGE")
         .arg(stream)
         .arg("-")
@@ -173,7 +181,7 @@ pub async fn envelopes(redis: &ConnectionManager, stream: &str) -> Vec<Envelope>
 }
 
 /// The number of entries in stream `key` (0 when it does not exist).
-pub async fn xlen(redis: &ConnectionManager, key: &str) -> i64 {
+pub async fn xlen(redis: &(impl ConnectionLike + Clone), key: &str) -> i64 {
     redis::cmd("XLEN")
         .arg(key)
         .query_async(&mut redis.clone())

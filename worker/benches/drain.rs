@@ -346,7 +346,7 @@ async fn delete_keys(redis: &mut ConnectionManager, stream: &str) {
     let _: () = redis::cmd("DEL")
         .arg(stream)
         .arg(format!("{stream}:dlq"))
-        .arg(&infra::unmatched::report_keys(stream)[..])
+        .arg(&infra::unmatched::report_keys(stream, false)[..])
         .query_async(redis)
         .await
         .unwrap();

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use infra::{
     dlq::{DeadLetters, Selection},
-    redis::{COMMAND_TIMEOUT, connection},
+    redis::COMMAND_TIMEOUT,
     unmatched::UnmatchedReport,
 };
 
@@ -146,9 +146,10 @@ pub enum RulesCommand {
 
 /// Runs a DLQ command, printing what it did.
 pub async fn dlq(config: &Config, action: &DlqCommand) -> Result<ExitCode, WorkerError> {
-    let client = infra::redis::client_with_ca(&config.redis_url, config.redis_ca_cert.as_deref())
-        .map_err(infra::redis::StreamError::from)?;
-    let conn = connection(client, COMMAND_TIMEOUT).map_err(crate::stream::StreamError::from)?;
+    let conn = config
+        .redis_client()
+        .and_then(|client| client.connection(COMMAND_TIMEOUT))
+        .map_err(crate::stream::StreamError::from)?;
     let dlq = DeadLetters::new(conn, &config.dlq_name, config.shards());
     match action {
         DlqCommand::List { limit } => {
@@ -399,8 +400,7 @@ async fn unmatched(
     json: bool,
     clear: bool,
 ) -> Result<(), redis::RedisError> {
-    let client = infra::redis::client_with_ca(&config.redis_url, config.redis_ca_cert.as_deref())?;
-    let conn = connection(client, COMMAND_TIMEOUT)?;
+    let conn = config.redis_client()?.connection(COMMAND_TIMEOUT)?;
     let report = UnmatchedReport::new(conn, &config.queue_name);
     if clear {
         report.clear().await?;

@@ -168,6 +168,7 @@ impl Config {
     pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
         let mut config: Self = read(vars)?;
         config.shared.for_service("worker");
+        config.shared.validate()?;
         if vars.get("DATABASE_POOL_SIZE").is_none() {
             config.database_pool_size = config.write_concurrency as u32 + 1;
         }

@@ -50,8 +50,7 @@ pub async fn run_with(
 ) -> Result<(), WorkerError> {
     let metrics = Arc::new(metrics::WorkerMetrics::new());
     infra::redis_settings::spawn_check(
-        &config.redis_url,
-        config.redis_ca_cert.as_deref(),
+        config.redis_client(),
         config.is_production(),
         metrics.queue.redis_config_unsafe.clone(),
     );

@@ -9,7 +9,6 @@ use poem::{
     EndpointExt, Response, Route, Server, get, handler, http::StatusCode, listener::TcpAcceptor,
     web::Data,
 };
-use redis::aio::ConnectionManager;
 use sea_orm::DatabaseConnection;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -23,7 +22,7 @@ use crate::{Config, WorkerError, metrics::WorkerMetrics};
 #[derive(Clone)]
 pub struct Probe {
     pub config: Config,
-    pub redis: ConnectionManager,
+    pub redis: infra::redis::RedisConn,
     pub db: DatabaseConnection,
     pub rules: Option<RulesHandle>,
     pub metrics: Arc<WorkerMetrics>,

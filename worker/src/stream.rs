@@ -6,11 +6,11 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use infra::redis::{COMMAND_TIMEOUT, client_with_ca, connection};
+use infra::redis::{COMMAND_TIMEOUT, RedisClient, RedisConn};
 pub use infra::redis::{Entry, EntryId, StreamError};
 use infra::redis::{bytes, info_int, info_string, key_values, parse_entries};
 use infra::shards::StreamShards;
-use redis::{Client, RedisError, Value, aio::ConnectionManager};
+use redis::{RedisError, Value};
 
 use crate::config::Config;
 
@@ -18,9 +18,9 @@ use crate::config::Config;
 #[derive(Clone)]
 pub struct Streams {
     /// Makes the blocking readers' connections.
-    client: Client,
+    client: RedisClient,
     /// Everything but blocking reads.
-    commands: ConnectionManager,
+    commands: RedisConn,
     pub shards: StreamShards,
     pub group: String,
     pub consumer: String,
@@ -33,10 +33,10 @@ pub struct Streams {
 impl Streams {
     /// Connects lazily: nothing touches the network until the first command.
     pub fn new(config: &Config) -> Result<Self, StreamError> {
-        let client = client_with_ca(&config.redis_url, config.redis_ca_cert.as_deref())?;
+        let client = config.redis_client()?;
         let block = config.flush_interval;
         Ok(Self {
-            commands: connection(client.clone(), COMMAND_TIMEOUT)?,
+            commands: client.connection(COMMAND_TIMEOUT)?,
             client,
             shards: config.shards(),
             group: config.consumer_group.clone(),
@@ -48,11 +48,9 @@ impl Streams {
     }
 
     /// A connection for one reader's blocking reads (its response timeout exceeds `BLOCK`).
-    pub fn reader(&self) -> Result<ConnectionManager, StreamError> {
-        Ok(connection(
-            self.client.clone(),
-            self.block + COMMAND_TIMEOUT,
-        )?)
+    /// On a cluster it goes to the node of the shard's hash slot.
+    pub fn reader(&self) -> Result<RedisConn, StreamError> {
+        Ok(self.client.connection(self.block + COMMAND_TIMEOUT)?)
     }
 
     /// Creates the consumer group (and the stream) on every shard where missing, starting from the
@@ -85,7 +83,7 @@ impl Streams {
     /// re-reads this consumer's own pending entries after `id`.
     pub async fn read(
         &self,
-        reader: &ConnectionManager,
+        reader: &RedisConn,
         shard: usize,
         after: Option<&str>,
         count: usize,
@@ -328,7 +326,7 @@ impl Streams {
     }
 
     /// The connection for non-blocking commands (DLQ tools, tests).
-    pub fn commands(&self) -> ConnectionManager {
+    pub fn commands(&self) -> RedisConn {
         self.commands.clone()
     }
 }

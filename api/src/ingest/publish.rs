@@ -9,8 +9,10 @@ use std::{
 };
 
 use entity::envelope::{ENVELOPE_VERSION, FIELD_EVENT, FIELD_TRACEPARENT, FIELD_VERSION};
-use infra::telemetry;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use infra::{
+    redis::{RedisClient, RedisConn},
+    telemetry,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -51,6 +53,13 @@ pub enum PublishError {
     Redis(#[from] redis::RedisError),
     #[error("stream backlog is {backlog} entries, over the bound of {max}")]
     Backlog { backlog: u64, max: u64 },
+    /// On a cluster: the events of some shards were queued, those of others were not.
+    #[error("{failed} of {shards} shards' appends failed while others were queued: {error}")]
+    Partial {
+        failed: usize,
+        shards: usize,
+        error: Box<PublishError>,
+    },
 }
 
 impl From<PublishError> for ApiError {
@@ -63,6 +72,15 @@ impl From<PublishError> for ApiError {
                 ),
                 RETRY_AFTER_BACKLOG,
             ),
+            PublishError::Partial { .. } => {
+                tracing::warn!(error = %err, "part of a request's events queued");
+                ApiError::unavailable(
+                    "queue_partially_written",
+                    "event queue (Redis Cluster) took this request's events only in part: retry \
+                     it whole (events with the same uuid are stored once)",
+                    RETRY_AFTER_UNAVAILABLE,
+                )
+            }
             other => {
                 tracing::warn!(error = %other, "event queue unavailable");
                 ApiError::unavailable(
@@ -81,6 +99,15 @@ impl From<PublishError> for ApiError {
 pub fn xadd_pipeline(
     shards: &StreamShards,
     events: &[Queued],
+    traceparent: Option<&str>,
+) -> redis::Pipeline {
+    xadd_pipeline_of(shards, events.iter(), traceparent)
+}
+
+/// [`xadd_pipeline`] of some of a request's events.
+fn xadd_pipeline_of<'a>(
+    shards: &StreamShards,
+    events: impl ExactSizeIterator<Item = &'a Queued>,
     traceparent: Option<&str>,
 ) -> redis::Pipeline {
     let mut pipe = redis::Pipeline::with_capacity(events.len());
@@ -118,7 +145,7 @@ pub fn xadd_pipeline(
 /// Writes envelopes to the shards of `QUEUE_NAME`.
 #[derive(Clone)]
 pub struct Publisher {
-    conn: ConnectionManager,
+    conn: RedisConn,
     shards: StreamShards,
     timeout: Duration,
     max_backlog: u64,
@@ -129,22 +156,12 @@ pub struct Publisher {
 impl Publisher {
     /// Connects lazily: the api starts (and answers 503 on ingest) while Redis is down.
     pub fn new(
-        redis_url: &str,
-        redis_ca_cert: Option<&std::path::Path>,
+        client: &RedisClient,
         shards: StreamShards,
         timeout: Duration,
         max_backlog: u64,
     ) -> Result<Self, PublishError> {
-        // Nagle's algorithm left on: concurrent requests share this connection, and their
-        // appends may go out together.
-        let info = redis::IntoConnectionInfo::into_connection_info(redis_url)?;
-        let client = infra::redis::with_ca(info, redis_ca_cert)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let conn = client.connection_with(timeout, timeout, 1, Duration::from_millis(500))?;
         Ok(Self {
             conn,
             shards,
@@ -162,7 +179,7 @@ impl Publisher {
     }
 
     /// The shared connection (other commands on the same Redis).
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConn {
         self.conn.clone()
     }
 
@@ -173,6 +190,10 @@ impl Publisher {
 
     /// Appends a request's events in one round trip (MULTI/EXEC when there are several, so a
     /// request is queued whole or not at all).
+    ///
+    /// On a Redis Cluster a transaction cannot span shards (hash slots): one MULTI/EXEC per shard,
+    /// all sent at once. If some shards' fail after others' were queued, [`PublishError::Partial`]
+    /// (a 503: the client retries the whole request; storage deduplicates by uuid).
     ///
     /// While spans are exported, the append has its own span and every entry carries that span's
     /// `traceparent`, so the worker continues the trace.
@@ -195,14 +216,20 @@ impl Publisher {
             tracing::Span::none()
         };
         let traceparent = telemetry::traceparent(&span);
-        let pipe = xadd_pipeline(&self.shards, events, traceparent.as_deref());
-        let mut conn = self.conn.clone();
         let started = std::time::Instant::now();
-        // The entry ids are not needed: `()` skips turning each into a `String`.
-        let () = tokio::time::timeout(self.timeout, pipe.query_async(&mut conn))
-            .instrument(span)
-            .await
-            .map_err(|_| PublishError::Timeout(self.timeout))??;
+        if self.conn.is_cluster() {
+            self.publish_per_shard(events, traceparent.as_deref())
+                .instrument(span)
+                .await?;
+        } else {
+            let pipe = xadd_pipeline(&self.shards, events, traceparent.as_deref());
+            let mut conn = self.conn.clone();
+            // The entry ids are not needed: `()` skips turning each into a `String`.
+            let () = tokio::time::timeout(self.timeout, pipe.query_async(&mut conn))
+                .instrument(span)
+                .await
+                .map_err(|_| PublishError::Timeout(self.timeout))??;
+        }
         if let Some(histogram) = &self.xadd_seconds {
             histogram.observe(started.elapsed().as_secs_f64());
         }
@@ -213,6 +240,48 @@ impl Publisher {
                 (b != UNKNOWN).then(|| b.saturating_add(events.len() as u64))
             });
         Ok(())
+    }
+
+    /// A cluster's appends: one MULTI/EXEC per shard the events go to, all sent at once, each
+    /// within the timeout (so that which shards were queued is known).
+    async fn publish_per_shard(
+        &self,
+        events: &[Queued],
+        traceparent: Option<&str>,
+    ) -> Result<(), PublishError> {
+        let mut by_shard: std::collections::BTreeMap<usize, Vec<&Queued>> = Default::default();
+        for event in events {
+            by_shard
+                .entry(self.shards.shard_of_hash(event.user_hash))
+                .or_default()
+                .push(event);
+        }
+        let appends = by_shard.values().map(|events| {
+            let pipe = xadd_pipeline_of(&self.shards, events.iter().copied(), traceparent);
+            let mut conn = self.conn.clone();
+            async move {
+                tokio::time::timeout(self.timeout, pipe.query_async::<()>(&mut conn))
+                    .await
+                    .map_err(|_| PublishError::Timeout(self.timeout))?
+                    .map_err(PublishError::from)
+            }
+        });
+        let results = futures_util::future::join_all(appends).await;
+        let shards = results.len();
+        let mut errors = results.into_iter().filter_map(Result::err);
+        let Some(error) = errors.next() else {
+            return Ok(());
+        };
+        let failed = 1 + errors.count();
+        if failed == shards {
+            // Nothing was queued: the same answer as on one Redis.
+            return Err(error);
+        }
+        Err(PublishError::Partial {
+            failed,
+            shards,
+            error: Box::new(error),
+        })
     }
 
     /// Length of the stream (every shard's summed), straight from Redis.
@@ -308,10 +377,10 @@ impl Publisher {
     }
 }
 
-/// XLEN of every shard, in shard order, in one round trip.
+/// XLEN of every shard, in shard order, in one round trip (on a cluster, one per shard at once).
 async fn shard_lengths(
     shards: &StreamShards,
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
 ) -> Result<Vec<u64>, redis::RedisError> {
     if shards.count() == 1 {
         let len: u64 = redis::cmd("XLEN")
@@ -319,6 +388,10 @@ async fn shard_lengths(
             .query_async(conn)
             .await?;
         return Ok(vec![len]);
+    }
+    if conn.is_cluster() {
+        let xlen = |key: &String| redis::cmd("XLEN").arg(key).clone();
+        return infra::redis::query_all(conn, shards.keys().iter().map(xlen).collect()).await;
     }
     let mut pipe = redis::pipe();
     for key in shards.keys() {

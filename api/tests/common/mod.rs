@@ -42,6 +42,10 @@ pub fn worker_config(api: &Config, database_url: &str, group: &str) -> worker::C
     let mut vars = vec![
         ("STREAM_SHARDS", shards.as_str()),
         ("REDIS_URL", api.redis_url.as_str()),
+        (
+            "REDIS_CLUSTER",
+            if api.redis_cluster { "true" } else { "false" },
+        ),
         ("DATABASE_URL", database_url),
         ("QUEUE_NAME", api.queue_name.as_str()),
         ("DLQ_NAME", api.dlq_name.as_str()),
@@ -232,7 +236,8 @@ impl TestApp {
         self.start_worker_with(config)
     }
 
-    fn start_worker_with(&self, config: worker::Config) -> InProcessWorker {
+    /// A worker replica of `config` in this process.
+    pub fn start_worker_with(&self, config: worker::Config) -> InProcessWorker {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(worker::run(config, shutdown.clone()));
         InProcessWorker {

@@ -24,11 +24,11 @@ pub(super) async fn drain_retired(ctx: Arc<Context>, router: Router, shutdown: C
         }
         let shards = &ctx.streams.shards;
         let retired = shards.retired();
-        let mut pipe = redis::pipe();
-        for shard in retired.clone() {
-            pipe.cmd("XLEN").arg(shards.key(shard));
-        }
-        let lens: Vec<u64> = match pipe.query_async(&mut ctx.streams.commands()).await {
+        let xlens = retired
+            .clone()
+            .map(|shard| redis::cmd("XLEN").arg(shards.key(shard)).clone())
+            .collect();
+        let lens: Vec<u64> = match infra::redis::query_all(&ctx.streams.commands(), xlens).await {
             Ok(lens) => lens,
             Err(error) => {
                 tracing::warn!(%error, "reading the retired shards' lengths failed");

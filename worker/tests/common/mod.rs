@@ -26,6 +26,7 @@ pub fn config(db_url: &str, keys: &Keys, worker_name: &str) -> Config {
         shared: infra::config::Shared {
             environment: "test".into(),
             redis_url: redis_url(),
+            redis_cluster: false,
             redis_ca_cert: None,
             database_url: db_url.to_string(),
             queue_name: keys.stream.clone(),
