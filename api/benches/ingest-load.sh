@@ -6,6 +6,9 @@
 #   api/benches/ingest-load.sh            # defaults: 10 s per phase, 50 connections
 #   DURATION=20 CONNECTIONS=100 api/benches/ingest-load.sh
 #   API_BIN=/path/to/other/api api/benches/ingest-load.sh   # measure another build (e.g. a baseline)
+#   CLUSTER_MASTERS=4 api/benches/ingest-load.sh   # then /batch on a local cluster of 4 masters
+#                                                  # (STREAM_SHARDS = 4 per master), against one
+#                                                  # Redis' pipelined XADD
 #
 # Needs: wrk, redis-benchmark, a Redis at REDIS_URL (default redis://127.0.0.1:6379).
 set -euo pipefail
@@ -32,8 +35,15 @@ if [ -z "${API_BIN:-}" ]; then
   API_BIN=./target/release/api
 fi
 API_PID=""
+CLUSTER_MASTERS=${CLUSTER_MASTERS:-0}
+CLUSTER_PORT=${CLUSTER_PORT:-17100}
+CLUSTER_API_PID=""
 cleanup() {
   [ -n "$API_PID" ] && kill "$API_PID" 2>/dev/null || true
+  [ -n "$CLUSTER_API_PID" ] && kill "$CLUSTER_API_PID" 2>/dev/null || true
+  for i in $(seq 0 $((CLUSTER_MASTERS - 1))); do
+    redis-cli -p $((CLUSTER_PORT + i)) SHUTDOWN NOSAVE >/dev/null 2>&1 || true
+  done
   redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" DEL "$STREAM" "$RAW_STREAM" >/dev/null || true
   rm -rf "$WORK"
 }
@@ -113,11 +123,40 @@ redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" DEL "$STREAM" >/dev/null
 P100_AFTER=$(raw_xadd 100 2000000); echo "XADD -P 100 after:  ${P100_AFTER} ops/s"
 RSS_KB=$(awk '/VmHWM/ {print $2}' /proc/$API_PID/status)
 
+# /batch on a Redis Cluster of CLUSTER_MASTERS masters (private nodes on CLUSTER_PORT…, data
+# under $WORK), a second api with REDIS_CLUSTER=true and 4 shards per master.
+C_RPS=0
+if [ "$CLUSTER_MASTERS" -gt 0 ]; then
+  SEEDS=""
+  for i in $(seq 0 $((CLUSTER_MASTERS - 1))); do
+    p=$((CLUSTER_PORT + i)); mkdir -p "$WORK/node-$p"
+    redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes --cluster-config-file "$WORK/node-$p/nodes.conf" \
+      --dir "$WORK/node-$p" --save "" --appendonly no --daemonize yes >/dev/null
+    SEEDS="$SEEDS${SEEDS:+,}redis://127.0.0.1:$p"
+  done
+  for i in $(seq 0 $((CLUSTER_MASTERS - 1))); do
+    for _ in $(seq 50); do redis-cli -p $((CLUSTER_PORT + i)) PING >/dev/null 2>&1 && break; sleep 0.1; done
+  done
+  redis-cli --cluster create $(for i in $(seq 0 $((CLUSTER_MASTERS - 1))); do echo "127.0.0.1:$((CLUSTER_PORT + i))"; done) \
+    --cluster-replicas 0 --cluster-yes >/dev/null
+  for _ in $(seq 100); do redis-cli -p "$CLUSTER_PORT" CLUSTER INFO | grep -q 'cluster_state:ok' && break; sleep 0.1; done
+  API_SECRET_KEY=$KEY API_BIND=127.0.0.1:$((PORT + 1)) QUEUE_NAME=$STREAM STREAM_MAX_BACKLOG=100000000 \
+    STREAM_SHARDS=$((CLUSTER_MASTERS * 4)) REDIS_CLUSTER=true REDIS_URL="$SEEDS" \
+    MIGRATE_ON_START=false RUST_LOG=warn "$API_BIN" &
+  CLUSTER_API_PID=$!
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$((PORT + 1))/health" >/dev/null && break; sleep 0.1; done
+  echo "== POST /batch on a cluster of $CLUSTER_MASTERS masters, STREAM_SHARDS=$((CLUSTER_MASTERS * 4))"
+  CLUSTER=$(PORT=$((PORT + 1)); wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/batch.lua" \
+    "http://127.0.0.1:$PORT/batch" | grep RESULT)
+  echo "$CLUSTER"
+  C_RPS=$(field "$CLUSTER" rps)
+fi
+
 S_RPS=$(field "$SINGLE" rps); S_P99=$(field "$SINGLE" p99_ms); B_RPS=$(field "$BATCH" rps)
 python3 - "$P1_BEFORE" "$P1_AFTER" "$P100_BEFORE" "$P100_AFTER" "$S_RPS" "$S_P99" "$B_RPS" "$RSS_KB" \
-  "$S_TICKS" "$B_TICKS" "$(getconf CLK_TCK)" "$DURATION" <<'PY'
+  "$S_TICKS" "$B_TICKS" "$(getconf CLK_TCK)" "$DURATION" "$C_RPS" "$CLUSTER_MASTERS" <<'PY'
 import sys
-p1a, p1b, p100a, p100b, s_rps, s_p99, b_rps, rss_kb, s_ticks, b_ticks, hz, secs = map(float, sys.argv[1:])
+p1a, p1b, p100a, p100b, s_rps, s_p99, b_rps, rss_kb, s_ticks, b_ticks, hz, secs, c_rps, masters = map(float, sys.argv[1:])
 cpu_us = lambda ticks, per_s: ticks / hz * 1e6 / (per_s * secs)
 p1, p100 = (p1a + p1b) / 2, (p100a + p100b) / 2
 b_eps = b_rps * 100
@@ -129,4 +168,8 @@ print(f"{'/batch x100, events/s':<42}{b_eps:>14.0f}{p100:>14.0f}{b_eps/p100:>8.2
 print(f"{'api peak RSS, MiB':<42}{rss_kb/1024:>14.1f}{'':>14}{'':>8}{'<64':>9}")
 print(f"{'api CPU per single-event request, us':<42}{cpu_us(s_ticks, s_rps):>14.1f}")
 print(f"{'api CPU per /batch event, us':<42}{cpu_us(b_ticks, b_eps):>14.2f}")
+if masters > 0:
+    c_eps = c_rps * 100
+    label = f"/batch x100 on {masters:.0f} masters, events/s"
+    print(f"{label:<42}{c_eps:>14.0f}{p100:>14.0f}{c_eps/p100:>8.2f}{'>=2.50':>9}   (one Redis' XADD -P 100)")
 PY

@@ -144,15 +144,7 @@ pub(super) async fn own_shards(
 async fn renew(ctx: &Context, owned: &mut BTreeMap<usize, Owned>) {
     let mut lost = Vec::new();
     for &shard in owned.keys() {
-        let renewed: Result<i64, redis::RedisError> = redis::cmd("EVAL")
-            .arg(RENEW)
-            .arg(1)
-            .arg(
-                ctx.streams
-                    .shards
-                    .lease_key(shard, &ctx.config.consumer_group),
-            )
-            .arg(&ctx.config.worker_name)
+        let renewed: Result<i64, redis::RedisError> = lease_eval(ctx, RENEW, shard)
             .arg(ctx.config.shard_lease.as_millis() as u64)
             .query_async(&mut ctx.streams.commands())
             .await;
@@ -248,18 +240,25 @@ async fn take(ctx: &Context, shard: usize) -> Result<bool, StreamError> {
 }
 
 async fn release_lease(ctx: &Context, shard: usize) -> Result<(), StreamError> {
-    let _: i64 = redis::cmd("EVAL")
-        .arg(RELEASE)
+    let _: i64 = lease_eval(ctx, RELEASE, shard)
+        .query_async(&mut ctx.streams.commands())
+        .await?;
+    Ok(())
+}
+
+/// `EVAL script` on `shard`'s lease key with this replica's name, the compare-and-set both
+/// renewing and releasing a lease take; a script's own arguments follow.
+fn lease_eval(ctx: &Context, script: &str, shard: usize) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script)
         .arg(1)
         .arg(
             ctx.streams
                 .shards
                 .lease_key(shard, &ctx.config.consumer_group),
         )
-        .arg(&ctx.config.worker_name)
-        .query_async(&mut ctx.streams.commands())
-        .await?;
-    Ok(())
+        .arg(&ctx.config.worker_name);
+    cmd
 }
 
 async fn leave(ctx: &Context) -> Result<(), StreamError> {
