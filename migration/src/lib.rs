@@ -33,6 +33,17 @@ impl MigratorTrait for Migrator {
     }
 }
 
+/// Runs a migration's SQL text. Migrations from `m20261215_000001` on use it; those shipped
+/// before keep their code as it shipped.
+async fn run_sql(manager: &SchemaManager<'_>, sql: &str) -> Result<(), DbErr> {
+    use sea_orm_migration::sea_orm::ConnectionTrait;
+    manager
+        .get_connection()
+        .execute_unprepared(sql)
+        .await
+        .map(drop)
+}
+
 /// Applies pending migrations in one transaction holding [`MIGRATION_LOCK_KEY`]: concurrent callers
 /// wait for the first, then find nothing pending. Returns how many migrations it applied.
 pub async fn apply(db: &DatabaseConnection) -> Result<usize, DbErr> {

@@ -4,7 +4,6 @@
 //! `last_seen`.
 
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::sea_orm::ConnectionTrait;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -21,20 +20,14 @@ UPDATE user_profiles p
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared(UP)
-            .await
-            .map(drop)
+        crate::run_sql(manager, UP).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared(
-                "ALTER TABLE user_profiles DROP COLUMN IF EXISTS person_property_times",
-            )
-            .await
-            .map(drop)
+        crate::run_sql(
+            manager,
+            "ALTER TABLE user_profiles DROP COLUMN IF EXISTS person_property_times",
+        )
+        .await
     }
 }
