@@ -88,8 +88,6 @@ pub struct ProfileRow {
     pub event_count: i64,
     pub session_count: i64,
     pub intents: Intents,
-    /// The properties `person_property_times` gives (what the id alone says).
-    pub person_properties: Option<Map<String, Value>>,
     pub person_property_times: Option<PropertyTimes>,
 }
 
@@ -108,9 +106,6 @@ impl ProfileRow {
             event_count: delta.events,
             session_count: delta.new_sessions,
             intents,
-            person_properties: person_property_times
-                .as_ref()
-                .map(person_properties::resolve),
             person_property_times,
         };
         row.apply_details(delta);
@@ -158,7 +153,13 @@ impl ProfileRow {
                 times.entry(key.clone()).or_default().unset(*at);
             }
         }
-        self.person_properties = Some(person_properties::resolve(times));
+    }
+
+    /// The properties `person_property_times` gives: what the id alone says.
+    pub fn person_properties(&self) -> Option<Map<String, Value>> {
+        self.person_property_times
+            .as_ref()
+            .map(person_properties::resolve)
     }
 }
 
@@ -288,7 +289,7 @@ mod tests {
         row.apply(&later);
         assert_eq!(row.event_count, 3);
         assert_eq!(row.last_seen, at(20));
-        assert_eq!(row.person_properties.as_ref().unwrap()["plan"], "pro");
+        assert_eq!(row.person_properties().unwrap()["plan"], "pro");
 
         // `$unset` removes, after that event's `$set`.
         let mut unset = ProfileDelta::new("u".into(), at(30));
@@ -296,6 +297,6 @@ mod tests {
         update.unset = vec!["plan".into(), "email".into()];
         unset.add_event(at(30), &[], "d", Some(update));
         row.apply(&unset);
-        assert_eq!(row.person_properties, Some(Map::new()));
+        assert_eq!(row.person_properties(), Some(Map::new()));
     }
 }

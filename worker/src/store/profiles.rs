@@ -163,7 +163,7 @@ impl<'a> ProfileParams<'a> {
             delta,
             details: Some(Details {
                 intents: serde_json::to_string(&row.intents).unwrap_or_else(|_| "{}".into()),
-                person: text(row.person_properties.as_ref()),
+                person: text(row.person_properties().as_ref()),
                 person_times: text(row.person_property_times.as_ref()),
             }),
         }
