@@ -9,7 +9,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RequestExt, SECRET, TestApp, WAIT, redis_cluster, test_config, wait_until};
+use common::{
+    RequestExt, SECRET, TestApp, WAIT, interleaved_batch, redis_cluster, test_config, wait_until,
+};
 use infra::{redis::RedisConn, shards::StreamShards};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -81,18 +83,6 @@ async fn node_of(redis: &RedisConn, key: &str) -> String {
         }
     }
     panic!("no node serves slot {slot}")
-}
-
-/// Five events each of eight users, interleaved in one request: `(user, n)` in property `n`.
-fn interleaved_batch() -> Value {
-    let batch: Vec<Value> = (0..5)
-        .flat_map(|n| {
-            (0..8).map(move |u| {
-                json!({"event": "step", "distinct_id": format!("user-{u}"), "properties": {"n": n}})
-            })
-        })
-        .collect();
-    json!(batch)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,6 +272,23 @@ async fn each_shard_is_owned_by_one_replica_on_a_cluster() {
     );
 }
 
+/// A batch of one event for each shard, of a user placed there (ids `{prefix}N`), every event
+/// with its own uuid (as the SDKs send them).
+fn one_event_per_shard(shards: &StreamShards, prefix: &str) -> Vec<Value> {
+    let users: Vec<String> = (0..SHARDS)
+        .map(|shard| {
+            (0..)
+                .map(|i| format!("{prefix}{i}"))
+                .find(|u| shards.shard_of(u) == shard)
+                .unwrap()
+        })
+        .collect();
+    users
+        .iter()
+        .map(|u| json!({"event": "e", "distinct_id": u, "uuid": uuid::Uuid::now_v7()}))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_queued_in_part_answers_503_and_its_retry_stores_each_event_once() {
     let Some(config) = cluster_config() else {
@@ -291,19 +298,7 @@ async fn a_request_queued_in_part_answers_503_and_its_retry_stores_each_event_on
     let (app, db) = TestApp::spawn_with_db(config).await;
     let shards = shards_of(&app);
     let redis = cluster_connection().await;
-    // One user per shard, each event with its own uuid (as the SDKs send them).
-    let users: Vec<String> = (0..SHARDS)
-        .map(|shard| {
-            (0..)
-                .map(|i| format!("u{i}"))
-                .find(|u| shards.shard_of(u) == shard)
-                .unwrap()
-        })
-        .collect();
-    let batch: Vec<Value> = users
-        .iter()
-        .map(|u| json!({"event": "e", "distinct_id": u, "uuid": uuid::Uuid::now_v7()}))
-        .collect();
+    let batch = one_event_per_shard(&shards, "u");
     // Shard 2's key is not a stream: its MULTI fails, the other shards' commit.
     let broken = shards.key(2).to_string();
     let () = redis::cmd("SET")
@@ -383,18 +378,7 @@ async fn a_shard_whose_node_stalls_answers_503_and_the_retry_stores_each_event_o
     let (app, db) = TestApp::spawn_with_db(config).await;
     let shards = shards_of(&app);
     let redis = cluster_connection().await;
-    let users: Vec<String> = (0..SHARDS)
-        .map(|shard| {
-            (0..)
-                .map(|i| format!("s{i}"))
-                .find(|u| shards.shard_of(u) == shard)
-                .unwrap()
-        })
-        .collect();
-    let batch: Vec<Value> = users
-        .iter()
-        .map(|u| json!({"event": "e", "distinct_id": u, "uuid": uuid::Uuid::now_v7()}))
-        .collect();
+    let batch = one_event_per_shard(&shards, "s");
     // Shard 2's master takes no writes for a while: its shards time out, the others commit.
     let stalled = node_of(&redis, shards.key(2)).await;
     let mut on_stalled = Vec::new();

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use api::ingest::publish::Publisher;
-use common::{RequestExt, SECRET, TestApp, WAIT, test_config, wait_until};
+use common::{RequestExt, SECRET, TestApp, WAIT, interleaved_batch, test_config, wait_until};
 use infra::shards::StreamShards;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -22,18 +22,6 @@ fn sharded_config() -> api::Config {
 
 fn shards_of(app: &TestApp) -> StreamShards {
     StreamShards::new(&app.config.queue_name, SHARDS)
-}
-
-/// Five events each of eight users, interleaved in one request: `(user, n)` in property `n`.
-fn interleaved_batch() -> Value {
-    let batch: Vec<Value> = (0..5)
-        .flat_map(|n| {
-            (0..8).map(move |u| {
-                json!({"event": "step", "distinct_id": format!("user-{u}"), "properties": {"n": n}})
-            })
-        })
-        .collect();
-    json!(batch)
 }
 
 #[tokio::test]

@@ -290,3 +290,15 @@ impl InProcessWorker {
         self.task.await.unwrap().expect("worker stops cleanly");
     }
 }
+
+/// Five events each of eight users, interleaved in one request: `(user, n)` in property `n`.
+pub fn interleaved_batch() -> Value {
+    let batch: Vec<Value> = (0..5)
+        .flat_map(|n| {
+            (0..8).map(move |u| {
+                serde_json::json!({"event": "step", "distinct_id": format!("user-{u}"), "properties": {"n": n}})
+            })
+        })
+        .collect();
+    Value::Array(batch)
+}
