@@ -226,6 +226,40 @@ mod tests {
         assert_eq!(person.set["email"], "a@x.test");
     }
 
+    /// Person updates of the wrong type (`$set` a string, `$set_once` an array, `$unset` a
+    /// number, ids in `$unset` that are not strings) change no person property, and the event is
+    /// still stored with its properties as sent.
+    #[test]
+    fn person_updates_of_the_wrong_type_are_ignored_and_the_event_kept() {
+        let envelope: Envelope = serde_json::from_value(serde_json::json!({
+            "uuid": Uuid::now_v7(),
+            "distinct_id": "u1",
+            "event": "$pageview",
+            "properties": {"$set": "plan", "$set_once": [1, 2], "$unset": 5},
+            "timestamp": "2026-11-28T10:00:00Z",
+            "received_at": "2026-11-28T10:00:01Z"
+        }))
+        .unwrap();
+        let enrichment = without_rules(&envelope);
+        let row = StoredEvent::new(envelope, enrichment, None);
+        assert!(row.person.is_none(), "{:?}", row.person);
+        let properties: Json = serde_json::from_str(&row.properties).unwrap();
+        assert_eq!(properties["$set"], "plan");
+
+        let envelope: Envelope = serde_json::from_value(serde_json::json!({
+            "uuid": Uuid::now_v7(),
+            "distinct_id": "u1",
+            "event": "$pageview",
+            "properties": {"$unset": [7, null, "plan"]},
+            "timestamp": "2026-11-28T10:00:00Z",
+            "received_at": "2026-11-28T10:00:01Z"
+        }))
+        .unwrap();
+        let enrichment = without_rules(&envelope);
+        let row = StoredEvent::new(envelope, enrichment, None);
+        assert_eq!(row.person.unwrap().unset, ["plan"]);
+    }
+
     /// Decoding skips the properties neither the rules nor the row read, and refuses entries that
     /// are not Unicode JSON, whether or not the rules read the offending property.
     #[test]
