@@ -172,3 +172,87 @@ async fn dead_letters_are_replayed_to_their_users_shard() {
     assert_eq!(there.len(), 1);
     assert_eq!(there[0].uuid, envelope.uuid);
 }
+
+#[tokio::test]
+async fn the_backlog_bound_freshness_and_metrics_count_the_shards_of_an_earlier_count() {
+    let mut config = sharded_config();
+    config.stream_max_backlog = 5;
+    let queue = config.queue_name.clone();
+    let redis = common::redis().await;
+    // Six events queued while the stream had one shard (its key `QUEUE_NAME`), none since: the
+    // shards in use are empty, the retired one is over the bound.
+    let earlier = StreamShards::new(&queue, 1);
+    for _ in 0..6 {
+        common::publish(
+            &redis,
+            earlier.key(0),
+            &[common::envelope("old", "e", json!({}))],
+        )
+        .await;
+    }
+    let app = TestApp::spawn_with(config).await;
+    let event = json!({"event": "a", "distinct_id": "u"});
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut accepted = 0;
+    let resp = loop {
+        let resp = app.post("/capture").key(SECRET).json(&event).answer().await;
+        if resp.status() != StatusCode::OK || tokio::time::Instant::now() > deadline {
+            break resp;
+        }
+        accepted += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "backlog_full", "{body}");
+    // Accepted only before the monitor's first sample (the in-use shards alone are under 5).
+    assert!(accepted <= 5, "{accepted} accepted");
+    let counted = format!("stream backlog is {} entries", 6 + accepted);
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&counted),
+        "the retired shard's six counted: {body}"
+    );
+
+    let metrics = app.metrics().await;
+    let in_use: i64 = {
+        let mut n = 0;
+        for key in shards_of(&app).keys() {
+            n += common::xlen(&redis, key).await;
+        }
+        n
+    };
+    assert_eq!(
+        metrics.value("clickstream_stream_length"),
+        (6 + in_use) as f64,
+        "the stream length counts the retired shard"
+    );
+
+    // A user's waiting events cannot be counted while an earlier count's shards hold entries
+    // (which one held theirs depends on that count); the backlog includes them.
+    let publisher = Publisher::new(
+        &app.config.redis_client().unwrap(),
+        shards_of(&app),
+        Duration::from_secs(2),
+        1_000,
+    )
+    .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let monitor = publisher.spawn_backlog_monitor(stop.clone());
+    let pending = async {
+        loop {
+            let pending = publisher.pending_for_users(&["old"]).await.unwrap();
+            if pending.backlog >= 6 {
+                return pending;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let pending = tokio::time::timeout(WAIT, pending).await.unwrap();
+    assert_eq!(pending.backlog, 6 + in_use as u64);
+    assert_eq!(pending.for_user, None);
+    stop.cancel();
+    monitor.await.unwrap();
+}

@@ -128,7 +128,7 @@ impl QueueGauges {
         QueueGauges {
             stream_length: gauge(
                 "clickstream_stream_length",
-                "Entries in the event stream (XLEN summed over its shards), acknowledged ones included until deleted",
+                "Entries in the event stream (XLEN summed over its shards, retired ones still holding entries included), acknowledged ones included until deleted",
             ),
             group_lag: group_gauge(
                 "clickstream_consumer_group_lag",
@@ -162,22 +162,27 @@ impl QueueGauges {
         }
     }
 
-    /// Reads XLEN of the DLQ and of every shard of the event stream, and their XINFO GROUPS: the
-    /// stream gauges are sums over the shards. On failure the gauges keep their last values and
-    /// `clickstream_queue_scrape_errors_total` grows.
+    /// Reads XLEN of the DLQ and of every shard of the event stream (the shards in use, and the
+    /// retired ones still holding entries after a change of `STREAM_SHARDS`), and their XINFO
+    /// GROUPS: the stream gauges are sums over those shards. On failure the gauges keep their
+    /// last values and `clickstream_queue_scrape_errors_total` grows.
     pub async fn refresh(&self, conn: &RedisConn, shards: &StreamShards, dlq: &str) {
         let read = async {
             let xlen = |key: &str| redis::cmd("XLEN").arg(key).clone();
-            let lens: Vec<i64> = query_all(
+            let mut lens: Vec<i64> = query_all(
                 conn,
                 std::iter::once(xlen(dlq))
                     .chain(shards.keys().iter().map(|key| xlen(key)))
                     .collect(),
             )
             .await?;
+            let retired = crate::shards::retired_lengths(conn, shards).await?;
+            lens.extend(retired.iter().map(|&(_, len)| len as i64));
             let xinfo = shards
                 .keys()
                 .iter()
+                .map(String::as_str)
+                .chain(retired.iter().map(|&(shard, _)| shards.key(shard)))
                 .map(|key| redis::cmd("XINFO").arg("GROUPS").arg(key).clone())
                 .collect();
             // A shard not created yet has no groups.

@@ -9,6 +9,8 @@
 
 use std::sync::Arc;
 
+use crate::redis::{RedisConn, query_all};
+
 /// Most shards `STREAM_SHARDS` accepts.
 pub const MAX_SHARDS: usize = 1024;
 
@@ -129,6 +131,22 @@ impl StreamShards {
     pub fn key_of(&self, distinct_id: &str) -> &str {
         self.key(self.shard_of(distinct_id))
     }
+}
+
+/// The retired shards that still hold entries, with their lengths: one `XLEN` per retired key,
+/// pipelined on one Redis (sent at once on a cluster). Callers sample it every few seconds: a
+/// count that changed leaves up to [`MAX_SHARDS`] keys to look at.
+pub async fn retired_lengths(
+    conn: &RedisConn,
+    shards: &StreamShards,
+) -> Result<Vec<(usize, u64)>, redis::RedisError> {
+    let retired = shards.retired();
+    let xlens = retired
+        .clone()
+        .map(|shard| redis::cmd("XLEN").arg(shards.key(shard)).clone())
+        .collect();
+    let lens: Vec<u64> = query_all(conn, xlens).await?;
+    Ok(retired.zip(lens).filter(|&(_, len)| len > 0).collect())
 }
 
 #[cfg(test)]

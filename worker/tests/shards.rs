@@ -320,8 +320,17 @@ async fn a_dead_replicas_shards_and_pending_entries_are_taken_over_after_its_lea
     }
 }
 
+/// The holder of the lease of the shard keyed `key` (`None`: free).
+async fn owner_of(redis: &redis::aio::ConnectionManager, keys: &Keys, key: &str) -> Option<String> {
+    redis::cmd("GET")
+        .arg(format!("{key}:owner:{}", keys.group))
+        .query_async(&mut redis.clone())
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_left_in_the_shards_of_an_earlier_count_are_drained() {
+async fn events_left_in_the_shards_of_an_earlier_count_are_drained_each_by_one_replica() {
     let db = TestDb::create().await;
     let keys = sharded_keys();
     let redis = redis().await;
@@ -335,35 +344,156 @@ async fn events_left_in_the_shards_of_an_earlier_count_are_drained() {
     for n in 3..6 {
         publish_round(&redis, &eight, 6, n).await;
     }
-    let a = start(&db, &keys, "a", &journal);
+    let mut old_keys = vec![keys.stream.clone()];
+    old_keys.extend(eight.keys()[SHARDS..].iter().cloned());
+    // A replica that reads but cannot store (its Postgres is down) takes its share of the
+    // retired shards, and holds them: the other replica keeps off them.
+    let proxy = Proxy::postgres(false).await;
+    let stuck = RunningWorker::start_with(
+        config(&proxy.url(&db.url), &keys, "stuck"),
+        journal.enricher("stuck"),
+    );
     let b = start(&db, &keys, "b", &journal);
+    wait_until(
+        WAIT,
+        "a retired shard leased by the stuck replica",
+        || async {
+            for key in &old_keys {
+                if owner_of(&redis, &keys, key).await.as_deref() == Some("stuck") {
+                    return true;
+                }
+            }
+            false
+        },
+    )
+    .await;
     for n in 6..9 {
         publish_round(&redis, &shards_of(&keys), 6, n).await;
     }
+    // Postgres back for the stuck replica: everything is stored.
+    proxy.set_up(true);
     wait_until(WAIT, "every event of every count stored", || async {
         db.events().await == 54
     })
     .await;
-    let mut old_keys = vec![keys.stream.clone()];
-    old_keys.extend(eight.keys()[SHARDS..].iter().cloned());
-    wait_until(WAIT, "the retired shards emptied", || async {
+    wait_until(WAIT, "the retired shards emptied and let go", || async {
         for key in &old_keys {
-            if xlen(&redis, key).await != 0 {
+            if xlen(&redis, key).await != 0 || owner_of(&redis, &keys, key).await.is_some() {
                 return false;
             }
         }
         all_shards_empty(&redis, &keys).await
     })
     .await;
-    a.stop().await.unwrap();
+    stuck.stop().await.unwrap();
     b.stop().await.unwrap();
     assert_eq!(
         db.count("SELECT sum(event_count)::bigint FROM user_profiles")
             .await,
         54
     );
-    for (user, (mut ns, _)) in journal.by_user() {
+    // Each shard's events were described by one replica, in order: a user's events of the
+    // unsharded key (0, 1, 2) by one replica, and so those of each of the eight shards' (3, 4, 5).
+    let described = journal.0.lock().unwrap().clone();
+    for u in 0..6 {
+        let user = format!("user-{u}");
+        for era in [0..3, 3..6] {
+            let of_era: Vec<(String, i64)> = described
+                .iter()
+                .filter(|(_, who, n)| *who == user && era.contains(n))
+                .map(|(replica, _, n)| (replica.clone(), *n))
+                .collect();
+            // The stuck replica describes a batch again on each retry: first times, in order.
+            let mut ns: Vec<i64> = Vec::new();
+            for (_, n) in &of_era {
+                if !ns.contains(n) {
+                    ns.push(*n);
+                }
+            }
+            assert_eq!(ns, era.clone().collect::<Vec<_>>(), "{user}: {of_era:?}");
+            assert!(
+                of_era.iter().all(|(r, _)| *r == of_era[0].0),
+                "{user}: one replica per shard: {of_era:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_the_count_while_events_arrive_loses_and_repeats_nothing() {
+    let db = TestDb::create().await;
+    let keys = sharded_keys();
+    let (four, eight) = (shards_of(&keys), StreamShards::new(&keys.stream, 8));
+    let redis = redis().await;
+    let journal = Journal::default();
+    let start_with_eight = |name: &str| {
+        let mut config = config(&db.url, &keys, name);
+        config.shared.stream_shards = 8;
+        RunningWorker::start_with(config, journal.enricher(name))
+    };
+    let a = start(&db, &keys, "a", &journal);
+    let b = start(&db, &keys, "b", &journal);
+    // Apis change over from four shards to eight while events arrive: rounds 0-14 under four,
+    // 15-29 alternating (a rolling change), 30-44 under eight.
+    let rounds: i64 = 45;
+    let load = {
+        let redis = redis.clone();
+        let (four, eight) = (four.clone(), eight.clone());
+        tokio::spawn(async move {
+            for n in 0..rounds {
+                let shards = if n < 15 || (n < 30 && n % 2 == 0) {
+                    &four
+                } else {
+                    &eight
+                };
+                publish_round(&redis, shards, 12, n).await;
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        })
+    };
+    // The workers change over one by one, in the middle of it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.stop().await.unwrap();
+    let a8 = start_with_eight("a8");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.stop().await.unwrap();
+    let b8 = start_with_eight("b8");
+    load.await.unwrap();
+    let total = 12 * rounds;
+    wait_until(WAIT, "every event stored", || async {
+        db.events().await == total
+    })
+    .await;
+    let every_key: Vec<String> = std::iter::once(keys.stream.clone())
+        .chain(eight.keys().iter().cloned())
+        .collect();
+    wait_until(WAIT, "every shard of either count emptied", || async {
+        for key in &every_key {
+            if xlen(&redis, key).await != 0 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    a8.stop().await.unwrap();
+    b8.stop().await.unwrap();
+    assert_eq!(
+        db.count("SELECT sum(event_count)::bigint FROM user_profiles")
+            .await,
+        total,
+        "counted once"
+    );
+    for (user, (mut ns, replicas)) in journal.by_user() {
         ns.sort_unstable();
-        assert_eq!(ns, (0..9).collect::<Vec<_>>(), "{user}: each event once");
+        ns.dedup();
+        assert_eq!(
+            ns,
+            (0..rounds).collect::<Vec<_>>(),
+            "{user}: every event described, by {replicas:?}"
+        );
+    }
+    for key in &every_key {
+        assert_eq!(owner_of(&redis, &keys, key).await, None, "{key} let go");
     }
 }

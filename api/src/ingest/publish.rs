@@ -23,6 +23,9 @@ use crate::http::error::ApiError;
 
 /// How often the backlog (stream length) is sampled for back-pressure.
 const BACKLOG_POLL: Duration = Duration::from_millis(100);
+/// How often the retired shards (of another `STREAM_SHARDS`, up to 1,024 keys) are looked at:
+/// they only shrink, but for apis still running the old count during a change.
+const RETIRED_POLL: Duration = Duration::from_secs(5);
 /// `Retry-After` seconds when Redis is unreachable or slow.
 const RETRY_AFTER_UNAVAILABLE: u32 = 2;
 /// `Retry-After` seconds when the backlog is over its bound.
@@ -40,7 +43,8 @@ const FRESHNESS_TIMEOUT: Duration = Duration::from_millis(250);
 pub struct Pending {
     /// Entries of all users.
     pub backlog: u64,
-    /// Entries of one user; `None` when the stream is too long to scan quickly.
+    /// Entries of one user; `None` when the stream is too long to scan quickly, or while shards
+    /// of another `STREAM_SHARDS` still hold entries (the user's may be among them).
     pub for_user: Option<u64>,
 }
 
@@ -149,7 +153,11 @@ pub struct Publisher {
     shards: StreamShards,
     timeout: Duration,
     max_backlog: u64,
+    /// Every shard's length, the retired ones' included (the monitor's last samples, raised by
+    /// this process's own appends since).
     backlog: Arc<AtomicU64>,
+    /// The retired shards' lengths summed, at the monitor's last look (0 until then).
+    retired: Arc<AtomicU64>,
     xadd_seconds: Option<prometheus::Histogram>,
 }
 
@@ -168,6 +176,7 @@ impl Publisher {
             timeout,
             max_backlog,
             backlog: Arc::new(AtomicU64::new(UNKNOWN)),
+            retired: Arc::new(AtomicU64::new(0)),
             xadd_seconds: None,
         })
     }
@@ -284,7 +293,7 @@ impl Publisher {
         })
     }
 
-    /// Length of the stream (every shard's summed), straight from Redis.
+    /// Length of the stream (every shard in use summed), straight from Redis.
     pub async fn stream_len(&self) -> Result<u64, PublishError> {
         let mut conn = self.conn.clone();
         let lens = tokio::time::timeout(self.timeout, shard_lengths(&self.shards, &mut conn))
@@ -314,10 +323,18 @@ impl Publisher {
         let mut shards: Vec<usize> = users.iter().map(|u| self.shards.shard_of(u)).collect();
         shards.sort_unstable();
         shards.dedup();
+        let retired = self.retired.load(Ordering::Relaxed);
         let work = async {
             let lens = shard_lengths(&self.shards, &mut conn).await?;
-            let backlog = lens.iter().sum();
+            let backlog = lens.iter().sum::<u64>() + retired;
             let waiting: u64 = shards.iter().map(|&s| lens[s]).sum();
+            if retired > 0 {
+                // Which retired shard held a user's events depends on the count of then.
+                return Ok(Pending {
+                    backlog,
+                    for_user: None,
+                });
+            }
             if waiting == 0 || shards.iter().any(|&s| lens[s] > PENDING_SCAN_LIMIT) {
                 return Ok(Pending {
                     backlog,
@@ -356,20 +373,37 @@ impl Publisher {
             .map_err(Into::into)
     }
 
-    /// Samples the stream length every [`BACKLOG_POLL`] until `cancel` fires. Ingest compares
-    /// the last sample with `STREAM_MAX_BACKLOG`: one read per tick instead of one per request.
+    /// Samples the stream length every [`BACKLOG_POLL`] (the retired shards' every
+    /// [`RETIRED_POLL`]) until `cancel` fires. Ingest compares the last sample with
+    /// `STREAM_MAX_BACKLOG`: one read per tick instead of one per request.
     pub fn spawn_backlog_monitor(&self, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(BACKLOG_POLL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut retired_looked_at: Option<std::time::Instant> = None;
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tick.tick() => {}
                 }
+                if retired_looked_at.is_none_or(|at| at.elapsed() >= RETIRED_POLL) {
+                    retired_looked_at = Some(std::time::Instant::now());
+                    let look = infra::shards::retired_lengths(&this.conn, &this.shards);
+                    match tokio::time::timeout(this.timeout, look).await {
+                        Ok(Ok(lens)) => {
+                            let len = lens.iter().map(|(_, len)| len).sum();
+                            this.retired.store(len, Ordering::Relaxed);
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "retired shards' sample failed"),
+                        Err(_) => tracing::debug!("retired shards' sample timed out"),
+                    }
+                }
                 match this.stream_len().await {
-                    Ok(len) => this.backlog.store(len, Ordering::Relaxed),
+                    Ok(len) => {
+                        let retired = this.retired.load(Ordering::Relaxed);
+                        this.backlog.store(len + retired, Ordering::Relaxed);
+                    }
                     Err(e) => tracing::debug!(error = %e, "backlog sample failed"),
                 }
             }

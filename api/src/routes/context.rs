@@ -91,7 +91,8 @@ pub struct Freshness {
     #[serde(serialize_with = "crate::context::json::rfc3339")]
     pub newest_event_at: DateTime<Utc>,
     /// Events of this user accepted but not yet stored (still in the stream). Absent when the
-    /// stream is too long to count quickly or Redis is unavailable.
+    /// stream is too long to count quickly, while shards of an earlier `STREAM_SHARDS` still
+    /// hold entries, or when Redis is unavailable.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pending_events: Option<u64>,
     /// Events of all users waiting in the stream. Absent when Redis is unavailable.

@@ -17,7 +17,9 @@
 //! unacknowledged at `SHUTDOWN_TIMEOUT` stays pending for other replicas.
 //!
 //! With `STREAM_SHARDS` > 1 a replica reads only the shards whose lease it holds ([`owner`]), one
-//! reader and claimer each, and lets go of them after its writers are done on shutdown.
+//! reader and claimer each, and lets go of them after its writers are done on shutdown. Shards
+//! of another `STREAM_SHARDS` (retired) that still hold entries are read the same way, whatever
+//! the count, until they are empty.
 //!
 //! [`read`]: the reader, claimer and keep-alive; [`held`]: the entries in flight; [`route`]:
 //! entries to writers' queues; [`sort`]: decoding, enriching, sorting out poison; [`write`]: the
@@ -29,7 +31,6 @@ mod fixtures;
 mod held;
 mod owner;
 mod read;
-mod retired;
 mod retry;
 mod route;
 mod sort;
@@ -200,21 +201,23 @@ async fn consume(
     // With one shard every replica reads it (the group shares it out); with several, each
     // shard is read by the one replica holding its lease, which lets go of it after shutdown,
     // once the writers are done (`release`).
+    // Shards of another `STREAM_SHARDS` are read the same way, by lease, until they are empty.
     let release = CancellationToken::new();
-    feeders.spawn(retired::drain_retired(
+    if ctx.streams.shards.count() == 1 {
+        feeders.spawn(read::feed_shard(
+            ctx.clone(),
+            router.clone(),
+            0,
+            shutdown.clone(),
+        ));
+    }
+    // Aborted with this task (a replica's tasks end with it, as a process's would).
+    let owner = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(owner::own_shards(
         ctx.clone(),
-        router.clone(),
+        router,
         shutdown.clone(),
-    ));
-    let owner = if ctx.streams.shards.count() == 1 {
-        feeders.spawn(read::feed_shard(ctx.clone(), router, 0, shutdown.clone()));
-        None
-    } else {
-        // Aborted with this task (a replica's tasks end with it, as a process's would).
-        Some(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
-            owner::own_shards(ctx.clone(), router, shutdown.clone(), release.clone()),
-        )))
-    };
+        release.clone(),
+    )));
     let keep_alive = tokio::spawn(read::keep_alive_loop(ctx.clone(), hard_stop.clone()));
     let mut writers = JoinSet::new();
     for queue in queues {
@@ -272,9 +275,7 @@ async fn consume(
     feeders.abort_all();
     while feeders.join_next().await.is_some() {}
     release.cancel();
-    if let Some(owner) = owner {
-        let _ = owner.await;
-    }
+    let _ = owner.await;
     let _ = keep_alive.await;
     if let Some(reenrich) = reenrich {
         let _ = reenrich.await;

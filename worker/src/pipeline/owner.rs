@@ -1,14 +1,17 @@
-//! Shards owned, not shared (`STREAM_SHARDS` > 1): each shard is read by one replica at a time,
-//! so one user's events are written by one writer in the whole fleet.
+//! Shards owned, not shared: each shard is read by one replica at a time, so one user's events
+//! are written by one writer in the whole fleet. With `STREAM_SHARDS` > 1 that is every shard in
+//! use; with any count, the retired shards (of another `STREAM_SHARDS`) that still hold entries.
 //!
 //! A replica announces itself every third of `SHARD_LEASE_MS` (a sorted set of live replicas,
 //! scored by when each last did), and wants the shards `i` with `i mod replicas == its rank` among
-//! the live ones, sorted by name. It takes a shard with a lease (`SET NX PX`), renewed with a
-//! compare-and-set; it gives one up (a replica joined) by stopping its feeders, waiting until the
-//! shard's entries it holds are stored and acknowledged, then deleting the lease. A lease it could
-//! not renew is lost: its feeders stop at once. A new owner first takes every entry still pending
-//! in the shard (`XAUTOCLAIM` idle 0, the previous owner's after a crash), then reads on: a dead
-//! replica's shards move after the lease ran out, a stopped one's as soon as it let go.
+//! the live ones, sorted by name: of the shards in use (when there are several), and of the
+//! retired ones whose `XLEN` is not 0 (looked at on the same tick). It takes a shard with a lease
+//! (`SET NX PX`), renewed with a compare-and-set; it gives one up (a replica joined, or a retired
+//! shard is empty) by stopping its feeders, waiting until the shard's entries it holds are stored
+//! and acknowledged, then deleting the lease. A lease it could not renew is lost: its feeders
+//! stop at once. A new owner first takes every entry still pending in the shard (`XAUTOCLAIM` idle
+//! 0, the previous owner's after a crash), then reads on: a dead replica's shards move after the
+//! lease ran out, a stopped one's as soon as it let go.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -39,6 +42,11 @@ struct Owned {
     leaving: bool,
 }
 
+/// Whether `shard` is one of another `STREAM_SHARDS` (drained, then let go).
+fn is_retired(ctx: &Context, shard: usize) -> bool {
+    shard >= ctx.streams.shards.count()
+}
+
 /// Takes, keeps and gives up shards until `shutdown`; then keeps renewing the leases it holds
 /// (the writers are storing what was read) until `release`, and lets them all go.
 pub(super) async fn own_shards(
@@ -56,6 +64,8 @@ pub(super) async fn own_shards(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            // At once: the writers' queues close only when this router is dropped too.
+            _ = shutdown.cancelled(), if router.is_some() => {}
             _ = release.cancelled() => break,
         }
         renew(&ctx, &mut owned).await;
@@ -72,7 +82,11 @@ pub(super) async fn own_shards(
         };
         for (&shard, state) in owned.iter_mut() {
             if !wanted.contains(&shard) && !state.leaving {
-                tracing::info!(shard, "handing shard over");
+                if is_retired(&ctx, shard) {
+                    tracing::info!(stream = %ctx.streams.shards.key(shard), "retired shard drained");
+                } else {
+                    tracing::info!(shard, "handing shard over");
+                }
                 state.leaving = true;
                 state.feeding.cancel();
             }
@@ -97,7 +111,14 @@ pub(super) async fn own_shards(
             }
             match take(&ctx, shard).await {
                 Ok(true) => {
-                    tracing::info!(shard, "shard taken");
+                    if is_retired(&ctx, shard) {
+                        tracing::info!(
+                            stream = %ctx.streams.shards.key(shard),
+                            "draining a shard of another STREAM_SHARDS"
+                        );
+                    } else {
+                        tracing::info!(shard, "shard taken");
+                    }
                     ctx.metrics.owned_shards.inc();
                     let feeding = shutdown.child_token();
                     let feeders = AbortOnDropHandle::new(tokio::spawn(read::feed_shard(
@@ -164,7 +185,8 @@ async fn renew(ctx: &Context, owned: &mut BTreeMap<usize, Owned>) {
     }
 }
 
-/// Announces this replica and answers the shards it should own among the live replicas.
+/// Announces this replica and answers the shards it should own among the live replicas: its
+/// share of the shards in use (when there are several) and of the retired ones holding entries.
 async fn wanted_shards(ctx: &Context) -> Result<BTreeSet<usize>, StreamError> {
     let key = ctx.streams.shards.replicas_key(&ctx.config.consumer_group);
     let lease = ctx.config.shard_lease.as_millis() as u64;
@@ -190,15 +212,23 @@ async fn wanted_shards(ctx: &Context) -> Result<BTreeSet<usize>, StreamError> {
         .arg(-1)
         .query_async(&mut ctx.streams.commands())
         .await?;
+    let shards = &ctx.streams.shards;
+    let in_use = if shards.count() > 1 {
+        0..shards.count()
+    } else {
+        0..0
+    };
+    let retired = infra::shards::retired_lengths(&ctx.streams.commands(), shards).await?;
     Ok(assignment(
         &live,
         &ctx.config.worker_name,
-        ctx.streams.shards.count(),
+        in_use.chain(retired.into_iter().map(|(shard, _)| shard)),
     ))
 }
 
-/// The shards `me` owns among the `live` replicas: `i mod live == rank of me` (names sorted).
-fn assignment(live: &[String], me: &str, shards: usize) -> BTreeSet<usize> {
+/// Which of `shards` `me` owns among the `live` replicas: `i mod live == rank of me` (names
+/// sorted).
+fn assignment(live: &[String], me: &str, shards: impl Iterator<Item = usize>) -> BTreeSet<usize> {
     let mut live: Vec<&str> = live.iter().map(String::as_str).collect();
     if !live.contains(&me) {
         live.push(me);
@@ -206,7 +236,7 @@ fn assignment(live: &[String], me: &str, shards: usize) -> BTreeSet<usize> {
     live.sort_unstable();
     live.dedup();
     let rank = live.iter().position(|r| *r == me).unwrap_or(0);
-    (0..shards).filter(|i| i % live.len() == rank).collect()
+    shards.filter(|i| i % live.len() == rank).collect()
 }
 
 /// Takes `shard` if no replica holds it: the lease, then every entry still pending there.
@@ -284,7 +314,7 @@ mod tests {
     #[test]
     fn shards_are_dealt_out_by_rank_among_the_live_replicas() {
         let live = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
-        let of = |me: &str, names: &[&str]| assignment(&live(names), me, 8);
+        let of = |me: &str, names: &[&str]| assignment(&live(names), me, 0..8);
         assert_eq!(of("a", &[]), (0..8).collect());
         assert_eq!(of("b", &["b", "a"]), [1, 3, 5, 7].into());
         assert_eq!(of("a", &["b", "a"]), [0, 2, 4, 6].into());
