@@ -387,6 +387,15 @@ impl Publisher {
                     _ = cancel.cancelled() => break,
                     _ = tick.tick() => {}
                 }
+                let len = match this.stream_len().await {
+                    Ok(len) => len,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "backlog sample failed");
+                        continue;
+                    }
+                };
+                // Only while Redis answers: a thousand commands sent to a Redis (a cluster's
+                // nodes) that does not would only queue up behind its reconnection.
                 if retired_looked_at.is_none_or(|at| at.elapsed() >= RETIRED_POLL) {
                     retired_looked_at = Some(std::time::Instant::now());
                     let look = infra::shards::retired_lengths(&this.conn, &this.shards);
@@ -399,13 +408,8 @@ impl Publisher {
                         Err(_) => tracing::debug!("retired shards' sample timed out"),
                     }
                 }
-                match this.stream_len().await {
-                    Ok(len) => {
-                        let retired = this.retired.load(Ordering::Relaxed);
-                        this.backlog.store(len + retired, Ordering::Relaxed);
-                    }
-                    Err(e) => tracing::debug!(error = %e, "backlog sample failed"),
-                }
+                let retired = this.retired.load(Ordering::Relaxed);
+                this.backlog.store(len + retired, Ordering::Relaxed);
             }
         })
     }
