@@ -8,6 +8,7 @@
 #   api/benches/context-load.sh                 # 10 s per phase, 10 connections
 #   DURATION=20 CONNECTIONS=20 api/benches/context-load.sh
 #   PERSON_SIZE=3 api/benches/context-load.sh   # users joined into persons of 3 ids (1, 3, 20)
+#   API_BIN=/tmp/api-base api/benches/context-load.sh  # another build of the api (A/B runs)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -24,7 +25,11 @@ KEY="bench-secret-key"
 WORK=$(mktemp -d)
 
 for tool in wrk pgbench psql; do command -v "$tool" >/dev/null || { echo "missing $tool"; exit 1; }; done
-cargo build --release -q -p api
+API_BIN=${API_BIN:-}
+if [ -z "$API_BIN" ]; then
+  cargo build --release -q -p api
+  API_BIN=./target/release/api
+fi
 
 API_PID=""
 cleanup() {
@@ -36,7 +41,7 @@ trap cleanup EXIT
 
 psql "$PG/postgres" -qc "CREATE DATABASE $DB"
 API_SECRET_KEY=$KEY API_BIND=127.0.0.1:$PORT DATABASE_URL="$PG/$DB" QUEUE_NAME="bench_ctx_stream_$$" \
-  MIGRATE_ON_START=true RUST_LOG=warn ./target/release/api &
+  MIGRATE_ON_START=true RUST_LOG=warn "$API_BIN" &
 API_PID=$!
 for _ in $(seq 100); do
   [ "$(psql "$PG/$DB" -tAc "SELECT to_regclass('public.user_profiles') IS NOT NULL" 2>/dev/null)" = t ] && break

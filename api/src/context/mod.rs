@@ -191,12 +191,32 @@ pub fn relative_time(time: DateTime<Utc>, now: DateTime<Utc>) -> String {
         2_592_000..31_536_000 => (secs / 2_592_000, "month"),
         _ => (secs / 31_536_000, "year"),
     };
-    let plural = if n == 1 { "" } else { "s" };
+    // Built by hand, not `format!`: one per history entry, on every read.
+    let mut text = String::with_capacity(20);
     if future {
-        format!("in {n} {unit}{plural}")
-    } else {
-        format!("{n} {unit}{plural} ago")
+        text.push_str("in ");
     }
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    text.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
+    text.push(' ');
+    text.push_str(unit);
+    if n != 1 {
+        text.push('s');
+    }
+    if !future {
+        text.push_str(" ago");
+    }
+    text
 }
 
 /// Parses `since`: an RFC 3339 time, or a duration back from `now` like `90s`, `30m`, `24h`, `7d`, `2w`.

@@ -117,7 +117,7 @@ fn with_filters(sql: &str, filter: &HistoryFilter) -> String {
 }
 
 type HistoryTuple = (
-    DateTime<Utc>,
+    super::json::PgTime,
     String,
     String,
     Option<String>,
@@ -181,7 +181,7 @@ fn record(
         history: history
             .into_iter()
             .map(|(time, description, event, page, session_id)| HistoryItem {
-                time,
+                time: time.0,
                 description,
                 event,
                 page,
