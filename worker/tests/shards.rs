@@ -346,27 +346,64 @@ async fn events_left_in_the_shards_of_an_earlier_count_are_drained_each_by_one_r
     }
     let mut old_keys = vec![keys.stream.clone()];
     old_keys.extend(eight.keys()[SHARDS..].iter().cloned());
-    // A replica that reads but cannot store (its Postgres is down) takes its share of the
-    // retired shards, and holds them: the other replica keeps off them.
+    // A replica that reads but cannot store (its Postgres is down), alone at first, leases every
+    // retired shard holding entries and cannot let go of them (what it read is not stored): a
+    // second replica, live beside it and wanting half of them, keeps off them.
+    let mut waiting = Vec::new();
+    for key in &old_keys {
+        if xlen(&redis, key).await > 0 {
+            waiting.push(key.clone());
+        }
+    }
+    assert!(waiting.len() > 1, "{waiting:?}");
     let proxy = Proxy::postgres(false).await;
     let stuck = RunningWorker::start_with(
         config(&proxy.url(&db.url), &keys, "stuck"),
         journal.enricher("stuck"),
     );
-    let b = start(&db, &keys, "b", &journal);
     wait_until(
         WAIT,
-        "a retired shard leased by the stuck replica",
+        "every retired shard holding entries leased by the stuck replica",
         || async {
-            for key in &old_keys {
-                if owner_of(&redis, &keys, key).await.as_deref() == Some("stuck") {
-                    return true;
+            for key in &waiting {
+                if owner_of(&redis, &keys, key).await.as_deref() != Some("stuck") {
+                    return false;
                 }
             }
-            false
+            true
         },
     )
     .await;
+    let b = start(&db, &keys, "b", &journal);
+    wait_until(WAIT, "b announced itself", || async {
+        let live: Vec<String> = redis::cmd("ZRANGE")
+            .arg(shards_of(&keys).replicas_key(&keys.group))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut redis.clone())
+            .await
+            .unwrap();
+        live.iter().any(|r| r == "b")
+    })
+    .await;
+    // Several lease ticks (a third of a second each) with b live.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for key in &waiting {
+        assert_eq!(
+            owner_of(&redis, &keys, key).await.as_deref(),
+            Some("stuck"),
+            "{key} still held by the replica that read it"
+        );
+    }
+    assert!(
+        journal
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|(r, _, _)| r == "stuck"),
+        "b read nothing the stuck replica holds"
+    );
     for n in 6..9 {
         publish_round(&redis, &shards_of(&keys), 6, n).await;
     }
