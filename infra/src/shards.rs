@@ -133,6 +133,16 @@ impl StreamShards {
     }
 }
 
+/// The length of every shard in use, shard 0 first: one `XLEN` each, pipelined on one Redis
+/// (sent at once on a cluster).
+pub async fn lengths(
+    conn: &RedisConn,
+    shards: &StreamShards,
+) -> Result<Vec<u64>, redis::RedisError> {
+    let xlen = |key: &String| redis::cmd("XLEN").arg(key).clone();
+    query_all(conn, shards.keys().iter().map(xlen).collect()).await
+}
+
 /// The retired shards that still hold entries, with their lengths: one `XLEN` per retired key,
 /// pipelined on one Redis (sent at once on a cluster). Callers sample it every few seconds: a
 /// count that changed leaves up to [`MAX_SHARDS`] keys to look at.

@@ -295,10 +295,12 @@ impl Publisher {
 
     /// Length of the stream (every shard in use summed), straight from Redis.
     pub async fn stream_len(&self) -> Result<u64, PublishError> {
-        let mut conn = self.conn.clone();
-        let lens = tokio::time::timeout(self.timeout, shard_lengths(&self.shards, &mut conn))
-            .await
-            .map_err(|_| PublishError::Timeout(self.timeout))??;
+        let lens = tokio::time::timeout(
+            self.timeout,
+            infra::shards::lengths(&self.conn, &self.shards),
+        )
+        .await
+        .map_err(|_| PublishError::Timeout(self.timeout))??;
         Ok(lens.iter().sum())
     }
 
@@ -325,9 +327,8 @@ impl Publisher {
         shards.dedup();
         let retired = self.retired.load(Ordering::Relaxed);
         let work = async {
-            let lens = shard_lengths(&self.shards, &mut conn).await?;
+            let lens = infra::shards::lengths(&self.conn, &self.shards).await?;
             let backlog = lens.iter().sum::<u64>() + retired;
-            let waiting: u64 = shards.iter().map(|&s| lens[s]).sum();
             if retired > 0 {
                 // Which retired shard held a user's events depends on the count of then.
                 return Ok(Pending {
@@ -335,6 +336,7 @@ impl Publisher {
                     for_user: None,
                 });
             }
+            let waiting: u64 = shards.iter().map(|&s| lens[s]).sum();
             if waiting == 0 || shards.iter().any(|&s| lens[s] > PENDING_SCAN_LIMIT) {
                 return Ok(Pending {
                     backlog,
@@ -413,27 +415,4 @@ impl Publisher {
             }
         })
     }
-}
-
-/// XLEN of every shard, in shard order, in one round trip (on a cluster, one per shard at once).
-async fn shard_lengths(
-    shards: &StreamShards,
-    conn: &mut RedisConn,
-) -> Result<Vec<u64>, redis::RedisError> {
-    if shards.count() == 1 {
-        let len: u64 = redis::cmd("XLEN")
-            .arg(shards.key(0))
-            .query_async(conn)
-            .await?;
-        return Ok(vec![len]);
-    }
-    if conn.is_cluster() {
-        let xlen = |key: &String| redis::cmd("XLEN").arg(key).clone();
-        return infra::redis::query_all(conn, shards.keys().iter().map(xlen).collect()).await;
-    }
-    let mut pipe = redis::pipe();
-    for key in shards.keys() {
-        pipe.cmd("XLEN").arg(key);
-    }
-    pipe.query_async(conn).await
 }
