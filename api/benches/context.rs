@@ -13,9 +13,9 @@ use serde::Serialize;
 
 use api::context::{
     HistoryItem,
-    json::{PgTime, rfc3339},
+    json::rfc3339,
     score_intents,
-    store::UserRecord,
+    store::{HistoryTuple, UserRecord},
 };
 use api::routes::context::ReadContext;
 
@@ -38,7 +38,14 @@ fn history_json() -> String {
     format!("[{}]", entries.join(", "))
 }
 
-type Row<T> = (T, String, String, Option<String>, Option<String>);
+/// A history entry with its time read by chrono's parser (the read path's is [`HistoryTuple`]).
+type ChronoRow = (
+    DateTime<Utc>,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+);
 
 /// A time written the way the read path wrote it before it had its own writer.
 struct ChronoTime(DateTime<Utc>);
@@ -81,10 +88,10 @@ fn bench(c: &mut Criterion) {
     let json = history_json();
     let mut decode = c.benchmark_group("history decode (20 entries)");
     decode.bench_function("chrono's parser", |b| {
-        b.iter(|| serde_json::from_str::<Vec<Row<DateTime<Utc>>>>(black_box(&json)).unwrap())
+        b.iter(|| serde_json::from_str::<Vec<ChronoRow>>(black_box(&json)).unwrap())
     });
     decode.bench_function("read path (PgTime)", |b| {
-        b.iter(|| serde_json::from_str::<Vec<Row<PgTime>>>(black_box(&json)).unwrap())
+        b.iter(|| serde_json::from_str::<Vec<HistoryTuple>>(black_box(&json)).unwrap())
     });
     decode.finish();
 
@@ -102,17 +109,8 @@ fn bench(c: &mut Criterion) {
     });
     write.finish();
 
-    let rows = serde_json::from_str::<Vec<Row<PgTime>>>(&json).unwrap();
-    let history: Vec<HistoryItem> = rows
-        .into_iter()
-        .map(|(time, description, event, page, session_id)| HistoryItem {
-            time: time.0,
-            description,
-            event,
-            page,
-            session_id,
-        })
-        .collect();
+    let rows = serde_json::from_str::<Vec<HistoryTuple>>(&json).unwrap();
+    let history: Vec<HistoryItem> = rows.into_iter().map(HistoryItem::from).collect();
     let mut body = c.benchmark_group("response body");
     body.bench_function("JSON of a context of 20 events", |b| {
         b.iter_batched(

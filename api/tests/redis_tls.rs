@@ -14,6 +14,17 @@ use serde_json::json;
 /// The tools this test runs, when one is not on PATH: a machine whose Redis runs in Docker may
 /// have no `redis-server`. Then the test is skipped with a note, except in CI (`CI` set), where it
 /// fails.
+/// Whether a tool the test needs is missing: the test is then skipped, with a note (under `CI`
+/// it fails instead).
+fn skipped_without_tools() -> bool {
+    let Some(tool) = missing_tool() else {
+        return false;
+    };
+    assert!(std::env::var_os("CI").is_none(), "{tool} is not on PATH");
+    eprintln!("skipped: {tool} is not on PATH (install Redis 7 and OpenSSL to run this test)");
+    true
+}
+
 fn missing_tool() -> Option<&'static str> {
     ["redis-server", "redis-cli", "openssl"]
         .into_iter()
@@ -98,9 +109,7 @@ fn make_certificates(dir: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_to_storage_over_rediss_with_a_private_ca() {
-    if let Some(tool) = missing_tool() {
-        assert!(std::env::var_os("CI").is_none(), "{tool} is not on PATH");
-        eprintln!("skipped: {tool} is not on PATH (install Redis 7 and OpenSSL to run this test)");
+    if skipped_without_tools() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -181,9 +190,7 @@ async fn ingest_to_storage_over_rediss_with_a_private_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_to_storage_on_a_tls_cluster_with_a_private_ca() {
-    if let Some(tool) = missing_tool() {
-        assert!(std::env::var_os("CI").is_none(), "{tool} is not on PATH");
-        eprintln!("skipped: {tool} is not on PATH (install Redis 7 and OpenSSL to run this test)");
+    if skipped_without_tools() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -116,13 +116,27 @@ fn with_filters(sql: &str, filter: &HistoryFilter) -> String {
         .replace("{limit}", &filter.limit.to_string())
 }
 
-type HistoryTuple = (
+/// One history entry as [`CONTEXT_SQL`] and [`PERSON_CONTEXT_SQL`] write it:
+/// `[time, description, event, page, session]`.
+pub type HistoryTuple = (
     super::json::PgTime,
     String,
     String,
     Option<String>,
     Option<String>,
 );
+
+impl From<HistoryTuple> for HistoryItem {
+    fn from((time, description, event, page, session_id): HistoryTuple) -> Self {
+        HistoryItem {
+            time: time.0,
+            description,
+            event,
+            page,
+            session_id,
+        }
+    }
+}
 
 /// The profiles and newest events of the person `user_id` belongs to, or `None` when nothing
 /// is stored for them. Most ids belong to no person: one statement. The ids of a person (or an
@@ -178,16 +192,7 @@ fn record(
         session_count: row.try_get(3).map_err(decode)?,
         intents,
         person_properties,
-        history: history
-            .into_iter()
-            .map(|(time, description, event, page, session_id)| HistoryItem {
-                time: time.0,
-                description,
-                event,
-                page,
-                session_id,
-            })
-            .collect(),
+        history: history.into_iter().map(HistoryItem::from).collect(),
     })
 }
 
